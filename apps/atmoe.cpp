@@ -1,0 +1,83 @@
+// The `atmoe` entry point: parses the command and runs it. Errors become one line on
+// stderr ("atmoe: error: <file/field>: <problem>") and an exit code: 2 for bad input
+// (files, flags, requests), 1 for internal failures.
+#include <cstdio>
+#include <iostream>
+
+#include "apps/commands.h"
+#include "common/env.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "kernels/cpu/cpu_features.h"
+
+#ifdef ATMOE_HAVE_CUDA
+#include "kernels/cuda/device.cuh"
+#endif
+
+namespace atmoe::app {
+
+DType parse_dtype_flag(const std::string& s) {
+  if (s == "f32") return DType::F32;
+  if (s == "bf16") return DType::BF16;
+  if (s.empty()) return DType::BF16;
+  ATMOE_INPUT_ERROR("--dtype '{}': expected bf16 or f32", s);
+}
+
+std::string compute_device_line() {
+  std::string line = fmt::format("cpu ({})", cpu::isa_name(cpu::best_isa()));
+#ifdef ATMOE_HAVE_CUDA
+  std::string why;
+  int n = cuda::device_count(&why);
+  if (n > 0) line += fmt::format("; cuda devices: {} ({})", n, cuda::device_name(0));
+  else line += fmt::format("; no CUDA device ({}), using the CPU", why);
+#else
+  line += "; built without CUDA";
+#endif
+  return line;
+}
+
+}  // namespace atmoe::app
+
+int main(int argc, char** argv) {
+  using namespace atmoe;
+  log_init();
+  CLI::App app{"atmoe: task-routed mixtures of LoRA experts on one frozen base LLM"};
+  app.require_subcommand(0, 1);
+  bool help_env = false;
+  app.add_flag("--help-env", help_env, "List the environment variables atmoe reads");
+  app::Runner run;
+  std::vector<std::pair<CLI::App*, app::Runner>> cmds;
+  auto reg = [&](const char* name, const char* desc, app::Runner (*f)(CLI::App&)) {
+    CLI::App* sub = app.add_subcommand(name, desc);
+    cmds.emplace_back(sub, f(*sub));
+  };
+  reg("generate", "Generate text from a prompt", app::add_generate);
+  reg("inspect", "Print a model's architecture, sizes, dtypes and tokenizer", app::add_inspect);
+  reg("synth-model", "Write a deterministic tiny HF-format model", app::add_synth_model);
+  reg("bench", "Measure prefill/decode speed and the memory-bandwidth floor", app::add_bench);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
+  try {
+    if (help_env) {
+      for (const auto& k : env_knobs()) std::printf("%-18s default '%s'\n    %s\n", k.name, k.default_value, k.doc);
+      return 0;
+    }
+    for (auto& [sub, r] : cmds)
+      if (sub->parsed()) return r();
+    std::cout << app.help();
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "atmoe: error: %s\n", e.what());
+    return e.exit_code();
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "atmoe: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "atmoe: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,50 @@
+// atmoe inspect PATH: architecture, sizes, dtypes, tokenizer summary; and synth-model.
+#include <iostream>
+
+#include "apps/commands.h"
+#include "common/error.h"
+#include "coordinator/model.h"
+#include "coordinator/synth_model.h"
+
+namespace atmoe::app {
+
+Runner add_inspect(CLI::App& app) {
+  auto path = std::make_shared<std::string>();
+  auto dtype = std::make_shared<std::string>();
+  app.add_option("path", *path, "A .gguf file or an HF model directory")->required();
+  app.add_option("--dtype", *dtype, "Precision to load in (bf16|f32)");
+  return [path, dtype]() -> int {
+    auto m = Model::load(*path, parse_dtype_flag(*dtype));
+    const auto& c = m->config();
+    std::cout << "path:         " << *path << " (" << m->info().format << ")\n";
+    std::cout << "architecture: " << c.summary() << "\n";
+    std::cout << "parameters:   " << m->info().n_params << "\n";
+    std::cout << "source dtypes: ";
+    for (auto& s : m->info().source_dtypes) std::cout << s << "  ";
+    std::cout << "\nloaded as:    " << dtype_name(m->dtype()) << ", " << m->weight_bytes() / (1 << 20)
+              << " MiB of weights read per decode step\n";
+    std::cout << "tokenizer:    " << m->tokenizer().summary() << "\n";
+    std::cout << "compute:      " << compute_device_line() << "\n";
+    return 0;
+  };
+}
+
+Runner add_synth_model(CLI::App& app) {
+  auto o = std::make_shared<SynthModelOptions>();
+  app.add_option("--out", o->out, "Output directory")->required();
+  app.add_option("--seed", o->seed, "Random seed")->required();
+  app.add_option("--layers", o->layers, "Decoder layers");
+  app.add_option("--hidden", o->hidden, "Hidden size");
+  app.add_option("--heads", o->heads, "Attention heads");
+  app.add_option("--kv-heads", o->kv_heads, "Key/value heads (GQA)");
+  app.add_option("--ffn", o->ffn, "MLP intermediate size");
+  app.add_option("--vocab", o->vocab, "Vocabulary size");
+  app.add_option("--max-position", o->max_position, "Context length");
+  return [o]() -> int {
+    synth_model(*o);
+    std::cerr << "wrote " << o->out << "\n";
+    return 0;
+  };
+}
+
+}  // namespace atmoe::app

@@ -1,0 +1,22 @@
+// Sub-commands of the `atmoe` binary. Each registers its options on the CLI11 app and
+// returns the callback that runs it (an exit code).
+#pragma once
+#include <functional>
+
+#include <CLI/CLI.hpp>
+
+#include "common/dtype.h"
+
+namespace atmoe::app {
+
+using Runner = std::function<int()>;
+Runner add_generate(CLI::App& app);
+Runner add_inspect(CLI::App& app);
+Runner add_synth_model(CLI::App& app);
+Runner add_bench(CLI::App& app);
+
+// Shared: parses "bf16"|"f32" (default: bf16 when the CPU has AVX-512 or AVX2, else f32).
+DType parse_dtype_flag(const std::string& s);
+std::string compute_device_line();
+
+}  // namespace atmoe::app

@@ -1,0 +1,17 @@
+// UTF-8 helpers shared by the tokenizer and the streaming detokeniser.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace atmoe {
+
+void utf8_append(std::string& out, uint32_t cp);
+// Splits into code-point substrings; an invalid byte becomes its own 1-byte piece.
+std::vector<std::string> utf8_chars(const std::string& s);
+// Length of the longest prefix of s that does not end inside a UTF-8 sequence that could
+// still be completed by more bytes. Invalid bytes count as complete (they never will be).
+size_t utf8_complete_prefix(const std::string& s);
+
+}  // namespace atmoe

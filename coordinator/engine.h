@@ -1,0 +1,48 @@
+// Generation engine: continuous batching over many sequences. Each step packs the
+// decode token of every running sequence plus prefill chunks of waiting prompts (up to a
+// token budget) into one Model::forward, samples, applies stop rules and streams text.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "coordinator/model.h"
+#include "kernels/cpu/sampling.h"
+
+namespace atmoe {
+
+struct GenerateRequest {
+  std::vector<int32_t> prompt;
+  cpu::SamplingParams sampling;
+  uint64_t seed = 0;
+  int max_tokens = 128;
+  std::vector<std::string> stop;  // stop strings (not included in the output)
+  bool ignore_eos = false;        // benchmarks: run to max_tokens
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::string finish_reason;  // "stop" | "length"
+  int64_t prompt_tokens = 0;
+};
+
+struct EngineOptions {
+  int64_t max_batch_tokens = 512;  // tokens per forward step (prefill chunking)
+  int max_running = 64;            // sequences decoding at once
+};
+
+class Engine {
+ public:
+  explicit Engine(Model& m, EngineOptions o = {}) : m_(m), o_(o) {}
+  // Streams text deltas through on_text(request index, delta) when given.
+  std::vector<GenerateResult> run(const std::vector<GenerateRequest>& reqs,
+                                  const std::function<void(size_t, const std::string&)>& on_text = {});
+
+ private:
+  Model& m_;
+  EngineOptions o_;
+};
+
+}  // namespace atmoe

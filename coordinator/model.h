@@ -1,0 +1,82 @@
+// The base-model runtime: weights of a Llama-family decoder and a batched forward pass
+// over several sequences at once (prefill chunks and decode tokens packed into one
+// [T_total, hidden] activation matrix; attention per sequence over its own KV cache).
+//
+// Weight layout: every linear is PyTorch's [out, in] row-major in `dtype` (bf16 or f32);
+// q,k,v are fused into one [(Hq + 2 Hkv) * D, hidden] matrix and gate,up into one
+// [2 F, hidden] matrix so a step runs 4 GEMMs per layer. Norm weights and biases are f32.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/model_config.h"
+#include "common/tensor.h"
+#include "common/tokenizer.h"
+#include "coordinator/kv_cache.h"
+
+namespace atmoe {
+
+class ThreadPool;
+
+struct Linear {
+  Tensor w;     // [N, K] in the model dtype
+  Tensor bias;  // [N] f32 or undefined
+  int64_t N = 0, K = 0;
+};
+
+struct LayerWeights {
+  Tensor attn_norm, ffn_norm;  // [hidden] f32
+  Linear qkv, o, gate_up, down;
+};
+
+struct ModelInfo {
+  std::string path, format;                  // "gguf" | "hf"
+  std::vector<std::string> source_dtypes;    // e.g. "Q4_1 x210"
+  int64_t n_params = 0;
+};
+
+enum class LogitsMode { None, Last, All };
+
+struct ForwardItem {
+  KvCache* cache = nullptr;
+  const int32_t* tokens = nullptr;
+  int64_t n = 0;
+  LogitsMode logits = LogitsMode::Last;
+};
+
+class Model {
+ public:
+  // PATH: a .gguf file or an HF directory. dtype: BF16 or F32.
+  static std::unique_ptr<Model> load(const std::string& path, DType dtype);
+  Model();
+  ~Model();
+
+  const ModelConfig& config() const { return cfg_; }
+  const Tokenizer& tokenizer() const { return *tok_; }
+  const ModelInfo& info() const { return info_; }
+  DType dtype() const { return dtype_; }
+  int64_t weight_bytes() const;  // bytes of weights read by one decode step
+
+  std::unique_ptr<KvCache> new_cache() const;
+  // Runs the items as one batch; appends the requested logits rows (item order, [rows, vocab])
+  // to `logits` (cleared first). Advances each cache by its item's n.
+  void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits);
+
+ private:
+  friend struct ModelLoader;
+  ModelConfig cfg_;
+  std::unique_ptr<Tokenizer> tok_;
+  ModelInfo info_;
+  DType dtype_ = DType::BF16;
+  Tensor embed_;     // [vocab, hidden] model dtype
+  Tensor out_norm_;  // [hidden] f32
+  Linear lm_head_;   // shares embed_ storage when tied
+  std::vector<LayerWeights> layers_;
+  std::vector<float> inv_freq_;
+  ThreadPool* pool_ = nullptr;
+  struct Scratch;
+  std::unique_ptr<Scratch> s_;
+};
+
+}  // namespace atmoe

@@ -1,0 +1,219 @@
+// Loading a Model from a GGUF file or an HF directory. Every tensor's shape is checked
+// against the config; a mismatch names the file, the tensor and both shapes.
+#include <cblas.h>
+
+#include <filesystem>
+#include <fstream>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/gguf.h"
+#include "common/log.h"
+#include "common/safetensors.h"
+#include "coordinator/model.h"
+#include "kernels/thread_pool.h"
+
+namespace atmoe {
+namespace fs = std::filesystem;
+
+struct ModelLoader {
+  // f32 [rows, cols] (or [n]) -> model tensor of dtype `dt`.
+  static Tensor cast(const Tensor& f32, DType dt) { return dt == DType::F32 ? f32 : f32.to(dt); }
+
+  static void expect_shape(const Tensor& t, std::vector<int64_t> want, const std::string& file, const std::string& name) {
+    ATMOE_CHECK_INPUT(t.shape() == want, "{}: tensor '{}' has shape {}, expected {}", file, name, t.shape_str(),
+                      shape_to_string(want));
+  }
+
+  // Concatenates f32 matrices along rows into one tensor of dtype dt.
+  static Tensor concat_rows(const std::vector<Tensor>& parts, DType dt) {
+    int64_t rows = 0, cols = parts[0].dim(1);
+    for (auto& p : parts) rows += p.dim(0);
+    Tensor f = Tensor::empty(DType::F32, {rows, cols});
+    float* o = f.data<float>();
+    for (auto& p : parts) {
+      std::memcpy(o, p.data<float>(), p.nbytes());
+      o += p.numel();
+    }
+    return cast(f, dt);
+  }
+  static Tensor concat_vec(const std::vector<Tensor>& parts) {
+    int64_t n = 0;
+    for (auto& p : parts) n += p.numel();
+    Tensor f = Tensor::empty(DType::F32, {n});
+    float* o = f.data<float>();
+    for (auto& p : parts) {
+      std::memcpy(o, p.data<float>(), p.nbytes());
+      o += p.numel();
+    }
+    return f;
+  }
+
+  static void finish(Model& m) {
+    const auto& c = m.cfg_;
+    m.inv_freq_ = rope_inv_freq(c);
+    if (c.tie_embeddings) {
+      m.lm_head_.w = m.embed_;
+      m.lm_head_.N = c.vocab;
+      m.lm_head_.K = c.hidden;
+    }
+    m.pool_ = &ThreadPool::global();
+    openblas_set_num_threads(m.pool_->size());
+    ATMOE_CHECK_INPUT(m.tok_->vocab_size() <= c.vocab, "{}: tokenizer has {} tokens but the model's vocabulary is {}",
+                      m.info_.path, m.tok_->vocab_size(), c.vocab);
+  }
+
+  static void load_gguf(Model& m, const std::string& path, DType dt) {
+    GgufFile f(path);
+    m.cfg_ = config_from_gguf(f);
+    const auto& c = m.cfg_;
+    m.tok_ = std::make_unique<Tokenizer>(Tokenizer::from_gguf(f));
+    std::map<std::string, int> counts;
+    for (const auto& t : f.tensors()) counts[ggml_type_name(t.type)]++;
+    for (auto& [k, v] : counts) m.info_.source_dtypes.push_back(fmt::format("{} x{}", k, v));
+    auto get = [&](const std::string& name, std::vector<int64_t> want) {
+      ATMOE_CHECK_INPUT(f.tensor(name), "{}: tensor '{}' not found", path, name);
+      Tensor t = f.load_f32(name);
+      expect_shape(t, want, path, name);
+      m.info_.n_params += t.numel();
+      return t;
+    };
+    const int64_t d = c.hidden, D = c.head_dim, q = int64_t(c.n_heads) * D, kv = int64_t(c.n_kv_heads) * D;
+    m.embed_ = cast(get("token_embd.weight", {c.vocab, d}), dt);
+    m.out_norm_ = get("output_norm.weight", {d});
+    if (!c.tie_embeddings) {
+      m.lm_head_.w = cast(get("output.weight", {c.vocab, d}), dt);
+      m.lm_head_.N = c.vocab;
+      m.lm_head_.K = d;
+    }
+    for (int l = 0; l < c.n_layers; ++l) {
+      std::string p = "blk." + std::to_string(l) + ".";
+      LayerWeights L;
+      L.attn_norm = get(p + "attn_norm.weight", {d});
+      L.ffn_norm = get(p + "ffn_norm.weight", {d});
+      L.qkv.w = concat_rows({get(p + "attn_q.weight", {q, d}), get(p + "attn_k.weight", {kv, d}),
+                             get(p + "attn_v.weight", {kv, d})}, dt);
+      L.qkv.N = q + 2 * kv;
+      L.qkv.K = d;
+      if (c.qkv_bias)
+        L.qkv.bias = concat_vec({get(p + "attn_q.bias", {q}), get(p + "attn_k.bias", {kv}), get(p + "attn_v.bias", {kv})});
+      L.o.w = cast(get(p + "attn_output.weight", {d, q}), dt);
+      L.o.N = d;
+      L.o.K = q;
+      L.gate_up.w = concat_rows({get(p + "ffn_gate.weight", {c.ffn, d}), get(p + "ffn_up.weight", {c.ffn, d})}, dt);
+      L.gate_up.N = 2 * int64_t(c.ffn);
+      L.gate_up.K = d;
+      L.down.w = cast(get(p + "ffn_down.weight", {d, c.ffn}), dt);
+      L.down.N = d;
+      L.down.K = c.ffn;
+      m.layers_.push_back(std::move(L));
+    }
+    m.info_.format = "gguf";
+    finish(m);
+    // llama3-style rope scaling arrives as per-pair frequency divisors.
+    if (f.tensor("rope_freqs.weight")) {
+      Tensor rf = get("rope_freqs.weight", {int64_t(c.head_dim / 2)});
+      for (int i = 0; i < c.head_dim / 2; ++i) m.inv_freq_[size_t(i)] /= rf.data<float>()[i];
+    }
+  }
+
+  static void load_hf(Model& m, const std::string& dir, DType dt) {
+    std::string cfg_path = (fs::path(dir) / "config.json").string();
+    ATMOE_CHECK_INPUT(fs::exists(cfg_path), "{}: missing config.json", dir);
+    m.cfg_ = config_from_hf_json(cfg_path);
+    const auto& c = m.cfg_;
+    m.tok_ = std::make_unique<Tokenizer>(Tokenizer::from_hf_dir(dir));
+    // Shards: model.safetensors, or the files named by model.safetensors.index.json.
+    std::vector<std::unique_ptr<SafetensorsFile>> files;
+    std::map<std::string, SafetensorsFile*> where;
+    std::string single = (fs::path(dir) / "model.safetensors").string();
+    std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
+    std::vector<std::string> shard_names;
+    if (fs::exists(single)) {
+      shard_names.push_back("model.safetensors");
+    } else {
+      ATMOE_CHECK_INPUT(fs::exists(index), "{}: no model.safetensors or model.safetensors.index.json", dir);
+      std::ifstream in(index);
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(in);
+        std::set<std::string> s;
+        for (auto it = j.at("weight_map").begin(); it != j.at("weight_map").end(); ++it) s.insert(it.value().get<std::string>());
+        shard_names.assign(s.begin(), s.end());
+      } catch (const nlohmann::json::exception& e) {
+        ATMOE_INPUT_ERROR("{}: malformed index ({})", index, e.what());
+      }
+    }
+    for (const auto& sn : shard_names) {
+      ATMOE_CHECK_INPUT(sn.find('/') == std::string::npos && sn.find("..") == std::string::npos,
+                        "{}: shard name '{}' must be a file in the model directory", index, sn);
+      files.push_back(std::make_unique<SafetensorsFile>((fs::path(dir) / sn).string()));
+      for (const auto& n : files.back()->names()) where[n] = files.back().get();
+    }
+    std::map<std::string, int> counts;
+    for (auto& [n, sf] : where) counts[dtype_name(sf->entry(n).dtype)]++;
+    for (auto& [k, v] : counts) m.info_.source_dtypes.push_back(fmt::format("{} x{}", k, v));
+    auto get = [&](const std::string& name, std::vector<int64_t> want) {
+      auto it = where.find(name);
+      ATMOE_CHECK_INPUT(it != where.end(), "{}: tensor '{}' not found", dir, name);
+      Tensor t = it->second->get(name);
+      ATMOE_CHECK_INPUT(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16,
+                        "{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", it->second->path(), name, dtype_name(t.dtype()));
+      expect_shape(t, want, it->second->path(), name);
+      m.info_.n_params += t.numel();
+      return t.to(DType::F32);
+    };
+    const int64_t d = c.hidden, D = c.head_dim, q = int64_t(c.n_heads) * D, kv = int64_t(c.n_kv_heads) * D;
+    m.embed_ = cast(get("model.embed_tokens.weight", {c.vocab, d}), dt);
+    m.out_norm_ = get("model.norm.weight", {d});
+    if (!c.tie_embeddings || where.count("lm_head.weight")) {
+      m.cfg_.tie_embeddings = false;
+      m.lm_head_.w = cast(get("lm_head.weight", {c.vocab, d}), dt);
+      m.lm_head_.N = c.vocab;
+      m.lm_head_.K = d;
+    }
+    for (int l = 0; l < c.n_layers; ++l) {
+      std::string p = "model.layers." + std::to_string(l) + ".";
+      LayerWeights L;
+      L.attn_norm = get(p + "input_layernorm.weight", {d});
+      L.ffn_norm = get(p + "post_attention_layernorm.weight", {d});
+      L.qkv.w = concat_rows({get(p + "self_attn.q_proj.weight", {q, d}), get(p + "self_attn.k_proj.weight", {kv, d}),
+                             get(p + "self_attn.v_proj.weight", {kv, d})}, dt);
+      L.qkv.N = q + 2 * kv;
+      L.qkv.K = d;
+      if (c.qkv_bias)
+        L.qkv.bias = concat_vec({get(p + "self_attn.q_proj.bias", {q}), get(p + "self_attn.k_proj.bias", {kv}),
+                                 get(p + "self_attn.v_proj.bias", {kv})});
+      L.o.w = cast(get(p + "self_attn.o_proj.weight", {d, q}), dt);
+      L.o.N = d;
+      L.o.K = q;
+      L.gate_up.w = concat_rows({get(p + "mlp.gate_proj.weight", {c.ffn, d}), get(p + "mlp.up_proj.weight", {c.ffn, d})}, dt);
+      L.gate_up.N = 2 * int64_t(c.ffn);
+      L.gate_up.K = d;
+      L.down.w = cast(get(p + "mlp.down_proj.weight", {d, c.ffn}), dt);
+      L.down.N = d;
+      L.down.K = c.ffn;
+      m.layers_.push_back(std::move(L));
+    }
+    m.info_.format = "hf";
+    finish(m);
+  }
+};
+
+std::unique_ptr<Model> Model::load(const std::string& path, DType dtype) {
+  ATMOE_CHECK_INPUT(dtype == DType::BF16 || dtype == DType::F32, "--dtype {}: expected bf16 or f32", dtype_name(dtype));
+  auto m = std::make_unique<Model>();
+  m->dtype_ = dtype;
+  m->info_.path = path;
+  ATMOE_CHECK_INPUT(fs::exists(path), "{}: no such file or directory", path);
+  if (fs::is_directory(path)) ModelLoader::load_hf(*m, path, dtype);
+  else ModelLoader::load_gguf(*m, path, dtype);
+  ATMOE_LOG("model")->info("loaded {} ({}): {}", path, m->info_.format, m->cfg_.summary());
+  return m;
+}
+
+}  // namespace atmoe

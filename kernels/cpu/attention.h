@@ -1,0 +1,39 @@
+// Causal attention over per-sequence KV caches with GQA, for a batch of sequences whose
+// new tokens are packed one after another (prefill chunks and decode tokens alike).
+//   q:   [T_total, Hq, D]  (row stride ldq)         out: [T_total, Hq, D] (stride ldo)
+//   seq s owns query rows [t0, t0+T) and caches k, v: [P, Hkv, D] (row stride Hkv*D);
+//   query row t sits at position pos[t] and attends to cache rows 0..pos[t] inclusive.
+//   Query head h reads KV head h / (Hq / Hkv).
+// Workspace: n_threads * max_ctx floats (scores of one (token, head) pair per thread).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace atmoe { class ThreadPool; }
+
+namespace atmoe::cpu {
+
+struct AttentionSeq {
+  int64_t t0 = 0, T = 0;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  const int32_t* pos = nullptr;  // [T], positions of this sequence's query rows
+};
+
+struct AttentionParams {
+  const float* q = nullptr;
+  int64_t ldq = 0;
+  float* out = nullptr;
+  int64_t ldo = 0;
+  int64_t Hq = 0, Hkv = 0, D = 0;
+  float scale = 1.f;
+  const AttentionSeq* seqs = nullptr;
+  int64_t n_seqs = 0;
+  int64_t max_ctx = 0;  // >= every pos + 1
+};
+
+int64_t attention_workspace_floats(const AttentionParams& p, int n_threads);
+void attention(const AttentionParams& p, float* ws, ThreadPool& pool);
+void attention_ref(const AttentionParams& p);  // double accumulation, single-threaded
+
+}  // namespace atmoe::cpu

@@ -1,0 +1,34 @@
+#include "kernels/cpu/cpu_features.h"
+
+#include "common/env.h"
+
+namespace atmoe::cpu {
+
+static Isa detect() {
+  __builtin_cpu_init();
+  Isa best = Isa::Scalar;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = Isa::Avx512;
+  std::string f = env_str("ATMOE_FORCE_ISA");
+  if (f == "scalar") best = Isa::Scalar;
+  else if (f == "avx2" && best >= Isa::Avx2) best = Isa::Avx2;
+  return best;
+}
+
+Isa best_isa() {
+  static const Isa isa = detect();
+  return isa;
+}
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+}  // namespace atmoe::cpu
