@@ -69,9 +69,9 @@ class Model {
   std::unique_ptr<Tokenizer> tok_;
   ModelInfo info_;
   DType dtype_ = DType::BF16;
-  Tensor embed_;     // [vocab, hidden] model dtype
+  Tensor embed_;     // [vocab, hidden] f32: the lookup reads one row per token, so exact costs nothing per step
   Tensor out_norm_;  // [hidden] f32
-  Linear lm_head_;   // shares embed_ storage when tied
+  Linear lm_head_;   // [vocab, hidden] model dtype (a cast of embed_ when tied)
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
   ThreadPool* pool_ = nullptr;

@@ -57,7 +57,7 @@ struct ModelLoader {
     const auto& c = m.cfg_;
     m.inv_freq_ = rope_inv_freq(c);
     if (c.tie_embeddings) {
-      m.lm_head_.w = m.embed_;
+      m.lm_head_.w = cast(m.embed_, m.dtype_);
       m.lm_head_.N = c.vocab;
       m.lm_head_.K = c.hidden;
     }
@@ -83,7 +83,7 @@ struct ModelLoader {
       return t;
     };
     const int64_t d = c.hidden, D = c.head_dim, q = int64_t(c.n_heads) * D, kv = int64_t(c.n_kv_heads) * D;
-    m.embed_ = cast(get("token_embd.weight", {c.vocab, d}), dt);
+    m.embed_ = get("token_embd.weight", {c.vocab, d});
     m.out_norm_ = get("output_norm.weight", {d});
     if (!c.tie_embeddings) {
       m.lm_head_.w = cast(get("output.weight", {c.vocab, d}), dt);
@@ -168,7 +168,7 @@ struct ModelLoader {
       return t.to(DType::F32);
     };
     const int64_t d = c.hidden, D = c.head_dim, q = int64_t(c.n_heads) * D, kv = int64_t(c.n_kv_heads) * D;
-    m.embed_ = cast(get("model.embed_tokens.weight", {c.vocab, d}), dt);
+    m.embed_ = get("model.embed_tokens.weight", {c.vocab, d});
     m.out_norm_ = get("model.norm.weight", {d});
     if (!c.tie_embeddings || where.count("lm_head.weight")) {
       m.cfg_.tie_embeddings = false;

@@ -1,0 +1,234 @@
+// Every CPU op against its float64 reference (CONVENTIONS.md tolerance table), on fresh
+// random inputs, with outputs poisoned before the run. The fast matmul is checked on
+// every ISA this CPU has, through the dispatcher and each kernel directly.
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cpu/sampling.h"
+#include "kernels/cpu/silu_mul.h"
+#include "kernels/cpu/softmax.h"
+#include "kernels/thread_pool.h"
+#include "tests/unit/check.h"
+
+namespace atmoe::test {
+namespace {
+
+ThreadPool& pool2() {
+  static ThreadPool p(2);
+  return p;
+}
+
+struct MatmulCase {
+  int64_t T, N, K;
+};
+const MatmulCase kMatmulCases[] = {{1, 1, 1},    {1, 37, 576}, {3, 130, 77},   {4, 64, 1536},
+                                   {16, 67, 100}, {5, 9, 15},  {33, 300, 576}, {64, 259, 100}};
+
+using Kernel = void (*)(const cpu::MatmulParams&, int64_t, int64_t);
+
+void run_matmul_case(const MatmulCase& c, DType wdt, bool bias, bool acc, Kernel direct, std::mt19937_64& rng) {
+  auto x = randn(size_t(c.T * c.K), rng);
+  auto wf = randn(size_t(c.N * c.K), rng, 0.5f);
+  std::vector<uint16_t> wb(wf.size());
+  for (size_t i = 0; i < wf.size(); ++i) wb[i] = f32_to_bf16(wf[i]);
+  auto b = randn(size_t(c.N), rng);
+  auto y0 = randn(size_t(c.T * c.N), rng);  // prior contents for accumulate
+  cpu::MatmulParams p;
+  p.x = x.data();
+  p.ldx = c.K;
+  p.w = wdt == DType::F32 ? static_cast<const void*>(wf.data()) : wb.data();
+  p.w_dtype = wdt;
+  p.bias = bias ? b.data() : nullptr;
+  p.ldy = c.N;
+  p.T = c.T;
+  p.N = c.N;
+  p.K = c.K;
+  p.accumulate = acc;
+  std::vector<float> ref = y0;
+  p.y = ref.data();
+  cpu::matmul_ref(p);
+  std::vector<float> got = acc ? y0 : poisoned(y0.size());
+  p.y = got.data();
+  if (direct) {
+    direct(p, 0, c.N);
+  } else {
+    std::vector<float> ws(size_t(cpu::matmul_workspace_floats(p, 2)) + 1);
+    cpu::matmul(p, ws.data(), pool2());
+  }
+  // sgemm and the SIMD kernels sum in a different order than the double reference:
+  // the tolerance scales with the magnitude of the terms (sqrt(K) * |x||w|).
+  Tol t{1e-5 * std::sqrt(double(c.K)) * 4, 1e-5};
+  EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), t))
+      << "T=" << c.T << " N=" << c.N << " K=" << c.K << " w=" << dtype_name(wdt) << " bias=" << bias << " acc=" << acc;
+}
+
+TEST(Matmul, DispatcherMatchesReference) {
+  std::mt19937_64 rng(test_seed());
+  for (const auto& c : kMatmulCases)
+    for (DType dt : {DType::F32, DType::BF16})
+      for (bool bias : {false, true})
+        for (bool acc : {false, true}) run_matmul_case(c, dt, bias, acc, nullptr, rng);
+}
+
+TEST(Matmul, EveryIsaKernelMatchesReference) {
+  std::mt19937_64 rng(test_seed() + 1);
+  std::map<std::string, Kernel> ks{{"scalar", cpu::gemm_rows_scalar}};
+  if (cpu::best_isa() >= cpu::Isa::Avx2) ks["avx2"] = cpu::gemm_rows_avx2;
+  if (cpu::best_isa() >= cpu::Isa::Avx512) ks["avx512"] = cpu::gemm_rows_avx512;
+  for (auto& [name, k] : ks) {
+    SCOPED_TRACE(name);
+    for (const auto& c : kMatmulCases)
+      for (DType dt : {DType::F32, DType::BF16})
+        for (bool acc : {false, true}) run_matmul_case(c, dt, true, acc, k, rng);
+  }
+}
+
+TEST(RmsNorm, MatchesReferenceAndAliases) {
+  std::mt19937_64 rng(test_seed() + 2);
+  for (auto [T, D] : {std::pair<int64_t, int64_t>{1, 1}, {3, 576}, {17, 64}, {2, 4097}}) {
+    auto x = randn(size_t(T * D), rng, 3.f);
+    auto w = randn(size_t(D), rng);
+    std::vector<float> ref(x.size()), got = poisoned(x.size());
+    cpu::rmsnorm_ref({x.data(), D, w.data(), ref.data(), D, T, D, 1e-5f});
+    cpu::rmsnorm({x.data(), D, w.data(), got.data(), D, T, D, 1e-5f}, &pool2());
+    EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+    cpu::rmsnorm({x.data(), D, w.data(), x.data(), D, T, D, 1e-5f}, &pool2());  // in place
+    EXPECT_TRUE(all_close(x.data(), ref.data(), x.size(), kF32));
+  }
+}
+
+TEST(Rope, MatchesReferenceBothStyles) {
+  std::mt19937_64 rng(test_seed() + 3);
+  const int64_t T = 7, H = 3, D = 64, ld = H * D + 5;
+  std::vector<int32_t> pos{0, 1, 2, 100, 4095, 8191, 131071};
+  std::vector<float> inv(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) inv[size_t(i)] = float(std::pow(100000.0, -2.0 * double(i) / double(D)));
+  for (bool neox : {true, false}) {
+    auto x = randn(size_t(T * ld), rng);
+    auto ref = x;
+    cpu::rope_ref({ref.data(), ld, T, H, D, pos.data(), inv.data(), neox});
+    cpu::rope({x.data(), ld, T, H, D, pos.data(), inv.data(), neox});
+    EXPECT_TRUE(all_close(x.data(), ref.data(), x.size(), kF32)) << "neox=" << neox;
+  }
+  // Independent property: position 0 is the identity; each rotated pair keeps its norm.
+  auto x = randn(size_t(ld), rng), y = x;
+  int32_t p0 = 0;
+  cpu::rope({y.data(), ld, 1, H, D, &p0, inv.data(), true});
+  EXPECT_TRUE(all_close(y.data(), x.data(), y.size(), kF32));
+  int32_t p1 = 77;
+  cpu::rope({y.data(), ld, 1, H, D, &p1, inv.data(), false});
+  for (int64_t i = 0; i < D / 2; ++i) {
+    double a = std::hypot(x[size_t(2 * i)], x[size_t(2 * i + 1)]), b = std::hypot(y[size_t(2 * i)], y[size_t(2 * i + 1)]);
+    EXPECT_NEAR(a, b, 1e-5 * (1 + a));
+  }
+}
+
+TEST(Attention, PackedSequencesWithGqaMatchReference) {
+  std::mt19937_64 rng(test_seed() + 4);
+  const int64_t Hq = 6, Hkv = 2, D = 32, ldq = Hq * D + 8, ldkv = Hkv * D;
+  // Three sequences: a fresh prefill of 5, a decode step at position 40, a chunk of 3 at 10..12.
+  struct S {
+    int64_t ctx, T;
+  };
+  std::vector<S> ss{{5, 5}, {41, 1}, {13, 3}};
+  int64_t total = 0, max_ctx = 0;
+  for (auto& s : ss) total += s.T, max_ctx = std::max(max_ctx, s.ctx);
+  auto q = randn(size_t(total * ldq), rng);
+  std::vector<std::vector<float>> ks, vs;
+  std::vector<std::vector<int32_t>> pos;
+  std::vector<cpu::AttentionSeq> seqs;
+  int64_t t0 = 0;
+  for (auto& s : ss) {
+    ks.push_back(randn(size_t(s.ctx * ldkv), rng));
+    vs.push_back(randn(size_t(s.ctx * ldkv), rng));
+    std::vector<int32_t> p;
+    for (int64_t j = 0; j < s.T; ++j) p.push_back(int32_t(s.ctx - s.T + j));
+    pos.push_back(p);
+  }
+  for (size_t i = 0; i < ss.size(); ++i) {
+    seqs.push_back({t0, ss[i].T, ks[i].data(), vs[i].data(), pos[i].data()});
+    t0 += ss[i].T;
+  }
+  cpu::AttentionParams p;
+  p.q = q.data();
+  p.ldq = ldq;
+  p.ldo = Hq * D;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.scale = 1.f / std::sqrt(float(D));
+  p.seqs = seqs.data();
+  p.n_seqs = int64_t(seqs.size());
+  p.max_ctx = max_ctx;
+  std::vector<float> ref(size_t(total * Hq * D)), got = poisoned(ref.size());
+  p.out = ref.data();
+  cpu::attention_ref(p);
+  p.out = got.data();
+  std::vector<float> ws(size_t(cpu::attention_workspace_floats(p, pool2().size())));
+  cpu::attention(p, ws.data(), pool2());
+  EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+}
+
+TEST(SiluMul, MatchesReference) {
+  std::mt19937_64 rng(test_seed() + 5);
+  const int64_t T = 9, F = 1000;
+  auto gu = randn(size_t(T * 2 * F), rng, 4.f);
+  std::vector<float> ref(size_t(T * F)), got = poisoned(ref.size());
+  cpu::silu_mul_ref({gu.data(), 2 * F, gu.data() + F, 2 * F, ref.data(), F, T, F});
+  cpu::silu_mul({gu.data(), 2 * F, gu.data() + F, 2 * F, got.data(), F, T, F}, &pool2());
+  EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+}
+
+TEST(Softmax, MatchesReferenceWithMaskedEntries) {
+  std::mt19937_64 rng(test_seed() + 6);
+  auto x = randn(4 * 50, rng, 10.f);
+  x[3] = -INFINITY;
+  for (int i = 100; i < 150; ++i) x[size_t(i)] = -INFINITY;  // a fully masked row
+  auto ref = x;
+  cpu::softmax_rows_ref(ref.data(), 4, 50, 0.5f);
+  cpu::softmax_rows(x.data(), 4, 50, 0.5f);
+  EXPECT_TRUE(all_close(x.data(), ref.data(), x.size(), kF32));
+  EXPECT_EQ(x[3], 0.f);
+  EXPECT_EQ(x[120], 0.f);
+  double s = 0;
+  for (int i = 0; i < 50; ++i) s += x[size_t(i)];
+  EXPECT_NEAR(s, 1.0, 1e-6);
+}
+
+TEST(Sampling, GreedyTopKTopPAndDistribution) {
+  std::mt19937_64 rng(test_seed() + 7);
+  std::vector<std::pair<float, int32_t>> scratch;
+  std::vector<float> lg{0.1f, 2.0f, -1.f, 2.0f, 1.5f};
+  EXPECT_EQ(cpu::argmax(lg.data(), 5), 1);  // lowest id on ties
+  EXPECT_EQ(cpu::sample(lg.data(), 5, {0.f, 0, 1.f}, rng, scratch), 1);
+  EXPECT_EQ(cpu::sample(lg.data(), 5, {1.f, 1, 1.f}, rng, scratch), 1);
+  // top_k = 2 -> only ids 1 and 3 (the two 2.0 logits) can appear.
+  for (int i = 0; i < 200; ++i) {
+    int32_t t = cpu::sample(lg.data(), 5, {1.f, 2, 1.f}, rng, scratch);
+    EXPECT_TRUE(t == 1 || t == 3);
+  }
+  // Empirical frequencies follow softmax(logits / T).
+  const float T = 0.7f;
+  std::vector<double> p(5);
+  double z = 0;
+  for (int i = 0; i < 5; ++i) z += (p[size_t(i)] = std::exp(double(lg[size_t(i)]) / T));
+  for (auto& v : p) v /= z;
+  std::vector<int> cnt(5);
+  const int n = 40000;
+  for (int i = 0; i < n; ++i) cnt[size_t(cpu::sample(lg.data(), 5, {T, 0, 1.f}, rng, scratch))]++;
+  for (int i = 0; i < 5; ++i) EXPECT_NEAR(cnt[size_t(i)] / double(n), p[size_t(i)], 5 * std::sqrt(p[size_t(i)] / n) + 1e-3);
+  // top_p = 0.5: the smallest prefix reaching half the mass: ids {1, 3} here.
+  for (int i = 0; i < 200; ++i) {
+    int32_t t = cpu::sample(lg.data(), 5, {1.f, 0, 0.5f}, rng, scratch);
+    EXPECT_TRUE(t == 1 || t == 3) << t;
+  }
+}
+
+}  // namespace
+}  // namespace atmoe::test
