@@ -9,11 +9,11 @@ template <class T>
 void put(std::vector<uint8_t>& b, T v) {
   uint8_t tmp[sizeof(T)];
   std::memcpy(tmp, &v, sizeof(T));
-  b.insert(b.end(), tmp, tmp + sizeof(T));
+  for (uint8_t c : tmp) b.push_back(c);
 }
 void put_str(std::vector<uint8_t>& b, const std::string& s) {
   put<uint64_t>(b, s.size());
-  b.insert(b.end(), s.begin(), s.end());
+  for (char c : s) b.push_back(uint8_t(c));
 }
 }  // namespace
 
@@ -62,7 +62,8 @@ void GgufBuilder::tensor(const std::string& name, std::vector<uint64_t> ne, uint
 }
 
 std::vector<uint8_t> GgufBuilder::build(uint32_t alignment) const {
-  std::vector<uint8_t> b{'G', 'G', 'U', 'F'};
+  std::vector<uint8_t> b;
+  for (char c : std::string("GGUF")) b.push_back(uint8_t(c));
   put<uint32_t>(b, 3);
   put<uint64_t>(b, ts_.size());
   put<uint64_t>(b, n_kv_);
