@@ -13,6 +13,7 @@ const std::vector<EnvKnob>& env_knobs() {
       {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|off"},
       {"ATMOE_CACHE", "", "cache directory for models fetched by deploy scripts (default <repo>/.cache)"},
       {"ATMOE_SPIN_US", "200", "microseconds an idle pool thread spins before it sleeps"},
+      {"ATMOE_PREFILL_GEMM", "simd", "GEMM for prompts of >= 32 tokens: simd (atmoe's kernel) or blas (OpenBLAS sgemm)"},
       {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (default: best the CPU has)"},
   };
   return k;

@@ -53,7 +53,7 @@ static void linear(const Linear& L, const float* x, int64_t ldx, float* y, int64
   p.N = L.N;
   p.K = L.K;
   p.accumulate = accumulate;
-  grow(ws, size_t(cpu::matmul_workspace_floats(p, pool.size())));
+  grow(ws, size_t(cpu::matmul_workspace_floats(p)));
   cpu::matmul(p, ws.data(), pool);
 }
 
@@ -78,7 +78,6 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
   grow(s.attn, size_t(T * qd));
   grow(s.gu, size_t(T * 2 * F));
   grow(s.act, size_t(T * F));
-  grow(s.attn_ws, size_t(int64_t(pool.size()) * max_ctx));
   s.pos.resize(size_t(T));
   s.seqs.resize(items.size());
 
@@ -137,6 +136,7 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     ap.seqs = s.seqs.data();
     ap.n_seqs = int64_t(s.seqs.size());
     ap.max_ctx = max_ctx;
+    grow(s.attn_ws, size_t(cpu::attention_workspace_floats(ap, pool.size())));
     cpu::attention(ap, s.attn_ws.data(), pool);
     linear(L.o, s.attn.data(), qd, s.x.data(), d, T, s.ws, pool, /*accumulate=*/true);
 

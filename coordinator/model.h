@@ -20,7 +20,7 @@ namespace atmoe {
 class ThreadPool;
 
 struct Linear {
-  Tensor w;     // [N, K] in the model dtype
+  Tensor w;     // [N, K] in the model dtype, packed panels (kernels/cpu/matmul.h)
   Tensor bias;  // [N] f32 or undefined
   int64_t N = 0, K = 0;
 };
@@ -71,7 +71,7 @@ class Model {
   DType dtype_ = DType::BF16;
   Tensor embed_;     // [vocab, hidden] f32: the lookup reads one row per token, so exact costs nothing per step
   Tensor out_norm_;  // [hidden] f32
-  Linear lm_head_;   // [vocab, hidden] model dtype (a cast of embed_ when tied)
+  Linear lm_head_;   // [vocab, hidden] model dtype (packed from embed_ when tied)
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
   ThreadPool* pool_ = nullptr;

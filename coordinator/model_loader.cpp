@@ -15,22 +15,31 @@
 #include "common/log.h"
 #include "common/safetensors.h"
 #include "coordinator/model.h"
+#include "kernels/cpu/matmul.h"
 #include "kernels/thread_pool.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
 
 struct ModelLoader {
-  // f32 [rows, cols] (or [n]) -> model tensor of dtype `dt`.
-  static Tensor cast(const Tensor& f32, DType dt) { return dt == DType::F32 ? f32 : f32.to(dt); }
 
   static void expect_shape(const Tensor& t, std::vector<int64_t> want, const std::string& file, const std::string& name) {
     ATMOE_CHECK_INPUT(t.shape() == want, "{}: tensor '{}' has shape {}, expected {}", file, name, t.shape_str(),
                       shape_to_string(want));
   }
 
-  // Concatenates f32 matrices along rows into one tensor of dtype dt.
-  static Tensor concat_rows(const std::vector<Tensor>& parts, DType dt) {
+  // f32 [N, K] -> a Linear whose weight is in the packed panel layout of cpu::matmul.
+  static Linear pack(const Tensor& f32, DType dt) {
+    Linear L;
+    L.N = f32.dim(0);
+    L.K = f32.dim(1);
+    L.w = Tensor::empty(dt, {int64_t(cpu::packed_elems(L.N, L.K))});
+    cpu::pack_weights(f32.data<float>(), L.N, L.K, dt, L.w.data<void>());
+    return L;
+  }
+
+  // Concatenates f32 matrices along rows (fused q|k|v and gate|up).
+  static Tensor concat_rows(const std::vector<Tensor>& parts) {
     int64_t rows = 0, cols = parts[0].dim(1);
     for (auto& p : parts) rows += p.dim(0);
     Tensor f = Tensor::empty(DType::F32, {rows, cols});
@@ -39,7 +48,7 @@ struct ModelLoader {
       std::memcpy(o, p.data<float>(), p.nbytes());
       o += p.numel();
     }
-    return cast(f, dt);
+    return f;
   }
   static Tensor concat_vec(const std::vector<Tensor>& parts) {
     int64_t n = 0;
@@ -57,9 +66,7 @@ struct ModelLoader {
     const auto& c = m.cfg_;
     m.inv_freq_ = rope_inv_freq(c);
     if (c.tie_embeddings) {
-      m.lm_head_.w = cast(m.embed_, m.dtype_);
-      m.lm_head_.N = c.vocab;
-      m.lm_head_.K = c.hidden;
+      m.lm_head_ = pack(m.embed_, m.dtype_);
     }
     m.pool_ = &ThreadPool::global();
     openblas_set_num_threads(m.pool_->size());
@@ -86,30 +93,20 @@ struct ModelLoader {
     m.embed_ = get("token_embd.weight", {c.vocab, d});
     m.out_norm_ = get("output_norm.weight", {d});
     if (!c.tie_embeddings) {
-      m.lm_head_.w = cast(get("output.weight", {c.vocab, d}), dt);
-      m.lm_head_.N = c.vocab;
-      m.lm_head_.K = d;
+      m.lm_head_ = pack(get("output.weight", {c.vocab, d}), dt);
     }
     for (int l = 0; l < c.n_layers; ++l) {
       std::string p = "blk." + std::to_string(l) + ".";
       LayerWeights L;
       L.attn_norm = get(p + "attn_norm.weight", {d});
       L.ffn_norm = get(p + "ffn_norm.weight", {d});
-      L.qkv.w = concat_rows({get(p + "attn_q.weight", {q, d}), get(p + "attn_k.weight", {kv, d}),
-                             get(p + "attn_v.weight", {kv, d})}, dt);
-      L.qkv.N = q + 2 * kv;
-      L.qkv.K = d;
+      L.qkv = pack(concat_rows({get(p + "attn_q.weight", {q, d}), get(p + "attn_k.weight", {kv, d}),
+                             get(p + "attn_v.weight", {kv, d})}), dt);
       if (c.qkv_bias)
         L.qkv.bias = concat_vec({get(p + "attn_q.bias", {q}), get(p + "attn_k.bias", {kv}), get(p + "attn_v.bias", {kv})});
-      L.o.w = cast(get(p + "attn_output.weight", {d, q}), dt);
-      L.o.N = d;
-      L.o.K = q;
-      L.gate_up.w = concat_rows({get(p + "ffn_gate.weight", {c.ffn, d}), get(p + "ffn_up.weight", {c.ffn, d})}, dt);
-      L.gate_up.N = 2 * int64_t(c.ffn);
-      L.gate_up.K = d;
-      L.down.w = cast(get(p + "ffn_down.weight", {d, c.ffn}), dt);
-      L.down.N = d;
-      L.down.K = c.ffn;
+      L.o = pack(get(p + "attn_output.weight", {d, q}), dt);
+      L.gate_up = pack(concat_rows({get(p + "ffn_gate.weight", {c.ffn, d}), get(p + "ffn_up.weight", {c.ffn, d})}), dt);
+      L.down = pack(get(p + "ffn_down.weight", {d, c.ffn}), dt);
       m.layers_.push_back(std::move(L));
     }
     m.info_.format = "gguf";
@@ -172,31 +169,21 @@ struct ModelLoader {
     m.out_norm_ = get("model.norm.weight", {d});
     if (!c.tie_embeddings || where.count("lm_head.weight")) {
       m.cfg_.tie_embeddings = false;
-      m.lm_head_.w = cast(get("lm_head.weight", {c.vocab, d}), dt);
-      m.lm_head_.N = c.vocab;
-      m.lm_head_.K = d;
+      m.lm_head_ = pack(get("lm_head.weight", {c.vocab, d}), dt);
     }
     for (int l = 0; l < c.n_layers; ++l) {
       std::string p = "model.layers." + std::to_string(l) + ".";
       LayerWeights L;
       L.attn_norm = get(p + "input_layernorm.weight", {d});
       L.ffn_norm = get(p + "post_attention_layernorm.weight", {d});
-      L.qkv.w = concat_rows({get(p + "self_attn.q_proj.weight", {q, d}), get(p + "self_attn.k_proj.weight", {kv, d}),
-                             get(p + "self_attn.v_proj.weight", {kv, d})}, dt);
-      L.qkv.N = q + 2 * kv;
-      L.qkv.K = d;
+      L.qkv = pack(concat_rows({get(p + "self_attn.q_proj.weight", {q, d}), get(p + "self_attn.k_proj.weight", {kv, d}),
+                             get(p + "self_attn.v_proj.weight", {kv, d})}), dt);
       if (c.qkv_bias)
         L.qkv.bias = concat_vec({get(p + "self_attn.q_proj.bias", {q}), get(p + "self_attn.k_proj.bias", {kv}),
                                  get(p + "self_attn.v_proj.bias", {kv})});
-      L.o.w = cast(get(p + "self_attn.o_proj.weight", {d, q}), dt);
-      L.o.N = d;
-      L.o.K = q;
-      L.gate_up.w = concat_rows({get(p + "mlp.gate_proj.weight", {c.ffn, d}), get(p + "mlp.up_proj.weight", {c.ffn, d})}, dt);
-      L.gate_up.N = 2 * int64_t(c.ffn);
-      L.gate_up.K = d;
-      L.down.w = cast(get(p + "mlp.down_proj.weight", {d, c.ffn}), dt);
-      L.down.N = d;
-      L.down.K = c.ffn;
+      L.o = pack(get(p + "self_attn.o_proj.weight", {d, q}), dt);
+      L.gate_up = pack(concat_rows({get(p + "mlp.gate_proj.weight", {c.ffn, d}), get(p + "mlp.up_proj.weight", {c.ffn, d})}), dt);
+      L.down = pack(get(p + "mlp.down_proj.weight", {d, c.ffn}), dt);
       m.layers_.push_back(std::move(L));
     }
     m.info_.format = "hf";

@@ -4,7 +4,8 @@
 //   seq s owns query rows [t0, t0+T) and caches k, v: [P, Hkv, D] (row stride Hkv*D);
 //   query row t sits at position pos[t] and attends to cache rows 0..pos[t] inclusive.
 //   Query head h reads KV head h / (Hq / Hkv).
-// Workspace: n_threads * max_ctx floats (scores of one (token, head) pair per thread).
+// Workspace: attention_workspace_floats (n_threads * max_ctx * Hq/Hkv: the scores of one
+// query row's heads that share a KV head, per thread).
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -1,8 +1,11 @@
-// AVX-512 GEMV/GEMM for decode: a register tile of RB weight rows × TB tokens; each
-// weight vector (16 lanes, bf16 widened to f32 by a 16-bit shift) is loaded once per
-// tile and used TB times; accumulation in f32. Built with -mavx512f/bw/vl/dq; only
-// called when the CPU has them (cpu_features.cpp).
+// AVX-512 GEMV/GEMM over packed panels (matmul.h): for one panel of 32 output rows and a
+// tile of TB tokens, TB × 2 zmm accumulators; each k-step loads 32 weights (bf16 widened
+// to f32 by a 16-bit shift), broadcasts x[t][k] and issues 2·TB FMAs. No horizontal sums:
+// the accumulators are the outputs. Built with -mavx512f/bw/vl/dq; called only when the
+// CPU has them (cpu_features.cpp).
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "kernels/cpu/matmul.h"
 
@@ -10,80 +13,76 @@ namespace atmoe::cpu {
 namespace {
 
 template <bool BF16>
-inline __m512 loadw(const void* w, int64_t off) {
+inline void load32(const void* w, size_t off, __m512& a, __m512& b) {
   if constexpr (BF16) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + off));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m512i h = _mm512_loadu_si512(static_cast<const uint16_t*>(w) + off);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
   } else {
-    return _mm512_loadu_ps(static_cast<const float*>(w) + off);
-  }
-}
-template <bool BF16>
-inline __m512 loadw_mask(const void* w, int64_t off, __mmask16 m) {
-  if constexpr (BF16) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + off);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + off);
+    a = _mm512_loadu_ps(static_cast<const float*>(w) + off);
+    b = _mm512_loadu_ps(static_cast<const float*>(w) + off + 16);
   }
 }
 
-template <bool BF16, int RB, int TB>
-void tile(const MatmulParams& p, int64_t n, int64_t t) {
-  __m512 acc[RB][TB];
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < TB; ++j) acc[r][j] = _mm512_setzero_ps();
-  const int64_t K = p.K, kmain = K & ~int64_t(15);
-  const float* x0 = p.x + t * p.ldx;
-  for (int64_t k = 0; k < kmain; k += 16) {
-    __m512 w[RB];
-    for (int r = 0; r < RB; ++r) w[r] = loadw<BF16>(p.w, (n + r) * K + k);
+template <bool BF16, int TB>
+void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
+  __m512 acc[TB][2];
+  for (int j = 0; j < TB; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+  const size_t base = size_t(panel * p.K) * kPanel;
+  const float* x = p.x + t0 * p.ldx;
+  for (int64_t k = 0; k < p.K; ++k) {
+    __m512 w0, w1;
+    load32<BF16>(p.w, base + size_t(k) * kPanel, w0, w1);
     for (int j = 0; j < TB; ++j) {
-      __m512 x = _mm512_loadu_ps(x0 + j * p.ldx + k);
-      for (int r = 0; r < RB; ++r) acc[r][j] = _mm512_fmadd_ps(w[r], x, acc[r][j]);
+      const __m512 xb = _mm512_set1_ps(x[j * p.ldx + k]);
+      acc[j][0] = _mm512_fmadd_ps(w0, xb, acc[j][0]);
+      acc[j][1] = _mm512_fmadd_ps(w1, xb, acc[j][1]);
     }
   }
-  if (kmain < K) {
-    __mmask16 m = __mmask16((1u << (K - kmain)) - 1);
-    __m512 w[RB];
-    for (int r = 0; r < RB; ++r) w[r] = loadw_mask<BF16>(p.w, (n + r) * K + kmain, m);
-    for (int j = 0; j < TB; ++j) {
-      __m512 x = _mm512_maskz_loadu_ps(m, x0 + j * p.ldx + kmain);
-      for (int r = 0; r < RB; ++r) acc[r][j] = _mm512_fmadd_ps(w[r], x, acc[r][j]);
-    }
+  const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);
+  const __mmask16 m0 = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+  const __mmask16 m1 = rows >= 32 ? __mmask16(0xffff) : rows > 16 ? __mmask16((1u << (rows - 16)) - 1) : __mmask16(0);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  if (p.bias) {
+    b0 = _mm512_maskz_loadu_ps(m0, p.bias + n0);
+    b1 = _mm512_maskz_loadu_ps(m1, p.bias + n0 + 16);
   }
-  for (int r = 0; r < RB; ++r)
-    for (int j = 0; j < TB; ++j) {
-      float v = _mm512_reduce_add_ps(acc[r][j]) + (p.bias ? p.bias[n + r] : 0.f);
-      float& y = p.y[(t + j) * p.ldy + n + r];
-      y = p.accumulate ? y + v : v;
+  for (int j = 0; j < TB; ++j) {
+    float* y = p.y + (t0 + j) * p.ldy + n0;
+    __m512 r0 = _mm512_add_ps(acc[j][0], b0), r1 = _mm512_add_ps(acc[j][1], b1);
+    if (p.accumulate) {
+      r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, y));
+      r1 = _mm512_add_ps(r1, _mm512_maskz_loadu_ps(m1, y + 16));
     }
-}
-
-template <bool BF16, int RB>
-void row_block(const MatmulParams& p, int64_t n) {
-  int64_t t = 0;
-  for (; t + 4 <= p.T; t += 4) tile<BF16, RB, 4>(p, n, t);
-  switch (p.T - t) {
-    case 3: tile<BF16, RB, 3>(p, n, t); break;
-    case 2: tile<BF16, RB, 2>(p, n, t); break;
-    case 1: tile<BF16, RB, 1>(p, n, t); break;
-    default: break;
+    _mm512_mask_storeu_ps(y, m0, r0);
+    _mm512_mask_storeu_ps(y + 16, m1, r1);
   }
 }
 
 template <bool BF16>
-void rows(const MatmulParams& p, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) row_block<BF16, 4>(p, n);
-  for (; n < n1; ++n) row_block<BF16, 1>(p, n);
+void panels(const MatmulParams& p, int64_t p0, int64_t p1) {
+  // Tiles of 12 tokens (24 accumulators + 2 weight vectors + 1 broadcast of 32 zmm),
+  // then 6, then the rest.
+  for (int64_t pn = p0; pn < p1; ++pn) {
+    int64_t t = 0;
+    for (; t + 12 <= p.T; t += 12) tile<BF16, 12>(p, pn, t);
+    for (; t + 6 <= p.T; t += 6) tile<BF16, 6>(p, pn, t);
+    switch (p.T - t) {
+      case 5: tile<BF16, 5>(p, pn, t); break;
+      case 4: tile<BF16, 4>(p, pn, t); break;
+      case 3: tile<BF16, 3>(p, pn, t); break;
+      case 2: tile<BF16, 2>(p, pn, t); break;
+      case 1: tile<BF16, 1>(p, pn, t); break;
+      default: break;
+    }
+  }
 }
 
 }  // namespace
 
-void gemm_rows_avx512(const MatmulParams& p, int64_t n0, int64_t n1) {
-  if (p.w_dtype == DType::BF16) rows<true>(p, n0, n1);
-  else rows<false>(p, n0, n1);
+void gemm_panels_avx512(const MatmulParams& p, int64_t p0, int64_t p1) {
+  if (p.w_dtype == DType::BF16) panels<true>(p, p0, p1);
+  else panels<false>(p, p0, p1);
 }
 
 }  // namespace atmoe::cpu

@@ -5,80 +5,114 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/env.h"
 #include "common/error.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/thread_pool.h"
 
 namespace atmoe::cpu {
 
-static constexpr int64_t kPanelRows = 256;  // rows of bf16 W converted per sgemm call
+static constexpr int64_t kBlasRows = 1024;  // rows unpacked to f32 per sgemm call
 
-static inline float wval(const MatmulParams& p, int64_t n, int64_t k) {
-  if (p.w_dtype == DType::F32) return static_cast<const float*>(p.w)[n * p.K + k];
-  return bf16_to_f32(static_cast<const uint16_t*>(p.w)[n * p.K + k]);
+void pack_weights(const float* w, int64_t N, int64_t K, DType dt, void* out) {
+  ATMOE_ASSERT(dt == DType::F32 || dt == DType::BF16);
+  const int64_t NP = packed_rows(N);
+  for (int64_t n = 0; n < NP; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      float v = n < N ? w[n * K + k] : 0.f;
+      size_t at = size_t(((n / kPanel) * K + k) * kPanel + n % kPanel);
+      if (dt == DType::F32) static_cast<float*>(out)[at] = v;
+      else static_cast<uint16_t*>(out)[at] = f32_to_bf16(v);
+    }
+}
+
+float packed_at(const void* w, DType dt, int64_t K, int64_t n, int64_t k) {
+  size_t at = size_t(((n / kPanel) * K + k) * kPanel + n % kPanel);
+  return dt == DType::F32 ? static_cast<const float*>(w)[at] : bf16_to_f32(static_cast<const uint16_t*>(w)[at]);
 }
 
 void matmul_ref(const MatmulParams& p) {
   for (int64_t t = 0; t < p.T; ++t)
     for (int64_t n = 0; n < p.N; ++n) {
       double acc = p.bias ? double(p.bias[n]) : 0.0;
-      for (int64_t k = 0; k < p.K; ++k) acc += double(p.x[t * p.ldx + k]) * double(wval(p, n, k));
+      for (int64_t k = 0; k < p.K; ++k) acc += double(p.x[t * p.ldx + k]) * double(packed_at(p.w, p.w_dtype, p.K, n, k));
       float& y = p.y[t * p.ldy + n];
       y = p.accumulate ? float(double(y) + acc) : float(acc);
     }
 }
 
-void gemm_rows_scalar(const MatmulParams& p, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
+void gemm_panels_scalar(const MatmulParams& p, int64_t p0, int64_t p1) {
+  for (int64_t n = p0 * kPanel; n < std::min(p.N, p1 * kPanel); ++n)
     for (int64_t t = 0; t < p.T; ++t) {
-      float acc = p.bias ? p.bias[n] : 0.f;
+      float acc = 0.f;
       const float* x = p.x + t * p.ldx;
-      for (int64_t k = 0; k < p.K; ++k) acc += x[k] * wval(p, n, k);
+      for (int64_t k = 0; k < p.K; ++k) acc += x[k] * packed_at(p.w, p.w_dtype, p.K, n, k);
+      acc += p.bias ? p.bias[n] : 0.f;
       float& y = p.y[t * p.ldy + n];
       y = p.accumulate ? y + acc : acc;
     }
 }
 
-int64_t matmul_workspace_floats(const MatmulParams& p, int n_threads) {
-  (void)n_threads;
-  if (p.T < kBlasMinTokens || p.w_dtype == DType::F32) return 0;
-  return std::min(kPanelRows, p.N) * p.K;
+bool use_blas(int64_t T) {
+  static const bool blas = [] {
+    std::string v = env_str("ATMOE_PREFILL_GEMM");
+    ATMOE_CHECK_INPUT(v == "simd" || v == "blas", "ATMOE_PREFILL_GEMM='{}': expected simd or blas", v);
+    return v == "blas";
+  }();
+  return blas && T >= kBlasMinTokens;
+}
+
+int64_t matmul_workspace_floats(const MatmulParams& p) {
+  if (!use_blas(p.T)) return 0;
+  return std::min(kBlasRows, packed_rows(p.N)) * p.K;
 }
 
 void matmul(const MatmulParams& p, float* ws, ThreadPool& pool) {
   ATMOE_ASSERT(p.w_dtype == DType::F32 || p.w_dtype == DType::BF16);
   ATMOE_ASSERT(p.ldx >= p.K && p.ldy >= p.N);
   if (p.T == 0 || p.N == 0) return;
-  if (p.T >= kBlasMinTokens) {
+  if (use_blas(p.T)) {
+    ATMOE_ASSERT(ws != nullptr);
     const float beta = p.accumulate ? 1.f : 0.f;
-    if (p.w_dtype == DType::F32) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(p.T), int(p.N), int(p.K), 1.f, p.x, int(p.ldx),
-                  static_cast<const float*>(p.w), int(p.K), beta, p.y, int(p.ldy));
-    } else {
-      ATMOE_ASSERT(ws != nullptr);
-      const uint16_t* w = static_cast<const uint16_t*>(p.w);
-      for (int64_t n0 = 0; n0 < p.N; n0 += kPanelRows) {
-        int64_t nr = std::min(kPanelRows, p.N - n0);
-        pool.parallel_for(nr * p.K, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) ws[i] = bf16_to_f32(w[n0 * p.K + i]);
-        }, 4096);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(p.T), int(nr), int(p.K), 1.f, p.x, int(p.ldx), ws,
-                    int(p.K), beta, p.y + n0, int(p.ldy));
-      }
+    for (int64_t n0 = 0; n0 < p.N; n0 += kBlasRows) {
+      const int64_t nr = std::min(kBlasRows, p.N - n0);
+      // Unpack rows [n0, n0 + nr) to row-major f32 [nr, K], panel by panel.
+      pool.parallel_for((nr + kPanel - 1) / kPanel, [&](int64_t b, int64_t e) {
+        for (int64_t pi = b; pi < e; ++pi) {
+          const int64_t panel = n0 / kPanel + pi, rows = std::min(kPanel, nr - pi * kPanel);
+          for (int64_t k = 0; k < p.K; ++k) {
+            const size_t at = size_t((panel * p.K + k) * kPanel);
+            float* dst = ws + pi * kPanel * p.K + k;
+            if (p.w_dtype == DType::F32) {
+              const float* src = static_cast<const float*>(p.w) + at;
+              for (int64_t j = 0; j < rows; ++j) dst[j * p.K] = src[j];
+            } else {
+              const uint16_t* src = static_cast<const uint16_t*>(p.w) + at;
+              for (int64_t j = 0; j < rows; ++j) dst[j * p.K] = bf16_to_f32(src[j]);
+            }
+          }
+        }
+      });
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(p.T), int(nr), int(p.K), 1.f, p.x, int(p.ldx), ws,
+                  int(p.K), beta, p.y + n0, int(p.ldy));
     }
     if (p.bias)
       for (int64_t t = 0; t < p.T; ++t)
         for (int64_t n = 0; n < p.N; ++n) p.y[t * p.ldy + n] += p.bias[n];
     return;
   }
-  auto kern = gemm_rows_scalar;
+  matmul_simd(p, pool);
+}
+
+void matmul_simd(const MatmulParams& p, ThreadPool& pool) {
+  if (p.T == 0 || p.N == 0) return;
+  auto kern = gemm_panels_scalar;
   switch (best_isa()) {
-    case Isa::Avx512: kern = gemm_rows_avx512; break;
-    case Isa::Avx2: kern = gemm_rows_avx2; break;
+    case Isa::Avx512: kern = gemm_panels_avx512; break;
+    case Isa::Avx2: kern = gemm_panels_avx2; break;
     default: break;
   }
-  // Rows in multiples of 16 per chunk so each thread streams whole cache lines of W.
-  pool.parallel_for(p.N, [&](int64_t b, int64_t e) { kern(p, b, e); }, 16);
+  pool.parallel_for((p.N + kPanel - 1) / kPanel, [&](int64_t b, int64_t e) { kern(p, b, e); });
 }
 
 }  // namespace atmoe::cpu

@@ -1,10 +1,16 @@
 // Linear layer: y[T, N] = x[T, K] · W[N, K]^T (+ bias[N]) (+ y when accumulate).
 //   x: f32 row-major, stride ldx (>= K); y: f32, stride ldy (>= N).
-//   W: f32 or bf16, row-major [N, K] (the PyTorch Linear layout), stride K.
-// Paths: T >= kBlasMinTokens -> OpenBLAS sgemm (bf16 W converted to f32 in row panels
-// held in the workspace); otherwise the hand-written SIMD GEMV/GEMM (AVX-512 or AVX2,
-// chosen at run time) that streams bf16 weights once and accumulates in f32.
+//   W: f32 or bf16 in the *packed panel layout* (pack_weights): rows in panels of
+//      kPanel = 32; panel p holds W[32p + j][k] at element (p * K + k) * 32 + j, i.e.
+//      each panel is W^T restricted to 32 output rows ([K][32]); rows past N are zero.
+//      A k-step of the micro-kernel reads 32 contiguous weights and broadcasts one x.
+// Paths: the hand-written SIMD kernel (AVX-512 or AVX2, chosen at run time) streams the
+// weights once and accumulates TB tokens × 32 outputs in registers, f32. With
+// ATMOE_PREFILL_GEMM=blas, T >= kBlasMinTokens runs OpenBLAS sgemm instead, on row-major
+// f32 panels unpacked into the workspace. The SIMD kernel is the default for prefill
+// too: measured faster than OpenBLAS 0.3.21 here (docs/performance.md).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -15,10 +21,20 @@ class ThreadPool;
 
 namespace atmoe::cpu {
 
+constexpr int64_t kPanel = 32;
+constexpr int64_t kBlasMinTokens = 32;
+
+inline int64_t packed_rows(int64_t N) { return (N + kPanel - 1) / kPanel * kPanel; }
+inline size_t packed_elems(int64_t N, int64_t K) { return size_t(packed_rows(N) * K); }
+// w: row-major [N, K] f32 -> out: packed (f32 or bf16, round-to-nearest-even).
+void pack_weights(const float* w, int64_t N, int64_t K, DType dt, void* out);
+// Element W[n][k] of a packed matrix.
+float packed_at(const void* w, DType dt, int64_t K, int64_t n, int64_t k);
+
 struct MatmulParams {
   const float* x = nullptr;
   int64_t ldx = 0;
-  const void* w = nullptr;
+  const void* w = nullptr;  // packed panels (see above)
   DType w_dtype = DType::F32;
   const float* bias = nullptr;  // optional
   float* y = nullptr;
@@ -27,18 +43,20 @@ struct MatmulParams {
   bool accumulate = false;  // y += x W^T instead of y = x W^T
 };
 
-constexpr int64_t kBlasMinTokens = 32;
-
-// Workspace floats the BLAS path needs for bf16 weights (0 for f32).
-int64_t matmul_workspace_floats(const MatmulParams& p, int n_threads);
+// True when matmul() sends T-token calls to OpenBLAS (ATMOE_PREFILL_GEMM=blas).
+bool use_blas(int64_t T);
+// Workspace floats the BLAS path needs (row-major f32 panels); 0 on the SIMD path.
+int64_t matmul_workspace_floats(const MatmulParams& p);
 // `ws` must hold matmul_workspace_floats floats.
 void matmul(const MatmulParams& p, float* ws, ThreadPool& pool);
+// Always the SIMD panel kernel (no workspace), whatever T is.
+void matmul_simd(const MatmulParams& p, ThreadPool& pool);
 // The specification: plain loops, double accumulation. Single-threaded.
 void matmul_ref(const MatmulParams& p);
 
-// Row-block kernels (internal; one per ISA). Compute rows [n0, n1) of y for all T tokens.
-void gemm_rows_scalar(const MatmulParams& p, int64_t n0, int64_t n1);
-void gemm_rows_avx2(const MatmulParams& p, int64_t n0, int64_t n1);
-void gemm_rows_avx512(const MatmulParams& p, int64_t n0, int64_t n1);
+// Panel kernels (internal; one per ISA): output rows of panels [p0, p1) for all T tokens.
+void gemm_panels_scalar(const MatmulParams& p, int64_t p0, int64_t p1);
+void gemm_panels_avx2(const MatmulParams& p, int64_t p0, int64_t p1);
+void gemm_panels_avx512(const MatmulParams& p, int64_t p0, int64_t p1);
 
 }  // namespace atmoe::cpu

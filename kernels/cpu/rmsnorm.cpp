@@ -11,6 +11,7 @@ static void rows(const RmsNormParams& p, int64_t t0, int64_t t1) {
     const float* x = p.x + t * p.ldx;
     float* y = p.y + t * p.ldy;
     float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < p.D; ++i) ss += x[i] * x[i];
     float scale = 1.f / std::sqrt(ss / float(p.D) + p.eps);
     for (int64_t i = 0; i < p.D; ++i) y[i] = x[i] * scale * p.w[i];

@@ -27,22 +27,32 @@ ThreadPool& pool2() {
 struct MatmulCase {
   int64_t T, N, K;
 };
-const MatmulCase kMatmulCases[] = {{1, 1, 1},    {1, 37, 576}, {3, 130, 77},   {4, 64, 1536},
-                                   {16, 67, 100}, {5, 9, 15},  {33, 300, 576}, {64, 259, 100}};
+const MatmulCase kMatmulCases[] = {{1, 1, 1},     {1, 37, 576}, {3, 130, 77},  {4, 64, 1536},  {16, 67, 100},
+                                   {7, 17, 15},   {13, 48, 33}, {31, 96, 64},  {33, 300, 576}, {64, 259, 100},
+                                   {40, 1100, 8}};
 
 using Kernel = void (*)(const cpu::MatmulParams&, int64_t, int64_t);
 
 void run_matmul_case(const MatmulCase& c, DType wdt, bool bias, bool acc, Kernel direct, std::mt19937_64& rng) {
   auto x = randn(size_t(c.T * c.K), rng);
   auto wf = randn(size_t(c.N * c.K), rng, 0.5f);
-  std::vector<uint16_t> wb(wf.size());
-  for (size_t i = 0; i < wf.size(); ++i) wb[i] = f32_to_bf16(wf[i]);
+  // Packed panels; the reference reads them back through packed_at, and an
+  // independent check below compares packed_at with the row-major source.
+  std::vector<float> pf(cpu::packed_elems(c.N, c.K));
+  std::vector<uint16_t> pb(pf.size());
+  cpu::pack_weights(wf.data(), c.N, c.K, DType::F32, pf.data());
+  cpu::pack_weights(wf.data(), c.N, c.K, DType::BF16, pb.data());
+  for (int64_t n = 0; n < c.N; n += 7)
+    for (int64_t k = 0; k < c.K; k += 5) {
+      ASSERT_EQ(cpu::packed_at(pf.data(), DType::F32, c.K, n, k), wf[size_t(n * c.K + k)]);
+      ASSERT_EQ(cpu::packed_at(pb.data(), DType::BF16, c.K, n, k), bf16_to_f32(f32_to_bf16(wf[size_t(n * c.K + k)])));
+    }
   auto b = randn(size_t(c.N), rng);
   auto y0 = randn(size_t(c.T * c.N), rng);  // prior contents for accumulate
   cpu::MatmulParams p;
   p.x = x.data();
   p.ldx = c.K;
-  p.w = wdt == DType::F32 ? static_cast<const void*>(wf.data()) : wb.data();
+  p.w = wdt == DType::F32 ? static_cast<const void*>(pf.data()) : pb.data();
   p.w_dtype = wdt;
   p.bias = bias ? b.data() : nullptr;
   p.ldy = c.N;
@@ -56,9 +66,9 @@ void run_matmul_case(const MatmulCase& c, DType wdt, bool bias, bool acc, Kernel
   std::vector<float> got = acc ? y0 : poisoned(y0.size());
   p.y = got.data();
   if (direct) {
-    direct(p, 0, c.N);
+    direct(p, 0, (c.N + cpu::kPanel - 1) / cpu::kPanel);
   } else {
-    std::vector<float> ws(size_t(cpu::matmul_workspace_floats(p, 2)) + 1);
+    std::vector<float> ws(size_t(cpu::matmul_workspace_floats(p)) + 1);
     cpu::matmul(p, ws.data(), pool2());
   }
   // sgemm and the SIMD kernels sum in a different order than the double reference:
@@ -69,6 +79,7 @@ void run_matmul_case(const MatmulCase& c, DType wdt, bool bias, bool acc, Kernel
 }
 
 TEST(Matmul, DispatcherMatchesReference) {
+  // ctest also runs this with ATMOE_PREFILL_GEMM=blas (tests/CMakeLists.txt: the OpenBLAS path).
   std::mt19937_64 rng(test_seed());
   for (const auto& c : kMatmulCases)
     for (DType dt : {DType::F32, DType::BF16})
@@ -78,9 +89,9 @@ TEST(Matmul, DispatcherMatchesReference) {
 
 TEST(Matmul, EveryIsaKernelMatchesReference) {
   std::mt19937_64 rng(test_seed() + 1);
-  std::map<std::string, Kernel> ks{{"scalar", cpu::gemm_rows_scalar}};
-  if (cpu::best_isa() >= cpu::Isa::Avx2) ks["avx2"] = cpu::gemm_rows_avx2;
-  if (cpu::best_isa() >= cpu::Isa::Avx512) ks["avx512"] = cpu::gemm_rows_avx512;
+  std::map<std::string, Kernel> ks{{"scalar", cpu::gemm_panels_scalar}};
+  if (cpu::best_isa() >= cpu::Isa::Avx2) ks["avx2"] = cpu::gemm_panels_avx2;
+  if (cpu::best_isa() >= cpu::Isa::Avx512) ks["avx512"] = cpu::gemm_panels_avx512;
   for (auto& [name, k] : ks) {
     SCOPED_TRACE(name);
     for (const auto& c : kMatmulCases)
@@ -132,11 +143,12 @@ TEST(Rope, MatchesReferenceBothStyles) {
 TEST(Attention, PackedSequencesWithGqaMatchReference) {
   std::mt19937_64 rng(test_seed() + 4);
   const int64_t Hq = 6, Hkv = 2, D = 32, ldq = Hq * D + 8, ldkv = Hkv * D;
-  // Three sequences: a fresh prefill of 5, a decode step at position 40, a chunk of 3 at 10..12.
+  // A fresh prefill of 5, a decode step at position 40, a chunk of 3 at 10..12, and two
+  // segments long enough for the GEMM path: a fresh prefill of 37 and a chunk of 20 at 40..59.
   struct S {
     int64_t ctx, T;
   };
-  std::vector<S> ss{{5, 5}, {41, 1}, {13, 3}};
+  std::vector<S> ss{{5, 5}, {41, 1}, {13, 3}, {37, 37}, {60, 20}};
   int64_t total = 0, max_ctx = 0;
   for (auto& s : ss) total += s.T, max_ctx = std::max(max_ctx, s.ctx);
   auto q = randn(size_t(total * ldq), rng);
