@@ -40,6 +40,7 @@ Runner add_synth_model(CLI::App& app) {
   app.add_option("--ffn", o->ffn, "MLP intermediate size");
   app.add_option("--vocab", o->vocab, "Vocabulary size");
   app.add_option("--max-position", o->max_position, "Context length");
+  app.add_option("--arch", o->arch, "llama (default) or qwen2 (q/k/v biases)");
   return [o]() -> int {
     synth_model(*o);
     std::cerr << "wrote " << o->out << "\n";

@@ -79,6 +79,13 @@ ModelConfig config_from_hf_json(const std::string& path) {
   c.rms_eps = get_num(j, "rms_norm_eps", path, 1e-6);
   c.rope_theta = get_num(j, "rope_theta", path, 10000.0);
   c.tie_embeddings = j.value("tie_word_embeddings", false);
+  // Mistral's sliding-window attention equals full attention up to the window: serve
+  // contexts up to the window only, rather than produce different results past it.
+  const bool window_on = !j.contains("use_sliding_window") || j["use_sliding_window"] == true;
+  if (window_on && j.contains("sliding_window") && j["sliding_window"].is_number_integer()) {
+    int64_t w = j["sliding_window"].get<int64_t>();
+    if (w > 0 && w < c.max_position) c.max_position = int(w);
+  }
   c.qkv_bias = c.arch == "qwen2" ? true : j.value("attention_bias", false);
   c.rope_style = RopeStyle::Neox;
   if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {

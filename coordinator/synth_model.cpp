@@ -42,6 +42,7 @@ void synth_model(const SynthModelOptions& o) {
   ATMOE_CHECK_INPUT(o.hidden % o.heads == 0 && (o.hidden / o.heads) % 2 == 0,
                     "synth-model: --hidden {} must be a multiple of --heads {} with an even head_dim", o.hidden, o.heads);
   ATMOE_CHECK_INPUT(o.heads % o.kv_heads == 0, "synth-model: --kv-heads {} must divide --heads {}", o.kv_heads, o.heads);
+  ATMOE_CHECK_INPUT(o.arch == "llama" || o.arch == "qwen2", "synth-model: --arch '{}': expected llama or qwen2", o.arch);
   ATMOE_CHECK_INPUT(o.vocab >= 259 && o.vocab <= 65536, "synth-model: --vocab {} must be in [259, 65536]", o.vocab);
   fs::create_directories(o.out);
 
@@ -116,7 +117,7 @@ void synth_model(const SynthModelOptions& o) {
 
   const int D = o.hidden / o.heads;
   json cfg = {{"architectures", {"LlamaForCausalLM"}},
-              {"model_type", "llama"},
+              {"model_type", o.arch},
               {"hidden_size", o.hidden},
               {"intermediate_size", o.ffn},
               {"num_hidden_layers", o.layers},
@@ -148,7 +149,7 @@ void synth_model(const SynthModelOptions& o) {
     for (auto& x : v) x = ones ? 1.f + nd(rng) : nd(rng);
     items.push_back({name, DType::F32, shape, nullptr});
   };
-  store.reserve(size_t(4 + o.layers * 9));
+  store.reserve(size_t(4 + o.layers * 12));
   add("model.embed_tokens.weight", {o.vocab, o.hidden}, false);
   for (int l = 0; l < o.layers; ++l) {
     std::string p = "model.layers." + std::to_string(l) + ".";
@@ -156,6 +157,11 @@ void synth_model(const SynthModelOptions& o) {
     add(p + "self_attn.q_proj.weight", {o.heads * D, o.hidden}, false);
     add(p + "self_attn.k_proj.weight", {o.kv_heads * D, o.hidden}, false);
     add(p + "self_attn.v_proj.weight", {o.kv_heads * D, o.hidden}, false);
+    if (o.arch == "qwen2") {
+      add(p + "self_attn.q_proj.bias", {o.heads * D}, false);
+      add(p + "self_attn.k_proj.bias", {o.kv_heads * D}, false);
+      add(p + "self_attn.v_proj.bias", {o.kv_heads * D}, false);
+    }
     add(p + "self_attn.o_proj.weight", {o.hidden, o.heads * D}, false);
     add(p + "post_attention_layernorm.weight", {o.hidden}, true);
     add(p + "mlp.gate_proj.weight", {o.ffn, o.hidden}, false);

@@ -14,6 +14,7 @@ struct SynthModelOptions {
   int layers = 2, hidden = 64, heads = 4, kv_heads = 2, ffn = 128, vocab = 512;
   int max_position = 512;
   bool tie_embeddings = true;
+  std::string arch = "llama";  // llama | qwen2 (adds q/k/v biases)
 };
 
 void synth_model(const SynthModelOptions& o);

@@ -40,9 +40,10 @@ void ThreadPool::worker(int idx) {
   for (;;) {
     int64_t t0 = now_ns();
     uint64_t g;
+    unsigned spins = 0;
     while ((g = gen_.load(std::memory_order_acquire)) == seen) {
       _mm_pause();
-      if (now_ns() - t0 > spin_ns_) {
+      if ((++spins & 255) == 0 && now_ns() - t0 > spin_ns_) {
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1);
         cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });

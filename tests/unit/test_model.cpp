@@ -16,10 +16,10 @@ namespace atmoe::test {
 namespace {
 namespace fs = std::filesystem;
 
-const std::string& synth_dir() {
-  static std::string d = [] {
-    std::string p = (fs::temp_directory_path() / ("atmoe_model_" + std::to_string(::getpid()))).string();
+std::string make_synth(const std::string& arch) {
+    std::string p = (fs::temp_directory_path() / ("atmoe_model_" + arch + std::to_string(::getpid()))).string();
     SynthModelOptions o;
+    o.arch = arch;
     o.out = p;
     o.seed = 11;
     o.layers = 3;
@@ -30,7 +30,10 @@ const std::string& synth_dir() {
     o.vocab = 300;
     synth_model(o);
     return p;
-  }();
+}
+
+const std::string& synth_dir() {
+  static std::string d = make_synth("llama");
   return d;
 }
 
@@ -40,6 +43,11 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
   auto W = [&](const std::string& n) {
     Tensor t = f.get(n).to(DType::F32);
     return std::vector<double>(t.data<float>(), t.data<float>() + t.numel());
+  };
+  auto add_bias = [&](std::vector<double>& y, const std::string& n, int N) {
+    if (!f.has(n)) return;
+    auto b = W(n);
+    for (size_t i = 0; i < y.size(); ++i) y[i] += b[i % size_t(N)];
   };
   const int L = 3, d = 64, H = 4, Hkv = 2, D = 16, F = 96, V = 300, T = int(toks.size());
   const double eps = 1e-5, theta = 10000;
@@ -85,6 +93,9 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
     auto q = lin(h, d, W(p + "self_attn.q_proj.weight"), H * D);
     auto k = lin(h, d, W(p + "self_attn.k_proj.weight"), Hkv * D);
     auto v = lin(h, d, W(p + "self_attn.v_proj.weight"), Hkv * D);
+    add_bias(q, p + "self_attn.q_proj.bias", H * D);
+    add_bias(k, p + "self_attn.k_proj.bias", Hkv * D);
+    add_bias(v, p + "self_attn.v_proj.bias", Hkv * D);
     rope(q, H);
     rope(k, Hkv);
     std::vector<double> att(size_t(T * H * D));
@@ -135,11 +146,16 @@ double rel_l2(const float* a, const double* b, size_t n) {
   return std::sqrt(num / den);
 }
 
-TEST(Model, F32LogitsMatchFloat64Reference) {
-  auto m = Model::load(synth_dir(), DType::F32);
-  auto toks = some_tokens(40, test_seed() + 30);  // >= kBlasMinTokens: the sgemm path
-  auto ref = reference_logits(synth_dir(), toks);
-  for (int n : {40, 7}) {  // 7 tokens: the SIMD GEMM path
+class ModelArch : public ::testing::TestWithParam<std::string> {};
+INSTANTIATE_TEST_SUITE_P(Arch, ModelArch, ::testing::Values("llama", "qwen2"));
+
+TEST_P(ModelArch, F32LogitsMatchFloat64Reference) {
+  const std::string dir = GetParam() == "llama" ? synth_dir() : make_synth(GetParam());
+  auto m = Model::load(dir, DType::F32);
+  ASSERT_EQ(m->config().qkv_bias, GetParam() == "qwen2");
+  auto toks = some_tokens(40, test_seed() + 30);  // long enough for the prefill paths
+  auto ref = reference_logits(dir, toks);
+  for (int n : {40, 7}) {  // 7 tokens: the decode-sized GEMM tiles and per-row attention
     auto cache = m->new_cache();
     std::vector<float> lg;
     m->forward({{cache.get(), toks.data(), n, LogitsMode::All}}, lg);
