@@ -116,10 +116,10 @@ Runner add_bench(CLI::App& app) {
     };
     double d1 = decode_rate(1);
     double dB = decode_rate(o->batch);
+    double rss = peak_rss_mib();  // before the bandwidth probe's own 256 MiB buffer
     double bw = measure_bandwidth(pool);
     double wbytes = double(m->weight_bytes());
     double floor_tps = bw * 1e9 / wbytes;
-    double rss = peak_rss_mib();
     std::cout << "model        " << o->model << "\n"
               << "dtype        " << dtype_name(m->dtype()) << "   threads " << pool.size() << "   isa "
               << cpu::isa_name(cpu::best_isa()) << "\n";

@@ -5,7 +5,8 @@ Both run the SmolLM2-135M-Instruct weights at the same precision and thread coun
   - bf16: atmoe --dtype bf16 vs llama.cpp on a BF16 GGUF requantised from the Q4_1 file
   - f32:  atmoe --dtype f32  vs llama.cpp on an F32 GGUF requantised from the Q4_1 file
 Measured: prefill tok/s (512-token prompt), decode tok/s at batch 1 and batch 16 (greedy,
-64 steps after a 32-token prompt per sequence), best of --reps. atmoe's numbers come from
+64 steps after a 32-token prompt per sequence), best of --reps; atmoe and llama.cpp are
+measured alternately --rounds times and the medians reported, because the machine is shared. atmoe's numbers come from
 `atmoe bench --json`; llama.cpp's from llama-cpp-python's low-level API (llama_decode on
 a llama_batch, one sequence id per stream, default F16 KV cache as users get it).
 
@@ -127,6 +128,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtypes", default="bf16,f32")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternate atmoe and llama.cpp this many times; medians are reported (the machine is noisy)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     cache = os.path.dirname(os.path.abspath(a.model))
@@ -134,9 +137,14 @@ def main():
              "f32": requantize(a.model, os.path.join(cache, "SmolLM2-135M-Instruct.F32-from-Q4_1.gguf"), 0)}
     rows = []
     for dt in a.dtypes.split(","):
-        ours = bench_atmoe(a.atmoe, a.model, dt, a.threads, a.reps, 512, 64, 16, "/tmp/atmoe_bench.json")
-        blas = bench_atmoe(a.atmoe, a.model, dt, a.threads, a.reps, 512, 4, 1, "/tmp/atmoe_bench.json", gemm="blas")
-        peer = bench_llamacpp(ggufs[dt], a.threads, a.reps, 512, 64, 16)
+        runs = {"ours": [], "blas": [], "peer": []}
+        for _ in range(a.rounds):
+            runs["ours"].append(bench_atmoe(a.atmoe, a.model, dt, a.threads, a.reps, 512, 64, 16, "/tmp/atmoe_bench.json"))
+            runs["blas"].append(bench_atmoe(a.atmoe, a.model, dt, a.threads, a.reps, 512, 4, 1, "/tmp/atmoe_bench.json",
+                                            gemm="blas"))
+            runs["peer"].append(bench_llamacpp(ggufs[dt], a.threads, a.reps, 512, 64, 16))
+        med = lambda rs: {k: float(np.median([r[k] for r in rs])) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        ours, blas, peer = med(runs["ours"]), med(runs["blas"]), med(runs["peer"])
         for k, name in (("prefill_tok_s", "prefill 512"), ("decode_b1_tok_s", "decode b=1"),
                         ("decode_batch_tok_s", "decode b=16")):
             rows.append({"dtype": dt, "metric": name, "atmoe": ours[k], "llama.cpp": peer[k], "ratio": ours[k] / peer[k]})

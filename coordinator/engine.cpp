@@ -17,6 +17,7 @@ struct Seq {
   int32_t next = -1;      // sampled token not yet fed
   std::mt19937_64 rng;
   std::unique_ptr<StreamDecoder> dec;
+  std::shared_ptr<SeqRouting> routing;
   size_t emitted = 0;
   size_t holdback = 0;
   bool done = false;
@@ -46,6 +47,11 @@ std::vector<GenerateResult> Engine::run(const std::vector<GenerateRequest>& reqs
     s->rng.seed(r.seed);
     s->dec = std::make_unique<StreamDecoder>(tok);
     for (const auto& st : r.stop) s->holdback = std::max(s->holdback, st.empty() ? 0 : st.size() - 1);
+    if (m_.experts() && r.use_experts) {
+      s->routing = std::shared_ptr<SeqRouting>(m_.experts()->new_routing(r.routing).release());
+      s->routing->trace_tokens = r.trace_tokens;
+      out[i].routing = s->routing;
+    }
     if (r.max_tokens == 0) {
       out[i].finish_reason = "length";
       continue;
@@ -81,7 +87,7 @@ std::vector<GenerateResult> Engine::run(const std::vector<GenerateRequest>& reqs
     int64_t budget = o_.max_batch_tokens;
     for (auto& s : running) {
       if (s->prefilled < int64_t(s->req->prompt.size())) continue;
-      items.push_back({s->cache.get(), &s->next, 1, LogitsMode::Last});
+      items.push_back({s->cache.get(), &s->next, 1, LogitsMode::Last, s->routing.get()});
       owners.push_back(s.get());
       --budget;
     }
@@ -90,7 +96,8 @@ std::vector<GenerateResult> Engine::run(const std::vector<GenerateRequest>& reqs
       int64_t left = int64_t(s->req->prompt.size()) - s->prefilled;
       if (left <= 0 || budget <= 0) continue;
       int64_t n = std::min(left, budget);
-      items.push_back({s->cache.get(), s->req->prompt.data() + s->prefilled, n, n == left ? LogitsMode::Last : LogitsMode::None});
+      items.push_back({s->cache.get(), s->req->prompt.data() + s->prefilled, n, n == left ? LogitsMode::Last : LogitsMode::None,
+                       s->routing.get()});
       owners.push_back(s.get());
       budget -= n;
     }
@@ -99,8 +106,11 @@ std::vector<GenerateResult> Engine::run(const std::vector<GenerateRequest>& reqs
       waiting.pop_back();
       s->cache = m_.new_cache();
       int64_t left = int64_t(s->req->prompt.size());
-      int64_t n = std::min(left, budget);
-      items.push_back({s->cache.get(), s->req->prompt.data(), n, n == left ? LogitsMode::Last : LogitsMode::None});
+      // per_request routing needs the whole prompt in one forward (its mean is the router input).
+      const bool whole = s->routing && m_.experts()->bundle().router_input == RouterInput::PerRequest;
+      int64_t n = whole ? left : std::min(left, budget);
+      items.push_back({s->cache.get(), s->req->prompt.data(), n, n == left ? LogitsMode::Last : LogitsMode::None,
+                       s->routing.get()});
       owners.push_back(s.get());
       budget -= n;
       running.push_back(std::move(s));

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "coordinator/experts.h"
 #include "coordinator/model.h"
 #include "kernels/cpu/sampling.h"
 
@@ -19,6 +20,11 @@ struct GenerateRequest {
   int max_tokens = 128;
   std::vector<std::string> stop;  // stop strings (not included in the output)
   bool ignore_eos = false;        // benchmarks: run to max_tokens
+  // Bundles: route this request through the experts with these controls (ignored when the
+  // model has no experts attached). trace_tokens keeps per-token weights (per_token routing).
+  bool use_experts = true;
+  RoutingControls routing;
+  bool trace_tokens = false;
 };
 
 struct GenerateResult {
@@ -26,6 +32,7 @@ struct GenerateResult {
   std::string text;
   std::string finish_reason;  // "stop" | "length"
   int64_t prompt_tokens = 0;
+  std::shared_ptr<SeqRouting> routing;  // the routing weights used (bundles), for traces
 };
 
 struct EngineOptions {

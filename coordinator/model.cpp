@@ -5,7 +5,9 @@
 #include <cstring>
 
 #include "common/error.h"
+#include "coordinator/experts.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/rope.h"
@@ -17,6 +19,11 @@ namespace atmoe {
 // Activation buffers for one forward call, grown on demand and reused.
 struct Model::Scratch {
   std::vector<float> x, h, qkv, attn, gu, act, ws, attn_ws, sel;
+  // Experts: per-token coefficients λ·w[e] ([T, E]) and (1-λ) for the general expert ([T]),
+  // the mix and shrink buffers of the LoRA kernel ([T, R]), whether any token routes.
+  std::vector<float> coef, coef_general, mix, lora_u, umean;
+  std::vector<double> ra, rw;
+  bool routing_active = false;
   std::vector<int32_t> pos;
   std::vector<cpu::AttentionSeq> seqs;
 };
@@ -104,6 +111,12 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     const LayerWeights& L = layers_[size_t(l)];
     cpu::rmsnorm({s.x.data(), d, L.attn_norm.data<float>(), s.h.data(), d, T, d, float(c.rms_eps)}, &pool);
     linear(L.qkv, s.h.data(), d, s.qkv.data(), qkvd, T, s.ws, pool);
+    if (experts_) {
+      route_layer(l, items);
+      apply_site(l, int(Site::Q), s.h.data(), d, s.qkv.data(), qkvd, T);
+      apply_site(l, int(Site::K), s.h.data(), d, s.qkv.data() + qd, qkvd, T);
+      apply_site(l, int(Site::V), s.h.data(), d, s.qkv.data() + qd + kvd, qkvd, T);
+    }
     // RoPE on q and k (heads contiguous inside each row).
     cpu::RopeParams rq{s.qkv.data(), qkvd, T, Hq, D, s.pos.data(), inv_freq_.data(), c.rope_style == RopeStyle::Neox};
     cpu::rope(rq);
@@ -139,11 +152,17 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     grow(s.attn_ws, size_t(cpu::attention_workspace_floats(ap, pool.size())));
     cpu::attention(ap, s.attn_ws.data(), pool);
     linear(L.o, s.attn.data(), qd, s.x.data(), d, T, s.ws, pool, /*accumulate=*/true);
+    if (experts_) apply_site(l, int(Site::O), s.attn.data(), qd, s.x.data(), d, T);
 
     cpu::rmsnorm({s.x.data(), d, L.ffn_norm.data<float>(), s.h.data(), d, T, d, float(c.rms_eps)}, &pool);
     linear(L.gate_up, s.h.data(), d, s.gu.data(), 2 * F, T, s.ws, pool);
+    if (experts_) {
+      apply_site(l, int(Site::Gate), s.h.data(), d, s.gu.data(), 2 * F, T);
+      apply_site(l, int(Site::Up), s.h.data(), d, s.gu.data() + F, 2 * F, T);
+    }
     cpu::silu_mul({s.gu.data(), 2 * F, s.gu.data() + F, 2 * F, s.act.data(), F, T, F}, &pool);
     linear(L.down, s.act.data(), F, s.x.data(), d, T, s.ws, pool, /*accumulate=*/true);
+    if (experts_) apply_site(l, int(Site::Down), s.act.data(), F, s.x.data(), d, T);
   }
 
   for (auto& it : items) it.cache->set_len(it.cache->len() + it.n);
@@ -168,6 +187,109 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
   cpu::rmsnorm({s.sel.data(), d, out_norm_.data<float>(), s.sel.data(), d, R, d, float(c.rms_eps)}, &pool);
   logits.resize(size_t(R * V));
   linear(lm_head_, s.sel.data(), d, logits.data(), V, R, s.ws, pool);
+}
+
+// Routing weights of every token row for layer `layer`, from the router input h (the
+// normalised attention input). per_request: the mean of h over the prompt, computed once
+// (the first forward of a sequence holds its whole prompt) and reused while decoding.
+void Model::route_layer(int layer, const std::vector<ForwardItem>& items) {
+  Scratch& s = *s_;
+  const ExpertPool& ep = *experts_;
+  const int E = ep.n_experts(), G = int(ep.bundle().groups.size());
+  const int64_t d = cfg_.hidden;
+  const bool per_token = ep.bundle().router_input == RouterInput::PerToken;
+  const bool has_general = ep.general() != nullptr;
+  int64_t T = 0;
+  for (const auto& it : items) T += it.n;
+  s.coef.assign(size_t(T * E), 0.f);
+  s.coef_general.assign(size_t(T), 0.f);
+  s.ra.resize(size_t(G));
+  s.rw.resize(size_t(E));
+  s.umean.resize(size_t(d));
+  s.routing_active = false;
+  int64_t t0 = 0;
+  for (const auto& it : items) {
+    SeqRouting* r = it.routing;
+    if (r && !r->ctl.off) {
+      s.routing_active = true;
+      const float lam = float(r->ctl.lambda);
+      if (r->a.empty()) {
+        r->a.assign(size_t(cfg_.n_layers), std::vector<double>(size_t(G), 0.0));
+        r->w.assign(size_t(cfg_.n_layers), std::vector<double>(size_t(E), 0.0));
+      }
+      if (!per_token) {
+        if (!r->per_request_done) {
+          ATMOE_ASSERT(it.cache->len() == 0);  // the whole prompt is in this forward
+          std::fill(s.umean.begin(), s.umean.end(), 0.f);
+          for (int64_t j = 0; j < it.n; ++j)
+            for (int64_t i = 0; i < d; ++i) s.umean[size_t(i)] += s.h[size_t((t0 + j) * d + i)];
+          for (auto& v : s.umean) v /= float(it.n);
+          ep.router().route(layer, s.umean.data(), r->ctl, r->a[size_t(layer)].data(), r->w[size_t(layer)].data());
+          if (layer == cfg_.n_layers - 1) r->per_request_done = true;
+        }
+        for (int64_t j = 0; j < it.n; ++j) {
+          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * E + e)] = lam * float(r->w[size_t(layer)][size_t(e)]);
+          s.coef_general[size_t(t0 + j)] = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
+        }
+      } else {
+        for (int64_t j = 0; j < it.n; ++j) {
+          ep.router().route(layer, s.h.data() + (t0 + j) * d, r->ctl, s.ra.data(), s.rw.data());
+          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * E + e)] = lam * float(s.rw[size_t(e)]);
+          s.coef_general[size_t(t0 + j)] = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
+          // Running mean over tokens for the request-level trace; per-token detail if asked.
+          const double k = double(r->n_token_steps + j);
+          for (int g = 0; g < G; ++g) r->a[size_t(layer)][size_t(g)] += (s.ra[size_t(g)] - r->a[size_t(layer)][size_t(g)]) / (k + 1);
+          for (int e = 0; e < E; ++e) r->w[size_t(layer)][size_t(e)] += (s.rw[size_t(e)] - r->w[size_t(layer)][size_t(e)]) / (k + 1);
+          if (r->trace_tokens) {
+            size_t tok = size_t(r->n_token_steps + j);
+            if (r->tokens.size() <= tok) r->tokens.resize(tok + 1, std::vector<std::vector<double>>(size_t(cfg_.n_layers)));
+            r->tokens[tok][size_t(layer)] = s.rw;
+          }
+        }
+        if (layer == cfg_.n_layers - 1) r->n_token_steps += it.n;
+      }
+    }
+    t0 += it.n;
+  }
+}
+
+// y += Δ of one site for every token row: shrink -> mix -> expand over the active groups.
+void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t T) {
+  Scratch& s = *s_;
+  if (!s.routing_active) return;
+  const SiteStack& st = experts_->stack(layer, Site(site));
+  if (st.R == 0) return;
+  const int E = experts_->n_experts();
+  grow(s.mix, size_t(T * st.R));
+  grow(s.lora_u, size_t(T * st.R));
+  std::vector<char> live(st.block.size(), 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ce = s.coef.data() + t * E;
+    float* m = s.mix.data() + t * st.R;
+    for (size_t b = 0; b < st.block.size(); ++b)
+      for (int64_t r = st.block[b].first; r < st.block[b].second; ++r) {
+        const int32_t e = st.row_expert[size_t(r)];
+        const float v = e < 0 ? 0.f : (e == E ? s.coef_general[size_t(t)] : ce[e]) * st.row_scale[size_t(r)];
+        m[r] = v;
+        live[b] |= v != 0.f;
+      }
+  }
+  cpu::LoraMixParams p;
+  p.x = x;
+  p.ldx = ldx;
+  p.A = st.A.data<float>();
+  p.B = st.B.data<float>();
+  p.mix = s.mix.data();
+  p.u = s.lora_u.data();
+  p.y = y;
+  p.ldy = ldy;
+  p.T = T;
+  p.d_in = st.d_in;
+  p.d_out = st.d_out;
+  p.R = st.R;
+  for (size_t b = 0; b < st.block.size(); ++b)
+    if (live[b] && st.block[b].second > st.block[b].first) p.active.push_back(st.block[b]);
+  cpu::lora_mix_apply(p, *pool_);
 }
 
 }  // namespace atmoe

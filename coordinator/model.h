@@ -18,6 +18,8 @@
 namespace atmoe {
 
 class ThreadPool;
+class ExpertPool;
+struct SeqRouting;
 
 struct Linear {
   Tensor w;     // [N, K] in the model dtype, packed panels (kernels/cpu/matmul.h)
@@ -43,6 +45,9 @@ struct ForwardItem {
   const int32_t* tokens = nullptr;
   int64_t n = 0;
   LogitsMode logits = LogitsMode::Last;
+  // Expert routing of this sequence (bundles only); nullptr = base model only. For
+  // per_request routing the first forward of a sequence must hold its whole prompt.
+  SeqRouting* routing = nullptr;
 };
 
 class Model {
@@ -59,6 +64,9 @@ class Model {
   int64_t weight_bytes() const;  // bytes of weights read by one decode step
 
   std::unique_ptr<KvCache> new_cache() const;
+  // Attaches a bundle's experts (not owned; must outlive the model's use of it).
+  void set_experts(const ExpertPool* e) { experts_ = e; }
+  const ExpertPool* experts() const { return experts_; }
   // Runs the items as one batch; appends the requested logits rows (item order, [rows, vocab])
   // to `logits` (cleared first). Advances each cache by its item's n.
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits);
@@ -75,7 +83,10 @@ class Model {
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
   ThreadPool* pool_ = nullptr;
+  const ExpertPool* experts_ = nullptr;
   struct Scratch;
+  void route_layer(int layer, const std::vector<ForwardItem>& items);
+  void apply_site(int layer, int site, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t T);
   std::unique_ptr<Scratch> s_;
 };
 

@@ -26,12 +26,16 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
     for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_setzero_ps();
   const size_t base = size_t(panel * p.K) * kPanel;
   const float* x = p.x + t0 * p.ldx;
-  for (int64_t k = 0; k < p.K; ++k) {
-    __m256 w[4];
-    for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(p.w, base + size_t(k) * kPanel + size_t(8 * q));
-    for (int j = 0; j < TB; ++j) {
-      const __m256 xb = _mm256_broadcast_ss(x + j * p.ldx + k);
-      for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_fmadd_ps(w[q], xb, acc[j][q]);
+  const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
+  for (int64_t ri = 0; ri < nranges; ++ri) {
+    const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
+    for (int64_t k = k0; k < k1; ++k) {
+      __m256 w[4];
+      for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(p.w, base + size_t(k) * kPanel + size_t(8 * q));
+      for (int j = 0; j < TB; ++j) {
+        const __m256 xb = _mm256_broadcast_ss(x + j * p.ldx + k);
+        for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_fmadd_ps(w[q], xb, acc[j][q]);
+      }
     }
   }
   const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);

@@ -30,13 +30,17 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   for (int j = 0; j < TB; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
   const size_t base = size_t(panel * p.K) * kPanel;
   const float* x = p.x + t0 * p.ldx;
-  for (int64_t k = 0; k < p.K; ++k) {
-    __m512 w0, w1;
-    load32<BF16>(p.w, base + size_t(k) * kPanel, w0, w1);
-    for (int j = 0; j < TB; ++j) {
-      const __m512 xb = _mm512_set1_ps(x[j * p.ldx + k]);
-      acc[j][0] = _mm512_fmadd_ps(w0, xb, acc[j][0]);
-      acc[j][1] = _mm512_fmadd_ps(w1, xb, acc[j][1]);
+  const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
+  for (int64_t ri = 0; ri < nranges; ++ri) {
+    const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
+    for (int64_t k = k0; k < k1; ++k) {
+      __m512 w0, w1;
+      load32<BF16>(p.w, base + size_t(k) * kPanel, w0, w1);
+      for (int j = 0; j < TB; ++j) {
+        const __m512 xb = _mm512_set1_ps(x[j * p.ldx + k]);
+        acc[j][0] = _mm512_fmadd_ps(w0, xb, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(w1, xb, acc[j][1]);
+      }
     }
   }
   const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);

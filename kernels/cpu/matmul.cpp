@@ -35,7 +35,11 @@ void matmul_ref(const MatmulParams& p) {
   for (int64_t t = 0; t < p.T; ++t)
     for (int64_t n = 0; n < p.N; ++n) {
       double acc = p.bias ? double(p.bias[n]) : 0.0;
-      for (int64_t k = 0; k < p.K; ++k) acc += double(p.x[t * p.ldx + k]) * double(packed_at(p.w, p.w_dtype, p.K, n, k));
+      const int64_t nr = p.k_ranges ? p.n_k_ranges : 1;
+      for (int64_t ri = 0; ri < nr; ++ri) {
+        const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
+        for (int64_t k = k0; k < k1; ++k) acc += double(p.x[t * p.ldx + k]) * double(packed_at(p.w, p.w_dtype, p.K, n, k));
+      }
       float& y = p.y[t * p.ldy + n];
       y = p.accumulate ? float(double(y) + acc) : float(acc);
     }
@@ -46,7 +50,11 @@ void gemm_panels_scalar(const MatmulParams& p, int64_t p0, int64_t p1) {
     for (int64_t t = 0; t < p.T; ++t) {
       float acc = 0.f;
       const float* x = p.x + t * p.ldx;
-      for (int64_t k = 0; k < p.K; ++k) acc += x[k] * packed_at(p.w, p.w_dtype, p.K, n, k);
+      const int64_t nr = p.k_ranges ? p.n_k_ranges : 1;
+      for (int64_t ri = 0; ri < nr; ++ri) {
+        const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
+        for (int64_t k = k0; k < k1; ++k) acc += x[k] * packed_at(p.w, p.w_dtype, p.K, n, k);
+      }
       acc += p.bias ? p.bias[n] : 0.f;
       float& y = p.y[t * p.ldy + n];
       y = p.accumulate ? y + acc : acc;
@@ -71,7 +79,7 @@ void matmul(const MatmulParams& p, float* ws, ThreadPool& pool) {
   ATMOE_ASSERT(p.w_dtype == DType::F32 || p.w_dtype == DType::BF16);
   ATMOE_ASSERT(p.ldx >= p.K && p.ldy >= p.N);
   if (p.T == 0 || p.N == 0) return;
-  if (use_blas(p.T)) {
+  if (use_blas(p.T) && !p.k_ranges) {
     ATMOE_ASSERT(ws != nullptr);
     const float beta = p.accumulate ? 1.f : 0.f;
     for (int64_t n0 = 0; n0 < p.N; n0 += kBlasRows) {
@@ -104,15 +112,29 @@ void matmul(const MatmulParams& p, float* ws, ThreadPool& pool) {
   matmul_simd(p, pool);
 }
 
+static decltype(&gemm_panels_scalar) panel_kernel() {
+  switch (best_isa()) {
+    case Isa::Avx512: return gemm_panels_avx512;
+    case Isa::Avx2: return gemm_panels_avx2;
+    default: return gemm_panels_scalar;
+  }
+}
+
 void matmul_simd(const MatmulParams& p, ThreadPool& pool) {
   if (p.T == 0 || p.N == 0) return;
-  auto kern = gemm_panels_scalar;
-  switch (best_isa()) {
-    case Isa::Avx512: kern = gemm_panels_avx512; break;
-    case Isa::Avx2: kern = gemm_panels_avx2; break;
-    default: break;
-  }
+  auto kern = panel_kernel();
   pool.parallel_for((p.N + kPanel - 1) / kPanel, [&](int64_t b, int64_t e) { kern(p, b, e); });
+}
+
+void matmul_panels(const MatmulParams& p, const std::vector<std::pair<int64_t, int64_t>>& panels, ThreadPool& pool) {
+  if (p.T == 0 || panels.empty()) return;
+  std::vector<int64_t> list;
+  for (auto [a, b] : panels)
+    for (int64_t i = a; i < b; ++i) list.push_back(i);
+  auto kern = panel_kernel();
+  pool.parallel_for(int64_t(list.size()), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) kern(p, list[size_t(i)], list[size_t(i)] + 1);
+  });
 }
 
 }  // namespace atmoe::cpu

@@ -12,6 +12,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "common/dtype.h"
 
@@ -41,6 +43,10 @@ struct MatmulParams {
   int64_t ldy = 0;
   int64_t T = 0, N = 0, K = 0;
   bool accumulate = false;  // y += x W^T instead of y = x W^T
+  // Optional: sum over these [begin, end) ranges of k only (the LoRA expand over the
+  // active experts' rank rows). SIMD path and reference only.
+  const int64_t* k_ranges = nullptr;
+  int64_t n_k_ranges = 0;
 };
 
 // True when matmul() sends T-token calls to OpenBLAS (ATMOE_PREFILL_GEMM=blas).
@@ -51,6 +57,8 @@ int64_t matmul_workspace_floats(const MatmulParams& p);
 void matmul(const MatmulParams& p, float* ws, ThreadPool& pool);
 // Always the SIMD panel kernel (no workspace), whatever T is.
 void matmul_simd(const MatmulParams& p, ThreadPool& pool);
+// The SIMD panel kernel on the listed output panels only ([p0, p1) pairs of panel indices).
+void matmul_panels(const MatmulParams& p, const std::vector<std::pair<int64_t, int64_t>>& panels, ThreadPool& pool);
 // The specification: plain loops, double accumulation. Single-threaded.
 void matmul_ref(const MatmulParams& p);
 

@@ -1,0 +1,45 @@
+#include "coordinator/trace.h"
+
+#include <algorithm>
+
+namespace atmoe {
+using json = nlohmann::json;
+
+json routing_trace(const Bundle& b, const SeqRouting& r) {
+  json layers = json::array();
+  for (size_t l = 0; l < r.a.size(); ++l) {
+    json g = json::object(), e = json::object();
+    for (size_t i = 0; i < b.groups.size(); ++i) g[b.groups[i].name] = r.a[l][i];
+    for (size_t i = 0; i < b.experts.size(); ++i) e[b.experts[i].name] = r.w[l][i];
+    layers.push_back({{"layer", l}, {"groups", g}, {"experts", e}});
+  }
+  json out = {{"layers", layers}};
+  if (r.ctl.off) out["routing"] = "off";
+  if (!r.tokens.empty()) {
+    json toks = json::array();
+    for (size_t t = 0; t < r.tokens.size(); ++t) {
+      json tl = json::array();
+      for (size_t l = 0; l < r.tokens[t].size(); ++l) {
+        json e = json::object();
+        for (size_t i = 0; i < b.experts.size() && i < r.tokens[t][l].size(); ++i) e[b.experts[i].name] = r.tokens[t][l][i];
+        tl.push_back({{"layer", l}, {"experts", e}});
+      }
+      toks.push_back({{"token", t}, {"layers", tl}});
+    }
+    out["tokens"] = toks;
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, double>> heaviest_groups(const Bundle& b, const SeqRouting& r) {
+  std::vector<std::pair<std::string, double>> g;
+  for (size_t i = 0; i < b.groups.size(); ++i) {
+    double s = 0;
+    for (const auto& a : r.a) s += a[i];
+    g.emplace_back(b.groups[i].name, r.a.empty() ? 0.0 : s / double(r.a.size()));
+  }
+  std::stable_sort(g.begin(), g.end(), [](auto& x, auto& y) { return x.second > y.second; });
+  return g;
+}
+
+}  // namespace atmoe
