@@ -6,15 +6,19 @@
 #include <sstream>
 
 #include "apps/commands.h"
+#include "apps/routing_flags.h"
 #include "common/chat_template.h"
 #include "common/error.h"
+#include "common/log.h"
 #include "coordinator/engine.h"
+#include "coordinator/trace.h"
 
 namespace atmoe::app {
 
 namespace {
 struct GenerateOpts {
-  std::string model, prompt_file, dtype, system;
+  std::string model, bundle, trace, prompt_file, dtype, system;
+  RoutingFlags rf;
   std::vector<std::string> prompts, stop;
   bool chat = false, ignore_eos = false;
   int max_tokens = 128, top_k = 40;
@@ -37,7 +41,10 @@ std::vector<int32_t> encode_prompt(const Model& m, const std::string& text, bool
 
 Runner add_generate(CLI::App& app) {
   auto o = std::make_shared<GenerateOpts>();
-  app.add_option("--model", o->model, "Model: a .gguf file or an HF directory")->required();
+  app.add_option("--model", o->model, "Model: a .gguf file or an HF directory (overrides a bundle's base_model)");
+  app.add_option("--bundle", o->bundle, "Expert bundle directory (atmoe.json)");
+  app.add_option("--trace", o->trace, "Write the routing weights per layer as JSON to this file");
+  add_routing_flags(app, o->rf);
   app.add_option("--prompt", o->prompts, "Prompt text (repeat for a batch of prompts)");
   app.add_option("--prompt-file", o->prompt_file, "Read one prompt from a file");
   app.add_flag("--chat", o->chat, "Wrap the prompt in the model's chat template");
@@ -63,7 +70,18 @@ Runner add_generate(CLI::App& app) {
       prompts.push_back(ss.str());
     }
     ATMOE_CHECK_INPUT(!prompts.empty(), "generate: give --prompt TEXT or --prompt-file F");
-    auto model = Model::load(o->model, parse_dtype_flag(o->dtype));
+    ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "generate: give --model PATH or --bundle DIR");
+    std::unique_ptr<Bundle> bundle;
+    if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
+    ATMOE_CHECK_INPUT(bundle || o->trace.empty(), "--trace needs --bundle");
+    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype));
+    std::unique_ptr<ExpertPool> experts;
+    RoutingControls controls = to_controls(o->rf);
+    if (bundle) {
+      experts = std::make_unique<ExpertPool>(*bundle, model->config());
+      (void)resolve_routing(experts->bundle(), controls);  // a bad control fails before any work
+      model->set_experts(experts.get());
+    }
     uint64_t seed = o->seed >= 0 ? uint64_t(o->seed) : std::random_device{}();
     std::vector<GenerateRequest> reqs;
     for (size_t i = 0; i < prompts.size(); ++i) {
@@ -75,18 +93,32 @@ Runner add_generate(CLI::App& app) {
       r.max_tokens = o->max_tokens;
       r.stop = o->stop;
       r.ignore_eos = o->ignore_eos;
+      r.routing = controls;
+      r.trace_tokens = !o->trace.empty();
       reqs.push_back(std::move(r));
     }
     Engine eng(*model);
+    std::vector<GenerateResult> res;
     if (reqs.size() == 1) {
-      eng.run(reqs, [](size_t, const std::string& s) {
-        std::cout << s << std::flush;
-      });
+      res = eng.run(reqs, [](size_t, const std::string& s) { std::cout << s << std::flush; });
       std::cout << "\n";
     } else {
-      auto res = eng.run(reqs);
+      res = eng.run(reqs);
       for (size_t i = 0; i < res.size(); ++i) std::cout << res[i].text << "\n" << (i + 1 < res.size() ? "\n" : "");
     }
+    if (!o->trace.empty()) {
+      nlohmann::json t = nlohmann::json::array();
+      for (const auto& r : res) t.push_back(routing_trace(experts->bundle(), *r.routing));
+      std::ofstream f(o->trace);
+      ATMOE_CHECK_INPUT(bool(f), "{}: cannot write the trace", o->trace);
+      f << (t.size() == 1 ? t[0] : t).dump(1) << "\n";
+    }
+    if (experts && ATMOE_LOG("coord")->should_log(spdlog::level::info))
+      for (size_t i = 0; i < res.size(); ++i) {
+        auto hg = heaviest_groups(experts->bundle(), *res[i].routing);
+        ATMOE_LOG("coord")->info("request {}: heaviest groups {} ({:.2f}){}", i, hg[0].first, hg[0].second,
+                                 hg.size() > 1 ? fmt::format(", {} ({:.2f})", hg[1].first, hg[1].second) : "");
+      }
     return 0;
   };
 }

@@ -1,4 +1,5 @@
 // atmoe inspect PATH: architecture, sizes, dtypes, tokenizer summary; and synth-model.
+#include <filesystem>
 #include <iostream>
 
 #include "apps/commands.h"
@@ -11,9 +12,10 @@ namespace atmoe::app {
 Runner add_inspect(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   auto dtype = std::make_shared<std::string>();
-  app.add_option("path", *path, "A .gguf file or an HF model directory")->required();
+  app.add_option("path", *path, "A .gguf file, an HF model directory or a bundle directory")->required();
   app.add_option("--dtype", *dtype, "Precision to load in (bf16|f32)");
   return [path, dtype]() -> int {
+    if (std::filesystem::exists(std::filesystem::path(*path) / "atmoe.json")) return inspect_bundle(*path);
     auto m = Model::load(*path, parse_dtype_flag(*dtype));
     const auto& c = m->config();
     std::cout << "path:         " << *path << " (" << m->info().format << ")\n";

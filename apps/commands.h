@@ -14,6 +14,8 @@ Runner add_generate(CLI::App& app);
 Runner add_inspect(CLI::App& app);
 Runner add_synth_model(CLI::App& app);
 Runner add_bench(CLI::App& app);
+Runner add_synth_bundle(CLI::App& app);
+int inspect_bundle(const std::string& dir);
 
 // Shared: parses "bf16"|"f32" (default: bf16 when the CPU has AVX-512 or AVX2, else f32).
 DType parse_dtype_flag(const std::string& s);

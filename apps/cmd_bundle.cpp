@@ -1,0 +1,73 @@
+// Bundle commands: `atmoe synth-bundle` (a deterministic bundle of random PEFT experts and
+// routers for a given base model) and the bundle branch of `atmoe inspect`.
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "apps/commands.h"
+#include "common/bundle.h"
+#include "common/error.h"
+#include "common/safetensors.h"
+#include "coordinator/experts.h"
+#include "coordinator/model.h"
+#include "coordinator/synth_bundle.h"
+
+namespace atmoe::app {
+
+Runner add_synth_bundle(CLI::App& app) {
+  auto o = std::make_shared<SynthBundleOptions>();
+  app.add_option("--base", o->base, "Base model (.gguf or HF dir)")->required();
+  app.add_option("--out", o->out, "Output bundle directory")->required();
+  app.add_option("--groups", o->groups, "Expert groups");
+  app.add_option("--experts-per-group", o->per_group, "Experts per group");
+  app.add_option("--rank", o->ranks, "LoRA rank, or a comma list cycled over experts (heterogeneous ranks)");
+  app.add_option("--targets", o->targets, "Adapted modules: q,k,v,o,gate,up,down");
+  app.add_option("--seed", o->seed, "Random seed")->required();
+  app.add_option("--method", o->method, "at-moe");
+  app.add_option("--router-input", o->input, "per_request (default) or per_token");
+  app.add_flag("--general", o->general, "Add a general expert (lambda 0.8)");
+  app.add_option("--b-std", o->b_std, "Standard deviation of lora_B entries (small keeps the base fluent)");
+  app.add_option("--router-gain", o->router_gain, "Scale of the router weights (larger = sharper routing)");
+  return [o]() -> int {
+    synth_bundle(*o);
+    std::cerr << "wrote bundle " << o->out << ": " << o->groups << " groups x " << o->per_group << " experts\n";
+    return 0;
+  };
+}
+
+int inspect_bundle(const std::string& dir) {
+  Bundle b = load_bundle_manifest(dir);
+  auto model = Model::load(b.base_model, DType::BF16);
+  ExpertPool pool(b, model->config());
+  std::cout << "bundle:       " << dir << " (method " << b.method << ", router input "
+            << (b.router_input == RouterInput::PerToken ? "per_token" : "per_request") << ", tau_group " << b.tau_group
+            << ", tau_expert " << b.tau_expert << ", lambda " << b.lambda << ")\n";
+  std::cout << "base model:   " << b.base_model << ": " << model->config().summary() << "\n";
+  auto describe = [&](const PeftAdapter& a) {
+    std::set<int> ranks;
+    for (const auto& [k, w] : a.modules) ranks.insert(w.rank);
+    std::string sites;
+    for (Site s : a.sites()) sites += std::string(sites.empty() ? "" : ",") + site_name(s);
+    std::string rs;
+    for (int r : ranks) rs += (rs.empty() ? "" : "/") + std::to_string(r);
+    return fmt::format("rank {:<6} targets {:<22} modules {:>4}  {:>9.2f} MiB", rs, sites, a.modules.size(),
+                       double(a.param_bytes()) / (1 << 20));
+  };
+  for (size_t g = 0; g < b.groups.size(); ++g) {
+    int64_t bytes = 0;
+    for (int e : b.groups[g].experts) bytes += pool.adapters()[size_t(e)].param_bytes();
+    std::cout << fmt::format("group {:<14} {} experts, {:.2f} MiB\n", b.groups[g].name, b.groups[g].experts.size(),
+                             double(bytes) / (1 << 20));
+    for (int e : b.groups[g].experts)
+      std::cout << fmt::format("  expert {:<18} {}\n", b.experts[size_t(e)].name, describe(pool.adapters()[size_t(e)]));
+  }
+  if (pool.general()) std::cout << fmt::format("general expert {:<11} {}\n", pool.general()->name, describe(*pool.general()));
+  return 0;
+}
+
+}  // namespace atmoe::app

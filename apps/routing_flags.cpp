@@ -1,0 +1,60 @@
+#include "apps/routing_flags.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "common/error.h"
+
+namespace atmoe::app {
+
+void add_routing_flags(CLI::App& app, RoutingFlags& f) {
+  app.add_option("--routing", f.routing, "on (default) or off: off runs the base model only");
+  app.add_option("--adapter", f.adapter, "Serve one expert at weight 1 (plain LoRA)");
+  app.add_option("--pin", f.pin, "Fixed group weights, e.g. medicine=0.7,law=0.3 (normalised)");
+  app.add_option("--mask", f.mask, "Experts or groups to exclude, comma-separated");
+  app.add_option("--group-bias", f.group_bias, "Added to group logits, e.g. law=1.5");
+  app.add_option("--top-k-groups", f.top_k_groups, "Keep the k heaviest groups (0 = all)");
+  app.add_option("--tau-group", f.tau_group, "Group softmax temperature (0 = argmax)");
+  app.add_option("--tau-expert", f.tau_expert, "Expert softmax temperature (0 = argmax)");
+  app.add_option("--lambda", f.lambda, "Weight of the mixture against the general expert, in [0, 1]");
+}
+
+std::map<std::string, double> parse_weight_list(const std::string& flag, const std::string& text) {
+  std::map<std::string, double> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    size_t eq = item.find('=');
+    ATMOE_CHECK_INPUT(eq != std::string::npos && eq > 0 && eq + 1 < item.size(), "{} '{}': expected NAME=NUMBER[,NAME=NUMBER...]",
+                      flag, text);
+    std::string name = item.substr(0, eq), num = item.substr(eq + 1);
+    char* end = nullptr;
+    double v = std::strtod(num.c_str(), &end);
+    ATMOE_CHECK_INPUT(end && *end == '\0' && std::isfinite(v), "{} '{}': '{}' is not a number", flag, text, num);
+    ATMOE_CHECK_INPUT(!out.count(name), "{} '{}': '{}' given twice", flag, text, name);
+    out[name] = v;
+  }
+  ATMOE_CHECK_INPUT(!out.empty() || text.empty(), "{} '{}': empty list", flag, text);
+  return out;
+}
+
+RoutingControls to_controls(const RoutingFlags& f) {
+  RoutingControls c;
+  ATMOE_CHECK_INPUT(f.routing == "on" || f.routing == "off", "--routing '{}': expected on or off", f.routing);
+  c.off = f.routing == "off";
+  c.adapter = f.adapter;
+  if (!f.pin.empty()) c.pin = parse_weight_list("--pin", f.pin);
+  if (!f.group_bias.empty()) c.group_bias = parse_weight_list("--group-bias", f.group_bias);
+  std::stringstream ss(f.mask);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) c.mask.push_back(item);
+  c.top_k_groups = f.top_k_groups;
+  c.tau_group = f.tau_group;
+  c.tau_expert = f.tau_expert;
+  c.lambda = f.lambda;
+  return c;
+}
+
+}  // namespace atmoe::app

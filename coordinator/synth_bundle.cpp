@@ -1,0 +1,134 @@
+#include "coordinator/synth_bundle.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/safetensors.h"
+#include "coordinator/experts.h"
+#include "coordinator/model.h"
+
+namespace atmoe {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+const char* kGroupNames[] = {"medicine", "law", "code", "math", "support", "finance", "science", "travel"};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> r;
+  std::stringstream ss(s);
+  std::string x;
+  while (std::getline(ss, x, ','))
+    if (!x.empty()) r.push_back(x);
+  return r;
+}
+
+void write_adapter(const std::string& dir, const ModelConfig& c, const std::vector<Site>& sites, int r, double alpha,
+                   std::mt19937_64& rng, double b_std) {
+  fs::create_directories(dir);
+  std::vector<std::string> mods;
+  for (Site s : sites) mods.push_back(site_module(s));
+  json cfg = {{"peft_type", "LORA"},       {"task_type", "CAUSAL_LM"}, {"r", r},        {"lora_alpha", alpha},
+              {"lora_dropout", 0.0},       {"target_modules", mods},   {"bias", "none"}, {"use_rslora", false},
+              {"fan_in_fan_out", false},   {"use_dora", false},        {"inference_mode", true},
+              {"base_model_name_or_path", "atmoe-synth"}};
+  std::ofstream(fs::path(dir) / "adapter_config.json") << cfg.dump(1);
+  const SiteShapes sh = site_shapes(c);
+  std::vector<std::vector<float>> store;
+  std::vector<SafetensorsWriteItem> items;
+  store.reserve(size_t(c.n_layers) * sites.size() * 2);
+  for (int l = 0; l < c.n_layers; ++l)
+    for (Site s : sites) {
+      const int64_t din = sh.d_in[size_t(s)], dout = sh.d_out[size_t(s)];
+      std::string p = "base_model.model.model.layers." + std::to_string(l) + "." +
+                      (int(s) <= int(Site::O) ? "self_attn." : "mlp.") + site_module(s);
+      std::normal_distribution<float> na(0.f, float(1.0 / std::sqrt(double(din)))), nb(0.f, float(b_std));
+      store.emplace_back(size_t(r * din));
+      for (auto& v : store.back()) v = na(rng);
+      items.push_back({p + ".lora_A.weight", DType::F32, {r, din}, store.back().data()});
+      store.emplace_back(size_t(dout * r));
+      for (auto& v : store.back()) v = nb(rng);
+      items.push_back({p + ".lora_B.weight", DType::F32, {dout, r}, store.back().data()});
+    }
+  write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), items, {{"format", "pt"}});
+}
+}  // namespace
+
+void synth_bundle(const SynthBundleOptions& o) {
+  ATMOE_CHECK_INPUT(o.method == "at-moe", "synth-bundle --method '{}': this build writes at-moe bundles", o.method);
+  ATMOE_CHECK_INPUT(o.groups >= 1 && o.groups <= 256 && o.per_group >= 1 && o.per_group <= 256,
+                    "synth-bundle: --groups and --experts-per-group must be in 1..256");
+  ATMOE_CHECK_INPUT(o.input == "per_request" || o.input == "per_token", "--router-input '{}': expected per_request or per_token", o.input);
+  std::vector<Site> sites;
+  for (const auto& t : split(o.targets)) {
+    Site s;
+    ATMOE_CHECK_INPUT(parse_site(t, &s), "--targets '{}': '{}' is not one of q,k,v,o,gate,up,down", o.targets, t);
+    sites.push_back(s);
+  }
+  ATMOE_CHECK_INPUT(!sites.empty(), "--targets: at least one module");
+  std::vector<int> ranks;
+  for (const auto& r : split(o.ranks)) {
+    int v = std::atoi(r.c_str());
+    ATMOE_CHECK_INPUT(v >= 1 && v <= 1024, "--rank '{}': ranks must be integers in 1..1024", o.ranks);
+    ranks.push_back(v);
+  }
+  ATMOE_CHECK_INPUT(!ranks.empty(), "--rank: at least one rank");
+  auto model = Model::load(o.base, DType::F32);  // validates the base and gives its shapes
+  const ModelConfig& c = model->config();
+  fs::create_directories(o.out);
+  std::string abs = fs::absolute(o.base).lexically_normal().string();
+  std::string link = fs::is_directory(o.base) ? "base" : "base.gguf";
+  fs::remove(fs::path(o.out) / link);
+  fs::create_symlink(abs, fs::path(o.out) / link);
+  std::mt19937_64 rng(o.seed);
+  json groups = json::array();
+  int e = 0;
+  for (int g = 0; g < o.groups; ++g) {
+    std::string gname = g < 8 ? kGroupNames[g] : "group" + std::to_string(g);
+    json ex = json::array();
+    for (int i = 0; i < o.per_group; ++i, ++e) {
+      std::string name = gname + "-" + std::to_string(i);
+      int r = ranks[size_t(e) % ranks.size()];
+      write_adapter((fs::path(o.out) / "experts" / name).string(), c, sites, r, 2.0 * r, rng, o.b_std);
+      ex.push_back({{"name", name}, {"adapter", "experts/" + name}});
+    }
+    groups.push_back({{"name", gname}, {"experts", ex}});
+  }
+  json man = {{"format", "atmoe-bundle"}, {"version", 1}, {"base_model", link}, {"method", "at-moe"}, {"groups", groups},
+              {"router", {{"file", "router.safetensors"}, {"input", o.input}, {"tau_group", 1.0}, {"tau_expert", 1.0}}}};
+  if (o.general) {
+    write_adapter((fs::path(o.out) / "experts" / "general").string(), c, sites, ranks[0], 2.0 * ranks[0], rng, o.b_std);
+    man["general_expert"] = {{"name", "general"}, {"adapter", "experts/general"}};
+    man["lambda"] = 0.8;
+  }
+  // Routers: W ~ N(0, gain^2 / d), biases ~ N(0, 0.25).
+  const int64_t d = c.hidden, E = int64_t(o.groups) * o.per_group;
+  std::normal_distribution<float> nw(0.f, float(o.router_gain / std::sqrt(double(d)))), nbias(0.f, 0.5f);
+  std::vector<std::vector<float>> store;
+  std::vector<SafetensorsWriteItem> items;
+  store.reserve(size_t(c.n_layers) * 4);
+  for (int l = 0; l < c.n_layers; ++l) {
+    std::string p = "layers." + std::to_string(l) + ".";
+    auto add = [&](const std::string& n, std::vector<int64_t> shape, std::normal_distribution<float>& dist) {
+      size_t cnt = 1;
+      for (auto x : shape) cnt *= size_t(x);
+      store.emplace_back(cnt);
+      for (auto& v : store.back()) v = dist(rng);
+      items.push_back({n, DType::F32, shape, store.back().data()});
+    };
+    add(p + "group_gate.weight", {o.groups, d}, nw);
+    add(p + "group_gate.bias", {o.groups}, nbias);
+    add(p + "expert_gate.weight", {E, d}, nw);
+    add(p + "expert_gate.bias", {E}, nbias);
+  }
+  write_safetensors((fs::path(o.out) / "router.safetensors").string(), items);
+  std::ofstream(fs::path(o.out) / "atmoe.json") << man.dump(1) << "\n";
+}
+
+}  // namespace atmoe

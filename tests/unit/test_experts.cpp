@@ -1,0 +1,217 @@
+// AT-MoE experts in the forward pass, on a synth-model with a synth-bundle:
+//  - routing off is exactly the base model;
+//  - pinned one-expert groups (+ a general expert) equal an independent float64 forward
+//    pass with the PEFT LoRA terms read straight from the adapter files;
+//  - one batch of sequences with different mixes equals each sequence run alone;
+//  - per_token routing and traces.
+#include <filesystem>
+#include <numeric>
+
+#include "common/bundle.h"
+#include "common/error.h"
+#include "coordinator/engine.h"
+#include "coordinator/experts.h"
+#include "coordinator/model.h"
+#include "coordinator/synth_bundle.h"
+#include "coordinator/synth_model.h"
+#include "coordinator/trace.h"
+#include "tests/unit/check.h"
+#include "tests/unit/reference_model.h"
+
+namespace atmoe::test {
+namespace {
+namespace fs = std::filesystem;
+
+std::string tmp(const std::string& n) {
+  return (fs::temp_directory_path() / ("atmoe_experts_" + n + "_" + std::to_string(::getpid()))).string();
+}
+
+const std::string& base_dir() {
+  static std::string d = [] {
+    SynthModelOptions o;
+    o.out = tmp("base");
+    o.seed = 11;
+    o.layers = 3;
+    o.hidden = 64;
+    o.heads = 4;
+    o.kv_heads = 2;
+    o.ffn = 96;
+    o.vocab = 300;
+    synth_model(o);
+    return o.out;
+  }();
+  return d;
+}
+
+std::string make_bundle(const std::string& name, int groups, int per_group, const std::string& ranks, bool general,
+                        const std::string& input = "per_request", const std::string& targets = "q,k,v,o,gate,up,down") {
+  SynthBundleOptions o;
+  o.base = base_dir();
+  o.out = tmp(name);
+  o.groups = groups;
+  o.per_group = per_group;
+  o.ranks = ranks;
+  o.general = general;
+  o.input = input;
+  o.targets = targets;
+  o.seed = 5;
+  o.b_std = 0.2;  // large enough that every expert visibly moves the logits
+  synth_bundle(o);
+  return o.out;
+}
+
+std::vector<int32_t> toks(int n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(rng() % 297);
+  return t;
+}
+
+std::vector<float> run(Model& m, const std::vector<int32_t>& t, SeqRouting* r) {
+  auto c = m.new_cache();
+  std::vector<float> lg;
+  m.forward({{c.get(), t.data(), int64_t(t.size()), LogitsMode::All, r}}, lg);
+  return lg;
+}
+
+double rel_l2(const std::vector<float>& a, const std::vector<double>& b) {
+  double n = 0, d = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += (a[i] - b[i]) * (a[i] - b[i]), d += b[i] * b[i];
+  return std::sqrt(n / d);
+}
+
+TEST(Experts, RoutingOffIsExactlyTheBase) {
+  std::string bd = make_bundle("off", 2, 2, "4,8", true);
+  auto base = Model::load(base_dir(), DType::F32);
+  auto m = Model::load(base_dir(), DType::F32);
+  ExpertPool pool(load_bundle_manifest(bd), m->config());
+  m->set_experts(&pool);
+  RoutingControls c;
+  c.off = true;
+  auto r = pool.new_routing(c);
+  auto t = toks(20, 1);
+  EXPECT_EQ(run(*m, t, r.get()), run(*base, t, nullptr));
+  EXPECT_EQ(run(*m, t, nullptr), run(*base, t, nullptr));  // no routing state: base only
+  RoutingControls on;
+  auto r2 = pool.new_routing(on);
+  EXPECT_NE(run(*m, t, r2.get()), run(*base, t, nullptr));  // and the experts do act when on
+}
+
+TEST(Experts, PinnedMixtureMatchesFloat64PeftReference) {
+  // Three one-expert groups of heterogeneous rank plus a general expert: pins fix the
+  // weights, so Δ = λ Σ_g pin_g s_g B_g A_g x + (1 - λ) s_p B_p A_p x exactly.
+  std::string bd = make_bundle("pin", 3, 1, "4,8,3", true);
+  Bundle b = load_bundle_manifest(bd);
+  auto m = Model::load(base_dir(), DType::F32);
+  ExpertPool pool(b, m->config());
+  m->set_experts(&pool);
+  std::mt19937_64 rng(test_seed() + 60);
+  for (int trial = 0; trial < 3; ++trial) {
+    RoutingControls c;
+    double p0 = 0.1 + double(rng() % 10), p1 = double(rng() % 10), p2 = 0.5;
+    c.pin = {{b.groups[0].name, p0}, {b.groups[1].name, p1}, {b.groups[2].name, p2}};
+    c.lambda = trial == 2 ? 1.0 : 0.25 + 0.25 * trial;
+    auto r = pool.new_routing(c);
+    auto t = toks(9 + 20 * trial, 100 + uint64_t(trial));  // 9, 29, 49 tokens: decode tiles, GEMM attention
+    auto got = run(*m, t, r.get());
+    double sum = p0 + p1 + p2, lam = *c.lambda;
+    std::vector<RefLora> lo{{b.experts[0].adapter_dir, lam * p0 / sum},
+                            {b.experts[1].adapter_dir, lam * p1 / sum},
+                            {b.experts[2].adapter_dir, lam * p2 / sum},
+                            {b.general->adapter_dir, 1 - lam}};
+    auto ref = reference_logits(base_dir(), t, lo);
+    auto base_ref = reference_logits(base_dir(), t);
+    EXPECT_LT(rel_l2(got, ref), 1e-5) << "trial " << trial;
+    EXPECT_GT(rel_l2(got, base_ref), 1e-3) << "the experts must change the logits";
+  }
+}
+
+TEST(Experts, BatchOfDifferentMixesEqualsSingleRuns) {
+  std::string bd = make_bundle("batch", 4, 2, "8,4,16", false);
+  Bundle b = load_bundle_manifest(bd);
+  auto m = Model::load(base_dir(), DType::F32);
+  ExpertPool pool(b, m->config());
+  m->set_experts(&pool);
+  std::vector<RoutingControls> cs(5);
+  cs[1].top_k_groups = 1;
+  cs[2].adapter = b.experts[3].name;
+  cs[3].mask = {b.groups[0].name, b.experts[5].name};
+  cs[3].tau_expert = 0;
+  cs[4].pin = {{b.groups[2].name, 1.0}};
+  std::vector<std::vector<int32_t>> ts{toks(7, 1), toks(18, 2), toks(3, 3), toks(25, 4), toks(1, 5)};
+  std::vector<std::vector<float>> alone;
+  for (size_t i = 0; i < cs.size(); ++i) {
+    auto r = pool.new_routing(cs[i]);
+    auto lg = run(*m, ts[i], r.get());
+    alone.emplace_back(lg.end() - 300, lg.end());
+  }
+  std::vector<std::unique_ptr<SeqRouting>> rs;
+  std::vector<std::unique_ptr<KvCache>> caches;
+  std::vector<ForwardItem> items;
+  for (size_t i = 0; i < cs.size(); ++i) {
+    rs.push_back(pool.new_routing(cs[i]));
+    caches.push_back(m->new_cache());
+    items.push_back({caches.back().get(), ts[i].data(), int64_t(ts[i].size()), LogitsMode::Last, rs.back().get()});
+  }
+  std::vector<float> lg;
+  m->forward(items, lg);
+  for (size_t i = 0; i < cs.size(); ++i)
+    EXPECT_TRUE(all_close(lg.data() + i * 300, alone[i].data(), 300, {1e-5, 1e-4})) << "sequence " << i;
+  // Decode steps continue with the per-request weights fixed at prefill.
+  std::vector<int32_t> next(cs.size(), 17);
+  items.clear();
+  for (size_t i = 0; i < cs.size(); ++i) items.push_back({caches[i].get(), &next[i], 1, LogitsMode::Last, rs[i].get()});
+  m->forward(items, lg);
+  for (size_t i = 0; i < cs.size(); ++i) {
+    // Alone: prefill, then the same decode step, with its own routing state.
+    auto r = pool.new_routing(cs[i]);
+    auto c = m->new_cache();
+    std::vector<float> one;
+    m->forward({{c.get(), ts[i].data(), int64_t(ts[i].size()), LogitsMode::Last, r.get()}}, one);
+    m->forward({{c.get(), &next[i], 1, LogitsMode::Last, r.get()}}, one);
+    EXPECT_TRUE(all_close(lg.data() + i * 300, one.data(), 300, {1e-5, 1e-4})) << "decode, sequence " << i;
+  }
+  // A single adapter is routing-independent: the decode step equals a prefill of prompt + token.
+  {
+    auto r = pool.new_routing(cs[2]);
+    auto t = ts[2];
+    t.push_back(17);
+    auto one = run(*m, t, r.get());
+    EXPECT_TRUE(all_close(lg.data() + 2 * 300, one.data() + (t.size() - 1) * 300, 300, {1e-5, 1e-4}));
+  }
+  // The masked experts got zero weight in every layer.
+  for (const auto& w : rs[3]->w) {
+    for (int e : b.groups[0].experts) EXPECT_EQ(w[size_t(e)], 0.0);
+    EXPECT_EQ(w[5], 0.0);
+  }
+}
+
+TEST(Experts, PerTokenRoutingAndTrace) {
+  std::string bd = make_bundle("tok", 3, 2, "4", false, "per_token", "q,v,down");
+  Bundle b = load_bundle_manifest(bd);
+  auto m = Model::load(base_dir(), DType::F32);
+  ExpertPool pool(b, m->config());
+  m->set_experts(&pool);
+  Engine e(*m);
+  GenerateRequest r;
+  r.prompt = toks(6, 9);
+  r.max_tokens = 5;
+  r.ignore_eos = true;
+  r.trace_tokens = true;
+  auto res = e.run({r});
+  ASSERT_TRUE(res[0].routing);
+  auto j = routing_trace(b, *res[0].routing);
+  ASSERT_EQ(j["layers"].size(), 3u);
+  for (const auto& l : j["layers"]) {
+    double s = 0;
+    for (auto& [k, v] : l["groups"].items()) s += v.get<double>();
+    EXPECT_NEAR(s, 1.0, 1e-9);
+  }
+  // 6 prompt tokens + 4 fed-back tokens went through the layers.
+  EXPECT_EQ(j["tokens"].size(), 10u);
+  // Per-token weights differ between tokens (the router sees each token's own input).
+  EXPECT_NE(j["tokens"][0]["layers"][1]["experts"].dump(), j["tokens"][5]["layers"][1]["experts"].dump());
+}
+
+}  // namespace
+}  // namespace atmoe::test
