@@ -62,5 +62,51 @@ expect_input_error "negative temperature" "temperature" -- "$BIN" generate --mod
 expect_input_error "unknown dtype" "dtype" -- "$BIN" generate --model "$WORK/m" --prompt x --dtype f8
 expect_input_error "no prompt" "prompt" -- "$BIN" generate --model "$WORK/m"
 expect_input_error "prompt past the context" "context length" -- "$BIN" generate --model "$WORK/m" --prompt x --max-tokens 100000
+# Bundles.
+"$BIN" synth-bundle --base "$WORK/m" --out "$WORK/bun" --groups 3 --experts-per-group 2 --rank 4,8 --seed 3 --general 2>/dev/null \
+  && ok "synth-bundle" || bad "synth-bundle"
+"$BIN" inspect "$WORK/bun" | grep -q "group medicine" && ok "inspect BUNDLE" || bad "inspect BUNDLE"
+base_out=$("$BIN" generate --model "$WORK/m" --prompt "Hello" --max-tokens 12 --temperature 0 --ignore-eos 2>/dev/null)
+off_out=$("$BIN" generate --bundle "$WORK/bun" --routing off --prompt "Hello" --max-tokens 12 --temperature 0 --ignore-eos 2>/dev/null)
+[ "$base_out" = "$off_out" ] && ok "--routing off prints the base model's text" || bad "--routing off ('$off_out' vs '$base_out')"
+"$BIN" generate --bundle "$WORK/bun" --prompt "Hello" --max-tokens 6 --temperature 0 --trace "$WORK/trace.json" \
+  --top-k-groups 2 --mask law-0 >/dev/null 2>&1 && python3 - "$WORK/trace.json" <<'PY' && ok "trace: groups sum to 1, masked expert at 0" || bad "trace"
+import json, sys
+t = json.load(open(sys.argv[1]))
+assert len(t["layers"]) == 2
+for l in t["layers"]:
+    assert abs(sum(l["groups"].values()) - 1) < 1e-9, l
+    assert l["experts"]["law-0"] == 0
+    assert sum(1 for v in l["groups"].values() if v > 0) <= 2
+PY
+expect_input_error "unknown expert in --mask" "mask 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --mask nope
+expect_input_error "pins that sum to zero" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine=0
+expect_input_error "malformed --pin" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine
+expect_input_error "top-k out of range" "top_k_groups" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --top-k-groups 9
+expect_input_error "negative tau" "tau_group" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --tau-group -1
+expect_input_error "unknown adapter" "adapter 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --adapter nope
+mkbad() { rm -rf "$WORK/$1"; cp -r "$WORK/bun" "$WORK/$1"; }
+mkbad nb1 && rm -rf "$WORK/nb1/experts/law-1"
+expect_input_error "missing adapter dir" "law-1" -- "$BIN" generate --bundle "$WORK/nb1" --prompt x
+"$BIN" synth-model --out "$WORK/m_other" --seed 7 --layers 2 --hidden 32 --heads 4 --kv-heads 2 --ffn 48 --vocab 320 2>/dev/null
+"$BIN" synth-bundle --base "$WORK/m_other" --out "$WORK/bun_other" --groups 1 --experts-per-group 1 --seed 3 2>/dev/null
+mkbad nb2 && rm -rf "$WORK/nb2/experts/code-0" && cp -r "$WORK/bun_other/experts/medicine-0" "$WORK/nb2/experts/code-0"
+expect_input_error "adapter/base shape mismatch" "lora_A.weight' has shape" -- "$BIN" generate --bundle "$WORK/nb2" --prompt x
+mkbad nb3 && cp "$WORK/bun_other/router.safetensors" "$WORK/nb3/router.safetensors"
+expect_input_error "router tensor of the wrong shape" "router.safetensors: tensor 'layers.0.group_gate.weight'" -- "$BIN" generate --bundle "$WORK/nb3" --prompt x
+mkbad nb4 && head -c 100 "$WORK/bun/router.safetensors" >"$WORK/nb4/router.safetensors"
+expect_input_error "corrupt router.safetensors" "router.safetensors" -- "$BIN" generate --bundle "$WORK/nb4" --prompt x
+mkbad nb5 && sed -i 's/"name": "law-1"/"name": "law-0"/' "$WORK/nb5/atmoe.json"
+expect_input_error "duplicate expert names" "duplicate expert name 'law-0'" -- "$BIN" generate --bundle "$WORK/nb5" --prompt x
+mkbad nb6 && sed -i 's|"adapter": "experts/law-1"|"adapter": "../bun/experts/law-1"|' "$WORK/nb6/atmoe.json"
+expect_input_error "path outside the bundle" "leaves the bundle directory" -- "$BIN" generate --bundle "$WORK/nb6" --prompt x
+mkbad nb7 && python3 -c "
+import json,sys; p=sys.argv[1]; j=json.load(open(p)); j['groups'][1]['experts']=[]; json.dump(j,open(p,'w'))" "$WORK/nb7/atmoe.json"
+expect_input_error "group with no experts" "group 'law' has no experts" -- "$BIN" generate --bundle "$WORK/nb7" --prompt x
+mkbad nb8 && sed -i 's|"adapter": "experts/law-1"|"adapter": "/etc"|' "$WORK/nb8/atmoe.json"
+expect_input_error "absolute path in the bundle" "must be relative" -- "$BIN" generate --bundle "$WORK/nb8" --prompt x
+mkbad nb9 && echo '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "use_dora": true}' >"$WORK/nb9/experts/code-1/adapter_config.json"
+expect_input_error "DoRA adapter refused" "DoRA" -- "$BIN" generate --bundle "$WORK/nb9" --prompt x
+
 "$BIN" generate --bogus >/dev/null 2>&1; [ $? -eq 2 ] && ok "unknown flag exits 2" || bad "unknown flag exits 2"
 exit $fail

@@ -7,6 +7,7 @@
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/rope.h"
@@ -185,6 +186,87 @@ TEST(Attention, PackedSequencesWithGqaMatchReference) {
   std::vector<float> ws(size_t(cpu::attention_workspace_floats(p, pool2().size())));
   cpu::attention(p, ws.data(), pool2());
   EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+}
+
+TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
+  // Experts of ranks 3, 8, 5 | 16 | 7 in three groups; group blocks padded to 32 rows.
+  std::mt19937_64 rng(test_seed() + 8);
+  const int64_t T = 13, din = 70, dout = 45;
+  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}};
+  struct Ex {
+    int64_t row0, r;
+    std::vector<float> A, B;
+  };
+  std::vector<Ex> ex;
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  int64_t R = 0;
+  for (const auto& g : groups) {
+    int64_t start = R;
+    for (int64_t r : g) {
+      ex.push_back({R, r, randn(size_t(r * din), rng), randn(size_t(dout * r), rng)});
+      R += r;
+    }
+    R = (R + cpu::kPanel - 1) / cpu::kPanel * cpu::kPanel;
+    blocks.emplace_back(start, R);
+  }
+  std::vector<float> A(size_t(R * din), 0.f), B(size_t(dout * R), 0.f);
+  for (const auto& e : ex)
+    for (int64_t i = 0; i < e.r; ++i) {
+      for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
+      for (int64_t n = 0; n < dout; ++n) B[size_t(n * R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
+    }
+  std::vector<float> Ap(cpu::packed_elems(R, din)), Bp(cpu::packed_elems(dout, R));
+  cpu::pack_weights(A.data(), R, din, DType::F32, Ap.data());
+  cpu::pack_weights(B.data(), dout, R, DType::F32, Bp.data());
+  // Per-token coefficient of each expert, some zero; the middle group (expert 3) is not in
+  // the active ranges, so its nonzero coefficients must not reach y.
+  std::vector<std::vector<double>> coef(size_t(T), std::vector<double>(ex.size()));
+  std::vector<float> mix(size_t(T * R), 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (size_t e = 0; e < ex.size(); ++e) {
+      double c = rng() % 4 == 0 ? 0.0 : std::uniform_real_distribution<double>(-1, 1)(rng);
+      coef[size_t(t)][e] = c;
+      for (int64_t i = 0; i < ex[e].r; ++i) mix[size_t(t * R + ex[e].row0 + i)] = float(c);
+    }
+  auto x = randn(size_t(T * din), rng);
+  auto y0 = randn(size_t(T * dout), rng);
+  cpu::LoraMixParams p;
+  p.x = x.data();
+  p.ldx = din;
+  p.A = Ap.data();
+  p.B = Bp.data();
+  p.mix = mix.data();
+  std::vector<float> u = poisoned(size_t(T * R));
+  p.u = u.data();
+  p.ldy = dout;
+  p.T = T;
+  p.d_in = din;
+  p.d_out = dout;
+  p.R = R;
+  p.active = {blocks[0], blocks[2]};
+  auto got = y0, viaref = y0;
+  p.y = got.data();
+  cpu::lora_mix_apply(p, pool2());
+  p.y = viaref.data();
+  cpu::lora_mix_apply_ref(p);
+  // Independent: per expert, in float64, from the unpacked matrices.
+  std::vector<float> want(y0.size());
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < dout; ++n) {
+      double acc = y0[size_t(t * dout + n)];
+      for (size_t e = 0; e < ex.size(); ++e) {
+        if (e == 3) continue;  // its group is inactive
+        for (int64_t i = 0; i < ex[e].r; ++i) {
+          double ax = 0;
+          for (int64_t k = 0; k < din; ++k) ax += double(ex[e].A[size_t(i * din + k)]) * x[size_t(t * din + k)];
+          acc += coef[size_t(t)][e] * double(ex[e].B[size_t(n * ex[e].r + i)]) * ax;
+        }
+      }
+      want[size_t(t * dout + n)] = float(acc);
+    }
+  Tol tol{1e-4, 1e-5};
+  EXPECT_TRUE(all_close(got.data(), want.data(), want.size(), tol));
+  EXPECT_TRUE(all_close(viaref.data(), want.data(), want.size(), tol));
 }
 
 TEST(SiluMul, MatchesReference) {
