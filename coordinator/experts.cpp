@@ -59,6 +59,16 @@ ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c) : b_(b) {
       // Place each expert's rows at the next free row of its block.
       std::vector<int64_t> next(blocks.size());
       for (size_t k = 0; k < blocks.size(); ++k) next[k] = blocks[k].first;
+      // GGUF llama bases store q and k with each head's rows interleaved for the GGML rope
+      // (convert_hf_to_gguf permutes them); PEFT adapters are trained on the HF layout, so
+      // lora_B's q/k rows get the same permutation: GGUF row 2i+h <- HF row h*D/2 + i.
+      const bool permute = c.rope_style == RopeStyle::Interleaved && (si == int(Site::Q) || si == int(Site::K));
+      const int64_t D = c.head_dim;
+      auto out_row = [&](int64_t n) {
+        if (!permute) return n;
+        const int64_t head = n / D, j = n % D, h = j / (D / 2), i = j % (D / 2);
+        return head * D + 2 * i + h;
+      };
       for (auto [e, w] : rows_of) {
         size_t blk = e == E ? size_t(G) : size_t(b_.experts[size_t(e)].group);
         int64_t r0 = next[blk];
@@ -67,7 +77,7 @@ ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c) : b_(b) {
           st.row_expert[size_t(r0 + r)] = e;
           st.row_scale[size_t(r0 + r)] = float(w->scale);
           std::memcpy(&A[size_t((r0 + r) * st.d_in)], w->A.data<float>() + r * st.d_in, size_t(st.d_in) * 4);
-          for (int64_t n = 0; n < st.d_out; ++n) B[size_t(n * R + r0 + r)] = w->B.data<float>()[n * w->rank + r];
+          for (int64_t n = 0; n < st.d_out; ++n) B[size_t(out_row(n) * R + r0 + r)] = w->B.data<float>()[n * w->rank + r];
         }
       }
       st.A = Tensor::empty(DType::F32, {int64_t(cpu::packed_elems(R, st.d_in))});

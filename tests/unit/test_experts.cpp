@@ -4,7 +4,11 @@
 //    pass with the PEFT LoRA terms read straight from the adapter files;
 //  - one batch of sequences with different mixes equals each sequence run alone;
 //  - per_token routing and traces.
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "common/bundle.h"
@@ -15,7 +19,9 @@
 #include "coordinator/synth_bundle.h"
 #include "coordinator/synth_model.h"
 #include "coordinator/trace.h"
+#include "common/safetensors.h"
 #include "tests/unit/check.h"
+#include "tests/unit/gguf_writer.h"
 #include "tests/unit/reference_model.h"
 
 namespace atmoe::test {
@@ -211,6 +217,98 @@ TEST(Experts, PerTokenRoutingAndTrace) {
   EXPECT_EQ(j["tokens"].size(), 10u);
   // Per-token weights differ between tokens (the router sees each token's own input).
   EXPECT_NE(j["tokens"][0]["layers"][1]["experts"].dump(), j["tokens"][5]["layers"][1]["experts"].dump());
+}
+
+// The synth-model written as a GGUF the way convert_hf_to_gguf.py writes a llama: q and k
+// rows permuted per head for the GGML rope (reshape(n_head, 2, D/2, K).swapaxes(1, 2)).
+std::string synth_as_gguf() {
+  const std::string dir = base_dir(), out = tmp("gguf") + ".gguf";
+  SafetensorsFile st(dir + "/model.safetensors");
+  std::ifstream tf(dir + "/tokenizer.json");
+  auto tj = nlohmann::json::parse(tf);
+  std::vector<std::string> tokens(300);
+  std::vector<int32_t> types(300, 1);
+  for (auto& [k, v] : tj["model"]["vocab"].items()) tokens[size_t(v.get<int>())] = k;
+  for (auto& a : tj["added_tokens"]) {
+    tokens[size_t(a["id"].get<int>())] = a["content"].get<std::string>();
+    types[size_t(a["id"].get<int>())] = 3;
+  }
+  GgufBuilder g;
+  g.kv_str("general.architecture", "llama");
+  g.kv_u32("llama.block_count", 3);
+  g.kv_u32("llama.context_length", 512);
+  g.kv_u32("llama.embedding_length", 64);
+  g.kv_u32("llama.feed_forward_length", 96);
+  g.kv_u32("llama.attention.head_count", 4);
+  g.kv_u32("llama.attention.head_count_kv", 2);
+  g.kv_f32("llama.rope.freq_base", 10000.f);
+  g.kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+  g.kv_u32("llama.vocab_size", 300);
+  g.kv_str("tokenizer.ggml.model", "gpt2");
+  g.kv_str("tokenizer.ggml.pre", "gpt2");
+  g.kv_str_arr("tokenizer.ggml.tokens", tokens);
+  g.kv_i32_arr("tokenizer.ggml.token_type", types);
+  std::vector<std::string> merges;
+  for (auto& m : tj["model"]["merges"]) merges.push_back(m.get<std::string>());
+  g.kv_str_arr("tokenizer.ggml.merges", merges);
+  auto put = [&](const std::string& name, const std::string& src, int permute_heads) {
+    Tensor t = st.get(src).to(DType::F32);
+    const int64_t rows = t.ndim() == 2 ? t.dim(0) : 1, cols = t.ndim() == 2 ? t.dim(1) : t.dim(0);
+    std::vector<float> v(t.data<float>(), t.data<float>() + t.numel());
+    if (permute_heads) {
+      const int64_t D = rows / permute_heads;
+      std::vector<float> o(v.size());
+      for (int64_t head = 0; head < permute_heads; ++head)
+        for (int64_t h = 0; h < 2; ++h)
+          for (int64_t i = 0; i < D / 2; ++i)
+            for (int64_t k = 0; k < cols; ++k)
+              o[size_t((head * D + i * 2 + h) * cols + k)] = v[size_t((head * D + h * (D / 2) + i) * cols + k)];
+      v = o;
+    }
+    std::vector<uint8_t> bytes(v.size() * 4);
+    std::memcpy(bytes.data(), v.data(), bytes.size());
+    std::vector<uint64_t> ne = t.ndim() == 2 ? std::vector<uint64_t>{uint64_t(cols), uint64_t(rows)}
+                                             : std::vector<uint64_t>{uint64_t(cols)};
+    g.tensor(name, ne, 0, bytes);
+  };
+  put("token_embd.weight", "model.embed_tokens.weight", 0);
+  put("output_norm.weight", "model.norm.weight", 0);
+  for (int l = 0; l < 3; ++l) {
+    std::string p = "model.layers." + std::to_string(l) + ".", q = "blk." + std::to_string(l) + ".";
+    put(q + "attn_norm.weight", p + "input_layernorm.weight", 0);
+    put(q + "ffn_norm.weight", p + "post_attention_layernorm.weight", 0);
+    put(q + "attn_q.weight", p + "self_attn.q_proj.weight", 4);
+    put(q + "attn_k.weight", p + "self_attn.k_proj.weight", 2);
+    put(q + "attn_v.weight", p + "self_attn.v_proj.weight", 0);
+    put(q + "attn_output.weight", p + "self_attn.o_proj.weight", 0);
+    put(q + "ffn_gate.weight", p + "mlp.gate_proj.weight", 0);
+    put(q + "ffn_up.weight", p + "mlp.up_proj.weight", 0);
+    put(q + "ffn_down.weight", p + "mlp.down_proj.weight", 0);
+  }
+  g.write(out);
+  return out;
+}
+
+TEST(Experts, PeftAdaptersOnAGgufBaseEqualTheHfBase) {
+  // PEFT adapters are trained on HF weights; on a GGUF llama base their q/k rows must follow
+  // the GGUF permutation. Same model, same experts, two formats: same logits.
+  std::string bd = make_bundle("gguf", 2, 1, "4,8", false);
+  Bundle b = load_bundle_manifest(bd);
+  auto hf = Model::load(base_dir(), DType::F32);
+  auto gg = Model::load(synth_as_gguf(), DType::F32);
+  ASSERT_EQ(gg->config().rope_style, RopeStyle::Interleaved);
+  ExpertPool ph(b, hf->config()), pg(b, gg->config());
+  hf->set_experts(&ph);
+  gg->set_experts(&pg);
+  auto t = toks(21, 77);
+  EXPECT_TRUE(all_close(run(*gg, t, nullptr).data(), run(*hf, t, nullptr).data(), 21 * 300, {1e-5, 1e-4}))
+      << "base model: GGUF vs HF";
+  RoutingControls c;
+  c.pin = {{b.groups[0].name, 0.6}, {b.groups[1].name, 0.4}};
+  auto rh = ph.new_routing(c), rg = pg.new_routing(c);
+  auto lh = run(*hf, t, rh.get()), lg = run(*gg, t, rg.get());
+  EXPECT_TRUE(all_close(lg.data(), lh.data(), lh.size(), {1e-5, 1e-4})) << "with experts: GGUF vs HF";
+  EXPECT_EQ(hf->tokenizer().encode("the quick brown fox", false), gg->tokenizer().encode("the quick brown fox", false));
 }
 
 }  // namespace
