@@ -17,3 +17,23 @@ for p in "${prompts[@]}"; do
   printf '\n>>> %s\n' "$p"
   "$ATMOE" generate --model "$MODEL_PATH" --chat --prompt "$p" --max-tokens 80 --temperature 0
 done
+
+# A sample bundle on SmolLM2: 4 groups x 2 random rank-8 experts on all seven modules.
+BUNDLE="$CACHE/bundles/smollm2-demo"
+[ -f "$BUNDLE/atmoe.json" ] || "$ATMOE" synth-bundle --base "$MODEL_PATH" --out "$BUNDLE" --groups 4 \
+  --experts-per-group 2 --rank 8 --seed 1 --b-std 0.01
+"$ATMOE" inspect "$BUNDLE"
+for p in "${prompts[@]}"; do
+  printf '\n>>> [bundle] %s\n' "$p"
+  "$ATMOE" generate --bundle "$BUNDLE" --chat --prompt "$p" --max-tokens 60 --temperature 0 --trace "$BUNDLE/trace.json"
+  python3 - "$BUNDLE/trace.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+groups = {}
+for layer in t["layers"]:
+    for g, w in layer["groups"].items():
+        groups[g] = groups.get(g, 0) + w / len(t["layers"])
+top = sorted(groups.items(), key=lambda kv: -kv[1])[:2]
+print("    heaviest groups: " + ", ".join(f"{g} {w:.2f}" for g, w in top))
+PY
+done
