@@ -55,6 +55,7 @@ int main(int argc, char** argv) {
   reg("inspect", "Print a model's architecture, sizes, dtypes and tokenizer", app::add_inspect);
   reg("synth-model", "Write a deterministic tiny HF-format model", app::add_synth_model);
   reg("synth-bundle", "Write a deterministic bundle of random PEFT experts and routers", app::add_synth_bundle);
+  reg("explain", "Draw a prompt's routing (layers x experts) as an SVG heatmap", app::add_explain);
   reg("bench", "Measure prefill/decode speed and the memory-bandwidth floor", app::add_bench);
   try {
     app.parse(argc, argv);

@@ -13,7 +13,10 @@
 #include "common/bundle.h"
 #include "common/error.h"
 #include "common/safetensors.h"
+#include "apps/routing_flags.h"
+#include "coordinator/engine.h"
 #include "coordinator/experts.h"
+#include "coordinator/explain_svg.h"
 #include "coordinator/model.h"
 #include "coordinator/synth_bundle.h"
 
@@ -36,6 +39,42 @@ Runner add_synth_bundle(CLI::App& app) {
   return [o]() -> int {
     synth_bundle(*o);
     std::cerr << "wrote bundle " << o->out << ": " << o->groups << " groups x " << o->per_group << " experts\n";
+    return 0;
+  };
+}
+
+Runner add_explain(CLI::App& app) {
+  struct Opts {
+    std::string bundle, prompt, out = "routing.svg", dtype, system;
+    bool chat = false;
+    RoutingFlags rf;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--bundle", o->bundle, "Expert bundle directory")->required();
+  app.add_option("--prompt", o->prompt, "Prompt to route")->required();
+  app.add_option("--out", o->out, "SVG file to write");
+  app.add_flag("--chat", o->chat, "Wrap the prompt in the chat template");
+  app.add_option("--system", o->system, "System message (with --chat)");
+  app.add_option("--dtype", o->dtype, "bf16 (default) or f32");
+  add_routing_flags(app, o->rf);
+  return [o]() -> int {
+    Bundle b = load_bundle_manifest(o->bundle);
+    auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
+    ExpertPool pool(b, model->config());
+    model->set_experts(&pool);
+    GenerateRequest r;
+    r.prompt = encode_prompt(*model, o->prompt, o->chat, o->system);
+    ATMOE_CHECK_INPUT(!r.prompt.empty(), "explain: the prompt is empty after tokenization");
+    r.max_tokens = 1;
+    r.routing = to_controls(o->rf);
+    Engine eng(*model);
+    auto res = eng.run({r});
+    ATMOE_CHECK_INPUT(!res[0].routing->ctl.off, "explain: --routing off has no weights to draw");
+    std::ofstream f(o->out);
+    ATMOE_CHECK_INPUT(bool(f), "{}: cannot write", o->out);
+    std::string title = o->prompt.size() > 70 ? o->prompt.substr(0, 67) + "..." : o->prompt;
+    f << routing_heatmap_svg(pool.bundle(), *res[0].routing, "\"" + title + "\"");
+    std::cerr << "wrote " << o->out << "\n";
     return 0;
   };
 }

@@ -26,6 +26,8 @@ struct GenerateOpts {
   int64_t seed = -1;
 };
 
+}  // namespace
+
 std::vector<int32_t> encode_prompt(const Model& m, const std::string& text, bool chat, const std::string& system) {
   const Tokenizer& tok = m.tokenizer();
   if (!chat) return tok.encode(text, tok.add_bos_default(), /*parse_special=*/true);
@@ -37,7 +39,6 @@ std::vector<int32_t> encode_prompt(const Model& m, const std::string& text, bool
   std::string rendered = render_chat(f, msgs, chat_default_system(tok.chat_template()), f == ChatFormat::Llama3 && tok.add_bos_default(), bos_text);
   return tok.encode(rendered, /*add_bos=*/f == ChatFormat::ChatML && tok.add_bos_default(), true);
 }
-}  // namespace
 
 Runner add_generate(CLI::App& app) {
   auto o = std::make_shared<GenerateOpts>();

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 
 #include "common/dtype.h"
+#include "coordinator/model.h"
 
 namespace atmoe::app {
 
@@ -16,6 +17,10 @@ Runner add_synth_model(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_synth_bundle(CLI::App& app);
 int inspect_bundle(const std::string& dir);
+
+// Tokenises a prompt, optionally wrapped in the model's chat template.
+std::vector<int32_t> encode_prompt(const Model& m, const std::string& text, bool chat, const std::string& system);
+Runner add_explain(CLI::App& app);
 
 // Shared: parses "bf16"|"f32" (default: bf16 when the CPU has AVX-512 or AVX2, else f32).
 DType parse_dtype_flag(const std::string& s);

@@ -79,6 +79,14 @@ for l in t["layers"]:
     assert l["experts"]["law-0"] == 0
     assert sum(1 for v in l["groups"].values() if v > 0) <= 2
 PY
+"$BIN" explain --bundle "$WORK/bun" --prompt "Hello there" --out "$WORK/r.svg" 2>/dev/null && python3 - "$WORK/r.svg" <<'PY' && ok "explain writes an SVG heatmap" || bad "explain"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+text = ET.tostring(root, encoding="unicode")
+assert "medicine-0" in text and "law" in text
+rects = [e for e in root.iter() if e.tag.endswith("rect")]
+assert len(rects) > 2 * (6 + 3)   # layers x (experts + groups) cells
+PY
 expect_input_error "unknown expert in --mask" "mask 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --mask nope
 expect_input_error "pins that sum to zero" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine=0
 expect_input_error "malformed --pin" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine
