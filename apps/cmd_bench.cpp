@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/commands.h"
+#include "apps/routing_flags.h"
+#include "coordinator/experts.h"
 #include "common/error.h"
 #include "coordinator/model.h"
 #include "kernels/cpu/cpu_features.h"
@@ -56,11 +58,14 @@ double peak_rss_mib() {
 
 Runner add_bench(CLI::App& app) {
   struct Opts {
-    std::string model, dtype, json;
+    std::string model, bundle, dtype, json;
     int prompt = 512, decode = 64, batch = 16, reps = 3;
+    RoutingFlags rf;
   };
   auto o = std::make_shared<Opts>();
-  app.add_option("--model", o->model, "Model: a .gguf file or an HF directory")->required();
+  app.add_option("--model", o->model, "Model: a .gguf file or an HF directory");
+  app.add_option("--bundle", o->bundle, "Also measure decode with this bundle's experts (routing flags apply)");
+  add_routing_flags(app, o->rf);
   app.add_option("--dtype", o->dtype, "bf16 (default) or f32");
   app.add_option("--prompt-tokens", o->prompt, "Prefill prompt length");
   app.add_option("--decode-tokens", o->decode, "Decode steps timed");
@@ -69,7 +74,17 @@ Runner add_bench(CLI::App& app) {
   app.add_option("--json", o->json, "Also write the results as JSON to this file");
   return [o]() -> int {
     ATMOE_CHECK_INPUT(o->prompt > 0 && o->decode > 0 && o->batch > 0 && o->reps > 0, "bench: sizes must be positive");
-    auto m = Model::load(o->model, parse_dtype_flag(o->dtype));
+    ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "bench: give --model PATH or --bundle DIR");
+    std::unique_ptr<Bundle> bundle;
+    if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
+    auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype));
+    std::unique_ptr<ExpertPool> experts;
+    const RoutingControls controls = to_controls(o->rf);
+    if (bundle) {
+      experts = std::make_unique<ExpertPool>(*bundle, m->config(), m->dtype());
+      m->set_experts(experts.get());
+    }
+    bool with_experts = false;  // decode_rate routes through the experts when set
     const int64_t V = m->config().vocab;
     ThreadPool& pool = ThreadPool::global();
     std::mt19937 rng(1234);
@@ -89,24 +104,31 @@ Runner add_bench(CLI::App& app) {
       prefill_best = std::max(prefill_best, double(prompt.size()) / (now_s() - t0));
     }
     // Decode at batch B: prefill a 32-token prompt per sequence, then time greedy steps.
+    // One timed run of B sequences; the callers interleave configurations rep by rep so the
+    // shared machine's drift hits base and experts alike.
     auto decode_rate = [&](int B) {
       double best = 0;
-      for (int r = 0; r < o->reps; ++r) {
+      for (int r = 0; r < 1; ++r) {
         std::vector<std::unique_ptr<KvCache>> caches;
         std::vector<std::vector<int32_t>> prompts;
+        std::vector<std::unique_ptr<SeqRouting>> routes;
         std::vector<ForwardItem> items;
         for (int b = 0; b < B; ++b) {
           caches.push_back(m->new_cache());
           prompts.push_back(rand_tokens(32));
+          // Each sequence its own routing state: random prompts give each a different mixture.
+          routes.push_back(with_experts ? experts->new_routing(controls) : nullptr);
         }
-        for (int b = 0; b < B; ++b) items.push_back({caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last});
+        for (int b = 0; b < B; ++b)
+          items.push_back({caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last, routes[size_t(b)].get()});
         m->forward(items, logits);
         std::vector<int32_t> next(static_cast<size_t>(B));
         for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
         double t0 = now_s();
         for (int s = 0; s < o->decode; ++s) {
           items.clear();
-          for (int b = 0; b < B; ++b) items.push_back({caches[size_t(b)].get(), &next[size_t(b)], 1, LogitsMode::Last});
+          for (int b = 0; b < B; ++b)
+            items.push_back({caches[size_t(b)].get(), &next[size_t(b)], 1, LogitsMode::Last, routes[size_t(b)].get()});
           m->forward(items, logits);
           for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
         }
@@ -114,8 +136,17 @@ Runner add_bench(CLI::App& app) {
       }
       return best;
     };
-    double d1 = decode_rate(1);
-    double dB = decode_rate(o->batch);
+    double d1 = 0, dB = 0, e1 = 0, eB = 0;
+    for (int r = 0; r < o->reps; ++r) {
+      with_experts = false;
+      d1 = std::max(d1, decode_rate(1));
+      dB = std::max(dB, decode_rate(o->batch));
+      if (experts) {
+        with_experts = true;
+        e1 = std::max(e1, decode_rate(1));
+        eB = std::max(eB, decode_rate(o->batch));
+      }
+    }
     double rss = peak_rss_mib();  // before the bandwidth probe's own 256 MiB buffer
     double bw = measure_bandwidth(pool);
     double wbytes = double(m->weight_bytes());
@@ -126,6 +157,12 @@ Runner add_bench(CLI::App& app) {
     std::cout << fmt::format("prefill      {:>9.1f} tok/s  ({}-token prompt)\n", prefill_best, o->prompt);
     std::cout << fmt::format("decode b=1   {:>9.1f} tok/s\n", d1);
     std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1)\n", o->batch, dB, dB / d1);
+    if (experts) {
+      std::cout << fmt::format("experts      {} ({} experts in {} groups)\n", o->bundle, experts->n_experts(),
+                               bundle->groups.size());
+      std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({:+.1f}% vs base)\n", e1, 100.0 * (d1 / e1 - 1));
+      std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({:+.1f}% vs base)\n", o->batch, eB, 100.0 * (dB / eB - 1));
+    }
     std::cout << fmt::format("bandwidth    {:>9.2f} GB/s (measured read)\n", bw);
     std::cout << fmt::format("weights/step {:>9.1f} MiB -> floor {:.1f} tok/s at batch 1; b=1 reaches {:.0f}% of it\n",
                              wbytes / (1 << 20), floor_tps, 100.0 * d1 / floor_tps);
@@ -136,6 +173,12 @@ Runner add_bench(CLI::App& app) {
                           {"prompt_tokens", o->prompt}, {"decode_b1_tok_s", d1}, {"batch", o->batch},
                           {"decode_batch_tok_s", dB}, {"bandwidth_gb_s", bw}, {"weight_bytes", wbytes},
                           {"floor_b1_tok_s", floor_tps}, {"peak_rss_mib", rss}};
+      if (experts) {
+        j["bundle"] = o->bundle;
+        j["n_experts"] = experts->n_experts();
+        j["experts_decode_b1_tok_s"] = e1;
+        j["experts_decode_batch_tok_s"] = eB;
+      }
       std::ofstream(o->json) << j.dump(2) << "\n";
     }
     return 0;

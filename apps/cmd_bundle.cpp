@@ -60,7 +60,7 @@ Runner add_explain(CLI::App& app) {
   return [o]() -> int {
     Bundle b = load_bundle_manifest(o->bundle);
     auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
-    ExpertPool pool(b, model->config());
+    ExpertPool pool(b, model->config(), model->dtype());
     model->set_experts(&pool);
     GenerateRequest r;
     r.prompt = encode_prompt(*model, o->prompt, o->chat, o->system);

@@ -79,7 +79,7 @@ Runner add_generate(CLI::App& app) {
     std::unique_ptr<ExpertPool> experts;
     RoutingControls controls = to_controls(o->rf);
     if (bundle) {
-      experts = std::make_unique<ExpertPool>(*bundle, model->config());
+      experts = std::make_unique<ExpertPool>(*bundle, model->config(), model->dtype());
       (void)resolve_routing(experts->bundle(), controls);  // a bad control fails before any work
       model->set_experts(experts.get());
     }

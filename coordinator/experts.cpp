@@ -15,7 +15,8 @@ SiteShapes site_shapes(const ModelConfig& c) {
   return s;
 }
 
-ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c) : b_(b) {
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
+  ATMOE_ASSERT(dtype == DType::F32 || dtype == DType::BF16);
   const SiteShapes shapes = site_shapes(c);
   for (const auto& e : b_.experts) adapters_.push_back(load_peft_adapter(e.adapter_dir, e.name, shapes));
   if (b_.general) general_ = std::make_unique<PeftAdapter>(load_peft_adapter(b_.general->adapter_dir, b_.general->name, shapes));
@@ -80,10 +81,10 @@ ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c) : b_(b) {
           for (int64_t n = 0; n < st.d_out; ++n) B[size_t(out_row(n) * R + r0 + r)] = w->B.data<float>()[n * w->rank + r];
         }
       }
-      st.A = Tensor::empty(DType::F32, {int64_t(cpu::packed_elems(R, st.d_in))});
-      st.B = Tensor::empty(DType::F32, {int64_t(cpu::packed_elems(st.d_out, R))});
-      cpu::pack_weights(A.data(), R, st.d_in, DType::F32, st.A.data<float>());
-      cpu::pack_weights(B.data(), st.d_out, R, DType::F32, st.B.data<float>());
+      st.A = Tensor::empty(dtype, {int64_t(cpu::packed_elems(R, st.d_in))});
+      st.B = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st.d_out, R))});
+      cpu::pack_weights(A.data(), R, st.d_in, dtype, st.A.data<void>());
+      cpu::pack_weights(B.data(), st.d_out, R, dtype, st.B.data<void>());
     }
   ATMOE_LOG("coord")->info("bundle {}: {} groups, {} experts{}", b_.dir, G, E, general_ ? " + general" : "");
 }

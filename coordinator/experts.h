@@ -22,7 +22,7 @@ namespace atmoe {
 struct SiteStack {
   int64_t R = 0;                  // rows incl. padding (multiple of kPanel)
   int64_t d_in = 0, d_out = 0;
-  Tensor A, B;                    // packed f32: A [R, d_in], B [d_out, R]
+  Tensor A, B;                    // packed, model dtype: A [R, d_in], B [d_out, R]
   std::vector<int32_t> row_expert;  // [R]: expert index, E for the general expert, -1 padding
   std::vector<float> row_scale;     // [R]: the expert's LoRA scale s_e for this module
   std::vector<std::pair<int64_t, int64_t>> block;  // [G + 1]: row range of each group (+ general)
@@ -40,7 +40,8 @@ struct SeqRouting {
 
 class ExpertPool {
  public:
-  ExpertPool(const Bundle& b, const ModelConfig& c);
+  // dtype: of the stacked LoRA weights (the model's: bf16 halves the bytes read per step).
+  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32);
   const Bundle& bundle() const { return b_; }
   const Router& router() const { return *router_; }
   const SiteStack& stack(int layer, Site s) const { return stacks_[size_t(layer) * kNumSites + size_t(s)]; }

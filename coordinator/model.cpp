@@ -23,6 +23,9 @@ struct Model::Scratch {
   // the mix and shrink buffers of the LoRA kernel ([T, R]), whether any token routes.
   std::vector<float> coef, coef_general, mix, lora_u, umean;
   std::vector<double> ra, rw;
+  std::vector<char> live;
+  cpu::LoraScratch lora;
+  cpu::LoraMixParams lp;
   bool routing_active = false;
   std::vector<int32_t> pos;
   std::vector<cpu::AttentionSeq> seqs;
@@ -262,7 +265,8 @@ void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* 
   const int E = experts_->n_experts();
   grow(s.mix, size_t(T * st.R));
   grow(s.lora_u, size_t(T * st.R));
-  std::vector<char> live(st.block.size(), 0);
+  std::vector<char>& live = s.live;
+  live.assign(st.block.size(), 0);
   for (int64_t t = 0; t < T; ++t) {
     const float* ce = s.coef.data() + t * E;
     float* m = s.mix.data() + t * st.R;
@@ -274,11 +278,14 @@ void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* 
         live[b] |= v != 0.f;
       }
   }
-  cpu::LoraMixParams p;
+  cpu::LoraMixParams& p = s.lp;  // reused: its `active` keeps its capacity
+  p.scratch = &s.lora;
+  p.active.clear();
   p.x = x;
   p.ldx = ldx;
-  p.A = st.A.data<float>();
-  p.B = st.B.data<float>();
+  p.A = st.A.raw();
+  p.B = st.B.raw();
+  p.dtype = st.A.dtype();
   p.mix = s.mix.data();
   p.u = s.lora_u.data();
   p.y = y;

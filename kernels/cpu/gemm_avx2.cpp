@@ -25,7 +25,8 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   for (int j = 0; j < TB; ++j)
     for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_setzero_ps();
   const size_t base = size_t(panel * p.K) * kPanel;
-  const float* x = p.x + t0 * p.ldx;
+  const float* xr[TB];
+  for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
   const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
   for (int64_t ri = 0; ri < nranges; ++ri) {
     const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
@@ -33,7 +34,7 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
       __m256 w[4];
       for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(p.w, base + size_t(k) * kPanel + size_t(8 * q));
       for (int j = 0; j < TB; ++j) {
-        const __m256 xb = _mm256_broadcast_ss(x + j * p.ldx + k);
+        const __m256 xb = _mm256_broadcast_ss(xr[j] + k);
         for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_fmadd_ps(w[q], xb, acc[j][q]);
       }
     }
@@ -42,7 +43,7 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   for (int j = 0; j < TB; ++j) {
     alignas(32) float out[kPanel];
     for (int q = 0; q < 4; ++q) _mm256_store_ps(out + 8 * q, acc[j][q]);
-    float* y = p.y + (t0 + j) * p.ldy + n0;
+    float* y = p.y + y_row(p, t0 + j) * p.ldy + n0;
     for (int64_t r = 0; r < rows; ++r) {
       float v = out[r] + (p.bias ? p.bias[n0 + r] : 0.f);
       y[r] = p.accumulate ? y[r] + v : v;

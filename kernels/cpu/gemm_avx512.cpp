@@ -29,7 +29,8 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   __m512 acc[TB][2];
   for (int j = 0; j < TB; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
   const size_t base = size_t(panel * p.K) * kPanel;
-  const float* x = p.x + t0 * p.ldx;
+  const float* xr[TB];
+  for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
   const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
   for (int64_t ri = 0; ri < nranges; ++ri) {
     const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
@@ -37,7 +38,7 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
       __m512 w0, w1;
       load32<BF16>(p.w, base + size_t(k) * kPanel, w0, w1);
       for (int j = 0; j < TB; ++j) {
-        const __m512 xb = _mm512_set1_ps(x[j * p.ldx + k]);
+        const __m512 xb = _mm512_set1_ps(xr[j][k]);
         acc[j][0] = _mm512_fmadd_ps(w0, xb, acc[j][0]);
         acc[j][1] = _mm512_fmadd_ps(w1, xb, acc[j][1]);
       }
@@ -52,7 +53,7 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
     b1 = _mm512_maskz_loadu_ps(m1, p.bias + n0 + 16);
   }
   for (int j = 0; j < TB; ++j) {
-    float* y = p.y + (t0 + j) * p.ldy + n0;
+    float* y = p.y + y_row(p, t0 + j) * p.ldy + n0;
     __m512 r0 = _mm512_add_ps(acc[j][0], b0), r1 = _mm512_add_ps(acc[j][1], b1);
     if (p.accumulate) {
       r0 = _mm512_add_ps(r0, _mm512_maskz_loadu_ps(m0, y));

@@ -38,9 +38,10 @@ void matmul_ref(const MatmulParams& p) {
       const int64_t nr = p.k_ranges ? p.n_k_ranges : 1;
       for (int64_t ri = 0; ri < nr; ++ri) {
         const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
-        for (int64_t k = k0; k < k1; ++k) acc += double(p.x[t * p.ldx + k]) * double(packed_at(p.w, p.w_dtype, p.K, n, k));
+        for (int64_t k = k0; k < k1; ++k)
+          acc += double(p.x[x_row(p, t) * p.ldx + k]) * double(packed_at(p.w, p.w_dtype, p.K, n, k));
       }
-      float& y = p.y[t * p.ldy + n];
+      float& y = p.y[y_row(p, t) * p.ldy + n];
       y = p.accumulate ? float(double(y) + acc) : float(acc);
     }
 }
@@ -49,14 +50,14 @@ void gemm_panels_scalar(const MatmulParams& p, int64_t p0, int64_t p1) {
   for (int64_t n = p0 * kPanel; n < std::min(p.N, p1 * kPanel); ++n)
     for (int64_t t = 0; t < p.T; ++t) {
       float acc = 0.f;
-      const float* x = p.x + t * p.ldx;
+      const float* x = p.x + x_row(p, t) * p.ldx;
       const int64_t nr = p.k_ranges ? p.n_k_ranges : 1;
       for (int64_t ri = 0; ri < nr; ++ri) {
         const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
         for (int64_t k = k0; k < k1; ++k) acc += x[k] * packed_at(p.w, p.w_dtype, p.K, n, k);
       }
       acc += p.bias ? p.bias[n] : 0.f;
-      float& y = p.y[t * p.ldy + n];
+      float& y = p.y[y_row(p, t) * p.ldy + n];
       y = p.accumulate ? y + acc : acc;
     }
 }
@@ -79,7 +80,7 @@ void matmul(const MatmulParams& p, float* ws, ThreadPool& pool) {
   ATMOE_ASSERT(p.w_dtype == DType::F32 || p.w_dtype == DType::BF16);
   ATMOE_ASSERT(p.ldx >= p.K && p.ldy >= p.N);
   if (p.T == 0 || p.N == 0) return;
-  if (use_blas(p.T) && !p.k_ranges) {
+  if (use_blas(p.T) && !p.k_ranges && !p.x_rows && !p.y_rows) {
     ATMOE_ASSERT(ws != nullptr);
     const float beta = p.accumulate ? 1.f : 0.f;
     for (int64_t n0 = 0; n0 < p.N; n0 += kBlasRows) {
@@ -112,7 +113,7 @@ void matmul(const MatmulParams& p, float* ws, ThreadPool& pool) {
   matmul_simd(p, pool);
 }
 
-static decltype(&gemm_panels_scalar) panel_kernel() {
+PanelKernel panel_kernel() {
   switch (best_isa()) {
     case Isa::Avx512: return gemm_panels_avx512;
     case Isa::Avx2: return gemm_panels_avx2;

@@ -47,7 +47,14 @@ struct MatmulParams {
   // active experts' rank rows). SIMD path and reference only.
   const int64_t* k_ranges = nullptr;
   int64_t n_k_ranges = 0;
+  // Optional gather/scatter (SIMD path and reference): token j reads x row x_rows[j] and
+  // writes y row y_rows[j] (LoRA groups computed for the tokens that use them only).
+  const int32_t* x_rows = nullptr;
+  const int32_t* y_rows = nullptr;
 };
+
+inline int64_t x_row(const MatmulParams& p, int64_t t) { return p.x_rows ? p.x_rows[t] : t; }
+inline int64_t y_row(const MatmulParams& p, int64_t t) { return p.y_rows ? p.y_rows[t] : t; }
 
 // True when matmul() sends T-token calls to OpenBLAS (ATMOE_PREFILL_GEMM=blas).
 bool use_blas(int64_t T);
@@ -66,5 +73,7 @@ void matmul_ref(const MatmulParams& p);
 void gemm_panels_scalar(const MatmulParams& p, int64_t p0, int64_t p1);
 void gemm_panels_avx2(const MatmulParams& p, int64_t p0, int64_t p1);
 void gemm_panels_avx512(const MatmulParams& p, int64_t p0, int64_t p1);
+using PanelKernel = void (*)(const MatmulParams&, int64_t, int64_t);
+PanelKernel panel_kernel();  // the best one for this CPU
 
 }  // namespace atmoe::cpu

@@ -235,6 +235,7 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   p.ldx = din;
   p.A = Ap.data();
   p.B = Bp.data();
+  p.dtype = DType::F32;
   p.mix = mix.data();
   std::vector<float> u = poisoned(size_t(T * R));
   p.u = u.data();
@@ -244,6 +245,8 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   p.d_out = dout;
   p.R = R;
   p.active = {blocks[0], blocks[2]};
+  cpu::LoraScratch scratch;
+  p.scratch = &scratch;
   auto got = y0, viaref = y0;
   p.y = got.data();
   cpu::lora_mix_apply(p, pool2());
@@ -267,6 +270,25 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   Tol tol{1e-4, 1e-5};
   EXPECT_TRUE(all_close(got.data(), want.data(), want.size(), tol));
   EXPECT_TRUE(all_close(viaref.data(), want.data(), want.size(), tol));
+  // bf16 stacks (bf16 models): the kernel against the reference on the same bf16 values.
+  std::vector<uint16_t> Ab(cpu::packed_elems(R, din)), Bb(cpu::packed_elems(dout, R));
+  cpu::pack_weights(A.data(), R, din, DType::BF16, Ab.data());
+  cpu::pack_weights(B.data(), dout, R, DType::BF16, Bb.data());
+  p.A = Ab.data();
+  p.B = Bb.data();
+  p.dtype = DType::BF16;
+  auto gb = y0, rb = y0;
+  p.y = gb.data();
+  cpu::lora_mix_apply(p, pool2());
+  p.y = rb.data();
+  cpu::lora_mix_apply_ref(p);
+  EXPECT_TRUE(all_close(gb.data(), rb.data(), rb.size(), tol));
+  double num = 0, den = 0;  // bf16 rounding of A and B: close to the f32 result as a whole
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (gb[i] - want[i]) * (gb[i] - want[i]);
+    den += (want[i] - y0[i]) * (want[i] - y0[i]);
+  }
+  EXPECT_LT(std::sqrt(num / den), 1e-2);
 }
 
 TEST(SiluMul, MatchesReference) {
