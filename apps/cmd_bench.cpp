@@ -13,6 +13,7 @@
 #include "apps/commands.h"
 #include "apps/routing_flags.h"
 #include "coordinator/experts.h"
+#include "coordinator/trex_pool.h"
 #include "common/error.h"
 #include "coordinator/model.h"
 #include "kernels/cpu/cpu_features.h"
@@ -79,11 +80,18 @@ Runner add_bench(CLI::App& app) {
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype));
     std::unique_ptr<ExpertPool> experts;
+    std::unique_ptr<TrexPool> trex;
     const RoutingControls controls = to_controls(o->rf);
-    if (bundle) {
+    if (bundle && bundle->method == "t-rex") {
+      trex = std::make_unique<TrexPool>(*bundle, m->config(), m->dtype());
+      m->set_trex(trex.get());
+    } else if (bundle) {
       experts = std::make_unique<ExpertPool>(*bundle, m->config(), m->dtype());
       m->set_experts(experts.get());
     }
+    auto new_routing = [&]() {
+      return experts ? experts->new_routing(controls) : trex->new_routing(controls);
+    };
     bool with_experts = false;  // decode_rate routes through the experts when set
     const int64_t V = m->config().vocab;
     ThreadPool& pool = ThreadPool::global();
@@ -117,7 +125,7 @@ Runner add_bench(CLI::App& app) {
           caches.push_back(m->new_cache());
           prompts.push_back(rand_tokens(32));
           // Each sequence its own routing state: random prompts give each a different mixture.
-          routes.push_back(with_experts ? experts->new_routing(controls) : nullptr);
+          routes.push_back(with_experts ? new_routing() : nullptr);
         }
         for (int b = 0; b < B; ++b)
           items.push_back({caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last, routes[size_t(b)].get()});
@@ -141,7 +149,7 @@ Runner add_bench(CLI::App& app) {
       with_experts = false;
       d1 = std::max(d1, decode_rate(1));
       dB = std::max(dB, decode_rate(o->batch));
-      if (experts) {
+      if (experts || trex) {
         with_experts = true;
         e1 = std::max(e1, decode_rate(1));
         eB = std::max(eB, decode_rate(o->batch));
@@ -157,9 +165,10 @@ Runner add_bench(CLI::App& app) {
     std::cout << fmt::format("prefill      {:>9.1f} tok/s  ({}-token prompt)\n", prefill_best, o->prompt);
     std::cout << fmt::format("decode b=1   {:>9.1f} tok/s\n", d1);
     std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1)\n", o->batch, dB, dB / d1);
-    if (experts) {
-      std::cout << fmt::format("experts      {} ({} experts in {} groups)\n", o->bundle, experts->n_experts(),
-                               bundle->groups.size());
+    if (experts || trex) {
+      std::cout << fmt::format("experts      {} ({})\n", o->bundle,
+                               experts ? fmt::format("{} experts in {} groups", experts->n_experts(), bundle->groups.size())
+                                       : fmt::format("t-rex {}, {} rank-1 experts per module", trex->adapter().mode, trex->adapter().E));
       std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({:+.1f}% vs base)\n", e1, 100.0 * (d1 / e1 - 1));
       std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({:+.1f}% vs base)\n", o->batch, eB, 100.0 * (dB / eB - 1));
     }
@@ -173,9 +182,9 @@ Runner add_bench(CLI::App& app) {
                           {"prompt_tokens", o->prompt}, {"decode_b1_tok_s", d1}, {"batch", o->batch},
                           {"decode_batch_tok_s", dB}, {"bandwidth_gb_s", bw}, {"weight_bytes", wbytes},
                           {"floor_b1_tok_s", floor_tps}, {"peak_rss_mib", rss}};
-      if (experts) {
+      if (experts || trex) {
         j["bundle"] = o->bundle;
-        j["n_experts"] = experts->n_experts();
+        j["n_experts"] = experts ? experts->n_experts() : trex->adapter().E;
         j["experts_decode_b1_tok_s"] = e1;
         j["experts_decode_batch_tok_s"] = eB;
       }

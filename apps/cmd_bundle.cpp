@@ -19,6 +19,7 @@
 #include "coordinator/explain_svg.h"
 #include "coordinator/model.h"
 #include "coordinator/synth_bundle.h"
+#include "coordinator/trex_pool.h"
 
 namespace atmoe::app {
 
@@ -31,14 +32,20 @@ Runner add_synth_bundle(CLI::App& app) {
   app.add_option("--rank", o->ranks, "LoRA rank, or a comma list cycled over experts (heterogeneous ranks)");
   app.add_option("--targets", o->targets, "Adapted modules: q,k,v,o,gate,up,down");
   app.add_option("--seed", o->seed, "Random seed")->required();
-  app.add_option("--method", o->method, "at-moe");
+  app.add_option("--method", o->method, "at-moe (default) or t-rex");
+  app.add_option("--trex-mode", o->trex_mode, "t-rex: rank1 or rank1_flex (default; --rank r1,r2)");
+  app.add_flag("--router-mapping", o->router_mapping, "t-rex: a learned mapper from 32 centroids to the experts");
+  app.add_option("--intuition", o->intuition, "t-rex: hidden_state (default) or embedding");
+  app.add_option("--intuition-layer", o->intuition_layer, "t-rex: base layer whose pooled hidden state is the embedding");
+  app.add_option("--embedding-dim", o->embedding_dim, "t-rex: embedding dimension for --intuition embedding");
   app.add_option("--router-input", o->input, "per_request (default) or per_token");
   app.add_flag("--general", o->general, "Add a general expert (lambda 0.8)");
   app.add_option("--b-std", o->b_std, "Standard deviation of lora_B entries (small keeps the base fluent)");
   app.add_option("--router-gain", o->router_gain, "Scale of the router weights (larger = sharper routing)");
   return [o]() -> int {
     synth_bundle(*o);
-    std::cerr << "wrote bundle " << o->out << ": " << o->groups << " groups x " << o->per_group << " experts\n";
+    if (o->method == "t-rex") std::cerr << "wrote bundle " << o->out << ": t-rex " << o->trex_mode << "\n";
+    else std::cerr << "wrote bundle " << o->out << ": " << o->groups << " groups x " << o->per_group << " experts\n";
     return 0;
   };
 }
@@ -59,6 +66,8 @@ Runner add_explain(CLI::App& app) {
   add_routing_flags(app, o->rf);
   return [o]() -> int {
     Bundle b = load_bundle_manifest(o->bundle);
+    ATMOE_CHECK_INPUT(b.method == "at-moe", "explain: {} is a {} bundle; the heatmap draws at-moe routing (use generate --trace)",
+                      o->bundle, b.method);
     auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
     ExpertPool pool(b, model->config(), model->dtype());
     model->set_experts(&pool);
@@ -82,6 +91,22 @@ Runner add_explain(CLI::App& app) {
 int inspect_bundle(const std::string& dir) {
   Bundle b = load_bundle_manifest(dir);
   auto model = Model::load(b.base_model, DType::BF16);
+  if (b.method == "t-rex") {
+    TrexPool t(b, model->config(), DType::F32);
+    const auto& a = t.adapter();
+    std::set<int> sites;
+    for (const auto& [k, m] : a.modules) sites.insert(int(k.second));
+    std::string ss;
+    for (int si : sites) ss += std::string(ss.empty() ? "" : ",") + site_name(Site(si));
+    std::cout << "bundle:       " << dir << " (method t-rex, " << a.mode << ", r1 " << a.r1 << ", r2 " << a.r2 << ", "
+              << a.E << " rank-1 experts per module" << (a.mapper ? ", router mapping" : "") << ")\n";
+    std::cout << "base model:   " << b.base_model << ": " << model->config().summary() << "\n";
+    std::cout << fmt::format("modules:      {} (targets {}), {:.2f} MiB\n", a.modules.size(), ss, double(a.param_bytes()) / (1 << 20));
+    std::cout << fmt::format("intuition:    {} centroids of dimension {}, from {}\n", t.K(), t.d_e(),
+                             b.trex->intuition_from_hidden ? "the pooled hidden state of layer " + std::to_string(b.trex->hidden_layer)
+                                                           : std::string("a request embedding"));
+    return 0;
+  }
   ExpertPool pool(b, model->config());
   std::cout << "bundle:       " << dir << " (method " << b.method << ", router input "
             << (b.router_input == RouterInput::PerToken ? "per_token" : "per_request") << ", tau_group " << b.tau_group

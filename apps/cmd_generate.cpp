@@ -12,6 +12,7 @@
 #include "common/log.h"
 #include "coordinator/engine.h"
 #include "coordinator/trace.h"
+#include "coordinator/trex_pool.h"
 
 namespace atmoe::app {
 
@@ -77,10 +78,15 @@ Runner add_generate(CLI::App& app) {
     ATMOE_CHECK_INPUT(bundle || o->trace.empty(), "--trace needs --bundle");
     auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype));
     std::unique_ptr<ExpertPool> experts;
+    std::unique_ptr<TrexPool> trex;
     RoutingControls controls = to_controls(o->rf);
-    if (bundle) {
+    if (bundle && bundle->method == "t-rex") {
+      trex = std::make_unique<TrexPool>(*bundle, model->config(), model->dtype());
+      (void)trex->new_routing(controls);  // a bad control fails before any work
+      model->set_trex(trex.get());
+    } else if (bundle) {
       experts = std::make_unique<ExpertPool>(*bundle, model->config(), model->dtype());
-      (void)resolve_routing(experts->bundle(), controls);  // a bad control fails before any work
+      (void)resolve_routing(experts->bundle(), controls);
       model->set_experts(experts.get());
     }
     uint64_t seed = o->seed >= 0 ? uint64_t(o->seed) : std::random_device{}();
@@ -109,12 +115,13 @@ Runner add_generate(CLI::App& app) {
     }
     if (!o->trace.empty()) {
       nlohmann::json t = nlohmann::json::array();
-      for (const auto& r : res) t.push_back(routing_trace(experts->bundle(), *r.routing));
+      for (const auto& r : res)
+        t.push_back(experts ? routing_trace(experts->bundle(), *r.routing) : trex_trace(*trex, *r.routing));
       std::ofstream f(o->trace);
       ATMOE_CHECK_INPUT(bool(f), "{}: cannot write the trace", o->trace);
       f << (t.size() == 1 ? t[0] : t).dump(1) << "\n";
     }
-    if (experts && ATMOE_LOG("coord")->should_log(spdlog::level::info))
+    if (experts && !experts->bundle().groups.empty() && ATMOE_LOG("coord")->should_log(spdlog::level::info))
       for (size_t i = 0; i < res.size(); ++i) {
         auto hg = heaviest_groups(experts->bundle(), *res[i].routing);
         ATMOE_LOG("coord")->info("request {}: heaviest groups {} ({:.2f}){}", i, hg[0].first, hg[0].second,

@@ -1,6 +1,7 @@
 #include "apps/routing_flags.h"
 
 #include <cmath>
+#include <fstream>
 #include <sstream>
 
 #include "common/error.h"
@@ -17,6 +18,11 @@ void add_routing_flags(CLI::App& app, RoutingFlags& f) {
   app.add_option("--tau-group", f.tau_group, "Group softmax temperature (0 = argmax)");
   app.add_option("--tau-expert", f.tau_expert, "Expert softmax temperature (0 = argmax)");
   app.add_option("--lambda", f.lambda, "Weight of the mixture against the general expert, in [0, 1]");
+  app.add_option("--intuition-embedding", f.intuition_embedding,
+                 "T-REX: the request's embedding (a JSON array or whitespace-separated numbers)");
+  app.add_option("--intuition", f.intuition, "T-REX: on (default) or off (s = 0)");
+  app.add_option("--pin-cluster", f.pin_cluster, "T-REX: take the intuition of cluster K");
+  app.add_option("--omega", f.omega, "T-REX: override ω' (token router share) in [0, 1]");
 }
 
 std::map<std::string, double> parse_weight_list(const std::string& flag, const std::string& text) {
@@ -54,6 +60,27 @@ RoutingControls to_controls(const RoutingFlags& f) {
   c.tau_group = f.tau_group;
   c.tau_expert = f.tau_expert;
   c.lambda = f.lambda;
+  ATMOE_CHECK_INPUT(f.intuition == "on" || f.intuition == "off", "--intuition '{}': expected on or off", f.intuition);
+  c.intuition_off = f.intuition == "off";
+  c.pin_cluster = f.pin_cluster;
+  ATMOE_CHECK_INPUT(f.pin_cluster >= -1, "--pin-cluster {}: expected a cluster index", f.pin_cluster);
+  c.omega = f.omega;
+  if (!f.intuition_embedding.empty()) {
+    std::ifstream in(f.intuition_embedding);
+    ATMOE_CHECK_INPUT(bool(in), "{}: cannot open the intuition embedding", f.intuition_embedding);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (char& ch : text)
+      if (ch == '[' || ch == ']' || ch == ',') ch = ' ';
+    std::stringstream ns(text);
+    std::string tok;
+    while (ns >> tok) {
+      char* end = nullptr;
+      double v = std::strtod(tok.c_str(), &end);
+      ATMOE_CHECK_INPUT(end && *end == '\0' && std::isfinite(v), "{}: '{}' is not a number", f.intuition_embedding, tok);
+      c.intuition_embedding.push_back(float(v));
+    }
+    ATMOE_CHECK_INPUT(!c.intuition_embedding.empty(), "{}: no numbers", f.intuition_embedding);
+  }
   return c;
 }
 

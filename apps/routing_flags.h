@@ -16,6 +16,10 @@ struct RoutingFlags {
   std::string routing = "on", adapter, pin, mask, group_bias;
   int top_k_groups = 0;
   std::optional<double> tau_group, tau_expert, lambda;
+  // T-REX
+  std::string intuition_embedding, intuition = "on";
+  int pin_cluster = -1;
+  std::optional<double> omega;
 };
 
 void add_routing_flags(CLI::App& app, RoutingFlags& f);

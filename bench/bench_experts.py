@@ -8,7 +8,8 @@ router dense, and with top-1 of 4 groups, interleaved with base-only runs.
 
 llama.cpp gets the same 16 experts as GGUF LoRA adapters (written here with the gguf
 package exactly as convert_lora_to_gguf.py lays them out: <tensor>.lora_a [r, d_in],
-<tensor>.lora_b [d_out, r], F16, q/k lora_b rows permuted like the base), all 16 applied
+<tensor>.lora_b [d_out, r], F32 — the fastest of F32/F16/BF16 for llama.cpp here —
+q/k lora_b rows permuted like the base), all 16 applied
 at fixed scales (1/16 each) to the BF16 GGUF of the base:
   (b) 16 dense experts at fixed weights: atmoe (pins 1/4 per group, uniform inside) vs
       llama.cpp, batch 1 and 16;
@@ -68,8 +69,8 @@ def peft_to_gguf_lora(adapter_dir, out, n_head=9, n_head_kv=3):
             h = n_head if mod == "q_proj" else n_head_kv
             b = b.reshape(h, 2, b.shape[0] // h // 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
         name = f"blk.{layer}.{MODS[mod]}.weight"
-        w.add_tensor(name + ".lora_a", a.astype(np.float16))
-        w.add_tensor(name + ".lora_b", np.ascontiguousarray(b).astype(np.float16))
+        w.add_tensor(name + ".lora_a", a.astype(np.float32))
+        w.add_tensor(name + ".lora_b", np.ascontiguousarray(b).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -61,8 +61,28 @@ Bundle load_bundle_manifest(const std::string& dir) {
   b.base_model = bundle_path(dir, need_str(j, "base_model", "bundle"), m, "base_model");
   ATMOE_CHECK_INPUT(fs::exists(b.base_model), "{}: base_model: '{}' not found", m, b.base_model);
   b.method = need_str(j, "method", "bundle");
-  ATMOE_CHECK_INPUT(b.method == "at-moe",
-                    "{}: method '{}' is not supported by this build (expected \"at-moe\"; t-rex is planned)", m, b.method);
+  ATMOE_CHECK_INPUT(b.method == "at-moe" || b.method == "t-rex", "{}: method '{}' (expected \"at-moe\" or \"t-rex\")", m,
+                    b.method);
+  if (b.method == "t-rex") {
+    ATMOE_CHECK_INPUT(j.contains("t_rex") && j["t_rex"].is_object(), "{}: method t-rex needs an object 't_rex'", m);
+    const json& t = j["t_rex"];
+    TrexSpec ts;
+    ts.adapter_dir = bundle_path(dir, need_str(t, "adapter", "t_rex"), m, "t_rex.adapter");
+    ts.centroids_file = bundle_path(dir, need_str(t, "centroids", "t_rex"), m, "t_rex.centroids");
+    ATMOE_CHECK_INPUT(t.contains("intuition") && t["intuition"].is_object(), "{}: t_rex.intuition must be an object", m);
+    std::string src = need_str(t["intuition"], "source", "t_rex.intuition");
+    ATMOE_CHECK_INPUT(src == "embedding" || src == "hidden_state",
+                      "{}: t_rex.intuition.source '{}' (expected embedding or hidden_state)", m, src);
+    ts.intuition_from_hidden = src == "hidden_state";
+    if (ts.intuition_from_hidden) {
+      ATMOE_CHECK_INPUT(t["intuition"].contains("layer") && t["intuition"]["layer"].is_number_integer() &&
+                            t["intuition"]["layer"].get<int>() >= 0,
+                        "{}: t_rex.intuition.layer must be a layer index", m);
+      ts.hidden_layer = t["intuition"]["layer"].get<int>();
+    }
+    b.trex = ts;
+    return b;
+  }
   ATMOE_CHECK_INPUT(j.contains("groups") && j["groups"].is_array() && !j["groups"].empty(),
                     "{}: 'groups' must be a non-empty list", m);
   std::set<std::string> names, gnames;

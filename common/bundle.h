@@ -29,6 +29,16 @@ struct BundleGroup {
 
 enum class RouterInput { PerRequest, PerToken };
 
+// method "t-rex":
+//   "t_rex": {"adapter": "trex", "centroids": "centroids.safetensors",
+//             "intuition": {"source": "embedding"} | {"source": "hidden_state", "layer": 6}}
+// centroids: safetensors with key "centroids" [K, d_e] (or a 2-D float .npy file).
+struct TrexSpec {
+  std::string adapter_dir, centroids_file;
+  bool intuition_from_hidden = false;  // else: an embedding given with the request
+  int hidden_layer = 0;
+};
+
 struct Bundle {
   std::string dir, manifest;  // bundle directory, path of atmoe.json
   std::string base_model;     // resolved path
@@ -40,6 +50,7 @@ struct Bundle {
   std::string router_file;  // resolved path
   RouterInput router_input = RouterInput::PerRequest;
   double tau_group = 1.0, tau_expert = 1.0;
+  std::optional<TrexSpec> trex;  // method "t-rex"
 
   int expert_index(const std::string& name) const;  // -1 when absent
   int group_index(const std::string& name) const;   // -1 when absent

@@ -36,6 +36,10 @@ struct SeqRouting {
   bool trace_tokens = false;
   std::vector<std::vector<std::vector<double>>> tokens;  // per_token: [token][L][E]
   int64_t n_token_steps = 0;                             // per_token: tokens accumulated into a/w
+  // T-REX: the controls, and the cluster scores C e once known (empty until then).
+  RoutingControls trex_ctl;
+  bool trex_ready = false;
+  std::vector<float> trex_ce;
 };
 
 class ExpertPool {

@@ -6,6 +6,8 @@
 
 #include "common/error.h"
 #include "coordinator/experts.h"
+#include "coordinator/trex_pool.h"
+#include "kernels/cpu/trex.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/matmul.h"
@@ -29,6 +31,10 @@ struct Model::Scratch {
   bool routing_active = false;
   std::vector<int32_t> pos;
   std::vector<cpu::AttentionSeq> seqs;
+  // T-REX: rows that route, their sequences, and per-row intuition and ω'.
+  std::vector<int32_t> trex_rows;
+  std::vector<SeqRouting*> trex_seq;
+  std::vector<float> trex_s, trex_omega, trex_ws, trex_tmp;
 };
 
 Model::Model() : s_(std::make_unique<Scratch>()) {}
@@ -73,6 +79,16 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
   Scratch& s = *s_;
   const int64_t d = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
   const int64_t qd = Hq * D, kvd = Hkv * D, qkvd = qd + 2 * kvd, F = c.ffn, V = c.vocab;
+  // T-REX intuitions that come from a base layer's pooled hidden state, before this
+  // forward uses the scratch buffers.
+  if (trex_)
+    for (const auto& it : items)
+      if (it.routing && !it.routing->ctl.off && !it.routing->trex_ready) {
+        ATMOE_ASSERT(it.cache->len() == 0);  // the whole prompt is in this forward
+        auto e = pooled_hidden(it.tokens, it.n, trex_->bundle().trex->hidden_layer);
+        it.routing->trex_ce = trex_->cluster_scores(e.data(), int64_t(e.size()));
+        it.routing->trex_ready = true;
+      }
   int64_t T = 0, max_ctx = 0;
   for (const auto& it : items) {
     ATMOE_ASSERT(it.cache && it.n > 0);
@@ -114,7 +130,7 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     const LayerWeights& L = layers_[size_t(l)];
     cpu::rmsnorm({s.x.data(), d, L.attn_norm.data<float>(), s.h.data(), d, T, d, float(c.rms_eps)}, &pool);
     linear(L.qkv, s.h.data(), d, s.qkv.data(), qkvd, T, s.ws, pool);
-    if (experts_) {
+    if (experts_ || trex_) {
       route_layer(l, items);
       apply_site(l, int(Site::Q), s.h.data(), d, s.qkv.data(), qkvd, T);
       apply_site(l, int(Site::K), s.h.data(), d, s.qkv.data() + qd, qkvd, T);
@@ -155,17 +171,23 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     grow(s.attn_ws, size_t(cpu::attention_workspace_floats(ap, pool.size())));
     cpu::attention(ap, s.attn_ws.data(), pool);
     linear(L.o, s.attn.data(), qd, s.x.data(), d, T, s.ws, pool, /*accumulate=*/true);
-    if (experts_) apply_site(l, int(Site::O), s.attn.data(), qd, s.x.data(), d, T);
+    if (experts_ || trex_) apply_site(l, int(Site::O), s.attn.data(), qd, s.x.data(), d, T);
 
     cpu::rmsnorm({s.x.data(), d, L.ffn_norm.data<float>(), s.h.data(), d, T, d, float(c.rms_eps)}, &pool);
     linear(L.gate_up, s.h.data(), d, s.gu.data(), 2 * F, T, s.ws, pool);
-    if (experts_) {
+    if (experts_ || trex_) {
       apply_site(l, int(Site::Gate), s.h.data(), d, s.gu.data(), 2 * F, T);
       apply_site(l, int(Site::Up), s.h.data(), d, s.gu.data() + F, 2 * F, T);
     }
     cpu::silu_mul({s.gu.data(), 2 * F, s.gu.data() + F, 2 * F, s.act.data(), F, T, F}, &pool);
     linear(L.down, s.act.data(), F, s.x.data(), d, T, s.ws, pool, /*accumulate=*/true);
-    if (experts_) apply_site(l, int(Site::Down), s.act.data(), F, s.x.data(), d, T);
+    if (experts_ || trex_) apply_site(l, int(Site::Down), s.act.data(), F, s.x.data(), d, T);
+    if (l == stop_after_layer_) {  // pooled_hidden
+      pooled_out_->assign(size_t(d), 0.f);
+      for (int64_t t2 = 0; t2 < T; ++t2)
+        for (int64_t i = 0; i < d; ++i) (*pooled_out_)[size_t(i)] += s.x[size_t(t2 * d + i)] / float(T);
+      return;
+    }
   }
 
   for (auto& it : items) it.cache->set_len(it.cache->len() + it.n);
@@ -197,6 +219,22 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
 // (the first forward of a sequence holds its whole prompt) and reused while decoding.
 void Model::route_layer(int layer, const std::vector<ForwardItem>& items) {
   Scratch& s = *s_;
+  if (trex_) {  // T-REX routes inside each module (kernels/cpu/trex.h); collect the rows that use it
+    (void)layer;
+    s.trex_rows.clear();
+    s.trex_seq.clear();
+    int64_t t0 = 0;
+    for (const auto& it : items) {
+      if (it.routing && !it.routing->ctl.off)
+        for (int64_t j = 0; j < it.n; ++j) {
+          s.trex_rows.push_back(int32_t(t0 + j));
+          s.trex_seq.push_back(it.routing);
+        }
+      t0 += it.n;
+    }
+    s.routing_active = !s.trex_rows.empty();
+    return;
+  }
   const ExpertPool& ep = *experts_;
   const int E = ep.n_experts(), G = int(ep.bundle().groups.size());
   const int64_t d = cfg_.hidden;
@@ -260,6 +298,48 @@ void Model::route_layer(int layer, const std::vector<ForwardItem>& items) {
 void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t T) {
   Scratch& s = *s_;
   if (!s.routing_active) return;
+  if (trex_) {
+    const TrexSite* ts = trex_->site(layer, Site(site));
+    if (!ts) return;
+    const auto& ad = trex_->adapter();
+    const int64_t n = int64_t(s.trex_rows.size()), E = ad.E;
+    s.trex_s.resize(size_t(n * E));
+    s.trex_omega.resize(size_t(n));
+    s.trex_tmp.resize(size_t(E));
+    const SeqRouting* last = nullptr;
+    for (int64_t j = 0; j < n; ++j) {
+      const SeqRouting* r = s.trex_seq[size_t(j)];
+      if (r != last) trex_->module_intuition(*ts, r->trex_ce, s.trex_tmp.data());
+      last = r;
+      std::copy(s.trex_tmp.begin(), s.trex_tmp.end(), s.trex_s.begin() + j * E);
+      s.trex_omega[size_t(j)] = r->trex_ctl.omega ? float(*r->trex_ctl.omega) : ts->omega;
+    }
+    cpu::TrexParams p;
+    p.x = x;
+    p.ldx = ldx;
+    p.AW = ts->AW.raw();
+    p.B = ts->B.raw();
+    p.dtype = ts->AW.dtype();
+    p.R = ts->R;
+    p.T = n;
+    p.d_in = ts->d_in;
+    p.d_out = ts->d_out;
+    p.r1 = ad.r1;
+    p.r2 = ad.r2;
+    p.E = E;
+    p.diagonal = ad.mode == "rank1";
+    p.rows = s.trex_rows.data();
+    p.s = s.trex_s.data();
+    p.omega = s.trex_omega.data();
+    p.gate = ts->gate;
+    grow(s.trex_ws, size_t(cpu::trex_workspace_floats(p)));
+    p.ws = s.trex_ws.data();
+    p.y = y;
+    p.ldy = ldy;
+    cpu::trex_apply(p, *pool_);
+    (void)T;
+    return;
+  }
   const SiteStack& st = experts_->stack(layer, Site(site));
   if (st.R == 0) return;
   const int E = experts_->n_experts();
@@ -297,6 +377,31 @@ void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* 
   for (size_t b = 0; b < st.block.size(); ++b)
     if (live[b] && st.block[b].second > st.block[b].first) p.active.push_back(st.block[b]);
   cpu::lora_mix_apply(p, *pool_);
+}
+
+std::vector<float> Model::pooled_hidden(const int32_t* tokens, int64_t n, int layer) {
+  ATMOE_ASSERT(layer >= 0 && layer < cfg_.n_layers);
+  auto cache = new_cache();
+  std::vector<float> out, lg;
+  const ExpertPool* ep = experts_;
+  const TrexPool* tp = trex_;
+  experts_ = nullptr;
+  trex_ = nullptr;
+  stop_after_layer_ = layer;
+  pooled_out_ = &out;
+  struct Restore {
+    Model* m;
+    const ExpertPool* ep;
+    const TrexPool* tp;
+    ~Restore() {
+      m->experts_ = ep;
+      m->trex_ = tp;
+      m->stop_after_layer_ = -1;
+      m->pooled_out_ = nullptr;
+    }
+  } restore{this, ep, tp};
+  forward({{cache.get(), tokens, n, LogitsMode::None}}, lg);
+  return out;
 }
 
 }  // namespace atmoe

@@ -29,6 +29,12 @@ struct RoutingControls {
   std::map<std::string, double> group_bias;  // group -> added logit
   int top_k_groups = 0;                      // 0 = all
   std::optional<double> tau_group, tau_expert, lambda;
+  // T-REX bundles: the request's embedding (intuition source "embedding"), or the
+  // intuition switched off (s = 0), or pinned to a cluster, and an ω' override.
+  std::vector<float> intuition_embedding;
+  bool intuition_off = false;
+  int pin_cluster = -1;
+  std::optional<double> omega;
 };
 
 // Controls checked against a bundle and turned into indices.

@@ -60,8 +60,70 @@ void write_adapter(const std::string& dir, const ModelConfig& c, const std::vect
 }
 }  // namespace
 
+static void synth_trex(const SynthBundleOptions& o, const ModelConfig& c, const std::vector<Site>& sites,
+                       const std::vector<int>& ranks, const std::string& link) {
+  ATMOE_CHECK_INPUT(o.trex_mode == "rank1" || o.trex_mode == "rank1_flex", "--trex-mode '{}': expected rank1 or rank1_flex",
+                    o.trex_mode);
+  const bool flex = o.trex_mode == "rank1_flex";
+  const int r1 = ranks[0], r2 = flex ? (ranks.size() > 1 ? ranks[1] : ranks[0]) : ranks[0];
+  const int E = flex ? r1 * r2 : r1, K = o.router_mapping ? 32 : E;
+  ATMOE_CHECK_INPUT(o.intuition == "hidden_state" || o.intuition == "embedding",
+                    "--intuition '{}': expected hidden_state or embedding", o.intuition);
+  const int64_t de = o.intuition == "hidden_state" ? c.hidden : o.embedding_dim;
+  const std::string dir = (fs::path(o.out) / "trex").string();
+  fs::create_directories(dir);
+  std::vector<std::string> mods;
+  for (Site s : sites) mods.push_back(site_module(s));
+  json cfg = {{"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"r", E}, {"lora_alpha", 2 * E}, {"lora_dropout", 0.0},
+              {"target_modules", mods}, {"bias", "none"}, {"fan_in_fan_out", false}, {"inference_mode", true},
+              {"modules_to_save", nullptr}};
+  std::ofstream(fs::path(dir) / "adapter_config.json") << cfg.dump(1);
+  json ext = {{"moe_mode", o.trex_mode}, {"rank1_flex_topk", -1}, {"router_mapping", o.router_mapping},
+              {"ablation", nullptr}, {"rank1_flex_rank_allocation", flex ? json::array({r1, r2}) : json(nullptr)}};
+  std::ofstream(fs::path(dir) / "global_external_config.json") << ext.dump(1);
+  std::mt19937_64 rng(o.seed);
+  const SiteShapes sh = site_shapes(c);
+  std::vector<std::vector<float>> store;
+  std::vector<SafetensorsWriteItem> items;
+  store.reserve(size_t(c.n_layers) * sites.size() * 6 + 1);
+  auto add = [&](const std::string& n, std::vector<int64_t> shape, double std, double mean = 0) {
+    size_t cnt = 1;
+    for (auto x : shape) cnt *= size_t(x);
+    std::normal_distribution<double> nd(mean, std);
+    store.emplace_back(cnt);
+    for (auto& v : store.back()) v = float(nd(rng));
+    items.push_back({n, DType::F32, shape, store.back().data()});
+  };
+  for (int l = 0; l < c.n_layers; ++l)
+    for (Site s : sites) {
+      const int64_t din = sh.d_in[size_t(s)], dout = sh.d_out[size_t(s)];
+      std::string p = "base_model.model.model.layers." + std::to_string(l) + "." +
+                      (int(s) <= int(Site::O) ? "self_attn." : "mlp.") + site_module(s);
+      add(p + ".lora_A.weight", {r1, din}, 1.0 / std::sqrt(double(din)));
+      add(p + ".lora_B.weight", {dout, r2}, o.b_std);
+      add(p + ".router.weight", {E, din}, o.router_gain / std::sqrt(double(din)));
+      add(p + ".omg.modules_to_save.default.weight", {1, 1}, 0.01);
+      add(p + ".binary_main_gate_weight.modules_to_save.default.weight", {1, 1}, 0.005, 0.02);
+      if (o.router_mapping) add(p + ".rank1_flex_mapper.weight", {E, K}, 1.0 / std::sqrt(double(K)));
+    }
+  write_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), items, {{"format", "pt"}});
+  std::vector<float> cen(static_cast<size_t>(K * de));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int k = 0; k < K; ++k) {
+    double n2 = 0;
+    for (int64_t i = 0; i < de; ++i) n2 += double(cen[size_t(k * de + i)] = nd(rng)) * cen[size_t(k * de + i)];
+    for (int64_t i = 0; i < de; ++i) cen[size_t(k * de + i)] = float(cen[size_t(k * de + i)] / std::sqrt(n2));
+  }
+  write_safetensors((fs::path(o.out) / "centroids.safetensors").string(), {{"centroids", DType::F32, {K, de}, cen.data()}});
+  json intu = {{"source", o.intuition}};
+  if (o.intuition == "hidden_state") intu["layer"] = o.intuition_layer >= 0 ? o.intuition_layer : c.n_layers / 4;
+  json man = {{"format", "atmoe-bundle"}, {"version", 1}, {"base_model", link}, {"method", "t-rex"},
+              {"t_rex", {{"adapter", "trex"}, {"centroids", "centroids.safetensors"}, {"intuition", intu}}}};
+  std::ofstream(fs::path(o.out) / "atmoe.json") << man.dump(1) << "\n";
+}
+
 void synth_bundle(const SynthBundleOptions& o) {
-  ATMOE_CHECK_INPUT(o.method == "at-moe", "synth-bundle --method '{}': this build writes at-moe bundles", o.method);
+  ATMOE_CHECK_INPUT(o.method == "at-moe" || o.method == "t-rex", "synth-bundle --method '{}': expected at-moe or t-rex", o.method);
   ATMOE_CHECK_INPUT(o.groups >= 1 && o.groups <= 256 && o.per_group >= 1 && o.per_group <= 256,
                     "synth-bundle: --groups and --experts-per-group must be in 1..256");
   ATMOE_CHECK_INPUT(o.input == "per_request" || o.input == "per_token", "--router-input '{}': expected per_request or per_token", o.input);
@@ -86,6 +148,10 @@ void synth_bundle(const SynthBundleOptions& o) {
   std::string link = fs::is_directory(o.base) ? "base" : "base.gguf";
   fs::remove(fs::path(o.out) / link);
   fs::create_symlink(abs, fs::path(o.out) / link);
+  if (o.method == "t-rex") {
+    synth_trex(o, c, sites, ranks, link);
+    return;
+  }
   std::mt19937_64 rng(o.seed);
   json groups = json::array();
   int e = 0;

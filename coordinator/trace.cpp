@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "coordinator/trex_pool.h"
+
 namespace atmoe {
 using json = nlohmann::json;
 
@@ -28,6 +30,20 @@ json routing_trace(const Bundle& b, const SeqRouting& r) {
     }
     out["tokens"] = toks;
   }
+  return out;
+}
+
+json trex_trace(const TrexPool& t, const SeqRouting& r) {
+  json out = {{"method", "t-rex"}, {"mode", t.adapter().mode}, {"r1", t.adapter().r1}, {"r2", t.adapter().r2},
+              {"experts_per_module", t.adapter().E}};
+  if (r.ctl.off) {
+    out["routing"] = "off";
+    return out;
+  }
+  out["intuition"] = r.trex_ce;  // C e, one score per cluster
+  if (r.trex_ctl.intuition_off) out["intuition_source"] = "off";
+  else if (r.trex_ctl.pin_cluster >= 0) out["intuition_source"] = "cluster " + std::to_string(r.trex_ctl.pin_cluster);
+  if (r.trex_ctl.omega) out["omega"] = *r.trex_ctl.omega;
   return out;
 }
 

@@ -14,6 +14,9 @@
 namespace atmoe {
 
 nlohmann::json routing_trace(const Bundle& b, const SeqRouting& r);
+class TrexPool;
+// T-REX: {"method": "t-rex", "mode": ..., "intuition": [C e], "omega": ..., "routing": "off"?}
+nlohmann::json trex_trace(const TrexPool& t, const SeqRouting& r);
 // Groups ordered by their mean weight over layers, heaviest first.
 std::vector<std::pair<std::string, double>> heaviest_groups(const Bundle& b, const SeqRouting& r);
 

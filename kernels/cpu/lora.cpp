@@ -85,7 +85,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
 
 void lora_mix_apply_ref(const LoraMixParams& p) {
   for (int64_t t = 0; t < p.T; ++t) {
-    std::vector<double> u(size_t(p.R), 0.0);
+    std::vector<double> u(static_cast<size_t>(p.R), 0.0);
     for (auto [a, b] : p.active)
       for (int64_t r = a; r < b; ++r) {
         double s = 0;

@@ -116,5 +116,27 @@ expect_input_error "absolute path in the bundle" "must be relative" -- "$BIN" ge
 mkbad nb9 && echo '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "use_dora": true}' >"$WORK/nb9/experts/code-1/adapter_config.json"
 expect_input_error "DoRA adapter refused" "DoRA" -- "$BIN" generate --bundle "$WORK/nb9" --prompt x
 
+# T-REX bundles.
+"$BIN" synth-bundle --base "$WORK/m" --out "$WORK/trex" --method t-rex --trex-mode rank1_flex --rank 4,2 --router-mapping \
+  --seed 4 2>/dev/null && ok "synth-bundle --method t-rex" || bad "synth-bundle --method t-rex"
+"$BIN" inspect "$WORK/trex" | grep -q "rank1_flex" && ok "inspect a t-rex bundle" || bad "inspect a t-rex bundle"
+"$BIN" generate --bundle "$WORK/trex" --prompt "Hello" --max-tokens 5 --temperature 0 --trace "$WORK/ttrace.json" >/dev/null 2>&1 \
+  && python3 -c "import json,sys; t=json.load(open(sys.argv[1])); assert t['method']=='t-rex' and len(t['intuition'])==32" "$WORK/ttrace.json" \
+  && ok "t-rex generate with a hidden-state intuition and trace" || bad "t-rex generate"
+t_off=$("$BIN" generate --bundle "$WORK/trex" --routing off --prompt "Hello" --max-tokens 12 --temperature 0 --ignore-eos 2>/dev/null)
+[ "$t_off" = "$base_out" ] && ok "t-rex --routing off prints the base model's text" || bad "t-rex --routing off"
+expect_input_error "t-rex pin-cluster out of range" "pin_cluster" -- "$BIN" generate --bundle "$WORK/trex" --prompt x --pin-cluster 99
+expect_input_error "at-moe control on a t-rex bundle" "not t-rex" -- "$BIN" generate --bundle "$WORK/trex" --prompt x --top-k-groups 1
+"$BIN" synth-bundle --base "$WORK/m" --out "$WORK/trex_e" --method t-rex --trex-mode rank1 --rank 4 --intuition embedding \
+  --embedding-dim 8 --seed 4 2>/dev/null
+expect_input_error "t-rex without the request embedding" "intuition-embedding" -- "$BIN" generate --bundle "$WORK/trex_e" --prompt x
+echo "[1, 2, 3]" >"$WORK/emb3.json"
+expect_input_error "t-rex embedding of the wrong size" "8" -- "$BIN" generate --bundle "$WORK/trex_e" --prompt x --intuition-embedding "$WORK/emb3.json"
+echo "[1, 0, 0, 0, 0, 0, 0, 0.5]" >"$WORK/emb8.json"
+"$BIN" generate --bundle "$WORK/trex_e" --prompt x --max-tokens 3 --intuition-embedding "$WORK/emb8.json" >/dev/null 2>&1 \
+  && ok "t-rex with a request embedding" || bad "t-rex with a request embedding"
+rm -rf "$WORK/tb1"; cp -r "$WORK/trex" "$WORK/tb1"; rm "$WORK/tb1/centroids.safetensors"
+expect_input_error "t-rex bundle without centroids" "centroids" -- "$BIN" generate --bundle "$WORK/tb1" --prompt x
+
 "$BIN" generate --bogus >/dev/null 2>&1; [ $? -eq 2 ] && ok "unknown flag exits 2" || bad "unknown flag exits 2"
 exit $fail

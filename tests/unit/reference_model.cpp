@@ -26,7 +26,7 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
   const int L = 3, d = 64, H = 4, Hkv = 2, D = 16, F = 96, V = 300, T = int(toks.size());
   const double eps = 1e-5, theta = 10000;
   auto emb = W("model.embed_tokens.weight");
-  std::vector<double> x(size_t(T * d));
+  std::vector<double> x(static_cast<size_t>(T * d));
   for (int t = 0; t < T; ++t)
     for (int i = 0; i < d; ++i) x[size_t(t * d + i)] = emb[size_t(toks[size_t(t)] * d + i)];
   auto rms = [&](const std::vector<double>& in, const std::vector<double>& w) {
@@ -40,7 +40,7 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
     return o;
   };
   auto lin = [&](const std::vector<double>& in, int K, const std::vector<double>& w, int N) {
-    std::vector<double> o(size_t(T * N));
+    std::vector<double> o(static_cast<size_t>(T * N));
     for (int t = 0; t < T; ++t)
       for (int n = 0; n < N; ++n) {
         double a = 0;
@@ -80,7 +80,7 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
       Tensor A = a.f->get(k + "A.weight").to(DType::F32), B = a.f->get(k + "B.weight").to(DType::F32);
       int64_t r = A.dim(0);
       for (int t = 0; t < T; ++t) {
-        std::vector<double> u(size_t(r), 0.0);
+        std::vector<double> u(static_cast<size_t>(r), 0.0);
         for (int64_t i = 0; i < r; ++i)
           for (int k2 = 0; k2 < K; ++k2) u[size_t(i)] += double(A.data<float>()[i * K + k2]) * in[size_t(t * K + k2)];
         for (int n = 0; n < N; ++n) {
@@ -105,11 +105,11 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
     lora(v, h, d, Hkv * D, p + "self_attn.v_proj");
     rope(q, H);
     rope(k, Hkv);
-    std::vector<double> att(size_t(T * H * D));
+    std::vector<double> att(static_cast<size_t>(T * H * D));
     for (int t = 0; t < T; ++t)
       for (int hh = 0; hh < H; ++hh) {
         int kh = hh / (H / Hkv);
-        std::vector<double> s(size_t(t + 1));
+        std::vector<double> s(static_cast<size_t>(t + 1));
         double m = -1e300, z = 0;
         for (int j = 0; j <= t; ++j) {
           double a = 0;

@@ -8,6 +8,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/lora.h"
+#include "kernels/cpu/trex.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/rmsnorm.h"
 #include "kernels/cpu/rope.h"
@@ -69,7 +70,7 @@ void run_matmul_case(const MatmulCase& c, DType wdt, bool bias, bool acc, Kernel
   if (direct) {
     direct(p, 0, (c.N + cpu::kPanel - 1) / cpu::kPanel);
   } else {
-    std::vector<float> ws(size_t(cpu::matmul_workspace_floats(p)) + 1);
+    std::vector<float> ws(static_cast<size_t>(cpu::matmul_workspace_floats(p)) + 1);
     cpu::matmul(p, ws.data(), pool2());
   }
   // sgemm and the SIMD kernels sum in a different order than the double reference:
@@ -179,7 +180,7 @@ TEST(Attention, PackedSequencesWithGqaMatchReference) {
   p.seqs = seqs.data();
   p.n_seqs = int64_t(seqs.size());
   p.max_ctx = max_ctx;
-  std::vector<float> ref(size_t(total * Hq * D)), got = poisoned(ref.size());
+  std::vector<float> ref(static_cast<size_t>(total * Hq * D)), got = poisoned(ref.size());
   p.out = ref.data();
   cpu::attention_ref(p);
   p.out = got.data();
@@ -221,7 +222,7 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // Per-token coefficient of each expert, some zero; the middle group (expert 3) is not in
   // the active ranges, so its nonzero coefficients must not reach y.
   std::vector<std::vector<double>> coef(size_t(T), std::vector<double>(ex.size()));
-  std::vector<float> mix(size_t(T * R), 0.f);
+  std::vector<float> mix(static_cast<size_t>(T * R), 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (size_t e = 0; e < ex.size(); ++e) {
       double c = rng() % 4 == 0 ? 0.0 : std::uniform_real_distribution<double>(-1, 1)(rng);
@@ -237,7 +238,7 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   p.B = Bp.data();
   p.dtype = DType::F32;
   p.mix = mix.data();
-  std::vector<float> u = poisoned(size_t(T * R));
+  std::vector<float> u = poisoned(static_cast<size_t>(T * R));
   p.u = u.data();
   p.ldy = dout;
   p.T = T;
@@ -291,11 +292,85 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   EXPECT_LT(std::sqrt(num / den), 1e-2);
 }
 
+TEST(Trex, RankOneExpertsMatchFloat64Transcription) {
+  std::mt19937_64 rng(test_seed() + 9);
+  for (bool diagonal : {false, true}) {
+    const int64_t din = 40, dout = 33, r1 = diagonal ? 6 : 4, r2 = diagonal ? 6 : 3, E = diagonal ? 6 : 12;
+    const int64_t Tall = 9, R = cpu::packed_rows(r1 + E);
+    auto A = randn(size_t(r1 * din), rng, 0.3f), Wr = randn(size_t(E * din), rng, 0.3f), B = randn(size_t(dout * r2), rng);
+    std::vector<float> aw(static_cast<size_t>(R * din), 0.f);
+    std::copy(A.begin(), A.end(), aw.begin());
+    std::copy(Wr.begin(), Wr.end(), aw.begin() + r1 * din);
+    std::vector<float> awp(cpu::packed_elems(R, din)), bp(cpu::packed_elems(dout, r2));
+    cpu::pack_weights(aw.data(), R, din, DType::F32, awp.data());
+    cpu::pack_weights(B.data(), dout, r2, DType::F32, bp.data());
+    auto x = randn(size_t(Tall * din), rng);
+    std::vector<int32_t> rows{0, 2, 3, 7, 8};  // tokens 1, 4, 5, 6 do not route (their y is untouched)
+    const int64_t T = int64_t(rows.size());
+    auto sv = randn(size_t(T * E), rng);
+    std::vector<float> om(static_cast<size_t>(T));
+    for (auto& o : om) o = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+    auto y0 = randn(size_t(Tall * dout), rng);
+    cpu::TrexParams p;
+    p.x = x.data();
+    p.ldx = din;
+    p.AW = awp.data();
+    p.B = bp.data();
+    p.R = R;
+    p.T = T;
+    p.d_in = din;
+    p.d_out = dout;
+    p.r1 = r1;
+    p.r2 = r2;
+    p.E = E;
+    p.diagonal = diagonal;
+    p.rows = rows.data();
+    p.s = sv.data();
+    p.omega = om.data();
+    p.gate = 0.8f;
+    std::vector<float> ws(static_cast<size_t>(cpu::trex_workspace_floats(p)));
+    p.ws = ws.data();
+    p.ldy = dout;
+    auto got = y0, viaref = y0;
+    p.y = got.data();
+    cpu::trex_apply(p, pool2());
+    p.y = viaref.data();
+    cpu::trex_apply_ref(p);
+    // Independent transcription from the unpacked matrices.
+    std::vector<float> want = y0;
+    for (int64_t j = 0; j < T; ++j) {
+      const float* xt = x.data() + rows[size_t(j)] * din;
+      std::vector<double> u(static_cast<size_t>(r1)), lg(static_cast<size_t>(E)), g(static_cast<size_t>(E)), v(static_cast<size_t>(r2), 0.0);
+      for (int64_t i = 0; i < r1; ++i)
+        for (int64_t k = 0; k < din; ++k) u[size_t(i)] += double(A[size_t(i * din + k)]) * xt[k];
+      double mx = -1e300, z = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t k = 0; k < din; ++k) lg[size_t(e)] += double(Wr[size_t(e * din + k)]) * xt[k];
+        mx = std::max(mx, lg[size_t(e)]);
+      }
+      for (auto& l : lg) z += std::exp(l - mx);
+      for (int64_t e = 0; e < E; ++e)
+        g[size_t(e)] = 32.0 * om[size_t(j)] * std::exp(lg[size_t(e)] - mx) / z + 4.0 * (1 - om[size_t(j)]) * sv[size_t(j * E + e)];
+      for (int64_t b = 0; b < r2; ++b)
+        for (int64_t a = 0; a < r1; ++a)
+          if (!diagonal) v[size_t(b)] += g[size_t(a * r2 + b)] * u[size_t(a)];
+          else if (a == b) v[size_t(b)] = g[size_t(a)] * u[size_t(a)];
+      for (int64_t n = 0; n < dout; ++n) {
+        double acc = 0;
+        for (int64_t b = 0; b < r2; ++b) acc += double(B[size_t(n * r2 + b)]) * v[size_t(b)];
+        want[size_t(rows[size_t(j)] * dout + n)] += float(0.8 * acc);
+      }
+    }
+    EXPECT_TRUE(all_close(got.data(), want.data(), want.size(), {1e-4, 1e-5})) << "diagonal=" << diagonal;
+    EXPECT_TRUE(all_close(viaref.data(), want.data(), want.size(), {1e-4, 1e-5})) << "diagonal=" << diagonal;
+  }
+}
+
 TEST(SiluMul, MatchesReference) {
   std::mt19937_64 rng(test_seed() + 5);
   const int64_t T = 9, F = 1000;
   auto gu = randn(size_t(T * 2 * F), rng, 4.f);
-  std::vector<float> ref(size_t(T * F)), got = poisoned(ref.size());
+  std::vector<float> ref(static_cast<size_t>(T * F)), got = poisoned(ref.size());
   cpu::silu_mul_ref({gu.data(), 2 * F, gu.data() + F, 2 * F, ref.data(), F, T, F});
   cpu::silu_mul({gu.data(), 2 * F, gu.data() + F, 2 * F, got.data(), F, T, F}, &pool2());
   EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));

@@ -1,0 +1,174 @@
+#include "coordinator/trex_pool.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "common/error.h"
+#include "common/safetensors.h"
+#include "coordinator/experts.h"
+#include "kernels/cpu/matmul.h"
+
+namespace atmoe {
+namespace fs = std::filesystem;
+
+// centroids: safetensors key "centroids" [K, d_e], or a .npy file of a 2-D float array.
+static Tensor load_centroids(const std::string& path) {
+  if (path.size() >= 4 && path.substr(path.size() - 4) == ".npy") {
+    std::ifstream f(path, std::ios::binary);
+    ATMOE_CHECK_INPUT(bool(f), "{}: cannot open centroids", path);
+    std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    ATMOE_CHECK_INPUT(all.size() >= 10 && all.compare(0, 6, "\x93NUMPY") == 0, "{}: not a .npy file", path);
+    const uint8_t major = uint8_t(all[6]);
+    const size_t hl = major == 1 ? size_t(uint8_t(all[8])) | size_t(uint8_t(all[9])) << 8
+                                 : (all.size() >= 12 ? size_t(uint8_t(all[8])) | size_t(uint8_t(all[9])) << 8 |
+                                                           size_t(uint8_t(all[10])) << 16 | size_t(uint8_t(all[11])) << 24
+                                                     : 0);
+    const size_t off = major == 1 ? 10 : 12;
+    ATMOE_CHECK_INPUT(off + hl <= all.size(), "{}: truncated .npy header", path);
+    std::string h = all.substr(off, hl);
+    bool f8 = h.find("'<f8'") != std::string::npos, f4 = h.find("'<f4'") != std::string::npos;
+    ATMOE_CHECK_INPUT(f8 || f4, "{}: centroids must be little-endian float32 or float64", path);
+    ATMOE_CHECK_INPUT(h.find("'fortran_order': False") != std::string::npos, "{}: centroids must be C-ordered", path);
+    size_t a = h.find("'shape': ("), b = h.find(')', a);
+    ATMOE_CHECK_INPUT(a != std::string::npos && b != std::string::npos, "{}: no shape in the .npy header", path);
+    int64_t K = 0, D = 0;
+    ATMOE_CHECK_INPUT(std::sscanf(h.c_str() + a + 10, "%ld, %ld", &K, &D) == 2 && K > 0 && D > 0 && K < (1 << 20) && D < (1 << 20),
+                      "{}: centroids must be a 2-D array [K, d_e]", path);
+    const size_t es = f8 ? 8 : 4;
+    ATMOE_CHECK_INPUT(all.size() - off - hl == size_t(K * D) * es, "{}: {} bytes of data, [{}, {}] needs {}", path,
+                      all.size() - off - hl, K, D, size_t(K * D) * es);
+    Tensor t = Tensor::empty(DType::F32, {K, D});
+    const char* p = all.data() + off + hl;
+    for (int64_t i = 0; i < K * D; ++i) {
+      if (f8) {
+        double v;
+        std::memcpy(&v, p + i * 8, 8);
+        t.data<float>()[i] = float(v);
+      } else {
+        std::memcpy(t.data<float>() + i, p + i * 4, 4);
+      }
+    }
+    return t;
+  }
+  SafetensorsFile st(path);
+  ATMOE_CHECK_INPUT(st.has("centroids"), "{}: missing tensor 'centroids' [K, d_e]", path);
+  Tensor t = st.get("centroids");
+  ATMOE_CHECK_INPUT(t.ndim() == 2 && (t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16),
+                    "{}: 'centroids' must be a float matrix [K, d_e], got {} {}", path, dtype_name(t.dtype()), t.shape_str());
+  return t.to(DType::F32);
+}
+
+TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
+  ATMOE_ASSERT(b.trex.has_value());
+  const SiteShapes shapes = site_shapes(c);
+  ad_ = load_trex_adapter(b.trex->adapter_dir, shapes);
+  C_ = load_centroids(b.trex->centroids_file);
+  const int64_t K = C_.dim(0);
+  const std::string& cf = b.trex->centroids_file;
+  if (b.trex->intuition_from_hidden) {
+    ATMOE_CHECK_INPUT(C_.dim(1) == c.hidden, "{}: centroids of dimension {} but intuition.source hidden_state gives {}", cf,
+                      C_.dim(1), c.hidden);
+    ATMOE_CHECK_INPUT(b.trex->hidden_layer < c.n_layers, "{}: t_rex.intuition.layer {} but the base has {} layers", b.manifest,
+                      b.trex->hidden_layer, c.n_layers);
+  }
+  // The released code's shapes: s must end up with E entries.
+  if (ad_.mapper) {
+    for (auto& [k, m] : ad_.modules)
+      ATMOE_CHECK_INPUT(m.M.dim(1) == K, "{}: rank1_flex_mapper has {} inputs but there are {} centroids", ad_.dir, m.M.dim(1), K);
+  } else if (ad_.mode == "rank1" || ad_.E == ad_.r1 * ad_.r2) {
+    const bool repeat = ad_.mode == "rank1_flex" && ad_.r1 == ad_.r2 && ad_.E == ad_.r1 * ad_.r1 && K == ad_.r1;
+    ATMOE_CHECK_INPUT(K == ad_.E || repeat, "{}: {} centroids but the experts need an intuition of {} entries", cf, K, ad_.E);
+  }
+  sites_.resize(size_t(c.n_layers) * kNumSites);
+  for (auto& [ls, m] : ad_.modules) {
+    auto st = std::make_unique<TrexSite>();
+    const int si = int(ls.second);
+    st->d_in = shapes.d_in[size_t(si)];
+    st->d_out = shapes.d_out[size_t(si)];
+    st->R = cpu::packed_rows(ad_.r1 + ad_.E);
+    std::vector<float> aw(static_cast<size_t>(st->R * st->d_in), 0.f), bm(static_cast<size_t>(st->d_out * ad_.r2));
+    std::memcpy(aw.data(), m.A.data<float>(), m.A.nbytes());
+    std::memcpy(aw.data() + ad_.r1 * st->d_in, m.Wr.data<float>(), m.Wr.nbytes());
+    // Same GGUF q/k row permutation as the LoRA experts (experts.cpp).
+    const bool permute = c.rope_style == RopeStyle::Interleaved && (si == int(Site::Q) || si == int(Site::K));
+    const int64_t D = c.head_dim;
+    for (int64_t n = 0; n < st->d_out; ++n) {
+      int64_t o = n;
+      if (permute) o = (n / D) * D + 2 * ((n % D) % (D / 2)) + (n % D) / (D / 2);
+      std::memcpy(&bm[size_t(o * ad_.r2)], m.B.data<float>() + n * ad_.r2, size_t(ad_.r2) * 4);
+    }
+    st->AW = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st->R, st->d_in))});
+    st->B = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st->d_out, ad_.r2))});
+    cpu::pack_weights(aw.data(), st->R, st->d_in, dtype, st->AW.data<void>());
+    cpu::pack_weights(bm.data(), st->d_out, ad_.r2, dtype, st->B.data<void>());
+    st->omega = float(1.0 / (1.0 + std::exp(-100.0 * m.omega)));
+    st->gate = float(1.0 / (1.0 + std::exp(-100.0 * m.gamma)));
+    st->M = m.M;
+    sites_[size_t(ls.first) * kNumSites + size_t(si)] = std::move(st);
+  }
+}
+
+const TrexSite* TrexPool::site(int layer, Site s) const { return sites_[size_t(layer) * kNumSites + size_t(s)].get(); }
+
+std::vector<float> TrexPool::cluster_scores(const float* e, int64_t n) const {
+  ATMOE_CHECK_INPUT(n == d_e(), "intuition embedding has {} values, the centroids have dimension {}", n, d_e());
+  double nrm = 0;
+  for (int64_t i = 0; i < n; ++i) nrm += double(e[i]) * e[i];
+  ATMOE_CHECK_INPUT(std::isfinite(nrm) && nrm > 0, "intuition embedding must be finite and nonzero");
+  const double inv = 1.0 / std::sqrt(nrm);
+  std::vector<float> ce(static_cast<size_t>(K()));
+  for (int k = 0; k < K(); ++k) {
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += double(C_.data<float>()[k * n + i]) * e[i] * inv;
+    ce[size_t(k)] = float(s);
+  }
+  return ce;
+}
+
+std::vector<float> TrexPool::cluster_scores_pinned(int k) const {
+  ATMOE_CHECK_INPUT(k >= 0 && k < K(), "pin_cluster {} out of range 0..{}", k, K() - 1);
+  return cluster_scores(C_.data<float>() + int64_t(k) * d_e(), d_e());
+}
+
+void TrexPool::module_intuition(const TrexSite& s, const std::vector<float>& ce, float* out) const {
+  const int64_t E = ad_.E, K = int64_t(ce.size());
+  if (s.M.raw()) {
+    for (int64_t e = 0; e < E; ++e) {
+      double a = 0;
+      for (int64_t k = 0; k < K; ++k) a += double(s.M.data<float>()[e * K + k]) * ce[size_t(k)];
+      out[e] = float(a);
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) out[e] = ce[size_t(e % K)];
+  }
+}
+
+std::unique_ptr<SeqRouting> TrexPool::new_routing(const RoutingControls& c) const {
+  ATMOE_CHECK_INPUT(c.adapter.empty() && c.pin.empty() && c.mask.empty() && c.group_bias.empty() && c.top_k_groups == 0 &&
+                        !c.tau_group && !c.tau_expert && !c.lambda,
+                    "routing: adapter/pin/mask/group_bias/top_k_groups/tau/lambda apply to at-moe bundles, not t-rex");
+  ATMOE_CHECK_INPUT(!c.omega || (*c.omega >= 0 && *c.omega <= 1), "routing: omega {} must be in [0, 1]", c.omega.value_or(0));
+  ATMOE_CHECK_INPUT(c.pin_cluster < K(), "routing: pin_cluster {} out of range 0..{}", c.pin_cluster, K() - 1);
+  auto r = std::make_unique<SeqRouting>();
+  r->ctl.off = c.off;
+  r->trex_ctl = c;
+  if (c.off) return r;
+  if (c.intuition_off) {
+    r->trex_ce.assign(size_t(K()), 0.f);
+    r->trex_ready = true;
+  } else if (c.pin_cluster >= 0) {
+    r->trex_ce = cluster_scores_pinned(c.pin_cluster);
+    r->trex_ready = true;
+  } else if (!b_.trex->intuition_from_hidden) {
+    ATMOE_CHECK_INPUT(!c.intuition_embedding.empty(),
+                      "routing: this bundle's intuition comes from a request embedding of {} values: give one "
+                      "(--intuition-embedding FILE), or switch the intuition off", d_e());
+    r->trex_ce = cluster_scores(c.intuition_embedding.data(), int64_t(c.intuition_embedding.size()));
+    r->trex_ready = true;
+  }
+  return r;  // hidden_state intuition: computed by the model at prefill
+}
+
+}  // namespace atmoe
