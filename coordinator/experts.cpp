@@ -52,6 +52,11 @@ ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(
       else blocks.emplace_back(R, R);
       st.R = R;
       st.block = blocks;
+      st.block_experts.assign(blocks.size(), {});
+      for (auto [e, w] : rows_of) {
+        (void)w;
+        st.block_experts[e == E ? size_t(G) : size_t(b_.experts[size_t(e)].group)].push_back(e);
+      }
       st.row_expert.assign(size_t(R), -1);
       st.row_scale.assign(size_t(R), 0.f);
       if (R == 0) continue;

@@ -26,6 +26,7 @@ struct SiteStack {
   std::vector<int32_t> row_expert;  // [R]: expert index, E for the general expert, -1 padding
   std::vector<float> row_scale;     // [R]: the expert's LoRA scale s_e for this module
   std::vector<std::pair<int64_t, int64_t>> block;  // [G + 1]: row range of each group (+ general)
+  std::vector<std::vector<int32_t>> block_experts; // [G + 1]: the experts with rows in each block
 };
 
 // Routing state of one sequence: its controls, and the per-request weights once computed.

@@ -21,13 +21,12 @@ namespace atmoe {
 // Activation buffers for one forward call, grown on demand and reused.
 struct Model::Scratch {
   std::vector<float> x, h, qkv, attn, gu, act, ws, attn_ws, sel;
-  // Experts: per-token coefficients λ·w[e] ([T, E]) and (1-λ) for the general expert ([T]),
-  // the mix and shrink buffers of the LoRA kernel ([T, R]), whether any token routes.
-  std::vector<float> coef, coef_general, mix, lora_u, umean;
+  // Experts: per-token coefficients [T, E + 1]: λ·w[e] for the experts, (1-λ) in column E
+  // for the general expert; the shrink buffer of the LoRA kernel ([T, R]); the blocks.
+  std::vector<float> coef, lora_u, umean;
   std::vector<double> ra, rw;
-  std::vector<char> live;
-  cpu::LoraScratch lora;
-  cpu::LoraMixParams lp;
+  std::vector<cpu::LoraBlock> blocks;
+  std::vector<std::pair<size_t, int64_t>> lora_items;
   bool routing_active = false;
   std::vector<int32_t> pos;
   std::vector<cpu::AttentionSeq> seqs;
@@ -242,8 +241,8 @@ void Model::route_layer(int layer, const std::vector<ForwardItem>& items) {
   const bool has_general = ep.general() != nullptr;
   int64_t T = 0;
   for (const auto& it : items) T += it.n;
-  s.coef.assign(size_t(T * E), 0.f);
-  s.coef_general.assign(size_t(T), 0.f);
+  const int64_t C = E + 1;
+  s.coef.assign(size_t(T * C), 0.f);
   s.ra.resize(size_t(G));
   s.rw.resize(size_t(E));
   s.umean.resize(size_t(d));
@@ -269,14 +268,14 @@ void Model::route_layer(int layer, const std::vector<ForwardItem>& items) {
           if (layer == cfg_.n_layers - 1) r->per_request_done = true;
         }
         for (int64_t j = 0; j < it.n; ++j) {
-          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * E + e)] = lam * float(r->w[size_t(layer)][size_t(e)]);
-          s.coef_general[size_t(t0 + j)] = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
+          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * C + e)] = lam * float(r->w[size_t(layer)][size_t(e)]);
+          s.coef[size_t((t0 + j) * C + E)] = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
         }
       } else {
         for (int64_t j = 0; j < it.n; ++j) {
           ep.router().route(layer, s.h.data() + (t0 + j) * d, r->ctl, s.ra.data(), s.rw.data());
-          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * E + e)] = lam * float(s.rw[size_t(e)]);
-          s.coef_general[size_t(t0 + j)] = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
+          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * C + e)] = lam * float(s.rw[size_t(e)]);
+          s.coef[size_t((t0 + j) * C + E)] = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
           // Running mean over tokens for the request-level trace; per-token detail if asked.
           const double k = double(r->n_token_steps + j);
           for (int g = 0; g < G; ++g) r->a[size_t(layer)][size_t(g)] += (s.ra[size_t(g)] - r->a[size_t(layer)][size_t(g)]) / (k + 1);
@@ -342,31 +341,35 @@ void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* 
   }
   const SiteStack& st = experts_->stack(layer, Site(site));
   if (st.R == 0) return;
-  const int E = experts_->n_experts();
-  grow(s.mix, size_t(T * st.R));
-  grow(s.lora_u, size_t(T * st.R));
-  std::vector<char>& live = s.live;
-  live.assign(st.block.size(), 0);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* ce = s.coef.data() + t * E;
-    float* m = s.mix.data() + t * st.R;
-    for (size_t b = 0; b < st.block.size(); ++b)
-      for (int64_t r = st.block[b].first; r < st.block[b].second; ++r) {
-        const int32_t e = st.row_expert[size_t(r)];
-        const float v = e < 0 ? 0.f : (e == E ? s.coef_general[size_t(t)] : ce[e]) * st.row_scale[size_t(r)];
-        m[r] = v;
-        live[b] |= v != 0.f;
-      }
+  const int64_t C = experts_->n_experts() + 1;
+  // Each block (expert group, then the general expert) with the tokens that weight it.
+  if (s.blocks.size() < st.block.size()) s.blocks.resize(st.block.size());
+  for (size_t b = 0; b < st.block.size(); ++b) {
+    cpu::LoraBlock& blk = s.blocks[b];
+    blk.r0 = st.block[b].first;
+    blk.r1 = st.block[b].second;
+    blk.toks.clear();
+    if (blk.r0 == blk.r1) continue;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* ct = s.coef.data() + t * C;
+      for (int32_t e : st.block_experts[b])
+        if (ct[e] != 0.f) {
+          blk.toks.push_back(int32_t(t));
+          break;
+        }
+    }
   }
-  cpu::LoraMixParams& p = s.lp;  // reused: its `active` keeps its capacity
-  p.scratch = &s.lora;
-  p.active.clear();
+  grow(s.lora_u, size_t(T * st.R));
+  cpu::LoraMixParams p;
   p.x = x;
   p.ldx = ldx;
   p.A = st.A.raw();
   p.B = st.B.raw();
   p.dtype = st.A.dtype();
-  p.mix = s.mix.data();
+  p.row_expert = st.row_expert.data();
+  p.row_scale = st.row_scale.data();
+  p.coef = s.coef.data();
+  p.ldc = C;
   p.u = s.lora_u.data();
   p.y = y;
   p.ldy = ldy;
@@ -374,8 +377,9 @@ void Model::apply_site(int layer, int site, const float* x, int64_t ldx, float* 
   p.d_in = st.d_in;
   p.d_out = st.d_out;
   p.R = st.R;
-  for (size_t b = 0; b < st.block.size(); ++b)
-    if (live[b] && st.block[b].second > st.block[b].first) p.active.push_back(st.block[b]);
+  p.blocks = s.blocks.data();
+  p.n_blocks = int64_t(st.block.size());
+  p.items = &s.lora_items;
   cpu::lora_mix_apply(p, *pool_);
 }
 

@@ -74,6 +74,11 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
   while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
 }
 
+void ThreadPool::barrier(std::atomic<int>& arrived, int n) {
+  arrived.fetch_add(1, std::memory_order_acq_rel);
+  while (arrived.load(std::memory_order_acquire) < n) _mm_pause();
+}
+
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;

@@ -28,6 +28,9 @@ class ThreadPool {
 
   static ThreadPool& global();
 
+  // Inside run(): every thread waits here until all n have arrived (single use per counter).
+  static void barrier(std::atomic<int>& arrived, int n);
+
  private:
   void worker(int idx);
   int n_;

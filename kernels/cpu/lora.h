@@ -3,14 +3,15 @@
 //   x:   [T, d_in] (stride ldx)                      y: [T, d_out] (stride ldy), y += Δ
 //   A:   all experts' lora_A stacked, [R, d_in], packed panels (matmul.h), f32 or bf16
 //   B:   all experts' lora_B side by side, [d_out, R], packed panels, same dtype
-//   mix: [T, R]: the coefficient of rank row r for token t (λ · w_t[e(r)] · s_e; 0 where
-//        the expert is inactive for that token)
-//   active: [begin, end) row ranges of R, multiples of kPanel (whole expert groups);
-//        rows outside every range cost nothing, and inside a range only the tokens whose
-//        mix is nonzero there are computed (gathered rows: top-k routing pays for k groups).
+//   row_expert [R], row_scale [R]: the expert (column of coef; -1 = padding) and LoRA
+//        scale s_e of each rank row
+//   coef [T, ldc]: the routing coefficient of each expert for each token (λ · w_t[e])
+//   blocks: [r0, r1) row ranges (multiples of kPanel: whole expert groups) with the tokens
+//        that use them; rows outside every block and tokens not listed cost nothing.
 //   u (workspace): [T, R]
-// Two parallel regions per call: shrink over (group, panel) items, expand over output panels.
-// Δ[t] = Σ_{r in active} B[:, r] · mix[t, r] · (A[r, :] · x[t])
+// Δ[t] = Σ_{blocks b ∋ t} Σ_{r in b} B[:, r] · coef[t, e(r)] · s_{e(r)} · (A[r, :] · x[t])
+// One parallel region: shrink+mix over (block, panel) items, a barrier, expand over
+// output panels.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -22,10 +23,9 @@ namespace atmoe { class ThreadPool; }
 
 namespace atmoe::cpu {
 
-// Reused between calls so the per-step path does not allocate (owned by the caller).
-struct LoraScratch {
-  std::vector<std::vector<int32_t>> toks;
-  std::vector<std::pair<size_t, int64_t>> items;
+struct LoraBlock {
+  int64_t r0 = 0, r1 = 0;
+  std::vector<int32_t> toks;  // tokens (rows of x, y, coef) that use this block
 };
 
 struct LoraMixParams {
@@ -34,13 +34,17 @@ struct LoraMixParams {
   const void* A = nullptr;
   const void* B = nullptr;
   DType dtype = DType::F32;
-  const float* mix = nullptr;
+  const int32_t* row_expert = nullptr;
+  const float* row_scale = nullptr;
+  const float* coef = nullptr;
+  int64_t ldc = 0;
   float* u = nullptr;
   float* y = nullptr;
   int64_t ldy = 0;
   int64_t T = 0, d_in = 0, d_out = 0, R = 0;
-  std::vector<std::pair<int64_t, int64_t>> active;  // row ranges
-  LoraScratch* scratch = nullptr;                    // required by lora_mix_apply
+  const LoraBlock* blocks = nullptr;
+  int64_t n_blocks = 0;
+  std::vector<std::pair<size_t, int64_t>>* items = nullptr;  // scratch for lora_mix_apply (reused)
 };
 
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool);

@@ -219,16 +219,29 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   std::vector<float> Ap(cpu::packed_elems(R, din)), Bp(cpu::packed_elems(dout, R));
   cpu::pack_weights(A.data(), R, din, DType::F32, Ap.data());
   cpu::pack_weights(B.data(), dout, R, DType::F32, Bp.data());
-  // Per-token coefficient of each expert, some zero; the middle group (expert 3) is not in
-  // the active ranges, so its nonzero coefficients must not reach y.
-  std::vector<std::vector<double>> coef(size_t(T), std::vector<double>(ex.size()));
-  std::vector<float> mix(static_cast<size_t>(T * R), 0.f);
-  for (int64_t t = 0; t < T; ++t)
-    for (size_t e = 0; e < ex.size(); ++e) {
-      double c = rng() % 4 == 0 ? 0.0 : std::uniform_real_distribution<double>(-1, 1)(rng);
-      coef[size_t(t)][e] = c;
-      for (int64_t i = 0; i < ex[e].r; ++i) mix[size_t(t * R + ex[e].row0 + i)] = float(c);
+  // Per-token coefficient of each expert, some zero, and a LoRA scale per expert. The
+  // middle group (expert 3) is not among the blocks, so its nonzero coefficients must not
+  // reach y; inside a block only the listed tokens are computed.
+  const int64_t nE = int64_t(ex.size());
+  std::vector<float> coef(static_cast<size_t>(T * nE)), scale(static_cast<size_t>(nE));
+  for (auto& v : scale) v = std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
+  for (auto& v : coef) v = rng() % 4 == 0 ? 0.f : std::uniform_real_distribution<float>(-1, 1)(rng);
+  std::vector<int32_t> row_expert(size_t(R), -1);
+  std::vector<float> row_scale(size_t(R), 0.f);
+  for (size_t e = 0; e < ex.size(); ++e)
+    for (int64_t i = 0; i < ex[e].r; ++i) {
+      row_expert[size_t(ex[e].row0 + i)] = int32_t(e);
+      row_scale[size_t(ex[e].row0 + i)] = scale[e];
     }
+  std::vector<cpu::LoraBlock> blk(2);
+  blk[0].r0 = blocks[0].first;
+  blk[0].r1 = blocks[0].second;
+  blk[1].r0 = blocks[2].first;
+  blk[1].r1 = blocks[2].second;
+  for (int64_t t = 0; t < T; ++t) {
+    if (coef[size_t(t * nE)] != 0 || coef[size_t(t * nE + 1)] != 0 || coef[size_t(t * nE + 2)] != 0) blk[0].toks.push_back(int32_t(t));
+    if (coef[size_t(t * nE + 4)] != 0) blk[1].toks.push_back(int32_t(t));
+  }
   auto x = randn(size_t(T * din), rng);
   auto y0 = randn(size_t(T * dout), rng);
   cpu::LoraMixParams p;
@@ -237,17 +250,21 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   p.A = Ap.data();
   p.B = Bp.data();
   p.dtype = DType::F32;
-  p.mix = mix.data();
-  std::vector<float> u = poisoned(static_cast<size_t>(T * R));
+  p.row_expert = row_expert.data();
+  p.row_scale = row_scale.data();
+  p.coef = coef.data();
+  p.ldc = nE;
+  std::vector<float> u = poisoned(size_t(T * R));
   p.u = u.data();
   p.ldy = dout;
   p.T = T;
   p.d_in = din;
   p.d_out = dout;
   p.R = R;
-  p.active = {blocks[0], blocks[2]};
-  cpu::LoraScratch scratch;
-  p.scratch = &scratch;
+  p.blocks = blk.data();
+  p.n_blocks = 2;
+  std::vector<std::pair<size_t, int64_t>> items;
+  p.items = &items;
   auto got = y0, viaref = y0;
   p.y = got.data();
   cpu::lora_mix_apply(p, pool2());
@@ -263,7 +280,7 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
         for (int64_t i = 0; i < ex[e].r; ++i) {
           double ax = 0;
           for (int64_t k = 0; k < din; ++k) ax += double(ex[e].A[size_t(i * din + k)]) * x[size_t(t * din + k)];
-          acc += coef[size_t(t)][e] * double(ex[e].B[size_t(n * ex[e].r + i)]) * ax;
+          acc += double(coef[size_t(t * nE) + e]) * scale[e] * double(ex[e].B[size_t(n * ex[e].r + i)]) * ax;
         }
       }
       want[size_t(t * dout + n)] = float(acc);
