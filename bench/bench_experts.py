@@ -163,7 +163,7 @@ def main():
         loras = []
         for g in man["groups"]:
             for e in g["experts"]:
-                p = os.path.join(bundles[16], e["adapter"], "lora.gguf")
+                p = os.path.join(bundles[16], e["adapter"], "lora_f32.gguf")
                 if not os.path.exists(p):
                     peft_to_gguf_lora(os.path.join(bundles[16], e["adapter"]), p)
                 loras.append(p)
