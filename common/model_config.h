@@ -1,6 +1,7 @@
 // Architecture hyper-parameters of a Llama-family decoder, from an HF config.json
 // (llama, mistral, qwen2, SmolLM2) or from GGUF metadata (general.architecture llama|qwen2).
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,14 @@ struct ModelConfig {
 
 ModelConfig config_from_hf_json(const std::string& path);  // config.json
 ModelConfig config_from_gguf(const GgufFile& f);
+
+// GGUF llama files store q and k with each head's rows reordered for the GGML rope
+// (convert_hf_to_gguf: reshape(n_head, 2, D/2, K).swapaxes(1, 2)): HF output row n lands
+// on GGUF row gguf_qk_row(n, D). Used to move HF-trained adapter weights onto such bases.
+inline int64_t gguf_qk_row(int64_t n, int64_t head_dim) {
+  const int64_t j = n % head_dim, half = head_dim / 2;
+  return (n / head_dim) * head_dim + 2 * (j % half) + j / half;
+}
 
 // Per-pair inverse frequencies (head_dim/2 of them) including llama3 scaling.
 std::vector<float> rope_inv_freq(const ModelConfig& c);

@@ -65,16 +65,10 @@ ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(
       // Place each expert's rows at the next free row of its block.
       std::vector<int64_t> next(blocks.size());
       for (size_t k = 0; k < blocks.size(); ++k) next[k] = blocks[k].first;
-      // GGUF llama bases store q and k with each head's rows interleaved for the GGML rope
-      // (convert_hf_to_gguf permutes them); PEFT adapters are trained on the HF layout, so
-      // lora_B's q/k rows get the same permutation: GGUF row 2i+h <- HF row h*D/2 + i.
+      // PEFT adapters are trained on the HF layout: on a GGUF llama base, lora_B's q/k rows
+      // follow the base's rope permutation.
       const bool permute = c.rope_style == RopeStyle::Interleaved && (si == int(Site::Q) || si == int(Site::K));
-      const int64_t D = c.head_dim;
-      auto out_row = [&](int64_t n) {
-        if (!permute) return n;
-        const int64_t head = n / D, j = n % D, h = j / (D / 2), i = j % (D / 2);
-        return head * D + 2 * i + h;
-      };
+      auto out_row = [&](int64_t n) { return permute ? gguf_qk_row(n, c.head_dim) : n; };
       for (auto [e, w] : rows_of) {
         size_t blk = e == E ? size_t(G) : size_t(b_.experts[size_t(e)].group);
         int64_t r0 = next[blk];

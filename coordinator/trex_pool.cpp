@@ -91,12 +91,10 @@ TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
     std::vector<float> aw(static_cast<size_t>(st->R * st->d_in), 0.f), bm(static_cast<size_t>(st->d_out * ad_.r2));
     std::memcpy(aw.data(), m.A.data<float>(), m.A.nbytes());
     std::memcpy(aw.data() + ad_.r1 * st->d_in, m.Wr.data<float>(), m.Wr.nbytes());
-    // Same GGUF q/k row permutation as the LoRA experts (experts.cpp).
+    // HF-trained lora_B on a GGUF llama base: q/k rows follow the base's rope permutation.
     const bool permute = c.rope_style == RopeStyle::Interleaved && (si == int(Site::Q) || si == int(Site::K));
-    const int64_t D = c.head_dim;
     for (int64_t n = 0; n < st->d_out; ++n) {
-      int64_t o = n;
-      if (permute) o = (n / D) * D + 2 * ((n % D) % (D / 2)) + (n % D) / (D / 2);
+      const int64_t o = permute ? gguf_qk_row(n, c.head_dim) : n;
       std::memcpy(&bm[size_t(o * ad_.r2)], m.B.data<float>() + n * ad_.r2, size_t(ad_.r2) * 4);
     }
     st->AW = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st->R, st->d_in))});

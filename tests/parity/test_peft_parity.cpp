@@ -16,27 +16,13 @@
 #include "coordinator/model.h"
 #include "coordinator/synth_bundle.h"
 #include "coordinator/synth_model.h"
+#include "tests/parity/golden_args.h"
 #include "tests/unit/check.h"
 
 namespace atmoe::test {
 namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-std::string fnv1a64(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return fmt::format("{:016x}", h);
-}
-
-std::string arg(const json& args, const std::string& name) {
-  for (size_t i = 0; i + 1 < args.size(); ++i)
-    if (args[i] == name) return args[i + 1].get<std::string>();
-  ADD_FAILURE() << "missing " << name;
-  return "0";
-}
 
 TEST(PeftParity, SingleAdapterAndCatMixtureMatchPeft) {
   const char* gd = std::getenv("ATMOE_GOLDENS");
@@ -48,22 +34,22 @@ TEST(PeftParity, SingleAdapterAndCatMixtureMatchPeft) {
   std::string work = (fs::temp_directory_path() / ("atmoe_peft_" + std::to_string(::getpid()))).string();
   SynthModelOptions mo;
   mo.out = work + "/model";
-  mo.seed = std::stoull(arg(ma, "--seed"));
-  mo.layers = std::stoi(arg(ma, "--layers"));
-  mo.hidden = std::stoi(arg(ma, "--hidden"));
-  mo.heads = std::stoi(arg(ma, "--heads"));
-  mo.kv_heads = std::stoi(arg(ma, "--kv-heads"));
-  mo.ffn = std::stoi(arg(ma, "--ffn"));
-  mo.vocab = std::stoi(arg(ma, "--vocab"));
+  mo.seed = std::stoull(cli_arg(ma, "--seed", ""));
+  mo.layers = std::stoi(cli_arg(ma, "--layers", ""));
+  mo.hidden = std::stoi(cli_arg(ma, "--hidden", ""));
+  mo.heads = std::stoi(cli_arg(ma, "--heads", ""));
+  mo.kv_heads = std::stoi(cli_arg(ma, "--kv-heads", ""));
+  mo.ffn = std::stoi(cli_arg(ma, "--ffn", ""));
+  mo.vocab = std::stoi(cli_arg(ma, "--vocab", ""));
   synth_model(mo);
   SynthBundleOptions bo;
   bo.base = mo.out;
   bo.out = work + "/bundle";
-  bo.groups = std::stoi(arg(ba, "--groups"));
-  bo.per_group = std::stoi(arg(ba, "--experts-per-group"));
-  bo.ranks = arg(ba, "--rank");
-  bo.seed = std::stoull(arg(ba, "--seed"));
-  bo.b_std = std::stod(arg(ba, "--b-std"));
+  bo.groups = std::stoi(cli_arg(ba, "--groups", ""));
+  bo.per_group = std::stoi(cli_arg(ba, "--experts-per-group", ""));
+  bo.ranks = cli_arg(ba, "--rank", "");
+  bo.seed = std::stoull(cli_arg(ba, "--seed", ""));
+  bo.b_std = std::stod(cli_arg(ba, "--b-std", ""));
   synth_bundle(bo);
   for (auto& [rel, h] : g["fnv1a64"].items())
     ASSERT_EQ(fnv1a64(work + "/" + rel), h.get<std::string>())

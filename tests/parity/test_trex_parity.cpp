@@ -15,31 +15,13 @@
 #include "coordinator/synth_bundle.h"
 #include "coordinator/synth_model.h"
 #include "coordinator/trex_pool.h"
+#include "tests/parity/golden_args.h"
 #include "tests/unit/check.h"
 
 namespace atmoe::test {
 namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-std::string fnv1a64(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return fmt::format("{:016x}", h);
-}
-
-bool has(const json& a, const std::string& n) {
-  for (const auto& x : a)
-    if (x == n) return true;
-  return false;
-}
-std::string arg(const json& a, const std::string& n, const std::string& def) {
-  for (size_t i = 0; i + 1 < a.size(); ++i)
-    if (a[i] == n) return a[i + 1].get<std::string>();
-  return def;
-}
 
 TEST(TrexParity, MatchesTorchTranscription) {
   const char* gd = std::getenv("ATMOE_GOLDENS");
@@ -50,13 +32,13 @@ TEST(TrexParity, MatchesTorchTranscription) {
   const json& ma = g["synth_model_args"];
   SynthModelOptions mo;
   mo.out = work + "/model";
-  mo.seed = std::stoull(arg(ma, "--seed", "0"));
-  mo.layers = std::stoi(arg(ma, "--layers", "2"));
-  mo.hidden = std::stoi(arg(ma, "--hidden", "64"));
-  mo.heads = std::stoi(arg(ma, "--heads", "4"));
-  mo.kv_heads = std::stoi(arg(ma, "--kv-heads", "2"));
-  mo.ffn = std::stoi(arg(ma, "--ffn", "96"));
-  mo.vocab = std::stoi(arg(ma, "--vocab", "320"));
+  mo.seed = std::stoull(cli_arg(ma, "--seed", "0"));
+  mo.layers = std::stoi(cli_arg(ma, "--layers", "2"));
+  mo.hidden = std::stoi(cli_arg(ma, "--hidden", "64"));
+  mo.heads = std::stoi(cli_arg(ma, "--heads", "4"));
+  mo.kv_heads = std::stoi(cli_arg(ma, "--kv-heads", "2"));
+  mo.ffn = std::stoi(cli_arg(ma, "--ffn", "96"));
+  mo.vocab = std::stoi(cli_arg(ma, "--vocab", "320"));
   synth_model(mo);
   const auto toks = g["tokens"].get<std::vector<int32_t>>();
   for (auto& [name, cs] : g["cases"].items()) {
@@ -65,15 +47,15 @@ TEST(TrexParity, MatchesTorchTranscription) {
     bo.base = mo.out;
     bo.out = work + "/" + name;
     bo.method = "t-rex";
-    bo.trex_mode = arg(ba, "--trex-mode", "rank1_flex");
-    bo.ranks = arg(ba, "--rank", "8");
-    bo.router_mapping = has(ba, "--router-mapping");
-    bo.intuition = arg(ba, "--intuition", "hidden_state");
-    bo.intuition_layer = std::stoi(arg(ba, "--intuition-layer", "-1"));
-    bo.embedding_dim = std::stoi(arg(ba, "--embedding-dim", "64"));
-    bo.targets = arg(ba, "--targets", bo.targets);
-    bo.seed = std::stoull(arg(ba, "--seed", "0"));
-    bo.b_std = std::stod(arg(ba, "--b-std", "0.02"));
+    bo.trex_mode = cli_arg(ba, "--trex-mode", "rank1_flex");
+    bo.ranks = cli_arg(ba, "--rank", "8");
+    bo.router_mapping = cli_flag(ba, "--router-mapping");
+    bo.intuition = cli_arg(ba, "--intuition", "hidden_state");
+    bo.intuition_layer = std::stoi(cli_arg(ba, "--intuition-layer", "-1"));
+    bo.embedding_dim = std::stoi(cli_arg(ba, "--embedding-dim", "64"));
+    bo.targets = cli_arg(ba, "--targets", bo.targets);
+    bo.seed = std::stoull(cli_arg(ba, "--seed", "0"));
+    bo.b_std = std::stod(cli_arg(ba, "--b-std", "0.02"));
     synth_bundle(bo);
   }
   for (auto& [rel, h] : g["fnv1a64"].items())
