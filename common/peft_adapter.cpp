@@ -3,12 +3,12 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/regex.h"
 #include "common/safetensors.h"
 
 namespace atmoe {
@@ -27,11 +27,7 @@ std::string module_path(int layer, Site s) {
 // PEFT's pattern rule (tuners_utils.get_pattern_key): the module name ends with `key`
 // after a dot, or equals it.
 bool pattern_matches(const std::string& key, const std::string& module, const std::string& file) {
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error&) {
-    ATMOE_INPUT_ERROR("{}: pattern '{}' is not a valid regular expression", file, key);
-  }
+  return regex_full_match("(.*\\.)?(" + key + ")", module, nullptr, file + ": rank_pattern/alpha_pattern key");
 }
 }  // namespace
 
@@ -132,13 +128,7 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
   auto targeted = [&](int layer, Site s) {
     if (!layers.empty() && !layers.count(layer)) return false;
     const std::string mod = module_path(layer, s);
-    if (tm.is_string()) {
-      try {
-        return std::regex_match(mod, std::regex(tm.get<std::string>()));
-      } catch (const std::regex_error&) {
-        ATMOE_INPUT_ERROR("{}: target_modules '{}' is not a valid regular expression", cfg_path, tm.get<std::string>());
-      }
-    }
+    if (tm.is_string()) return regex_full_match(tm.get<std::string>(), mod, nullptr, cfg_path + ": target_modules");
     for (const auto& t : tm) {
       std::string n = t.get<std::string>();
       if (mod == n || (mod.size() > n.size() && mod.compare(mod.size() - n.size() - 1, n.size() + 1, "." + n) == 0))
@@ -164,22 +154,22 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
   SafetensorsFile st(st_path);
   // Index the tensors by (layer, site, A|B); anything else is an error naming the key.
   std::map<std::tuple<int, int, char>, std::string> keys;
-  static const std::regex key_re(
-      R"(^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A|B)(?:\.[^.]+)?\.weight$)");
+  const std::string key_re =
+      R"((?:base_model\.model\.)?model\.layers\.(\d{1,6})\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_(A|B)(?:\.[^.]+)?\.weight)";
   for (const auto& k : st.names()) {
-    std::smatch m;
-    if (!std::regex_match(k, m, key_re)) {
+    std::vector<std::string> m;
+    if (!regex_full_match(key_re, k, &m)) {
       ATMOE_CHECK_INPUT(k.find("lora_magnitude_vector") == std::string::npos, "{}: '{}': DoRA adapters are not supported", st_path, k);
       ATMOE_CHECK_INPUT(k.find("embed_tokens") == std::string::npos && k.find("lm_head") == std::string::npos &&
                             k.find("lora_embedding") == std::string::npos,
                         "{}: '{}': LoRA on embeddings or lm_head is not supported", st_path, k);
       ATMOE_INPUT_ERROR("{}: unexpected tensor '{}' (expected ...layers.N.self_attn|mlp.X_proj.lora_A|lora_B.weight)", st_path, k);
     }
-    int layer = std::stoi(m[1].str());
+    int layer = std::stoi(m[0]);
     ATMOE_CHECK_INPUT(layer < shapes.n_layers, "{}: '{}': layer {} but the base model has {} layers", st_path, k, layer, shapes.n_layers);
     Site s;
-    parse_site(m[3].str(), &s);
-    auto key = std::make_tuple(layer, int(s), m[4].str()[0]);
+    parse_site(m[2], &s);
+    auto key = std::make_tuple(layer, int(s), m[3][0]);
     ATMOE_CHECK_INPUT(!keys.count(key), "{}: '{}' duplicates '{}'", st_path, k, keys[key]);
     keys[key] = k;
   }

@@ -2,11 +2,11 @@
 
 #include <filesystem>
 #include <fstream>
-#include <regex>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/regex.h"
 #include "common/safetensors.h"
 
 namespace atmoe {
@@ -65,21 +65,21 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
   ATMOE_CHECK_INPUT(abl.empty() || abl == "None", "{}: ablation '{}' is not supported", ext_path, abl);
 
   SafetensorsFile st(st_path);
-  static const std::regex re(
-      R"(^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.(lora_A|lora_B|router|omg|binary_main_gate_weight|rank1_flex_mapper)(\.[A-Za-z0-9_.]+)?\.weight$)");
+  const std::string re =
+      R"((?:base_model\.model\.)?model\.layers\.(\d{1,6})\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.(lora_A|lora_B|router|omg|binary_main_gate_weight|rank1_flex_mapper)(\.[A-Za-z0-9_.]+)?\.weight)";
   struct Found {
     std::map<std::string, std::string> key;  // part -> tensor name (modules_to_save preferred)
   };
   std::map<std::pair<int, Site>, Found> found;
   for (const auto& k : st.names()) {
-    std::smatch m;
-    ATMOE_CHECK_INPUT(std::regex_match(k, m, re), "{}: unexpected tensor '{}' for a T-REX adapter", st_path, k);
-    int layer = std::stoi(m[1].str());
+    std::vector<std::string> m;
+    ATMOE_CHECK_INPUT(regex_full_match(re, k, &m), "{}: unexpected tensor '{}' for a T-REX adapter", st_path, k);
+    int layer = std::stoi(m[0]);
     ATMOE_CHECK_INPUT(layer < shapes.n_layers, "{}: '{}': layer {} but the base model has {} layers", st_path, k, layer,
                       shapes.n_layers);
     Site s;
-    parse_site(m[2].str(), &s);
-    std::string part = m[3].str(), mid = m[4].str();
+    parse_site(m[1], &s);
+    std::string part = m[2], mid = m.size() > 3 ? m[3] : std::string();
     if (mid.find("original_module") != std::string::npos) continue;  // the frozen copy PEFT keeps
     auto& f = found[{layer, s}].key;
     if (!f.count(part) || mid.find("modules_to_save") != std::string::npos) f[part] = k;
