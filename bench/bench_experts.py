@@ -98,20 +98,9 @@ def llama_lora_bench(base_gguf, lora_paths, threads, steps=64, reps=3):
     def decode(B, scales_per_seq=None):
         best = 0
         for _ in range(reps):
-            m.clear()
             if scales_per_seq is None:
                 set_scales([1.0 / n] * n)
-                entries = []
-                for s in range(B):
-                    toks = rng.integers(0, m.n_vocab, size=32).tolist()
-                    entries += [(t, i, s, i == 31) for i, t in enumerate(toks)]
-                m.decode(entries)
-                nxt = [m.argmax(s * 32 + 31) for s in range(B)]
-                t0 = time.perf_counter()
-                for step in range(steps):
-                    m.decode([(nxt[s], 32 + step, s, True) for s in range(B)])
-                    nxt = [m.argmax(s) for s in range(B)]
-                best = max(best, B * steps / (time.perf_counter() - t0))
+                best = max(best, m.timed_decode(B, steps, rng))
             else:  # each sequence its own mixture: one after another
                 t0 = time.perf_counter()
                 for s in range(B):

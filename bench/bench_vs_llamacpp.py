@@ -80,6 +80,22 @@ class LlamaCpp:
         ptr = L.llama_get_logits_ith(self.ctx, i)
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
+    def timed_decode(self, B, steps, rng, prompt=32):
+        """B sequences: a random `prompt`-token prefill each, then `steps` greedy steps
+        of all B together, timed. Returns tokens/s."""
+        self.clear()
+        entries = []
+        for s in range(B):
+            toks = rng.integers(0, self.n_vocab, size=prompt).tolist()
+            entries += [(t, i, s, i == prompt - 1) for i, t in enumerate(toks)]
+        self.decode(entries)
+        nxt = [self.argmax(s * prompt + prompt - 1) for s in range(B)]
+        t0 = time.perf_counter()
+        for step in range(steps):
+            self.decode([(nxt[s], prompt + step, s, True) for s in range(B)])
+            nxt = [self.argmax(s) for s in range(B)]
+        return B * steps / (time.perf_counter() - t0)
+
 
 def bench_llamacpp(path, threads, reps, prompt_len, steps, batch):
     m = LlamaCpp(path, threads)
@@ -94,21 +110,7 @@ def bench_llamacpp(path, threads, reps, prompt_len, steps, batch):
         best = max(best, prompt_len / (time.perf_counter() - t0))
     res["prefill_tok_s"] = best
     for B, key in ((1, "decode_b1_tok_s"), (batch, "decode_batch_tok_s")):
-        best = 0
-        for _ in range(reps):
-            m.clear()
-            entries = []
-            for s in range(B):
-                toks = rng.integers(0, m.n_vocab, size=32).tolist()
-                entries += [(t, i, s, i == 31) for i, t in enumerate(toks)]
-            m.decode(entries)
-            nxt = [m.argmax(s * 32 + 31) for s in range(B)]
-            t0 = time.perf_counter()
-            for step in range(steps):
-                m.decode([(nxt[s], 32 + step, s, True) for s in range(B)])
-                nxt = [m.argmax(s) for s in range(B)]
-            best = max(best, B * steps / (time.perf_counter() - t0))
-        res[key] = best
+        res[key] = max(m.timed_decode(B, steps, rng) for _ in range(reps))
     return res
 
 

@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "coordinator/synth_model.h"
+
 namespace atmoe::test {
 
 // FNV-1a-64 of a file (the goldens' scripts compute the same in Python).
@@ -30,6 +32,20 @@ inline bool cli_flag(const nlohmann::json& args, const std::string& name) {
   for (const auto& a : args)
     if (a == name) return true;
   return false;
+}
+
+// Rebuilds the synth-model a golden was made from (its recorded synth-model arguments).
+inline SynthModelOptions synth_model_options(const nlohmann::json& a, const std::string& out) {
+  SynthModelOptions mo;
+  mo.out = out;
+  mo.seed = std::stoull(cli_arg(a, "--seed", "0"));
+  mo.layers = std::stoi(cli_arg(a, "--layers", std::to_string(mo.layers)));
+  mo.hidden = std::stoi(cli_arg(a, "--hidden", std::to_string(mo.hidden)));
+  mo.heads = std::stoi(cli_arg(a, "--heads", std::to_string(mo.heads)));
+  mo.kv_heads = std::stoi(cli_arg(a, "--kv-heads", std::to_string(mo.kv_heads)));
+  mo.ffn = std::stoi(cli_arg(a, "--ffn", std::to_string(mo.ffn)));
+  mo.vocab = std::stoi(cli_arg(a, "--vocab", std::to_string(mo.vocab)));
+  return mo;
 }
 
 }  // namespace atmoe::test

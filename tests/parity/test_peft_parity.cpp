@@ -32,15 +32,7 @@ TEST(PeftParity, SingleAdapterAndCatMixtureMatchPeft) {
   const json& ma = g["synth_model_args"];
   const json& ba = g["synth_bundle_args"];
   std::string work = (fs::temp_directory_path() / ("atmoe_peft_" + std::to_string(::getpid()))).string();
-  SynthModelOptions mo;
-  mo.out = work + "/model";
-  mo.seed = std::stoull(cli_arg(ma, "--seed", ""));
-  mo.layers = std::stoi(cli_arg(ma, "--layers", ""));
-  mo.hidden = std::stoi(cli_arg(ma, "--hidden", ""));
-  mo.heads = std::stoi(cli_arg(ma, "--heads", ""));
-  mo.kv_heads = std::stoi(cli_arg(ma, "--kv-heads", ""));
-  mo.ffn = std::stoi(cli_arg(ma, "--ffn", ""));
-  mo.vocab = std::stoi(cli_arg(ma, "--vocab", ""));
+  SynthModelOptions mo = synth_model_options(ma, work + "/model");
   synth_model(mo);
   SynthBundleOptions bo;
   bo.base = mo.out;

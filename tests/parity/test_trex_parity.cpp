@@ -30,15 +30,7 @@ TEST(TrexParity, MatchesTorchTranscription) {
   json g = json::parse(gf);
   const std::string work = (fs::temp_directory_path() / ("atmoe_trexp_" + std::to_string(::getpid()))).string();
   const json& ma = g["synth_model_args"];
-  SynthModelOptions mo;
-  mo.out = work + "/model";
-  mo.seed = std::stoull(cli_arg(ma, "--seed", "0"));
-  mo.layers = std::stoi(cli_arg(ma, "--layers", "2"));
-  mo.hidden = std::stoi(cli_arg(ma, "--hidden", "64"));
-  mo.heads = std::stoi(cli_arg(ma, "--heads", "4"));
-  mo.kv_heads = std::stoi(cli_arg(ma, "--kv-heads", "2"));
-  mo.ffn = std::stoi(cli_arg(ma, "--ffn", "96"));
-  mo.vocab = std::stoi(cli_arg(ma, "--vocab", "320"));
+  SynthModelOptions mo = synth_model_options(ma, work + "/model");
   synth_model(mo);
   const auto toks = g["tokens"].get<std::vector<int32_t>>();
   for (auto& [name, cs] : g["cases"].items()) {
