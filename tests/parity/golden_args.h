@@ -1,6 +1,10 @@
 // Shared by the parity tests that rebuild synth models/bundles from golden files.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <vector>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -32,6 +36,29 @@ inline bool cli_flag(const nlohmann::json& args, const std::string& name) {
   for (const auto& a : args)
     if (a == name) return true;
   return false;
+}
+
+// Loads tests/parity/goldens/<name> (ATMOE_GOLDENS overrides the directory).
+inline nlohmann::json load_golden(const std::string& name) {
+  const char* gd = std::getenv("ATMOE_GOLDENS");
+  std::ifstream f(std::string(gd ? gd : "tests/parity/goldens") + "/" + name);
+  if (!f) return nlohmann::json();
+  return nlohmann::json::parse(f);
+}
+
+// Largest relative L2 error over the rows of [rows, cols] logits.
+inline double worst_row_rel_l2(const std::vector<float>& got, const std::vector<double>& want, int64_t rows, int64_t cols) {
+  double worst = 0;
+  for (int64_t t = 0; t < rows; ++t) {
+    double n = 0, d = 0;
+    for (int64_t v = 0; v < cols; ++v) {
+      const double x = got[size_t(t * cols + v)] - want[size_t(t * cols + v)];
+      n += x * x;
+      d += want[size_t(t * cols + v)] * want[size_t(t * cols + v)];
+    }
+    worst = std::max(worst, std::sqrt(n / d));
+  }
+  return worst;
 }
 
 // Rebuilds the synth-model a golden was made from (its recorded synth-model arguments).

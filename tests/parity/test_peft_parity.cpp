@@ -25,10 +25,8 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 TEST(PeftParity, SingleAdapterAndCatMixtureMatchPeft) {
-  const char* gd = std::getenv("ATMOE_GOLDENS");
-  std::ifstream gf(std::string(gd ? gd : "tests/parity/goldens") + "/peft_synth.json");
-  ASSERT_TRUE(bool(gf)) << "missing goldens";
-  json g = json::parse(gf);
+  json g = load_golden("peft_synth.json");
+  ASSERT_FALSE(g.is_null()) << "missing goldens";
   const json& ma = g["synth_model_args"];
   const json& ba = g["synth_bundle_args"];
   std::string work = (fs::temp_directory_path() / ("atmoe_peft_" + std::to_string(::getpid()))).string();
@@ -63,16 +61,7 @@ TEST(PeftParity, SingleAdapterAndCatMixtureMatchPeft) {
   auto check = [&](const char* name, const std::vector<float>& got) {
     const auto want = g[name].get<std::vector<double>>();
     ASSERT_EQ(want.size(), size_t(T * V));
-    double worst = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      double n = 0, d = 0;
-      for (int64_t v = 0; v < V; ++v) {
-        double x = got[size_t(t * V + v)] - want[size_t(t * V + v)];
-        n += x * x;
-        d += want[size_t(t * V + v)] * want[size_t(t * V + v)];
-      }
-      worst = std::max(worst, std::sqrt(n / d));
-    }
+    const double worst = worst_row_rel_l2(got, want, T, V);
     std::printf("%s: worst relative L2 over %lld positions %.3g\n", name, (long long)T, worst);
     EXPECT_LE(worst, 1e-4) << name;
   };

@@ -24,10 +24,8 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 TEST(TrexParity, MatchesTorchTranscription) {
-  const char* gd = std::getenv("ATMOE_GOLDENS");
-  std::ifstream gf(std::string(gd ? gd : "tests/parity/goldens") + "/trex_synth.json");
-  ASSERT_TRUE(bool(gf)) << "missing goldens";
-  json g = json::parse(gf);
+  json g = load_golden("trex_synth.json");
+  ASSERT_FALSE(g.is_null()) << "missing goldens";
   const std::string work = (fs::temp_directory_path() / ("atmoe_trexp_" + std::to_string(::getpid()))).string();
   const json& ma = g["synth_model_args"];
   SynthModelOptions mo = synth_model_options(ma, work + "/model");
@@ -66,16 +64,7 @@ TEST(TrexParity, MatchesTorchTranscription) {
     const auto want = cs["logits"].get<std::vector<double>>();
     ASSERT_EQ(want.size(), lg.size());
     const int64_t V = m->config().vocab, T = int64_t(toks.size());
-    double worst = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      double n = 0, d = 0;
-      for (int64_t v = 0; v < V; ++v) {
-        double x = lg[size_t(t * V + v)] - want[size_t(t * V + v)];
-        n += x * x;
-        d += want[size_t(t * V + v)] * want[size_t(t * V + v)];
-      }
-      worst = std::max(worst, std::sqrt(n / d));
-    }
+    const double worst = worst_row_rel_l2(lg, want, T, V);
     std::printf("%s: worst relative L2 over %lld positions %.3g\n", name.c_str(), (long long)T, worst);
     EXPECT_LE(worst, 1e-4) << name;
   }
