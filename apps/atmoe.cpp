@@ -1,7 +1,10 @@
 // The `atmoe` entry point: parses the command and runs it. Errors become one line on
 // stderr ("atmoe: error: <file/field>: <problem>") and an exit code: 2 for bad input
 // (files, flags, requests), 1 for internal failures.
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <iostream>
 
 #include "apps/commands.h"
@@ -21,6 +24,46 @@ DType parse_dtype_flag(const std::string& s) {
   if (s == "bf16") return DType::BF16;
   if (s.empty()) return DType::BF16;
   ATMOE_INPUT_ERROR("--dtype '{}': expected bf16 or f32", s);
+}
+
+uint64_t parse_u64_flag(const char* flag, const std::string& text) {
+  bool ok = !text.empty() && text.size() <= 20;
+  for (char c : text) ok = ok && c >= '0' && c <= '9';
+  errno = 0;
+  const unsigned long long v = ok ? std::strtoull(text.c_str(), nullptr, 10) : 0;
+  ATMOE_CHECK_INPUT(ok && errno == 0, "{} '{}': expected an integer in 0..18446744073709551615", flag, text.substr(0, 40));
+  return uint64_t(v);
+}
+
+std::string flag_names(const std::vector<std::string>& controls) {
+  std::string o;
+  for (const auto& c : controls) {
+    std::string f = "--" + c;
+    for (char& ch : f)
+      if (ch == '_') ch = '-';
+    o += (o.empty() ? "" : ", ") + f;
+  }
+  return o;
+}
+
+void check_prompt_bytes(const Model& m, const std::string& text, size_t index) {
+  const size_t cap = size_t(m.config().max_position) * m.tokenizer().max_token_bytes();
+  ATMOE_CHECK_INPUT(text.size() <= cap,
+                    "prompt {}: {} bytes can never fit the context of {} tokens (at most {} bytes per token: {} bytes)", index,
+                    text.size(), m.config().max_position, m.tokenizer().max_token_bytes(), cap);
+}
+
+std::string one_line(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '\n' || c == '\r') {
+      if (!o.empty() && o.back() != ' ') o += "; ";
+    } else {
+      o += c;
+    }
+  }
+  while (!o.empty() && (o.back() == ' ' || o.back() == ';')) o.pop_back();
+  return o;
 }
 
 std::string compute_device_line() {
@@ -59,11 +102,20 @@ int main(int argc, char** argv) {
   reg("bench", "Measure prefill/decode speed and the memory-bandwidth floor", app::add_bench);
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
+    // One line, as for every other bad input (CLI11's own exit() adds a second line).
+    std::fprintf(stderr, "atmoe: error: %s (see --help)\n", app::one_line(e.what()).c_str());
+    return 2;
   }
   try {
+    env_check_all();
+    (void)cpu::best_isa();
     if (help_env) {
       for (const auto& k : env_knobs()) std::printf("%-18s default '%s'\n    %s\n", k.name, k.default_value, k.doc);
       return 0;
@@ -73,13 +125,16 @@ int main(int argc, char** argv) {
     std::cout << app.help();
     return 0;
   } catch (const Error& e) {
-    std::fprintf(stderr, "atmoe: error: %s\n", e.what());
+    std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return e.exit_code();
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
+    return 2;
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "atmoe: error: out of memory\n");
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "atmoe: error: %s\n", e.what());
+    std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return 1;
   }
 }

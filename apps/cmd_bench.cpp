@@ -4,7 +4,6 @@
 #include <sys/resource.h>
 
 #include <chrono>
-#include <fstream>
 #include <iostream>
 #include <random>
 
@@ -15,6 +14,7 @@
 #include "coordinator/experts.h"
 #include "coordinator/trex_pool.h"
 #include "common/error.h"
+#include "common/files.h"
 #include "coordinator/model.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/sampling.h"
@@ -61,6 +61,7 @@ Runner add_bench(CLI::App& app) {
   struct Opts {
     std::string model, bundle, dtype, json;
     int prompt = 512, decode = 64, batch = 16, reps = 3;
+    bool check_tensors = false;
     RoutingFlags rf;
   };
   auto o = std::make_shared<Opts>();
@@ -73,20 +74,31 @@ Runner add_bench(CLI::App& app) {
   app.add_option("--batch", o->batch, "Sequences for the batched decode measurement");
   app.add_option("--reps", o->reps, "Repetitions (best is reported)");
   app.add_option("--json", o->json, "Also write the results as JSON to this file");
+  app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
   return [o]() -> int {
-    ATMOE_CHECK_INPUT(o->prompt > 0 && o->decode > 0 && o->batch > 0 && o->reps > 0, "bench: sizes must be positive");
+    ATMOE_CHECK_INPUT(o->prompt > 0 && o->prompt <= (1 << 20) && o->decode > 0 && o->decode <= (1 << 20) && o->batch > 0 &&
+                          o->batch <= 4096 && o->reps > 0 && o->reps <= 1000,
+                      "bench: --prompt-tokens, --decode-tokens (1..1048576), --batch (1..4096) and --reps (1..1000) out of range");
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "bench: give --model PATH or --bundle DIR");
+    const RoutingControls controls = to_controls(o->rf);
+    if (o->bundle.empty()) {
+      auto set = controls.atmoe_set();
+      for (auto& t : controls.trex_set()) set.push_back(t);
+      ATMOE_CHECK_INPUT(set.empty() && !controls.off, "routing controls ({}) need --bundle", controls.off ? "--routing off" : flag_names(set));
+    }
+    if (!o->json.empty()) require_writable_file(o->json, "--json");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
-    auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype));
+    auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
     std::unique_ptr<ExpertPool> experts;
     std::unique_ptr<TrexPool> trex;
-    const RoutingControls controls = to_controls(o->rf);
     if (bundle && bundle->method == "t-rex") {
       trex = std::make_unique<TrexPool>(*bundle, m->config(), m->dtype());
+      (void)trex->new_routing(controls);
       m->set_trex(trex.get());
     } else if (bundle) {
       experts = std::make_unique<ExpertPool>(*bundle, m->config(), m->dtype());
+      (void)resolve_routing(experts->bundle(), controls);
       m->set_experts(experts.get());
     }
     auto new_routing = [&]() {
@@ -188,7 +200,7 @@ Runner add_bench(CLI::App& app) {
         j["experts_decode_b1_tok_s"] = e1;
         j["experts_decode_batch_tok_s"] = eB;
       }
-      std::ofstream(o->json) << j.dump(2) << "\n";
+      write_file(o->json, j.dump(2) + "\n", "--json");
     }
     return 0;
   };

@@ -12,6 +12,7 @@
 #include "apps/commands.h"
 #include "common/bundle.h"
 #include "common/error.h"
+#include "common/files.h"
 #include "common/safetensors.h"
 #include "apps/routing_flags.h"
 #include "coordinator/engine.h"
@@ -42,7 +43,10 @@ Runner add_synth_bundle(CLI::App& app) {
   app.add_flag("--general", o->general, "Add a general expert (lambda 0.8)");
   app.add_option("--b-std", o->b_std, "Standard deviation of lora_B entries (small keeps the base fluent)");
   app.add_option("--router-gain", o->router_gain, "Scale of the router weights (larger = sharper routing)");
-  return [o]() -> int {
+  auto force = std::make_shared<bool>(false);
+  app.add_flag("--force", *force, "Write into an existing non-empty --out directory");
+  return [o, force]() -> int {
+    prepare_output_dir(o->out, *force, "--out");
     synth_bundle(*o);
     if (o->method == "t-rex") std::cerr << "wrote bundle " << o->out << ": t-rex " << o->trex_mode << "\n";
     else std::cerr << "wrote bundle " << o->out << ": " << o->groups << " groups x " << o->per_group << " experts\n";
@@ -65,32 +69,34 @@ Runner add_explain(CLI::App& app) {
   app.add_option("--dtype", o->dtype, "bf16 (default) or f32");
   add_routing_flags(app, o->rf);
   return [o]() -> int {
+    ATMOE_CHECK_INPUT(o->chat || o->system.empty(), "--system applies to the chat template: give --chat too");
+    const RoutingControls controls = to_controls(o->rf);
+    require_writable_file(o->out, "--out");
     Bundle b = load_bundle_manifest(o->bundle);
     ATMOE_CHECK_INPUT(b.method == "at-moe", "explain: {} is a {} bundle; the heatmap draws at-moe routing (use generate --trace)",
                       o->bundle, b.method);
     auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
     ExpertPool pool(b, model->config(), model->dtype());
+    ATMOE_CHECK_INPUT(!controls.off, "explain: --routing off has no weights to draw");
+    (void)resolve_routing(pool.bundle(), controls);
     model->set_experts(&pool);
     GenerateRequest r;
     r.prompt = encode_prompt(*model, o->prompt, o->chat, o->system);
     ATMOE_CHECK_INPUT(!r.prompt.empty(), "explain: the prompt is empty after tokenization");
     r.max_tokens = 1;
-    r.routing = to_controls(o->rf);
+    r.routing = controls;
     Engine eng(*model);
     auto res = eng.run({r});
-    ATMOE_CHECK_INPUT(!res[0].routing->ctl.off, "explain: --routing off has no weights to draw");
-    std::ofstream f(o->out);
-    ATMOE_CHECK_INPUT(bool(f), "{}: cannot write", o->out);
     std::string title = o->prompt.size() > 70 ? o->prompt.substr(0, 67) + "..." : o->prompt;
-    f << routing_heatmap_svg(pool.bundle(), *res[0].routing, "\"" + title + "\"");
+    write_file(o->out, routing_heatmap_svg(pool.bundle(), *res[0].routing, "\"" + title + "\""), "--out");
     std::cerr << "wrote " << o->out << "\n";
     return 0;
   };
 }
 
-int inspect_bundle(const std::string& dir) {
+int inspect_bundle(const std::string& dir, bool check_tensors) {
   Bundle b = load_bundle_manifest(dir);
-  auto model = Model::load(b.base_model, DType::BF16);
+  auto model = Model::load(b.base_model, DType::BF16, check_tensors);
   if (b.method == "t-rex") {
     TrexPool t(b, model->config(), DType::F32);
     const auto& a = t.adapter();

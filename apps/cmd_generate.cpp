@@ -1,14 +1,16 @@
 // atmoe generate: prints only the generated text on stdout (streamed for one prompt);
 // logs go to stderr. No chat template unless --chat.
-#include <fstream>
-#include <iostream>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <random>
-#include <sstream>
 
 #include "apps/commands.h"
 #include "apps/routing_flags.h"
 #include "common/chat_template.h"
 #include "common/error.h"
+#include "common/files.h"
 #include "common/log.h"
 #include "coordinator/engine.h"
 #include "coordinator/trace.h"
@@ -18,14 +20,20 @@ namespace atmoe::app {
 
 namespace {
 struct GenerateOpts {
-  std::string model, bundle, trace, prompt_file, dtype, system;
+  std::string model, bundle, trace, dtype, system, seed;
   RoutingFlags rf;
-  std::vector<std::string> prompts, stop;
-  bool chat = false, ignore_eos = false;
+  std::vector<std::string> prompts, prompt_files, stop;
+  bool chat = false, ignore_eos = false, check_tensors = false;
   int max_tokens = 128, top_k = 40;
-  float temperature = 0.8f, top_p = 0.95f;
-  int64_t seed = -1;
+  double temperature = 0.8, top_p = 0.95;
 };
+
+// stdout must take every byte: a full disk or a closed pipe is an error, not exit 0.
+void write_stdout(const std::string& s) {
+  if (s.empty()) return;
+  if (std::fwrite(s.data(), 1, s.size(), stdout) != s.size() || std::fflush(stdout) != 0)
+    throw RuntimeError(fmt::format("writing the output to stdout failed: {}", std::strerror(errno)));
+}
 
 }  // namespace
 
@@ -47,39 +55,47 @@ Runner add_generate(CLI::App& app) {
   app.add_option("--bundle", o->bundle, "Expert bundle directory (atmoe.json)");
   app.add_option("--trace", o->trace, "Write the routing weights per layer as JSON to this file");
   add_routing_flags(app, o->rf);
-  app.add_option("--prompt", o->prompts, "Prompt text (repeat for a batch of prompts)");
-  app.add_option("--prompt-file", o->prompt_file, "Read one prompt from a file");
+  app.add_option("--prompt", o->prompts, "Prompt text (repeatable: a batch of prompts)");
+  app.add_option("--prompt-file", o->prompt_files, "A file whose whole content is one prompt (repeatable; after the --prompt texts)");
   app.add_flag("--chat", o->chat, "Wrap the prompt in the model's chat template");
   app.add_option("--system", o->system, "System message (with --chat)");
-  app.add_option("--max-tokens", o->max_tokens, "Maximum tokens to generate")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-tokens", o->max_tokens, "Maximum tokens to generate (0..1048576)");
   app.add_option("--temperature", o->temperature, "Sampling temperature; 0 = greedy");
   app.add_option("--top-k", o->top_k, "Keep the k most likely tokens (0 = all)");
   app.add_option("--top-p", o->top_p, "Nucleus sampling mass");
-  app.add_option("--seed", o->seed, "Random seed (default: random)");
+  app.add_option("--seed", o->seed, "Random seed, 0..18446744073709551615 (default: random)");
+  app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load (as llama.cpp's --check-tensors)");
   app.add_option("--stop", o->stop, "Stop string (repeatable)");
   app.add_flag("--ignore-eos", o->ignore_eos, "Do not stop at end-of-generation tokens");
   app.add_option("--dtype", o->dtype, "Weight/compute precision: bf16 (default) or f32 (exact)");
   return [o]() -> int {
-    ATMOE_CHECK_INPUT(o->temperature >= 0, "--temperature {}: must be >= 0", o->temperature);
-    ATMOE_CHECK_INPUT(o->top_p > 0 && o->top_p <= 1, "--top-p {}: must be in (0, 1]", o->top_p);
+    ATMOE_CHECK_INPUT(std::isfinite(o->temperature) && o->temperature >= 0 && o->temperature <= 1e4,
+                      "--temperature {}: must be in [0, 1e4]", o->temperature);
+    ATMOE_CHECK_INPUT(std::isfinite(o->top_p) && o->top_p > 0 && o->top_p <= 1, "--top-p {}: must be in (0, 1]", o->top_p);
     ATMOE_CHECK_INPUT(o->top_k >= 0, "--top-k {}: must be >= 0", o->top_k);
-    std::vector<std::string> prompts = o->prompts;
-    if (!o->prompt_file.empty()) {
-      std::ifstream f(o->prompt_file, std::ios::binary);
-      ATMOE_CHECK_INPUT(bool(f), "{}: cannot open prompt file", o->prompt_file);
-      std::stringstream ss;
-      ss << f.rdbuf();
-      prompts.push_back(ss.str());
-    }
-    ATMOE_CHECK_INPUT(!prompts.empty(), "generate: give --prompt TEXT or --prompt-file F");
+    ATMOE_CHECK_INPUT(o->max_tokens >= 0 && o->max_tokens <= (1 << 20), "--max-tokens {}: must be in 0..1048576", o->max_tokens);
+    ATMOE_CHECK_INPUT(o->chat || o->system.empty(), "--system applies to the chat template: give --chat too");
+    const uint64_t seed = o->seed.empty() ? uint64_t(std::random_device{}()) << 32 | std::random_device{}()
+                                          : parse_u64_flag("--seed", o->seed);
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "generate: give --model PATH or --bundle DIR");
+    ATMOE_CHECK_INPUT(!o->bundle.empty() || o->trace.empty(), "--trace needs --bundle");
+    RoutingControls controls = to_controls(o->rf);
+    if (o->bundle.empty()) {
+      auto set = controls.atmoe_set();
+      for (auto& t : controls.trex_set()) set.push_back(t);
+      ATMOE_CHECK_INPUT(set.empty() && !controls.off, "routing controls ({}) need --bundle: --model alone runs the base model",
+                        controls.off ? "--routing off" : flag_names(set));
+    }
+    // Outputs are checked before any work.
+    if (!o->trace.empty()) require_writable_file(o->trace, "--trace");
+    std::vector<std::string> prompts = o->prompts;
+    for (const auto& pf : o->prompt_files) prompts.push_back(read_file(pf, "--prompt-file", kMaxPromptFileBytes));
+    ATMOE_CHECK_INPUT(!prompts.empty(), "generate: give --prompt TEXT or --prompt-file F");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
-    ATMOE_CHECK_INPUT(bundle || o->trace.empty(), "--trace needs --bundle");
-    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype));
+    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
     std::unique_ptr<ExpertPool> experts;
     std::unique_ptr<TrexPool> trex;
-    RoutingControls controls = to_controls(o->rf);
     if (bundle && bundle->method == "t-rex") {
       trex = std::make_unique<TrexPool>(*bundle, model->config(), model->dtype());
       (void)trex->new_routing(controls);  // a bad control fails before any work
@@ -89,13 +105,13 @@ Runner add_generate(CLI::App& app) {
       (void)resolve_routing(experts->bundle(), controls);
       model->set_experts(experts.get());
     }
-    uint64_t seed = o->seed >= 0 ? uint64_t(o->seed) : std::random_device{}();
     std::vector<GenerateRequest> reqs;
     for (size_t i = 0; i < prompts.size(); ++i) {
       GenerateRequest r;
+      check_prompt_bytes(*model, prompts[i], i);
       r.prompt = encode_prompt(*model, prompts[i], o->chat, o->system);
       ATMOE_CHECK_INPUT(!r.prompt.empty(), "prompt {} is empty after tokenization", i);
-      r.sampling = {o->temperature, o->top_k, o->top_p};
+      r.sampling = {float(o->temperature), o->top_k, float(o->top_p)};
       r.seed = seed + i;
       r.max_tokens = o->max_tokens;
       r.stop = o->stop;
@@ -107,19 +123,22 @@ Runner add_generate(CLI::App& app) {
     Engine eng(*model);
     std::vector<GenerateResult> res;
     if (reqs.size() == 1) {
-      res = eng.run(reqs, [](size_t, const std::string& s) { std::cout << s << std::flush; });
-      std::cout << "\n";
+      res = eng.run(reqs, [](size_t, const std::string& s) { write_stdout(s); });
+      write_stdout("\n");
     } else {
       res = eng.run(reqs);
-      for (size_t i = 0; i < res.size(); ++i) std::cout << res[i].text << "\n" << (i + 1 < res.size() ? "\n" : "");
+      for (size_t i = 0; i < res.size(); ++i) write_stdout(res[i].text + "\n" + (i + 1 < res.size() ? "\n" : ""));
     }
     if (!o->trace.empty()) {
       nlohmann::json t = nlohmann::json::array();
-      for (const auto& r : res)
-        t.push_back(experts ? routing_trace(experts->bundle(), *r.routing) : trex_trace(*trex, *r.routing));
-      std::ofstream f(o->trace);
-      ATMOE_CHECK_INPUT(bool(f), "{}: cannot write the trace", o->trace);
-      f << (t.size() == 1 ? t[0] : t).dump(1) << "\n";
+      for (size_t i = 0; i < res.size(); ++i) {
+        std::vector<int32_t> fed = reqs[i].prompt;
+        fed.insert(fed.end(), res[i].tokens.begin(), res[i].tokens.end());
+        nlohmann::json one = experts ? routing_trace(experts->bundle(), *res[i].routing, fed) : trex_trace(*trex, *res[i].routing);
+        one["request"] = i;
+        t.push_back(std::move(one));
+      }
+      write_file(o->trace, (t.size() == 1 ? t[0] : t).dump(1) + "\n", "--trace");
     }
     if (experts && !experts->bundle().groups.empty() && ATMOE_LOG("coord")->should_log(spdlog::level::info))
       for (size_t i = 0; i < res.size(); ++i) {

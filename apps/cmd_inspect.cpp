@@ -1,9 +1,11 @@
 // atmoe inspect PATH: architecture, sizes, dtypes, tokenizer summary; and synth-model.
+#include <chrono>
 #include <filesystem>
 #include <iostream>
 
 #include "apps/commands.h"
 #include "common/error.h"
+#include "common/files.h"
 #include "coordinator/model.h"
 #include "coordinator/synth_model.h"
 
@@ -12,11 +14,17 @@ namespace atmoe::app {
 Runner add_inspect(CLI::App& app) {
   auto path = std::make_shared<std::string>();
   auto dtype = std::make_shared<std::string>();
+  auto check = std::make_shared<bool>(false);
   app.add_option("path", *path, "A .gguf file, an HF model directory or a bundle directory")->required();
   app.add_option("--dtype", *dtype, "Precision to load in (bf16|f32)");
-  return [path, dtype]() -> int {
-    if (std::filesystem::exists(std::filesystem::path(*path) / "atmoe.json")) return inspect_bundle(*path);
-    auto m = Model::load(*path, parse_dtype_flag(*dtype));
+  app.add_flag("--check-tensors", *check, "Check every weight for NaN/Inf (base model and experts)");
+  return [path, dtype, check]() -> int {
+    if (path_kind(*path, "inspect") == PathKind::Directory &&
+        path_exists((std::filesystem::path(*path) / "atmoe.json").string(), "bundle manifest"))
+      return inspect_bundle(*path, *check);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto m = Model::load(*path, parse_dtype_flag(*dtype), *check);
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto& c = m->config();
     std::cout << "path:         " << *path << " (" << m->info().format << ")\n";
     std::cout << "architecture: " << c.summary() << "\n";
@@ -27,6 +35,7 @@ Runner add_inspect(CLI::App& app) {
               << " MiB of weights read per decode step\n";
     std::cout << "tokenizer:    " << m->tokenizer().summary() << "\n";
     std::cout << "compute:      " << compute_device_line() << "\n";
+    std::cout << fmt::format("load:         {:.2f} s{}\n", load_s, *check ? " (every weight checked finite)" : "");
     return 0;
   };
 }
@@ -43,7 +52,10 @@ Runner add_synth_model(CLI::App& app) {
   app.add_option("--vocab", o->vocab, "Vocabulary size");
   app.add_option("--max-position", o->max_position, "Context length");
   app.add_option("--arch", o->arch, "llama (default) or qwen2 (q/k/v biases)");
-  return [o]() -> int {
+  auto force = std::make_shared<bool>(false);
+  app.add_flag("--force", *force, "Write into an existing non-empty --out directory");
+  return [o, force]() -> int {
+    prepare_output_dir(o->out, *force, "--out");
     synth_model(*o);
     std::cerr << "wrote " << o->out << "\n";
     return 0;

@@ -16,7 +16,7 @@ Runner add_inspect(CLI::App& app);
 Runner add_synth_model(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_synth_bundle(CLI::App& app);
-int inspect_bundle(const std::string& dir);
+int inspect_bundle(const std::string& dir, bool check_tensors);
 
 // Tokenises a prompt, optionally wrapped in the model's chat template.
 std::vector<int32_t> encode_prompt(const Model& m, const std::string& text, bool chat, const std::string& system);
@@ -25,5 +25,15 @@ Runner add_explain(CLI::App& app);
 // Shared: parses "bf16"|"f32" (default: bf16 when the CPU has AVX-512 or AVX2, else f32).
 DType parse_dtype_flag(const std::string& s);
 std::string compute_device_line();
+// A flag's unsigned 64-bit value, range-checked before conversion (InputError naming the flag).
+uint64_t parse_u64_flag(const char* flag, const std::string& text);
+// "top_k_groups" -> "--top-k-groups", joined with ", ".
+std::string flag_names(const std::vector<std::string>& controls);
+// A prompt of more bytes than the context length times the longest token's bytes can never
+// fit: refused before tokenizing it (InputError naming the prompt).
+void check_prompt_bytes(const Model& m, const std::string& text, size_t index);
+constexpr size_t kMaxPromptFileBytes = size_t(64) << 20;
+// Newlines folded into "; ": every error is one line on stderr.
+std::string one_line(const std::string& s);
 
 }  // namespace atmoe::app

@@ -1,10 +1,10 @@
 #include "apps/routing_flags.h"
 
 #include <cmath>
-#include <fstream>
 #include <sstream>
 
 #include "common/error.h"
+#include "common/files.h"
 
 namespace atmoe::app {
 
@@ -19,7 +19,7 @@ void add_routing_flags(CLI::App& app, RoutingFlags& f) {
   app.add_option("--tau-expert", f.tau_expert, "Expert softmax temperature (0 = argmax)");
   app.add_option("--lambda", f.lambda, "Weight of the mixture against the general expert, in [0, 1]");
   app.add_option("--intuition-embedding", f.intuition_embedding,
-                 "T-REX: the request's embedding (a JSON array or whitespace-separated numbers)");
+                 "T-REX: a FILE holding the request's embedding (a JSON array or whitespace-separated numbers)");
   app.add_option("--intuition", f.intuition, "T-REX: on (default) or off (s = 0)");
   app.add_option("--pin-cluster", f.pin_cluster, "T-REX: take the intuition of cluster K");
   app.add_option("--omega", f.omega, "T-REX: override ω' (token router share) in [0, 1]");
@@ -66,9 +66,7 @@ RoutingControls to_controls(const RoutingFlags& f) {
   ATMOE_CHECK_INPUT(f.pin_cluster >= -1, "--pin-cluster {}: expected a cluster index", f.pin_cluster);
   c.omega = f.omega;
   if (!f.intuition_embedding.empty()) {
-    std::ifstream in(f.intuition_embedding);
-    ATMOE_CHECK_INPUT(bool(in), "{}: cannot open the intuition embedding", f.intuition_embedding);
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string text = read_file(f.intuition_embedding, "--intuition-embedding", size_t(64) << 20);
     for (char& ch : text)
       if (ch == '[' || ch == ']' || ch == ',') ch = ' ';
     std::stringstream ns(text);

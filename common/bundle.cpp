@@ -2,11 +2,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 
-#include <nlohmann/json.hpp>
-
 #include "common/error.h"
+#include "common/files.h"
+#include "common/json_reader.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
@@ -15,12 +16,15 @@ using json = nlohmann::json;
 std::string bundle_path(const std::string& dir, const std::string& rel, const std::string& manifest,
                         const std::string& field) {
   ATMOE_CHECK_INPUT(!rel.empty(), "{}: {}: empty path", manifest, field);
+  ATMOE_CHECK_INPUT(rel.find('\0') == std::string::npos, "{}: {}: a path with a NUL byte", manifest, field);
   fs::path p(rel);
   ATMOE_CHECK_INPUT(p.is_relative() && !p.has_root_path(), "{}: {}: '{}' must be relative to the bundle directory",
                     manifest, field, rel);
   for (const auto& part : p)
     ATMOE_CHECK_INPUT(part != "..", "{}: {}: '{}' leaves the bundle directory", manifest, field, rel);
-  return (fs::path(dir) / p.lexically_normal()).string();
+  fs::path q = p.lexically_normal();
+  if (!q.has_filename() && q.has_parent_path()) q = q.parent_path();  // "experts/a/" -> "experts/a"
+  return (fs::path(dir) / q).string();
 }
 
 int Bundle::expert_index(const std::string& name) const {
@@ -35,101 +39,112 @@ int Bundle::group_index(const std::string& name) const {
   return -1;
 }
 
+// Names are used in flag lists ("--pin g=0.7,h=0.3", "--mask a,b"): no ',' or '=', no
+// leading or trailing space, no control characters.
+static void check_name(const JsonAt& at, const std::string& n) {
+  if (n.empty()) at.fail("empty name");
+  if (n.size() > 128) at.fail("a name of more than 128 bytes");
+  for (unsigned char ch : n)
+    if (ch == ',' || ch == '=' || ch < 0x20 || ch == 0x7f)
+      at.fail(fmt::format("name \"{}\" must not contain ',', '=' or control characters", n));
+  if (n.front() == ' ' || n.back() == ' ') at.fail(fmt::format("name \"{}\" has leading or trailing spaces", n));
+}
+
 Bundle load_bundle_manifest(const std::string& dir) {
   Bundle b;
   b.dir = dir;
   b.manifest = (fs::path(dir) / "atmoe.json").string();
   const std::string& m = b.manifest;
-  ATMOE_CHECK_INPUT(fs::is_directory(dir), "{}: bundle directory not found", dir);
-  ATMOE_CHECK_INPUT(fs::exists(m), "{}: missing bundle manifest", m);
-  json j;
-  try {
-    std::ifstream f(m);
-    j = json::parse(f);
-  } catch (const json::exception& e) {
-    ATMOE_INPUT_ERROR("{}: not valid JSON ({})", m, e.what());
+  require_directory(dir, "bundle directory");
+  ATMOE_CHECK_INPUT(path_exists(m, "bundle manifest"), "{}: missing bundle manifest", m);
+  const json j = read_json_file(m, "bundle manifest", size_t(16) << 20);
+  const JsonAt root(j, m);
+  root.object();
+  if (root["format"].str() != "atmoe-bundle") root["format"].fail("expected \"atmoe-bundle\"");
+  const int64_t version = root["version"].integer(0, INT32_MAX);
+  if (version != 1) root["version"].fail(fmt::format("version {} is not supported (this build reads version 1)", version));
+  b.method = root["method"].str();
+  if (b.method != "at-moe" && b.method != "t-rex") root["method"].fail(fmt::format("'{}' (expected \"at-moe\" or \"t-rex\")", b.method));
+  // The schema of version 1 is closed: a key not listed here is a typo or a newer version.
+  if (b.method == "t-rex") root.only_keys({"format", "version", "base_model", "method", "t_rex"});
+  else root.only_keys({"format", "version", "base_model", "method", "groups", "general_expert", "lambda", "router"});
+  b.base_model = bundle_path(dir, root["base_model"].str(), m, "base_model");
+  switch (path_kind(b.base_model, m + ": base_model")) {
+    case PathKind::Missing: root["base_model"].fail(fmt::format("'{}' not found", b.base_model));
+    case PathKind::Other: root["base_model"].fail(fmt::format("'{}' is not a regular file or a directory", b.base_model));
+    default: break;
   }
-  ATMOE_CHECK_INPUT(j.is_object(), "{}: expected a JSON object", m);
-  auto need_str = [&](const json& o, const char* k, const std::string& where) {
-    ATMOE_CHECK_INPUT(o.contains(k) && o[k].is_string(), "{}: {}: missing string field '{}'", m, where, k);
-    return o[k].get<std::string>();
-  };
-  ATMOE_CHECK_INPUT(j.value("format", std::string()) == "atmoe-bundle", "{}: field 'format' must be \"atmoe-bundle\"", m);
-  ATMOE_CHECK_INPUT(j.contains("version") && j["version"].is_number_integer(), "{}: missing integer field 'version'", m);
-  ATMOE_CHECK_INPUT(j["version"].get<int>() == 1, "{}: version {} is not supported (this build reads version 1)", m,
-                    j["version"].get<int>());
-  b.base_model = bundle_path(dir, need_str(j, "base_model", "bundle"), m, "base_model");
-  ATMOE_CHECK_INPUT(fs::exists(b.base_model), "{}: base_model: '{}' not found", m, b.base_model);
-  b.method = need_str(j, "method", "bundle");
-  ATMOE_CHECK_INPUT(b.method == "at-moe" || b.method == "t-rex", "{}: method '{}' (expected \"at-moe\" or \"t-rex\")", m,
-                    b.method);
   if (b.method == "t-rex") {
-    ATMOE_CHECK_INPUT(j.contains("t_rex") && j["t_rex"].is_object(), "{}: method t-rex needs an object 't_rex'", m);
-    const json& t = j["t_rex"];
+    const JsonAt t = root["t_rex"];
+    t.object();
+    t.only_keys({"adapter", "centroids", "intuition"});
     TrexSpec ts;
-    ts.adapter_dir = bundle_path(dir, need_str(t, "adapter", "t_rex"), m, "t_rex.adapter");
-    ts.centroids_file = bundle_path(dir, need_str(t, "centroids", "t_rex"), m, "t_rex.centroids");
-    ATMOE_CHECK_INPUT(t.contains("intuition") && t["intuition"].is_object(), "{}: t_rex.intuition must be an object", m);
-    std::string src = need_str(t["intuition"], "source", "t_rex.intuition");
-    ATMOE_CHECK_INPUT(src == "embedding" || src == "hidden_state",
-                      "{}: t_rex.intuition.source '{}' (expected embedding or hidden_state)", m, src);
+    ts.adapter_dir = bundle_path(dir, t["adapter"].str(), m, "t_rex.adapter");
+    ts.centroids_file = bundle_path(dir, t["centroids"].str(), m, "t_rex.centroids");
+    const JsonAt in = t["intuition"];
+    in.object();
+    const std::string src = in["source"].str();
+    if (src != "embedding" && src != "hidden_state") in["source"].fail(fmt::format("'{}' (expected embedding or hidden_state)", src));
     ts.intuition_from_hidden = src == "hidden_state";
     if (ts.intuition_from_hidden) {
-      ATMOE_CHECK_INPUT(t["intuition"].contains("layer") && t["intuition"]["layer"].is_number_integer() &&
-                            t["intuition"]["layer"].get<int>() >= 0,
-                        "{}: t_rex.intuition.layer must be a layer index", m);
-      ts.hidden_layer = t["intuition"]["layer"].get<int>();
+      in.only_keys({"source", "layer"});
+      ts.hidden_layer = int(in["layer"].integer(0, 1023));
+    } else {
+      in.only_keys({"source"});
     }
     b.trex = ts;
     return b;
   }
-  ATMOE_CHECK_INPUT(j.contains("groups") && j["groups"].is_array() && !j["groups"].empty(),
-                    "{}: 'groups' must be a non-empty list", m);
+  const JsonAt groups = root["groups"];
+  if (groups.size() == 0 || !groups.value().is_array()) groups.fail("expected a non-empty list of groups");
   std::set<std::string> names, gnames;
-  auto read_expert = [&](const json& e, const std::string& where, int group) {
-    ATMOE_CHECK_INPUT(e.is_object(), "{}: {}: expected an object", m, where);
+  std::map<std::string, std::string> adapter_of;  // normalised adapter path -> expert
+  auto read_expert = [&](const JsonAt& e, int group) {
+    e.object();
+    e.only_keys({"name", "adapter"});
     BundleExpert x;
-    x.name = need_str(e, "name", where);
-    ATMOE_CHECK_INPUT(!x.name.empty(), "{}: {}: empty expert name", m, where);
-    ATMOE_CHECK_INPUT(names.insert(x.name).second, "{}: {}: duplicate expert name '{}'", m, where, x.name);
-    x.adapter_dir = bundle_path(dir, need_str(e, "adapter", where), m, where + ".adapter");
+    x.name = e["name"].str();
+    check_name(e["name"], x.name);
+    if (!names.insert(x.name).second) e["name"].fail(fmt::format("duplicate expert name '{}'", x.name));
+    x.adapter_dir = bundle_path(dir, e["adapter"].str(), m, e.child("adapter"));
+    auto [it, fresh] = adapter_of.emplace(x.adapter_dir, x.name);
+    if (!fresh) e["adapter"].fail(fmt::format("adapter '{}' is already expert '{}': an expert belongs to one group", x.adapter_dir, it->second));
     x.group = group;
     return x;
   };
-  for (size_t gi = 0; gi < j["groups"].size(); ++gi) {
-    const json& g = j["groups"][gi];
-    std::string where = "groups[" + std::to_string(gi) + "]";
-    ATMOE_CHECK_INPUT(g.is_object(), "{}: {}: expected an object", m, where);
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    const JsonAt g = groups.at(gi);
+    g.object();
+    g.only_keys({"name", "experts"});
     BundleGroup G;
-    G.name = need_str(g, "name", where);
-    ATMOE_CHECK_INPUT(!G.name.empty(), "{}: {}: empty group name", m, where);
-    ATMOE_CHECK_INPUT(gnames.insert(G.name).second, "{}: {}: duplicate group name '{}'", m, where, G.name);
-    ATMOE_CHECK_INPUT(g.contains("experts") && g["experts"].is_array() && !g["experts"].empty(),
-                      "{}: group '{}' has no experts", m, G.name);
-    for (size_t ei = 0; ei < g["experts"].size(); ++ei) {
+    G.name = g["name"].str();
+    check_name(g["name"], G.name);
+    if (!gnames.insert(G.name).second) g["name"].fail(fmt::format("duplicate group name '{}'", G.name));
+    const JsonAt ex = g["experts"];
+    if (!ex.value().is_array() || ex.size() == 0) ex.fail(fmt::format("group '{}' needs a non-empty list of experts", G.name));
+    for (size_t ei = 0; ei < ex.size(); ++ei) {
       G.experts.push_back(int(b.experts.size()));
-      b.experts.push_back(read_expert(g["experts"][ei], where + ".experts[" + std::to_string(ei) + "]", int(gi)));
+      b.experts.push_back(read_expert(ex.at(ei), int(gi)));
     }
     b.groups.push_back(std::move(G));
   }
-  if (j.contains("general_expert") && !j["general_expert"].is_null())
-    b.general = read_expert(j["general_expert"], "general_expert", -1);
-  if (j.contains("lambda")) {
-    ATMOE_CHECK_INPUT(j["lambda"].is_number(), "{}: 'lambda' must be a number", m);
-    b.lambda = j["lambda"].get<double>();
-    ATMOE_CHECK_INPUT(b.lambda >= 0 && b.lambda <= 1, "{}: 'lambda' = {} must be in [0, 1]", m, b.lambda);
-  }
-  ATMOE_CHECK_INPUT(j.contains("router") && j["router"].is_object(), "{}: missing object 'router'", m);
-  const json& r = j["router"];
-  b.router_file = bundle_path(dir, need_str(r, "file", "router"), m, "router.file");
-  std::string in = r.value("input", std::string("per_request"));
-  ATMOE_CHECK_INPUT(in == "per_request" || in == "per_token", "{}: router.input '{}' (expected per_request or per_token)", m, in);
+  if (root.has("general_expert")) b.general = read_expert(root["general_expert"], -1);
+  // Experts and groups share one namespace (a --mask or --pin name must say which it is).
+  for (size_t e = 0; e < b.experts.size(); ++e)
+    if (gnames.count(b.experts[e].name))
+      ATMOE_INPUT_ERROR("{}: expert '{}' has the name of a group: expert and group names must differ", m, b.experts[e].name);
+  if (b.general && gnames.count(b.general->name))
+    ATMOE_INPUT_ERROR("{}: general_expert '{}' has the name of a group", m, b.general->name);
+  b.lambda = root.num_or("lambda", 1.0, 0.0, 1.0);
+  const JsonAt r = root["router"];
+  r.object();
+  r.only_keys({"file", "input", "tau_group", "tau_expert"});
+  b.router_file = bundle_path(dir, r["file"].str(), m, "router.file");
+  const std::string in = r.str_or("input", "per_request");
+  if (in != "per_request" && in != "per_token") r["input"].fail(fmt::format("'{}' (expected per_request or per_token)", in));
   b.router_input = in == "per_token" ? RouterInput::PerToken : RouterInput::PerRequest;
-  for (auto [k, dst] : {std::pair<const char*, double*>{"tau_group", &b.tau_group}, {"tau_expert", &b.tau_expert}}) {
-    if (!r.contains(k)) continue;
-    ATMOE_CHECK_INPUT(r[k].is_number() && r[k].get<double>() >= 0, "{}: router.{} must be a number >= 0", m, k);
-    *dst = r[k].get<double>();
-  }
+  b.tau_group = r.num_or("tau_group", 1.0, 0.0, 1e6);
+  b.tau_expert = r.num_or("tau_expert", 1.0, 0.0, 1e6);
   return b;
 }
 

@@ -1,5 +1,6 @@
 #include "common/env.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 
@@ -9,33 +10,57 @@ namespace atmoe {
 
 const std::vector<EnvKnob>& env_knobs() {
   static const std::vector<EnvKnob> k = {
-      {"ATMOE_THREADS", "0", "compute threads for CPU kernels (0 = all cores)"},
-      {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|off"},
+      {"ATMOE_THREADS", "0", "compute threads for CPU kernels (0 = all cores)", nullptr, true, 0, 1024},
+      {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|off", "trace|debug|info|warn|error|critical|off"},
       {"ATMOE_CACHE", "", "cache directory for models fetched by deploy scripts (default <repo>/.cache)"},
-      {"ATMOE_SPIN_US", "200", "microseconds an idle pool thread spins before it sleeps"},
-      {"ATMOE_PREFILL_GEMM", "simd", "GEMM for prompts of >= 32 tokens: simd (atmoe's kernel) or blas (OpenBLAS sgemm)"},
-      {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (default: best the CPU has)"},
+      {"ATMOE_SPIN_US", "200", "microseconds an idle pool thread spins before it sleeps (0..1000000)", nullptr, true, 0, 1000000},
+      {"ATMOE_PREFILL_GEMM", "simd", "GEMM for prompts of >= 32 tokens: simd (atmoe's kernel) or blas (OpenBLAS sgemm)",
+       "simd|blas"},
+      {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (default: best the CPU has)", "scalar|avx2|avx512"},
   };
   return k;
 }
 
-std::string env_str(const char* name) {
-  for (const auto& k : env_knobs()) {
-    if (std::strcmp(k.name, name) == 0) {
-      const char* v = std::getenv(name);
-      return v ? std::string(v) : std::string(k.default_value);
-    }
-  }
+static const EnvKnob& knob(const char* name) {
+  for (const auto& k : env_knobs())
+    if (std::strcmp(k.name, name) == 0) return k;
   throw RuntimeError(std::string("undeclared environment knob ") + name);
 }
 
-long env_int(const char* name) {
-  std::string s = env_str(name);
-  if (s.empty()) return 0;
-  char* end = nullptr;
-  long v = std::strtol(s.c_str(), &end, 10);
-  ATMOE_CHECK_INPUT(end && *end == '\0', "environment variable {}: expected an integer, got '{}'", name, s);
+static std::string checked(const EnvKnob& k) {
+  const char* raw = std::getenv(k.name);
+  if (!raw) return k.default_value;
+  std::string v(raw);
+  if (k.integer) {
+    errno = 0;
+    char* end = nullptr;
+    const long long x = std::strtoll(v.c_str(), &end, 10);
+    ATMOE_CHECK_INPUT(!v.empty() && end && *end == '\0' && errno == 0 && x >= k.lo && x <= k.hi,
+                      "environment variable {}='{}': expected an integer in {}..{}", k.name, v.substr(0, 40), k.lo, k.hi);
+  } else if (k.choices && !(v.empty() && std::strlen(k.default_value) == 0)) {
+    bool ok = false;
+    const std::string c = k.choices;
+    for (size_t a = 0; a <= c.size();) {
+      size_t b = c.find('|', a);
+      if (b == std::string::npos) b = c.size();
+      ok = ok || (b - a == v.size() && c.compare(a, b - a, v) == 0);
+      a = b + 1;
+    }
+    ATMOE_CHECK_INPUT(ok, "environment variable {}='{}': expected one of {}", k.name, v.substr(0, 40), k.choices);
+  }
   return v;
+}
+
+std::string env_str(const char* name) { return checked(knob(name)); }
+
+int64_t env_int(const char* name) {
+  const EnvKnob& k = knob(name);
+  ATMOE_ASSERT(k.integer);
+  return std::strtoll(checked(k).c_str(), nullptr, 10);
+}
+
+void env_check_all() {
+  for (const auto& k : env_knobs()) (void)checked(k);
 }
 
 }  // namespace atmoe

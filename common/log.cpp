@@ -5,6 +5,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 
 #include "common/env.h"
+#include "common/error.h"
 
 namespace atmoe {
 namespace {
@@ -13,10 +14,16 @@ int g_rank = -1;
 bool g_init = false;
 spdlog::sink_ptr g_sink;
 
-spdlog::level::level_enum parse_level(const std::string& s) {
-  auto l = spdlog::level::from_str(s);
-  if (l == spdlog::level::off && s != "off") return spdlog::level::warn;
-  return l;
+// The level of ATMOE_LOG_LEVEL; a bad value falls back to warn here and is refused by
+// env_check_all() (logging starts before main can report errors).
+spdlog::level::level_enum env_level() {
+  std::string s;
+  try {
+    s = env_str("ATMOE_LOG_LEVEL");
+  } catch (const Error&) {
+    return spdlog::level::warn;
+  }
+  return spdlog::level::from_str(s);
 }
 }  // namespace
 
@@ -27,7 +34,7 @@ void log_init(int rank) {
   std::string pat = rank >= 0 ? fmt::format("[%H:%M:%S.%e] [r{}] [%n] [%l] %v", rank)
                               : std::string("[%H:%M:%S.%e] [%n] [%l] %v");
   g_sink->set_pattern(pat);
-  auto lvl = parse_level(env_str("ATMOE_LOG_LEVEL"));
+  auto lvl = env_level();
   spdlog::apply_all([&](std::shared_ptr<spdlog::logger> l) { l->set_level(lvl); });
   g_init = true;
 }
@@ -41,7 +48,7 @@ std::shared_ptr<spdlog::logger> logger(const std::string& subsystem) {
     g_sink->set_pattern("[%H:%M:%S.%e] [%n] [%l] %v");
   }
   auto l = std::make_shared<spdlog::logger>(subsystem, g_sink);
-  l->set_level(parse_level(env_str("ATMOE_LOG_LEVEL")));
+  l->set_level(env_level());
   spdlog::register_logger(l);
   return l;
 }

@@ -1,12 +1,12 @@
 #include "common/model_config.h"
 
 #include <cmath>
-#include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 #include "common/gguf.h"
 
 namespace atmoe {
@@ -49,19 +49,12 @@ static int get_int(const json& j, const char* key, const std::string& path, int 
 }
 static double get_num(const json& j, const char* key, const std::string& path, double def) {
   if (!j.contains(key) || j[key].is_null()) return def;
-  ATMOE_CHECK_INPUT(j[key].is_number(), "{}: field '{}' must be a number", path, key);
+  ATMOE_CHECK_INPUT(j[key].is_number() && std::isfinite(j[key].get<double>()), "{}: field '{}' must be a finite number", path, key);
   return j[key].get<double>();
 }
 
 ModelConfig config_from_hf_json(const std::string& path) {
-  std::ifstream f(path);
-  ATMOE_CHECK_INPUT(bool(f), "{}: cannot open", path);
-  json j;
-  try {
-    j = json::parse(f);
-  } catch (const json::exception& e) {
-    ATMOE_INPUT_ERROR("{}: not valid JSON ({})", path, e.what());
-  }
+  const json j = read_json_file(path, "model config", size_t(16) << 20);
   ATMOE_CHECK_INPUT(j.is_object(), "{}: expected a JSON object", path);
   ModelConfig c;
   ATMOE_CHECK_INPUT(j.contains("model_type") && j["model_type"].is_string(), "{}: missing string field 'model_type'", path);
@@ -78,7 +71,8 @@ ModelConfig config_from_hf_json(const std::string& path) {
   c.head_dim = get_int(j, "head_dim", path, c.n_heads ? c.hidden / c.n_heads : 0, false);
   c.rms_eps = get_num(j, "rms_norm_eps", path, 1e-6);
   c.rope_theta = get_num(j, "rope_theta", path, 10000.0);
-  c.tie_embeddings = j.value("tie_word_embeddings", false);
+  const JsonAt root(j, path);
+  c.tie_embeddings = root.bool_or("tie_word_embeddings", false);
   // Mistral's sliding-window attention equals full attention up to the window: serve
   // contexts up to the window only, rather than produce different results past it.
   const bool window_on = !j.contains("use_sliding_window") || j["use_sliding_window"] == true;
@@ -86,11 +80,12 @@ ModelConfig config_from_hf_json(const std::string& path) {
     int64_t w = j["sliding_window"].get<int64_t>();
     if (w > 0 && w < c.max_position) c.max_position = int(w);
   }
-  c.qkv_bias = c.arch == "qwen2" ? true : j.value("attention_bias", false);
+  c.qkv_bias = c.arch == "qwen2" ? true : root.bool_or("attention_bias", false);
   c.rope_style = RopeStyle::Neox;
   if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
     const json& rs = j["rope_scaling"];
-    std::string t = rs.value("rope_type", rs.value("type", std::string()));
+    const JsonAt rsa = root["rope_scaling"];
+    std::string t = rsa.str_or("rope_type", rsa.str_or("type", std::string()));
     ATMOE_CHECK_INPUT(t == "llama3" || t == "linear" || t == "default",
                       "{}: rope_scaling type '{}' is not supported (expected llama3 or linear)", path, t);
     if (t != "default") {

@@ -2,14 +2,16 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/files.h"
+#include "common/json_reader.h"
 #include "common/regex.h"
 #include "common/safetensors.h"
+#include "common/tensor_check.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
@@ -64,67 +66,45 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
   a.dir = dir;
   const std::string cfg_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string st_path = (fs::path(dir) / "adapter_model.safetensors").string();
-  ATMOE_CHECK_INPUT(fs::is_directory(dir), "{}: adapter directory not found (expert '{}')", dir, name);
-  ATMOE_CHECK_INPUT(fs::exists(cfg_path), "{}: missing adapter_config.json (expert '{}')", dir, name);
-  ATMOE_CHECK_INPUT(fs::exists(st_path), "{}: missing adapter_model.safetensors (expert '{}')", dir, name);
-  json c;
-  try {
-    std::ifstream f(cfg_path);
-    c = json::parse(f);
-  } catch (const json::exception& e) {
-    ATMOE_INPUT_ERROR("{}: not valid JSON ({})", cfg_path, e.what());
-  }
-  ATMOE_CHECK_INPUT(c.is_object(), "{}: expected a JSON object", cfg_path);
-  auto str_or = [&](const char* k, const std::string& d) {
-    if (!c.contains(k) || c[k].is_null()) return d;
-    ATMOE_CHECK_INPUT(c[k].is_string(), "{}: field '{}' must be a string", cfg_path, k);
-    return c[k].get<std::string>();
-  };
-  auto bool_or = [&](const char* k, bool d) {
-    if (!c.contains(k) || c[k].is_null()) return d;
-    ATMOE_CHECK_INPUT(c[k].is_boolean(), "{}: field '{}' must be true or false", cfg_path, k);
-    return c[k].get<bool>();
-  };
-  std::string pt = str_or("peft_type", "LORA");
-  ATMOE_CHECK_INPUT(pt == "LORA", "{}: peft_type '{}' is not supported (expected LORA)", cfg_path, pt);
-  ATMOE_CHECK_INPUT(!bool_or("use_dora", false), "{}: use_dora: DoRA adapters are not supported", cfg_path);
-  std::string bias = str_or("bias", "none");
-  ATMOE_CHECK_INPUT(bias == "none", "{}: bias '{}': trained biases are not supported (expected \"none\")", cfg_path, bias);
-  ATMOE_CHECK_INPUT(!c.contains("modules_to_save") || c["modules_to_save"].is_null() ||
-                        (c["modules_to_save"].is_array() && c["modules_to_save"].empty()),
-                    "{}: modules_to_save: fully trained modules are not supported", cfg_path);
-  ATMOE_CHECK_INPUT(c.contains("r") && c["r"].is_number_integer() && c["r"].get<int64_t>() > 0 && c["r"].get<int64_t>() <= 4096,
-                    "{}: field 'r' must be an integer in 1..4096", cfg_path);
-  a.default_rank = c["r"].get<int>();
-  ATMOE_CHECK_INPUT(c.contains("lora_alpha") && c["lora_alpha"].is_number(), "{}: field 'lora_alpha' must be a number", cfg_path);
-  a.default_alpha = c["lora_alpha"].get<double>();
-  a.rslora = bool_or("use_rslora", false);
-  const bool fifo = bool_or("fan_in_fan_out", false);
+  require_directory(dir, fmt::format("adapter directory of expert '{}'", name));
+  ATMOE_CHECK_INPUT(path_exists(cfg_path, "adapter config"), "{}: missing adapter_config.json (expert '{}')", dir, name);
+  ATMOE_CHECK_INPUT(path_exists(st_path, "adapter weights"), "{}: missing adapter_model.safetensors (expert '{}')", dir, name);
+  const json c = read_json_file(cfg_path, "adapter config", size_t(16) << 20);
+  const JsonAt cfg(c, cfg_path);
+  cfg.object();
+  std::string pt = cfg.str_or("peft_type", "LORA");
+  if (pt != "LORA") cfg["peft_type"].fail(fmt::format("'{}' is not supported (expected LORA)", pt));
+  if (cfg.bool_or("use_dora", false)) cfg["use_dora"].fail("DoRA adapters are not supported");
+  std::string bias = cfg.str_or("bias", "none");
+  if (bias != "none") cfg["bias"].fail(fmt::format("'{}': trained biases are not supported (expected \"none\")", bias));
+  if (cfg.has("modules_to_save") && !(c["modules_to_save"].is_array() && c["modules_to_save"].empty()))
+    cfg["modules_to_save"].fail("fully trained modules are not supported");
+  a.default_rank = int(cfg["r"].integer(1, kMaxLoraRank));
+  a.default_alpha = cfg["lora_alpha"].number(-1e30, 1e30);
+  a.rslora = cfg.bool_or("use_rslora", false);
+  const bool fifo = cfg.bool_or("fan_in_fan_out", false);
   std::map<std::string, int> rank_pattern;
   std::map<std::string, double> alpha_pattern;
-  for (const char* k : {"rank_pattern", "alpha_pattern"}) {
-    if (!c.contains(k) || c[k].is_null()) continue;
-    ATMOE_CHECK_INPUT(c[k].is_object(), "{}: field '{}' must be an object", cfg_path, k);
-    for (auto it = c[k].begin(); it != c[k].end(); ++it) {
-      ATMOE_CHECK_INPUT(it.value().is_number(), "{}: {}['{}'] must be a number", cfg_path, k, it.key());
-      if (std::string(k) == "rank_pattern") rank_pattern[it.key()] = it.value().get<int>();
-      else alpha_pattern[it.key()] = it.value().get<double>();
-    }
+  if (cfg.has("rank_pattern")) {
+    const JsonAt rp = cfg["rank_pattern"];
+    for (auto it = rp.object().begin(); it != c["rank_pattern"].end(); ++it)
+      rank_pattern[it.key()] = int(rp[it.key()].integer(1, kMaxLoraRank));
+  }
+  if (cfg.has("alpha_pattern")) {
+    const JsonAt ap = cfg["alpha_pattern"];
+    for (auto it = ap.object().begin(); it != c["alpha_pattern"].end(); ++it) alpha_pattern[it.key()] = ap[it.key()].number(-1e30, 1e30);
   }
   std::set<int> layers;
-  if (c.contains("layers_to_transform") && !c["layers_to_transform"].is_null()) {
-    const json& l = c["layers_to_transform"];
-    if (l.is_number_integer()) layers.insert(l.get<int>());
-    else if (l.is_array())
-      for (const auto& x : l) {
-        ATMOE_CHECK_INPUT(x.is_number_integer(), "{}: layers_to_transform must hold integers", cfg_path);
-        layers.insert(x.get<int>());
-      }
-    else ATMOE_INPUT_ERROR("{}: layers_to_transform must be an integer or a list", cfg_path);
+  if (cfg.has("layers_to_transform")) {
+    const JsonAt l = cfg["layers_to_transform"];
+    if (l.value().is_array()) {
+      for (size_t i = 0; i < l.size(); ++i) layers.insert(int(l.at(i).integer(0, shapes.n_layers - 1)));
+    } else {
+      layers.insert(int(l.integer(0, shapes.n_layers - 1)));
+    }
   }
   // target_modules: list of names or a regex over the full module name.
-  ATMOE_CHECK_INPUT(c.contains("target_modules"), "{}: missing field 'target_modules'", cfg_path);
-  const json& tm = c["target_modules"];
+  const json& tm = cfg["target_modules"].value();
   auto targeted = [&](int layer, Site s) {
     if (!layers.empty() && !layers.count(layer)) return false;
     const std::string mod = module_path(layer, s);
@@ -148,7 +128,7 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
                         "gate_proj, up_proj, down_proj", cfg_path, n);
     }
   } else {
-    ATMOE_CHECK_INPUT(tm.is_string(), "{}: target_modules must be a list or a regex string", cfg_path);
+    if (!tm.is_string()) cfg["target_modules"].fail("expected a list of module names or a regex string, got " + json_describe(tm));
   }
 
   SafetensorsFile st(st_path);
@@ -192,6 +172,8 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
       ATMOE_CHECK_INPUT(B.dtype() == DType::F32 || B.dtype() == DType::F16 || B.dtype() == DType::BF16,
                         "{}: '{}' has dtype {}, expected F32, F16 or BF16", st_path, kb, dtype_name(B.dtype()));
       ATMOE_CHECK_INPUT(A.ndim() == 2 && B.ndim() == 2, "{}: '{}'/'{}' must be matrices", st_path, ka, kb);
+      check_finite(A, st_path, ka);
+      check_finite(B, st_path, kb);
       A = A.to(DType::F32);
       B = B.to(DType::F32);
       if (fifo) {  // stored as [d_in, r] and [r, d_out]: transpose to the Linear layout
@@ -227,6 +209,7 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
       LoraWeights w;
       w.rank = int(r);
       w.scale = lora_scale(alpha, int(r), a.rslora);
+      check_lora_bound(w.scale, A, B, st_path, mod);
       w.A = A;
       w.B = B;
       a.modules[{l, s}] = std::move(w);

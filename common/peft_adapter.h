@@ -25,6 +25,8 @@ const char* site_name(Site s);       // "q", "k", ...
 const char* site_module(Site s);     // "q_proj", ...
 bool parse_site(const std::string& s, Site* out);  // accepts "q" or "q_proj"
 
+constexpr int kMaxLoraRank = 4096;
+
 // The LoRA scale: alpha / r, or alpha / sqrt(r) with rslora. The one place it is computed.
 double lora_scale(double alpha, int r, bool rslora);
 

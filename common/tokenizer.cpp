@@ -7,12 +7,14 @@
 #include <climits>
 #include <filesystem>
 #include <functional>
-#include <fstream>
+#include <queue>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/files.h"
 #include "common/gguf.h"
+#include "common/json_reader.h"
 #include "common/utf8.h"
 
 namespace atmoe {
@@ -75,6 +77,7 @@ void Tokenizer::finalize(const std::string& src) {
       if (!id_to_token_[i].empty()) specials_.emplace_back(id_to_token_[i], int32_t(i));
   std::stable_sort(specials_.begin(), specials_.end(),
                    [](auto& a, auto& b) { return a.first.size() > b.first.size(); });
+  for (int32_t i = 0; i < vocab_size(); ++i) max_token_bytes_ = std::max(max_token_bytes_, token_bytes(i, true).size());
   for (const auto& r : regexes_) {
     int err = 0;
     PCRE2_SIZE off = 0;
@@ -142,16 +145,6 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& f) {
   return t;
 }
 
-static json read_json_file(const std::string& path) {
-  std::ifstream f(path);
-  ATMOE_CHECK_INPUT(bool(f), "{}: missing tokenizer file", path);
-  try {
-    return json::parse(f);
-  } catch (const json::exception& e) {
-    ATMOE_INPUT_ERROR("{}: not valid JSON ({})", path, e.what());
-  }
-}
-
 // Collects the regex sequence of an HF pre_tokenizer spec.
 static void hf_pretok(const json& p, const std::string& src, std::vector<std::string>& out) {
   if (p.is_null()) return;
@@ -175,8 +168,8 @@ static void hf_pretok(const json& p, const std::string& src, std::vector<std::st
 Tokenizer Tokenizer::from_hf_dir(const std::string& dir) {
   namespace fs = std::filesystem;
   std::string path = (fs::path(dir) / "tokenizer.json").string();
-  ATMOE_CHECK_INPUT(fs::exists(path), "{}: missing tokenizer (tokenizer.json not found)", path);
-  json j = read_json_file(path);
+  ATMOE_CHECK_INPUT(path_exists(path, "tokenizer"), "{}: missing tokenizer (tokenizer.json not found)", path);
+  json j = read_json_file(path, "tokenizer", size_t(256) << 20);
   Tokenizer t;
   try {
     const json& m = j.at("model");
@@ -233,12 +226,13 @@ Tokenizer Tokenizer::from_hf_dir(const std::string& dir) {
     ATMOE_INPUT_ERROR("{}: malformed tokenizer ({})", path, e.what());
   }
   std::string cfg_path = (fs::path(dir) / "tokenizer_config.json").string();
-  json cfg = fs::exists(cfg_path) ? read_json_file(cfg_path) : json::object();
+  json cfg = path_exists(cfg_path, "tokenizer config") ? read_json_file(cfg_path, "tokenizer config", size_t(64) << 20) : json::object();
+  ATMOE_CHECK_INPUT(cfg.is_object(), "{}: expected a JSON object", cfg_path);
   auto tok_field = [&](const char* k) -> std::string {
     if (!cfg.contains(k)) return {};
     const json& v = cfg[k];
     if (v.is_string()) return v.get<std::string>();
-    if (v.is_object() && v.contains("content")) return v["content"].get<std::string>();
+    if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
     return {};
   };
   Tokenizer* tp = &t;
@@ -267,23 +261,62 @@ int32_t Tokenizer::find_token(const std::string& text) const {
 bool Tokenizer::is_eog(int32_t id) const { return std::find(eog_.begin(), eog_.end(), id) != eog_.end(); }
 
 void Tokenizer::bpe(const std::string& word, std::vector<int32_t>& out) const {
-  // word is already in the byte-unicode alphabet.
-  std::vector<std::string> sym = utf8_chars(word);
-  while (sym.size() > 1) {
-    int32_t best = INT32_MAX;
-    size_t bi = 0;
-    for (size_t i = 0; i + 1 < sym.size(); ++i) {
-      auto it = merge_rank_.find(sym[i] + " " + sym[i + 1]);
-      if (it != merge_rank_.end() && it->second < best) {
-        best = it->second;
-        bi = i;
-      }
-    }
-    if (best == INT32_MAX) break;
-    sym[bi] += sym[bi + 1];
-    sym.erase(sym.begin() + long(bi) + 1);
+  // word is already in the byte-unicode alphabet. Merges apply lowest rank first, leftmost
+  // first among equal ranks. The symbols are a doubly linked list over word's code points
+  // (a merge makes the left symbol absorb the right one); the candidate merges of adjacent
+  // pairs sit in a min-heap ordered by (rank, left symbol index). An entry is stale when
+  // either symbol was absorbed or grew since it was pushed (its byte length no longer
+  // matches): O(n log n) in the word's length, as llama.cpp's llm_tokenizer_bpe.
+  struct Sym {
+    int32_t prev, next;
+    uint32_t off, len;  // bytes of word
+  };
+  struct Cand {
+    int32_t rank, left, right;
+    uint32_t len;  // len(left) + len(right) when pushed
+    bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+  };
+  ATMOE_CHECK_INPUT(word.size() < (size_t(1) << 31), "tokenizer: a pre-token of {} bytes is too long", word.size());
+  std::vector<Sym> sym;
+  for (size_t i = 0; i < word.size();) {
+    size_t n = 1;
+    const uint8_t c = uint8_t(word[i]);
+    if (c >= 0xf0) n = 4;
+    else if (c >= 0xe0) n = 3;
+    else if (c >= 0xc0) n = 2;
+    n = std::min(n, word.size() - i);
+    const int32_t k = int32_t(sym.size());
+    sym.push_back({k - 1, k + 1, uint32_t(i), uint32_t(n)});
+    i += n;
   }
-  for (const auto& s : sym) {
+  if (sym.empty()) return;
+  sym.back().next = -1;
+  std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
+  std::string key;
+  auto push = [&](int32_t l, int32_t r) {
+    if (l < 0 || r < 0) return;
+    key.assign(word, sym[size_t(l)].off, sym[size_t(l)].len);
+    key += ' ';
+    key.append(word, sym[size_t(r)].off, sym[size_t(r)].len);
+    auto it = merge_rank_.find(key);
+    if (it != merge_rank_.end()) heap.push({it->second, l, r, sym[size_t(l)].len + sym[size_t(r)].len});
+  };
+  for (int32_t i = 0; i + 1 < int32_t(sym.size()); ++i) push(i, i + 1);
+  while (!heap.empty()) {
+    const Cand c = heap.top();
+    heap.pop();
+    Sym &L = sym[size_t(c.left)], &R = sym[size_t(c.right)];
+    if (L.len == 0 || R.len == 0 || L.next != c.right || L.len + R.len != c.len) continue;  // stale
+    L.len += R.len;
+    R.len = 0;
+    L.next = R.next;
+    if (R.next >= 0) sym[size_t(R.next)].prev = c.left;
+    push(L.prev, c.left);
+    push(c.left, L.next);
+  }
+  std::vector<std::string> merged;
+  for (int32_t i = 0; i >= 0; i = sym[size_t(i)].next) merged.emplace_back(word, sym[size_t(i)].off, sym[size_t(i)].len);
+  for (const auto& s : merged) {
     auto it = token_to_id_.find(s);
     if (it != token_to_id_.end()) {
       out.push_back(it->second);
@@ -333,15 +366,24 @@ void Tokenizer::pretokenize_and_bpe(const std::string& span, std::vector<int32_t
 std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_bos, bool parse_special) const {
   std::vector<int32_t> out;
   if (add_bos && bos_ >= 0) out.push_back(bos_);
+  // Next occurrence of each special at or after pos, searched again only once passed: the
+  // scan stays linear in the text however many specials it holds.
+  std::vector<size_t> next_at(specials_.size(), 0);
+  std::vector<bool> searched(specials_.size(), false);
   size_t pos = 0;
   while (pos < text.size()) {
     // Earliest special-token occurrence (longest at that position).
     size_t best_at = std::string::npos;
     int32_t best_id = -1;
     size_t best_len = 0;
-    for (const auto& [s, id] : specials_) {
+    for (size_t k = 0; k < specials_.size(); ++k) {
+      const auto& [s, id] = specials_[k];
       if (!parse_special && types_[size_t(id)] != TokenType::UserDefined) continue;
-      size_t at = text.find(s, pos);
+      if (!searched[k] || (next_at[k] != std::string::npos && next_at[k] < pos)) {
+        next_at[k] = text.find(s, pos);
+        searched[k] = true;
+      }
+      const size_t at = next_at[k];
       if (at == std::string::npos) continue;
       if (at < best_at || (at == best_at && s.size() > best_len)) {
         best_at = at;
@@ -392,14 +434,14 @@ std::string Tokenizer::summary() const {
 std::string StreamDecoder::push(int32_t id) {
   pending_ += tok_.token_bytes(id);
   size_t n = utf8_complete_prefix(pending_);
-  std::string out = pending_.substr(0, n);
+  std::string out = utf8_sanitize(pending_.substr(0, n));
   pending_.erase(0, n);
   return out;
 }
 
 std::string StreamDecoder::flush() {
-  std::string out;
-  out.swap(pending_);
+  std::string out = utf8_sanitize(pending_);  // a sequence left incomplete at the end becomes U+FFFD
+  pending_.clear();
   return out;
 }
 

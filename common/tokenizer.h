@@ -33,6 +33,8 @@ class Tokenizer {
   std::string token_bytes(int32_t id, bool render_special = false) const;  // raw bytes of one token
 
   int32_t vocab_size() const { return int32_t(id_to_token_.size()); }
+  // Bytes of the longest token: a text of n bytes encodes to at least n / max_token_bytes() tokens.
+  size_t max_token_bytes() const { return max_token_bytes_; }
   int32_t bos_id() const { return bos_; }
   int32_t eos_id() const { return eos_; }
   bool add_bos_default() const { return add_bos_; }
@@ -62,11 +64,13 @@ class Tokenizer {
   std::string pre_name_, chat_template_;
   int32_t bos_ = -1, eos_ = -1, unk_ = -1;
   bool add_bos_ = false;
+  size_t max_token_bytes_ = 1;
   std::vector<int32_t> eog_;
 };
 
-// Streaming detokenisation: push token ids, get text that never ends inside a UTF-8
-// sequence; flush() returns what is left at the end.
+// Streaming detokenisation: push token ids, get valid UTF-8 that never ends inside a
+// sequence (a sequence still incomplete is held back; bytes that can never form one become
+// U+FFFD); flush() returns what is left at the end, an unfinished sequence as U+FFFD.
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer& t) : tok_(t) {}

@@ -1,13 +1,15 @@
 #include "common/trex_adapter.h"
 
 #include <filesystem>
-#include <fstream>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/files.h"
+#include "common/json_reader.h"
 #include "common/regex.h"
 #include "common/safetensors.h"
+#include "common/tensor_check.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
@@ -19,50 +21,44 @@ int64_t TrexAdapter::param_bytes() const {
   return b;
 }
 
-static json read_json(const std::string& path) {
-  std::ifstream f(path);
-  ATMOE_CHECK_INPUT(bool(f), "{}: missing", path);
-  try {
-    return json::parse(f);
-  } catch (const json::exception& e) {
-    ATMOE_INPUT_ERROR("{}: not valid JSON ({})", path, e.what());
-  }
-}
-
 TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) {
   TrexAdapter a;
   a.dir = dir;
-  ATMOE_CHECK_INPUT(fs::is_directory(dir), "{}: T-REX adapter directory not found", dir);
+  require_directory(dir, "T-REX adapter directory");
   const std::string cfg_path = (fs::path(dir) / "adapter_config.json").string();
   const std::string ext_path = (fs::path(dir) / "global_external_config.json").string();
   const std::string st_path = (fs::path(dir) / "adapter_model.safetensors").string();
-  json cfg = read_json(cfg_path), ext = read_json(ext_path);
-  ATMOE_CHECK_INPUT(cfg.contains("r") && cfg["r"].is_number_integer() && cfg["r"].get<int>() > 0,
-                    "{}: field 'r' must be a positive integer", cfg_path);
-  const int r = cfg["r"].get<int>();
-  a.mode = ext.value("moe_mode", std::string());
-  ATMOE_CHECK_INPUT(a.mode == "rank1" || a.mode == "rank1_flex", "{}: moe_mode '{}' (expected rank1 or rank1_flex)", ext_path, a.mode);
+  const json cfg_json = read_json_file(cfg_path, "T-REX adapter config", size_t(16) << 20);
+  const json ext_json = read_json_file(ext_path, "T-REX external config", size_t(16) << 20);
+  const JsonAt cfg(cfg_json, cfg_path), ext(ext_json, ext_path);
+  cfg.object();
+  ext.object();
+  const int r = int(cfg["r"].integer(1, kMaxLoraRank));
+  a.mode = ext["moe_mode"].str();
+  if (a.mode != "rank1" && a.mode != "rank1_flex") ext["moe_mode"].fail(fmt::format("'{}' (expected rank1 or rank1_flex)", a.mode));
   if (a.mode == "rank1") {
     a.r1 = a.r2 = a.E = r;
   } else {
-    const json& ra = ext.contains("rank1_flex_rank_allocation") ? ext["rank1_flex_rank_allocation"] : json();
-    if (ra.is_array()) {
-      ATMOE_CHECK_INPUT(ra.size() == 2 && ra[0].is_number_integer() && ra[1].is_number_integer(),
-                        "{}: rank1_flex_rank_allocation must be [r1, r2]", ext_path);
-      a.r1 = ra[0].get<int>();
-      a.r2 = ra[1].get<int>();
-      ATMOE_CHECK_INPUT(a.r1 > 0 && a.r2 > 0 && a.r1 * a.r2 == r,
-                        "{}: rank1_flex_rank_allocation [{}, {}] must multiply to r = {}", ext_path, a.r1, a.r2, r);
+    if (ext.has("rank1_flex_rank_allocation")) {
+      const JsonAt ra = ext["rank1_flex_rank_allocation"];
+      if (!ra.value().is_array() || ra.size() != 2) ra.fail("expected [r1, r2]");
+      a.r1 = int(ra.at(0).integer(1, r));
+      a.r2 = int(ra.at(1).integer(1, r));
+      if (int64_t(a.r1) * a.r2 != r)
+        ra.fail(fmt::format("[{}, {}] must multiply to r = {} ({})", a.r1, a.r2, r, cfg_path));
       a.E = r;
     } else {
+      ATMOE_CHECK_INPUT(r <= 1024, "{}: r: {} without rank1_flex_rank_allocation means {} rank-1 experts (at most 1024^2)", cfg_path, r,
+                        int64_t(r) * r);
       a.r1 = a.r2 = r;  // no allocation: lora_A and lora_B are rank r, E = r·r
       a.E = r * r;
     }
-    a.mapper = ext.value("router_mapping", false);
+    a.mapper = ext.bool_or("router_mapping", false);
   }
-  ATMOE_CHECK_INPUT(ext.value("rank1_flex_topk", -1) <= 0, "{}: rank1_flex_topk > 0 is not supported (nor by the released code)", ext_path);
-  std::string abl = ext.contains("ablation") && ext["ablation"].is_string() ? ext["ablation"].get<std::string>() : "";
-  ATMOE_CHECK_INPUT(abl.empty() || abl == "None", "{}: ablation '{}' is not supported", ext_path, abl);
+  if (ext.int_or("rank1_flex_topk", -1, INT32_MIN, INT32_MAX) > 0)
+    ext["rank1_flex_topk"].fail("values > 0 are not supported (nor by the released code)");
+  const std::string abl = ext.has("ablation") && ext_json["ablation"].is_string() ? ext_json["ablation"].get<std::string>() : "";
+  if (!abl.empty() && abl != "None") ext["ablation"].fail(fmt::format("'{}' is not supported", abl));
 
   SafetensorsFile st(st_path);
   const std::string re =
@@ -86,7 +82,8 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
   }
   ATMOE_CHECK_INPUT(!found.empty(), "{}: no T-REX modules found", st_path);
   for (auto& [ls, f] : found) {
-    const auto [layer, s] = ls;
+    const int layer = ls.first;
+    const Site s = ls.second;
     const int64_t din = shapes.d_in[size_t(s)], dout = shapes.d_out[size_t(s)];
     auto need = [&](const char* part, std::vector<int64_t> shape) {
       ATMOE_CHECK_INPUT(f.key.count(part), "{}: module layers.{}.{} has no '{}' tensor", st_path, layer, site_module(s), part);
@@ -95,6 +92,7 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
                         "{}: '{}' has dtype {}, expected F32, F16 or BF16", st_path, f.key[part], dtype_name(t.dtype()));
       ATMOE_CHECK_INPUT(t.shape() == shape, "{}: '{}' has shape {}, expected {}", st_path, f.key[part], t.shape_str(),
                         shape_to_string(shape));
+      check_finite(t, st_path, f.key[part]);
       return t.to(DType::F32);
     };
     TrexModule mod;
@@ -103,12 +101,19 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
     mod.Wr = need("router", {a.E, din});
     mod.omega = need("omg", {1, 1}).data<float>()[0];
     mod.gamma = need("binary_main_gate_weight", {1, 1}).data<float>()[0];
+    // Δy = σ(100γ) · B (Gᵀ u), |G| <= c_p + c_s = 36 without a mapper (cluster scores <= 1):
+    // the bound of a LoRA module of scale 36 whose expand sums r1 terms.
+    check_lora_bound(36.0, mod.A, mod.B, st_path,
+                     fmt::format("layers.{}.{}", layer, site_module(s)));
     if (a.mapper) {
       ATMOE_CHECK_INPUT(f.key.count("rank1_flex_mapper"), "{}: router_mapping is on but layers.{}.{} has no rank1_flex_mapper",
                         st_path, layer, site_module(s));
       Tensor M = st.get(f.key["rank1_flex_mapper"]);
       ATMOE_CHECK_INPUT(M.ndim() == 2 && M.dim(0) == a.E, "{}: '{}' has shape {}, expected [{}, K]", st_path,
                         f.key["rank1_flex_mapper"], M.shape_str(), a.E);
+      ATMOE_CHECK_INPUT(M.dtype() == DType::F32 || M.dtype() == DType::F16 || M.dtype() == DType::BF16,
+                        "{}: '{}' has dtype {}, expected F32, F16 or BF16", st_path, f.key["rank1_flex_mapper"], dtype_name(M.dtype()));
+      check_finite(M, st_path, f.key["rank1_flex_mapper"]);
       mod.M = M.to(DType::F32);
     }
     a.modules[ls] = std::move(mod);

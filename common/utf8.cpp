@@ -55,4 +55,39 @@ size_t utf8_complete_prefix(const std::string& s) {
   return n;
 }
 
+// Length of the well-formed sequence starting at s[i] (Unicode Table 3-7), 0 if none.
+static size_t valid_len(const std::string& s, size_t i) {
+  const size_t n = s.size() - i;
+  const auto b = [&](size_t k) { return uint8_t(s[i + k]); };
+  const auto cont = [&](size_t k, uint8_t lo, uint8_t hi) { return k < n && b(k) >= lo && b(k) <= hi; };
+  const uint8_t c = b(0);
+  if (c < 0x80) return 1;
+  if (c >= 0xc2 && c <= 0xdf) return cont(1, 0x80, 0xbf) ? 2 : 0;
+  if (c >= 0xe0 && c <= 0xef) {
+    const uint8_t lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
+    return cont(1, lo, hi) && cont(2, 0x80, 0xbf) ? 3 : 0;
+  }
+  if (c >= 0xf0 && c <= 0xf4) {
+    const uint8_t lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
+    return cont(1, lo, hi) && cont(2, 0x80, 0xbf) && cont(3, 0x80, 0xbf) ? 4 : 0;
+  }
+  return 0;
+}
+
+std::string utf8_sanitize(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = valid_len(s, i);
+    if (n) {
+      out.append(s, i, n);
+      i += n;
+    } else {
+      out += "\xEF\xBF\xBD";  // U+FFFD
+      ++i;
+    }
+  }
+  return out;
+}
+
 }  // namespace atmoe

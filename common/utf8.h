@@ -13,5 +13,9 @@ std::vector<std::string> utf8_chars(const std::string& s);
 // Length of the longest prefix of s that does not end inside a UTF-8 sequence that could
 // still be completed by more bytes. Invalid bytes count as complete (they never will be).
 size_t utf8_complete_prefix(const std::string& s);
+// s with every byte that does not belong to a well-formed UTF-8 sequence (stray
+// continuation bytes, overlong forms, surrogates, code points past U+10FFFF, truncated
+// sequences) replaced by U+FFFD: the result is always valid UTF-8.
+std::string utf8_sanitize(const std::string& s);
 
 }  // namespace atmoe

@@ -35,7 +35,8 @@ struct SeqRouting {
   bool per_request_done = false;
   std::vector<std::vector<double>> a, w;  // [L][G], [L][E]: per_request weights (or per_token mean)
   bool trace_tokens = false;
-  std::vector<std::vector<std::vector<double>>> tokens;  // per_token: [token][L][E]
+  std::vector<std::vector<std::vector<double>>> tokens;         // per_token: [token][L][E]
+  std::vector<std::vector<std::vector<double>>> tokens_groups;  // per_token: [token][L][G]
   int64_t n_token_steps = 0;                             // per_token: tokens accumulated into a/w
   // T-REX: the controls, and the cluster scores C e once known (empty until then).
   RoutingControls trex_ctl;

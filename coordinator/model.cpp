@@ -282,8 +282,12 @@ void Model::route_layer(int layer, const std::vector<ForwardItem>& items) {
           for (int e = 0; e < E; ++e) r->w[size_t(layer)][size_t(e)] += (s.rw[size_t(e)] - r->w[size_t(layer)][size_t(e)]) / (k + 1);
           if (r->trace_tokens) {
             size_t tok = size_t(r->n_token_steps + j);
-            if (r->tokens.size() <= tok) r->tokens.resize(tok + 1, std::vector<std::vector<double>>(size_t(cfg_.n_layers)));
+            if (r->tokens.size() <= tok) {
+              r->tokens.resize(tok + 1, std::vector<std::vector<double>>(size_t(cfg_.n_layers)));
+              r->tokens_groups.resize(tok + 1, std::vector<std::vector<double>>(size_t(cfg_.n_layers)));
+            }
             r->tokens[tok][size_t(layer)] = s.rw;
+            r->tokens_groups[tok][size_t(layer)] = s.ra;
           }
         }
         if (layer == cfg_.n_layers - 1) r->n_token_steps += it.n;

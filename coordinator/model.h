@@ -53,8 +53,9 @@ struct ForwardItem {
 
 class Model {
  public:
-  // PATH: a .gguf file or an HF directory. dtype: BF16 or F32.
-  static std::unique_ptr<Model> load(const std::string& path, DType dtype);
+  // PATH: a .gguf file or an HF directory. dtype: BF16 or F32. check_tensors: every weight
+  // is checked finite after dequantisation (one more pass over them; llama.cpp's --check-tensors).
+  static std::unique_ptr<Model> load(const std::string& path, DType dtype, bool check_tensors = false);
   Model();
   ~Model();
 

@@ -2,15 +2,18 @@
 // against the config; a mismatch names the file, the tensor and both shapes.
 #include <cblas.h>
 
-#include <filesystem>
-#include <fstream>
+#include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/files.h"
+#include "common/json_reader.h"
+#include "common/tensor_check.h"
 #include "common/gguf.h"
 #include "common/log.h"
 #include "common/safetensors.h"
@@ -74,7 +77,7 @@ struct ModelLoader {
                       m.info_.path, m.tok_->vocab_size(), c.vocab);
   }
 
-  static void load_gguf(Model& m, const std::string& path, DType dt) {
+  static void load_gguf(Model& m, const std::string& path, DType dt, bool check) {
     GgufFile f(path);
     m.cfg_ = config_from_gguf(f);
     const auto& c = m.cfg_;
@@ -86,6 +89,7 @@ struct ModelLoader {
       ATMOE_CHECK_INPUT(f.tensor(name), "{}: tensor '{}' not found", path, name);
       Tensor t = f.load_f32(name);
       expect_shape(t, want, path, name);
+      if (check) check_finite(t, path, name);
       m.info_.n_params += t.numel();
       return t;
     };
@@ -118,9 +122,9 @@ struct ModelLoader {
     }
   }
 
-  static void load_hf(Model& m, const std::string& dir, DType dt) {
+  static void load_hf(Model& m, const std::string& dir, DType dt, bool check) {
     std::string cfg_path = (fs::path(dir) / "config.json").string();
-    ATMOE_CHECK_INPUT(fs::exists(cfg_path), "{}: missing config.json", dir);
+    ATMOE_CHECK_INPUT(path_exists(cfg_path, "model config"), "{}: missing config.json", dir);
     m.cfg_ = config_from_hf_json(cfg_path);
     const auto& c = m.cfg_;
     m.tok_ = std::make_unique<Tokenizer>(Tokenizer::from_hf_dir(dir));
@@ -130,20 +134,15 @@ struct ModelLoader {
     std::string single = (fs::path(dir) / "model.safetensors").string();
     std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
     std::vector<std::string> shard_names;
-    if (fs::exists(single)) {
+    if (path_exists(single, "model weights")) {
       shard_names.push_back("model.safetensors");
     } else {
-      ATMOE_CHECK_INPUT(fs::exists(index), "{}: no model.safetensors or model.safetensors.index.json", dir);
-      std::ifstream in(index);
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(in);
-        std::set<std::string> s;
-        for (auto it = j.at("weight_map").begin(); it != j.at("weight_map").end(); ++it) s.insert(it.value().get<std::string>());
-        shard_names.assign(s.begin(), s.end());
-      } catch (const nlohmann::json::exception& e) {
-        ATMOE_INPUT_ERROR("{}: malformed index ({})", index, e.what());
-      }
+      ATMOE_CHECK_INPUT(path_exists(index, "model index"), "{}: no model.safetensors or model.safetensors.index.json", dir);
+      const nlohmann::json j = read_json_file(index, "model index", size_t(64) << 20);
+      const JsonAt wm = JsonAt(j, index)["weight_map"];
+      std::set<std::string> s;
+      for (auto it = wm.object().begin(); it != j["weight_map"].end(); ++it) s.insert(wm[it.key()].str());
+      shard_names.assign(s.begin(), s.end());
     }
     for (const auto& sn : shard_names) {
       ATMOE_CHECK_INPUT(sn.find('/') == std::string::npos && sn.find("..") == std::string::npos,
@@ -161,6 +160,7 @@ struct ModelLoader {
       ATMOE_CHECK_INPUT(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16,
                         "{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", it->second->path(), name, dtype_name(t.dtype()));
       expect_shape(t, want, it->second->path(), name);
+      if (check) check_finite(t, it->second->path(), name);
       m.info_.n_params += t.numel();
       return t.to(DType::F32);
     };
@@ -191,14 +191,21 @@ struct ModelLoader {
   }
 };
 
-std::unique_ptr<Model> Model::load(const std::string& path, DType dtype) {
+std::unique_ptr<Model> Model::load(const std::string& path, DType dtype, bool check_tensors) {
   ATMOE_CHECK_INPUT(dtype == DType::BF16 || dtype == DType::F32, "--dtype {}: expected bf16 or f32", dtype_name(dtype));
   auto m = std::make_unique<Model>();
   m->dtype_ = dtype;
   m->info_.path = path;
-  ATMOE_CHECK_INPUT(fs::exists(path), "{}: no such file or directory", path);
-  if (fs::is_directory(path)) ModelLoader::load_hf(*m, path, dtype);
-  else ModelLoader::load_gguf(*m, path, dtype);
+  const auto t0 = std::chrono::steady_clock::now();
+  switch (path_kind(path, "model")) {
+    case PathKind::Missing: ATMOE_INPUT_ERROR("{}: no such file or directory", path);
+    case PathKind::Directory: ModelLoader::load_hf(*m, path, dtype, check_tensors); break;
+    case PathKind::Regular: ModelLoader::load_gguf(*m, path, dtype, check_tensors); break;
+    case PathKind::Other: require_regular_file(path, "model");
+  }
+  if (check_tensors)
+    ATMOE_LOG("model")->info("checked {} weights finite; load took {:.2f} s", m->info_.n_params,
+                             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   ATMOE_LOG("model")->info("loaded {} ({}): {}", path, m->info_.format, m->cfg_.summary());
   return m;
 }

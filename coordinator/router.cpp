@@ -3,13 +3,47 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <set>
+
+#include <fmt/ranges.h>
 
 #include "common/error.h"
 #include "common/safetensors.h"
+#include "common/tensor_check.h"
 
 namespace atmoe {
 
+std::vector<std::string> RoutingControls::atmoe_set() const {
+  std::vector<std::string> s;
+  if (!adapter.empty()) s.push_back("adapter");
+  if (!pin.empty()) s.push_back("pin");
+  if (!mask.empty()) s.push_back("mask");
+  if (!group_bias.empty()) s.push_back("group_bias");
+  if (top_k_groups != 0) s.push_back("top_k_groups");
+  if (tau_group) s.push_back("tau_group");
+  if (tau_expert) s.push_back("tau_expert");
+  if (lambda) s.push_back("lambda");
+  return s;
+}
+
+std::vector<std::string> RoutingControls::trex_set() const {
+  std::vector<std::string> s;
+  if (!intuition_embedding.empty()) s.push_back("intuition_embedding");
+  if (intuition_off) s.push_back("intuition");
+  if (pin_cluster >= 0) s.push_back("pin_cluster");
+  if (omega) s.push_back("omega");
+  return s;
+}
+
 ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c) {
+  const auto at = c.atmoe_set(), tx = c.trex_set();
+  ATMOE_CHECK_INPUT(tx.empty(), "routing: {} applies to t-rex bundles; {} is an at-moe bundle", fmt::join(tx, ", "), b.dir);
+  ATMOE_CHECK_INPUT(!c.off || at.empty(), "routing: off runs the base model only; it cannot be combined with {}", fmt::join(at, ", "));
+  ATMOE_CHECK_INPUT(c.adapter.empty() || at.size() == 1,
+                    "routing: adapter serves one expert alone at weight 1; it cannot be combined with {}",
+                    fmt::join(at.begin() + 1, at.end(), ", "));
+  ATMOE_CHECK_INPUT(!c.lambda || b.general, "routing: lambda weighs the mixture against the general expert, and {} has none",
+                    b.dir);
   const int G = int(b.groups.size()), E = int(b.experts.size());
   ResolvedRouting r;
   r.off = c.off;
@@ -25,6 +59,7 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c) {
   if (!c.adapter.empty()) {
     r.adapter = b.expert_index(c.adapter);
     ATMOE_CHECK_INPUT(r.adapter >= 0, "routing: adapter '{}' is not an expert of this bundle", c.adapter);
+    r.lambda = 1.0;  // the expert alone at weight 1: the general expert's share is 1 - lambda = 0
   }
   for (const auto& n : c.mask) {
     int e = b.expert_index(n), g = b.group_index(n);
@@ -141,11 +176,18 @@ Router::Router(const Bundle& b, int n_layers, int64_t hidden)
                       shape_to_string(shape));
     ATMOE_CHECK_INPUT(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16,
                       "{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", b.router_file, k, dtype_name(t.dtype()));
-    Tensor o = t.to(DType::F32);
-    for (int64_t i = 0; i < o.numel(); ++i)
-      ATMOE_CHECK_INPUT(std::isfinite(o.data<float>()[i]), "{}: tensor '{}' holds a non-finite value", b.router_file, k);
-    return o;
+    check_finite(t, b.router_file, k);
+    return t.to(DType::F32);
   };
+  // Only the keys of DESIGN 2 for this base's layers: anything else is a router for another
+  // base or bundle, or a typo.
+  std::set<std::string> known;
+  for (int l = 0; l < n_layers; ++l)
+    for (const char* k : {"group_gate.weight", "group_gate.bias", "expert_gate.weight", "expert_gate.bias"})
+      known.insert("layers." + std::to_string(l) + "." + k);
+  for (const auto& k : f.names())
+    ATMOE_CHECK_INPUT(known.count(k), "{}: unexpected tensor '{}' (expected layers.0..{}.group_gate|expert_gate.weight|bias)",
+                      b.router_file, k, n_layers - 1);
   for (int l = 0; l < n_layers; ++l) {
     std::string p = "layers." + std::to_string(l) + ".";
     wg_.push_back(get(p + "group_gate.weight", {G_, d_}, true));

@@ -35,6 +35,11 @@ struct RoutingControls {
   bool intuition_off = false;
   int pin_cluster = -1;
   std::optional<double> omega;
+
+  // Which controls are set: AT-MoE's (adapter, pin, mask, group_bias, top_k_groups, tau_*,
+  // lambda) and T-REX's (intuition_embedding, intuition_off, pin_cluster, omega), by name.
+  std::vector<std::string> atmoe_set() const;
+  std::vector<std::string> trex_set() const;
 };
 
 // Controls checked against a bundle and turned into indices.
@@ -49,7 +54,10 @@ struct ResolvedRouting {
   double tau_g = 1, tau_e = 1, lambda = 1;
 };
 // InputError (one line naming the control) for unknown names, negative temperatures,
-// pins that do not sum to a positive value, top-k out of range, everything masked.
+// pins that do not sum to a positive value, top-k out of range, everything masked, and
+// controls that do not apply: any control with routing off; any other control with
+// `adapter` (one expert alone at weight 1: no mixture, no general expert); lambda on a
+// bundle without a general expert; T-REX controls on an AT-MoE bundle.
 ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c);
 
 class Router {

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/files.h"
 #include "common/safetensors.h"
 #include "coordinator/experts.h"
 #include "coordinator/model.h"
@@ -38,7 +39,7 @@ void write_adapter(const std::string& dir, const ModelConfig& c, const std::vect
               {"lora_dropout", 0.0},       {"target_modules", mods},   {"bias", "none"}, {"use_rslora", false},
               {"fan_in_fan_out", false},   {"use_dora", false},        {"inference_mode", true},
               {"base_model_name_or_path", "atmoe-synth"}};
-  std::ofstream(fs::path(dir) / "adapter_config.json") << cfg.dump(1);
+  write_file((fs::path(dir) / "adapter_config.json").string(), cfg.dump(1), "synth output");
   const SiteShapes sh = site_shapes(c);
   std::vector<std::vector<float>> store;
   std::vector<SafetensorsWriteItem> items;
@@ -77,10 +78,10 @@ static void synth_trex(const SynthBundleOptions& o, const ModelConfig& c, const 
   json cfg = {{"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"r", E}, {"lora_alpha", 2 * E}, {"lora_dropout", 0.0},
               {"target_modules", mods}, {"bias", "none"}, {"fan_in_fan_out", false}, {"inference_mode", true},
               {"modules_to_save", nullptr}};
-  std::ofstream(fs::path(dir) / "adapter_config.json") << cfg.dump(1);
+  write_file((fs::path(dir) / "adapter_config.json").string(), cfg.dump(1), "synth output");
   json ext = {{"moe_mode", o.trex_mode}, {"rank1_flex_topk", -1}, {"router_mapping", o.router_mapping},
               {"ablation", nullptr}, {"rank1_flex_rank_allocation", flex ? json::array({r1, r2}) : json(nullptr)}};
-  std::ofstream(fs::path(dir) / "global_external_config.json") << ext.dump(1);
+  write_file((fs::path(dir) / "global_external_config.json").string(), ext.dump(1), "synth output");
   std::mt19937_64 rng(o.seed);
   const SiteShapes sh = site_shapes(c);
   std::vector<std::vector<float>> store;
@@ -119,7 +120,7 @@ static void synth_trex(const SynthBundleOptions& o, const ModelConfig& c, const 
   if (o.intuition == "hidden_state") intu["layer"] = o.intuition_layer >= 0 ? o.intuition_layer : c.n_layers / 4;
   json man = {{"format", "atmoe-bundle"}, {"version", 1}, {"base_model", link}, {"method", "t-rex"},
               {"t_rex", {{"adapter", "trex"}, {"centroids", "centroids.safetensors"}, {"intuition", intu}}}};
-  std::ofstream(fs::path(o.out) / "atmoe.json") << man.dump(1) << "\n";
+  write_file((fs::path(o.out) / "atmoe.json").string(), man.dump(1) + "\n", "synth output");
 }
 
 void synth_bundle(const SynthBundleOptions& o) {
@@ -127,6 +128,9 @@ void synth_bundle(const SynthBundleOptions& o) {
   ATMOE_CHECK_INPUT(o.groups >= 1 && o.groups <= 256 && o.per_group >= 1 && o.per_group <= 256,
                     "synth-bundle: --groups and --experts-per-group must be in 1..256");
   ATMOE_CHECK_INPUT(o.input == "per_request" || o.input == "per_token", "--router-input '{}': expected per_request or per_token", o.input);
+  ATMOE_CHECK_INPUT(std::isfinite(o.b_std) && o.b_std >= 0 && o.b_std <= 1e3, "--b-std {}: must be in [0, 1000]", o.b_std);
+  ATMOE_CHECK_INPUT(std::isfinite(o.router_gain) && o.router_gain >= 0 && o.router_gain <= 1e3, "--router-gain {}: must be in [0, 1000]",
+                    o.router_gain);
   std::vector<Site> sites;
   for (const auto& t : split(o.targets)) {
     Site s;
@@ -145,7 +149,7 @@ void synth_bundle(const SynthBundleOptions& o) {
   const ModelConfig& c = model->config();
   fs::create_directories(o.out);
   std::string abs = fs::absolute(o.base).lexically_normal().string();
-  std::string link = fs::is_directory(o.base) ? "base" : "base.gguf";
+  std::string link = path_kind(o.base, "--base") == PathKind::Directory ? "base" : "base.gguf";
   fs::remove(fs::path(o.out) / link);
   fs::create_symlink(abs, fs::path(o.out) / link);
   if (o.method == "t-rex") {
@@ -194,7 +198,7 @@ void synth_bundle(const SynthBundleOptions& o) {
     add(p + "expert_gate.bias", {E}, nbias);
   }
   write_safetensors((fs::path(o.out) / "router.safetensors").string(), items);
-  std::ofstream(fs::path(o.out) / "atmoe.json") << man.dump(1) << "\n";
+  write_file((fs::path(o.out) / "atmoe.json").string(), man.dump(1) + "\n", "synth output");
 }
 
 }  // namespace atmoe

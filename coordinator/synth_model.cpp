@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/files.h"
 #include "common/safetensors.h"
 #include "common/utf8.h"
 
@@ -106,14 +107,14 @@ void synth_model(const SynthModelOptions& o) {
              {"post_processor", nullptr},
              {"decoder", {{"type", "ByteLevel"}}},
              {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"vocab", jv}, {"merges", merges}}}};
-  std::ofstream(fs::path(o.out) / "tokenizer.json") << tj.dump(1);
+  write_file((fs::path(o.out) / "tokenizer.json").string(), tj.dump(1), "synth output");
   json tc = {{"bos_token", nullptr},
              {"eos_token", "<|im_end|>"},
              {"add_bos_token", false},
              {"chat_template",
               "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
               "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"}};
-  std::ofstream(fs::path(o.out) / "tokenizer_config.json") << tc.dump(1);
+  write_file((fs::path(o.out) / "tokenizer_config.json").string(), tc.dump(1), "synth output");
 
   const int D = o.hidden / o.heads;
   json cfg = {{"architectures", {"LlamaForCausalLM"}},
@@ -133,7 +134,7 @@ void synth_model(const SynthModelOptions& o) {
               {"torch_dtype", "float32"},
               {"bos_token_id", nullptr},
               {"eos_token_id", int(vocab.size()) + 2}};
-  std::ofstream(fs::path(o.out) / "config.json") << cfg.dump(1);
+  write_file((fs::path(o.out) / "config.json").string(), cfg.dump(1), "synth output");
 
   // Weights.
   std::mt19937_64 rng(o.seed);

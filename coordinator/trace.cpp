@@ -7,7 +7,7 @@
 namespace atmoe {
 using json = nlohmann::json;
 
-json routing_trace(const Bundle& b, const SeqRouting& r) {
+json routing_trace(const Bundle& b, const SeqRouting& r, const std::vector<int32_t>& fed_tokens) {
   json layers = json::array();
   for (size_t l = 0; l < r.a.size(); ++l) {
     json g = json::object(), e = json::object();
@@ -15,18 +15,26 @@ json routing_trace(const Bundle& b, const SeqRouting& r) {
     for (size_t i = 0; i < b.experts.size(); ++i) e[b.experts[i].name] = r.w[l][i];
     layers.push_back({{"layer", l}, {"groups", g}, {"experts", e}});
   }
-  json out = {{"layers", layers}};
+  json out = {{"method", "at-moe"}, {"input", b.router_input == RouterInput::PerToken ? "per_token" : "per_request"},
+              {"lambda", r.ctl.lambda}};
+  if (b.general) out["general_expert"] = b.general->name;
+  if (r.ctl.adapter >= 0) out["adapter"] = b.experts[size_t(r.ctl.adapter)].name;
+  out["layers"] = layers;
   if (r.ctl.off) out["routing"] = "off";
   if (!r.tokens.empty()) {
     json toks = json::array();
     for (size_t t = 0; t < r.tokens.size(); ++t) {
       json tl = json::array();
       for (size_t l = 0; l < r.tokens[t].size(); ++l) {
-        json e = json::object();
+        json g = json::object(), e = json::object();
+        for (size_t i = 0; i < b.groups.size() && i < r.tokens_groups[t][l].size(); ++i) g[b.groups[i].name] = r.tokens_groups[t][l][i];
         for (size_t i = 0; i < b.experts.size() && i < r.tokens[t][l].size(); ++i) e[b.experts[i].name] = r.tokens[t][l][i];
-        tl.push_back({{"layer", l}, {"experts", e}});
+        tl.push_back({{"layer", l}, {"groups", g}, {"experts", e}});
       }
-      toks.push_back({{"token", t}, {"layers", tl}});
+      json tok = {{"position", t}};
+      if (t < fed_tokens.size()) tok["token_id"] = fed_tokens[t];
+      tok["layers"] = tl;
+      toks.push_back(tok);
     }
     out["tokens"] = toks;
   }

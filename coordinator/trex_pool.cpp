@@ -3,10 +3,13 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
+
+#include <fmt/ranges.h>
 
 #include "common/error.h"
+#include "common/files.h"
 #include "common/safetensors.h"
+#include "common/tensor_check.h"
 #include "coordinator/experts.h"
 #include "kernels/cpu/matmul.h"
 
@@ -16,9 +19,7 @@ namespace fs = std::filesystem;
 // centroids: safetensors key "centroids" [K, d_e], or a .npy file of a 2-D float array.
 static Tensor load_centroids(const std::string& path) {
   if (path.size() >= 4 && path.substr(path.size() - 4) == ".npy") {
-    std::ifstream f(path, std::ios::binary);
-    ATMOE_CHECK_INPUT(bool(f), "{}: cannot open centroids", path);
-    std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const std::string all = read_file(path, "centroids", size_t(1) << 32);
     ATMOE_CHECK_INPUT(all.size() >= 10 && all.compare(0, 6, "\x93NUMPY") == 0, "{}: not a .npy file", path);
     const uint8_t major = uint8_t(all[6]);
     const size_t hl = major == 1 ? size_t(uint8_t(all[8])) | size_t(uint8_t(all[9])) << 8
@@ -45,11 +46,13 @@ static Tensor load_centroids(const std::string& path) {
       if (f8) {
         double v;
         std::memcpy(&v, p + i * 8, 8);
+        ATMOE_CHECK_INPUT(std::isfinite(v) && std::fabs(v) <= 3.4e38, "{}: centroid value {} at index {} is not finite in f32", path, v, i);
         t.data<float>()[i] = float(v);
       } else {
         std::memcpy(t.data<float>() + i, p + i * 4, 4);
       }
     }
+    check_finite(t, path, "centroids");
     return t;
   }
   SafetensorsFile st(path);
@@ -57,6 +60,10 @@ static Tensor load_centroids(const std::string& path) {
   Tensor t = st.get("centroids");
   ATMOE_CHECK_INPUT(t.ndim() == 2 && (t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16),
                     "{}: 'centroids' must be a float matrix [K, d_e], got {} {}", path, dtype_name(t.dtype()), t.shape_str());
+  ATMOE_CHECK_INPUT(t.dim(0) > 0 && t.dim(1) > 0, "{}: 'centroids' is empty ({})", path, t.shape_str());
+  for (const auto& k : st.names())
+    ATMOE_CHECK_INPUT(k == "centroids", "{}: unexpected tensor '{}' (expected only 'centroids' [K, d_e])", path, k);
+  check_finite(t, path, "centroids");
   return t.to(DType::F32);
 }
 
@@ -144,9 +151,14 @@ void TrexPool::module_intuition(const TrexSite& s, const std::vector<float>& ce,
 }
 
 std::unique_ptr<SeqRouting> TrexPool::new_routing(const RoutingControls& c) const {
-  ATMOE_CHECK_INPUT(c.adapter.empty() && c.pin.empty() && c.mask.empty() && c.group_bias.empty() && c.top_k_groups == 0 &&
-                        !c.tau_group && !c.tau_expert && !c.lambda,
-                    "routing: adapter/pin/mask/group_bias/top_k_groups/tau/lambda apply to at-moe bundles, not t-rex");
+  const auto at = c.atmoe_set(), tx = c.trex_set();
+  ATMOE_CHECK_INPUT(at.empty(), "routing: {} applies to at-moe bundles; {} is a t-rex bundle", fmt::join(at, ", "), b_.dir);
+  ATMOE_CHECK_INPUT(!c.off || tx.empty(), "routing: off runs the base model only; it cannot be combined with {}", fmt::join(tx, ", "));
+  ATMOE_CHECK_INPUT(int(!c.intuition_embedding.empty()) + int(c.intuition_off) + int(c.pin_cluster >= 0) <= 1,
+                    "routing: intuition_embedding, intuition off and pin_cluster each set the intuition; give one");
+  ATMOE_CHECK_INPUT(c.intuition_embedding.empty() || !b_.trex->intuition_from_hidden,
+                    "routing: intuition_embedding: the intuition of {} is the pooled hidden state of layer {}, not a request embedding",
+                    b_.dir, b_.trex->hidden_layer);
   ATMOE_CHECK_INPUT(!c.omega || (*c.omega >= 0 && *c.omega <= 1), "routing: omega {} must be in [0, 1]", c.omega.value_or(0));
   ATMOE_CHECK_INPUT(c.pin_cluster < K(), "routing: pin_cluster {} out of range 0..{}", c.pin_cluster, K() - 1);
   auto r = std::make_unique<SeqRouting>();

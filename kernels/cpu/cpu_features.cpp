@@ -1,6 +1,7 @@
 #include "kernels/cpu/cpu_features.h"
 
 #include "common/env.h"
+#include "common/error.h"
 
 namespace atmoe::cpu {
 
@@ -11,10 +12,10 @@ static Isa detect() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
     best = Isa::Avx512;
-  std::string f = env_str("ATMOE_FORCE_ISA");
-  if (f == "scalar") best = Isa::Scalar;
-  else if (f == "avx2" && best >= Isa::Avx2) best = Isa::Avx2;
-  return best;
+  const std::string f = env_str("ATMOE_FORCE_ISA");
+  const Isa want = f == "scalar" ? Isa::Scalar : f == "avx2" ? Isa::Avx2 : f == "avx512" ? Isa::Avx512 : best;
+  ATMOE_CHECK_INPUT(want <= best, "environment variable ATMOE_FORCE_ISA={}: this CPU supports at most {}", f, isa_name(best));
+  return want;
 }
 
 Isa best_isa() {

@@ -110,7 +110,7 @@ mkbad nb6 && sed -i 's|"adapter": "experts/law-1"|"adapter": "../bun/experts/law
 expect_input_error "path outside the bundle" "leaves the bundle directory" -- "$BIN" generate --bundle "$WORK/nb6" --prompt x
 mkbad nb7 && python3 -c "
 import json,sys; p=sys.argv[1]; j=json.load(open(p)); j['groups'][1]['experts']=[]; json.dump(j,open(p,'w'))" "$WORK/nb7/atmoe.json"
-expect_input_error "group with no experts" "group 'law' has no experts" -- "$BIN" generate --bundle "$WORK/nb7" --prompt x
+expect_input_error "group with no experts" "group 'law' needs a non-empty list of experts" -- "$BIN" generate --bundle "$WORK/nb7" --prompt x
 mkbad nb8 && sed -i 's|"adapter": "experts/law-1"|"adapter": "/etc"|' "$WORK/nb8/atmoe.json"
 expect_input_error "absolute path in the bundle" "must be relative" -- "$BIN" generate --bundle "$WORK/nb8" --prompt x
 mkbad nb9 && echo '{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "use_dora": true}' >"$WORK/nb9/experts/code-1/adapter_config.json"
@@ -126,7 +126,7 @@ expect_input_error "DoRA adapter refused" "DoRA" -- "$BIN" generate --bundle "$W
 t_off=$("$BIN" generate --bundle "$WORK/trex" --routing off --prompt "Hello" --max-tokens 12 --temperature 0 --ignore-eos 2>/dev/null)
 [ "$t_off" = "$base_out" ] && ok "t-rex --routing off prints the base model's text" || bad "t-rex --routing off"
 expect_input_error "t-rex pin-cluster out of range" "pin_cluster" -- "$BIN" generate --bundle "$WORK/trex" --prompt x --pin-cluster 99
-expect_input_error "at-moe control on a t-rex bundle" "not t-rex" -- "$BIN" generate --bundle "$WORK/trex" --prompt x --top-k-groups 1
+expect_input_error "at-moe control on a t-rex bundle" "applies to at-moe bundles" -- "$BIN" generate --bundle "$WORK/trex" --prompt x --top-k-groups 1
 "$BIN" synth-bundle --base "$WORK/m" --out "$WORK/trex_e" --method t-rex --trex-mode rank1 --rank 4 --intuition embedding \
   --embedding-dim 8 --seed 4 2>/dev/null
 expect_input_error "t-rex without the request embedding" "intuition-embedding" -- "$BIN" generate --bundle "$WORK/trex_e" --prompt x

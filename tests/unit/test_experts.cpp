@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -129,6 +130,34 @@ TEST(Experts, PinnedMixtureMatchesFloat64PeftReference) {
     auto base_ref = reference_logits(base_dir(), t);
     EXPECT_LT(rel_l2(got, ref), 1e-5) << "trial " << trial;
     EXPECT_GT(rel_l2(got, base_ref), 1e-3) << "the experts must change the logits";
+  }
+}
+
+TEST(Experts, AdapterIsTheExpertAloneAtWeightOne) {
+  // --adapter X on a bundle with a general expert and lambda 0.8: Δ = s_X B_X A_X x, nothing
+  // of the general expert and no lambda factor (vLLM-style serving of one LoRA by name).
+  std::string bd = make_bundle("adapter", 2, 2, "4,8", true);
+  Bundle b = load_bundle_manifest(bd);
+  ASSERT_TRUE(b.general && b.lambda < 1);
+  auto m = Model::load(base_dir(), DType::F32);
+  ExpertPool pool(b, m->config());
+  m->set_experts(&pool);
+  std::mt19937_64 rng(test_seed() + 61);
+  const int e = int(rng() % b.experts.size());
+  RoutingControls c;
+  c.adapter = b.experts[size_t(e)].name;
+  auto r = pool.new_routing(c);
+  auto t = toks(13, 200 + uint64_t(e));
+  auto got = run(*m, t, r.get());
+  auto ref = reference_logits(base_dir(), t, {{b.experts[size_t(e)].adapter_dir, 1.0}});
+  EXPECT_LT(rel_l2(got, ref), 1e-5) << c.adapter;
+  // Controls that would change a single adapter's output are refused, not ignored.
+  for (auto edit : std::vector<std::function<void(RoutingControls&)>>{
+           [](RoutingControls& x) { x.mask = {"law"}; }, [](RoutingControls& x) { x.lambda = 0.5; },
+           [&](RoutingControls& x) { x.pin = {{b.groups[0].name, 1.0}}; }, [](RoutingControls& x) { x.top_k_groups = 1; }}) {
+    RoutingControls bad = c;
+    edit(bad);
+    EXPECT_THROW(pool.new_routing(bad), InputError);
   }
 }
 

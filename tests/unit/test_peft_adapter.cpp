@@ -2,11 +2,13 @@
 // rank_pattern / alpha_pattern (PEFT's key rule), use_rslora, fan_in_fan_out (stored
 // transposed), layers_to_transform, adapter names in keys, and the refusals.
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
 
+#include "common/dtype.h"
 #include "common/error.h"
 #include "common/peft_adapter.h"
 #include "common/safetensors.h"
@@ -131,6 +133,98 @@ TEST(PeftAdapter, RefusalsNameTheProblem) {
   expect_error(write_adapter("layers", base, {{0, "self_attn", "q_proj", 4}, {1, "self_attn", "q_proj", 4},
                                               {5, "self_attn", "q_proj", 4}}),
                "layer 5");
+}
+
+// One q_proj module per layer in `dt`, with element `at` of lora_A (which == 'A') or lora_B
+// set to `value`.
+std::string write_poisoned(const std::string& name, DType dt, char which, float value, int64_t at, json cfg) {
+  std::string dir = (fs::temp_directory_path() / ("atmoe_peft_" + name + std::to_string(::getpid()))).string();
+  fs::create_directories(dir);
+  std::ofstream(dir + "/adapter_config.json") << cfg.dump();
+  std::vector<std::vector<uint8_t>> store;
+  std::vector<SafetensorsWriteItem> items;
+  store.reserve(4);
+  for (int l = 0; l < 2; ++l)
+    for (char m : {'A', 'B'}) {
+      std::vector<int64_t> shape = m == 'A' ? std::vector<int64_t>{4, 16} : std::vector<int64_t>{16, 4};
+      std::vector<float> f(64, m == 'A' ? 0.25f : 0.5f);
+      if (l == 1 && m == which) f[size_t(at)] = value;
+      store.emplace_back(64 * dtype_size(dt));
+      for (size_t i = 0; i < 64; ++i) {
+        if (dt == DType::F32) std::memcpy(store.back().data() + 4 * i, &f[i], 4);
+        else {
+          uint16_t h = dt == DType::F16 ? f32_to_f16(f[i]) : f32_to_bf16(f[i]);
+          std::memcpy(store.back().data() + 2 * i, &h, 2);
+        }
+      }
+      items.push_back({"base_model.model.model.layers." + std::to_string(l) + ".self_attn.q_proj.lora_" + std::string(1, m) +
+                           ".weight", dt, shape, store.back().data()});
+    }
+  write_safetensors(dir + "/adapter_model.safetensors", items);
+  return dir;
+}
+
+std::string load_error(const std::string& dir) {
+  try {
+    load_peft_adapter(dir, "bad", shapes());
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "(accepted)";
+}
+
+TEST(PeftAdapter, NonFiniteWeightsAreRefusedNamingFileAndTensor) {
+  const json cfg = {{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8}, {"target_modules", {"q_proj"}}};
+  std::mt19937_64 rng(test_seed() + 31);
+  int n = 0;
+  for (DType dt : {DType::F32, DType::F16, DType::BF16})
+    for (char which : {'A', 'B'})
+      for (float v : {NAN, INFINITY, -INFINITY}) {
+        const int64_t at = int64_t(rng() % 64);
+        std::string e = load_error(write_poisoned("nf" + std::to_string(n++), dt, which, v, at, cfg));
+        EXPECT_NE(e.find("adapter_model.safetensors"), std::string::npos) << e;
+        EXPECT_NE(e.find("layers.1.self_attn.q_proj.lora_" + std::string(1, which)), std::string::npos) << e;
+        EXPECT_NE(e.find(std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf")), std::string::npos) << e;
+        EXPECT_NE(e.find("index " + std::to_string(at)), std::string::npos) << e;
+      }
+  // Finite values whose product overflows f32, and scales that do.
+  std::string e = load_error(write_poisoned("big", DType::F32, 'B', 3e38f, 5, cfg));
+  EXPECT_NE(e.find("overflows f32"), std::string::npos) << e;
+  EXPECT_NE(e.find("model.layers.1.self_attn.q_proj"), std::string::npos) << e;
+  json c = cfg;
+  c["lora_alpha"] = 1e300;
+  EXPECT_NE(load_error(write_poisoned("alpha", DType::F32, 'B', 0.5f, 0, c)).find("lora_alpha"), std::string::npos);
+  c = cfg;
+  c["lora_alpha"] = 1e29;  // inside the field's range, but s · r · max|B| · max|A| · d_in overflows
+  EXPECT_NE(load_error(write_poisoned("alpha2", DType::F32, 'B', 1e10f, 0, c)).find("overflows f32"), std::string::npos);
+  // The same files with ordinary values load.
+  EXPECT_EQ(load_peft_adapter(write_poisoned("ok", DType::BF16, 'B', 0.75f, 3, cfg), "ok", shapes()).modules.size(), 2u);
+}
+
+TEST(PeftAdapter, FieldsAreTypedAndRangeCheckedBeforeNarrowing) {
+  const json cfg = {{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8}, {"target_modules", {"q_proj"}}};
+  auto err = [&](const char* field, json value) {
+    json c = cfg;
+    c[field] = value;
+    return load_error(write_poisoned(std::string("ty_") + field, DType::F32, 'B', 0.5f, 0, c));
+  };
+  EXPECT_NE(err("r", "4").find("r: expected an integer in 1..4096, got the string \"4\""), std::string::npos) << err("r", "4");
+  EXPECT_NE(err("r", 1e30).find("r: expected an integer"), std::string::npos);
+  EXPECT_NE(err("r", 4294967300ull).find("got 4294967300"), std::string::npos);  // would narrow to 4
+  EXPECT_NE(err("r", -4).find("got -4"), std::string::npos);
+  EXPECT_NE(err("lora_alpha", "16").find("lora_alpha: expected a number"), std::string::npos);
+  EXPECT_NE(err("use_rslora", "yes").find("use_rslora: expected true or false"), std::string::npos);
+  EXPECT_NE(err("target_modules", 5).find("target_modules: expected a list"), std::string::npos);
+  EXPECT_NE(err("layers_to_transform", json::array({4294967296ull})).find("layers_to_transform[0]"), std::string::npos);
+  EXPECT_NE(err("layers_to_transform", json::array({2})).find("expected an integer in 0..1"), std::string::npos);
+  EXPECT_NE(err("rank_pattern", {{"q_proj", 1e30}}).find("rank_pattern.q_proj"), std::string::npos);
+  EXPECT_NE(err("alpha_pattern", {{"q_proj", "x"}}).find("alpha_pattern.q_proj"), std::string::npos);
+  // Keys PEFT writes that atmoe does not read stay accepted.
+  json c = cfg;
+  c["task_type"] = "CAUSAL_LM";
+  c["lora_dropout"] = 0.05;
+  c["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct";
+  EXPECT_EQ(load_peft_adapter(write_poisoned("extra", DType::F32, 'B', 0.5f, 0, c), "ok", shapes()).modules.size(), 2u);
 }
 
 }  // namespace

@@ -2,6 +2,10 @@
 // special-token splitting, chat rendering, and streaming detokenisation that never
 // cuts a UTF-8 sequence. (Parity of ids with llama.cpp on the real model: test_parity.)
 #include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
 
 #include "common/chat_template.h"
 #include "common/error.h"
@@ -14,16 +18,50 @@ namespace atmoe::test {
 namespace {
 namespace fs = std::filesystem;
 
-const Tokenizer& tok() {
-  static Tokenizer t = [] {
+const std::string& tok_dir() {
+  static std::string d = [] {
     std::string d = (fs::temp_directory_path() / ("atmoe_tok_" + std::to_string(::getpid()))).string();
     SynthModelOptions o;
     o.out = d;
     o.seed = 3;
     synth_model(o);
-    return Tokenizer::from_hf_dir(d);
+    return d;
   }();
+  return d;
+}
+
+const Tokenizer& tok() {
+  static Tokenizer t = Tokenizer::from_hf_dir(tok_dir());
   return t;
+}
+
+// The textbook BPE loop (rescan every adjacent pair, merge the lowest rank, leftmost on
+// ties) on one pre-token of ASCII letters (their byte-unicode form is themselves): the
+// specification the tokenizer's heap-based merge must reproduce.
+std::vector<int32_t> naive_bpe(const std::string& word) {
+  static const auto tj = nlohmann::json::parse(std::ifstream(tok_dir() + "/tokenizer.json"));
+  static const auto ranks = [] {
+    std::map<std::string, int> r;
+    int k = 0;
+    for (const auto& m : tj["model"]["merges"]) r[m.get<std::string>()] = k++;
+    return r;
+  }();
+  std::vector<std::string> sym;
+  for (char c : word) sym.emplace_back(1, c);
+  while (sym.size() > 1) {
+    int best = INT32_MAX;
+    size_t at = 0;
+    for (size_t i = 0; i + 1 < sym.size(); ++i) {
+      auto it = ranks.find(sym[i] + " " + sym[i + 1]);
+      if (it != ranks.end() && it->second < best) best = it->second, at = i;
+    }
+    if (best == INT32_MAX) break;
+    sym[at] += sym[at + 1];
+    sym.erase(sym.begin() + long(at) + 1);
+  }
+  std::vector<int32_t> ids;
+  for (const auto& x : sym) ids.push_back(tj["model"]["vocab"][x].get<int32_t>());
+  return ids;
 }
 
 TEST(Tokenizer, RoundTripsArbitraryText) {
@@ -41,6 +79,29 @@ TEST(Tokenizer, RoundTripsArbitraryText) {
     for (auto& c : s) c = char(rng() & 0xff);
     EXPECT_EQ(tok().decode(tok().encode(s, false, false)), s);
   }
+}
+
+TEST(Tokenizer, HeapMergeEqualsTheNaiveRescan) {
+  // Letters of the synth corpus, so that many merges (and ties between equal pairs) occur.
+  const std::string alpha = "etaoinshrdlu";
+  std::mt19937_64 rng(test_seed() + 21);
+  for (int i = 0; i < 300; ++i) {
+    std::string w(size_t(1 + rng() % (i < 250 ? 24 : 400)), 'e');
+    for (auto& c : w) c = alpha[rng() % (1 + rng() % alpha.size())];
+    if (rng() % 4 == 0) w = std::string(w.size(), w[0]);  // runs: "eeee..." overlapping equal pairs
+    EXPECT_EQ(tok().encode(w, false), naive_bpe(w)) << w;
+  }
+}
+
+TEST(Tokenizer, LongInputsEncodeAndRoundTrip) {
+  // Quadratic merging or special-token scanning would take minutes here (bench/bench_tokenizer.py times it).
+  const std::string a(200000, 'a');
+  auto ids = tok().encode(a, false);
+  EXPECT_EQ(tok().decode(ids), a);
+  std::string sp;
+  for (int i = 0; i < 20000; ++i) sp += i % 3 ? "<|im_start|>x " : "<|im_end|>";
+  ids = tok().encode(sp, false, true);
+  EXPECT_EQ(tok().decode(ids, true), sp);
 }
 
 TEST(Tokenizer, MergesShortenCommonWords) {
@@ -82,6 +143,43 @@ TEST(Utf8, CompletePrefix) {
   for (size_t n = 2; n < e.size(); ++n) EXPECT_EQ(utf8_complete_prefix(e.substr(0, n)), 1u) << n;
   EXPECT_EQ(utf8_complete_prefix(e), e.size());
   EXPECT_EQ(utf8_complete_prefix("\x80\x80"), 2u);  // stray continuation bytes never complete
+}
+
+TEST(Utf8, SanitizeReplacesEveryInvalidByte) {
+  const std::string ok = "a\xc3\xa9\xe4\xb8\x96\xf0\x9f\x91\x8b";  // a é 世 👋
+  EXPECT_EQ(utf8_sanitize(ok), ok);
+  const std::string r = "\xEF\xBF\xBD";
+  EXPECT_EQ(utf8_sanitize("\x80"), r);                          // stray continuation
+  EXPECT_EQ(utf8_sanitize("a\xc3"), "a" + r);                   // truncated
+  EXPECT_EQ(utf8_sanitize("\xc0\xaf"), r + r);                  // overlong '/'
+  EXPECT_EQ(utf8_sanitize("\xed\xa0\x80"), r + r + r);          // surrogate U+D800
+  EXPECT_EQ(utf8_sanitize("\xf4\x90\x80\x80"), r + r + r + r);  // past U+10FFFF
+  EXPECT_EQ(utf8_sanitize("\xff" + ok), r + ok);
+  // Random bytes: the output is valid (sanitizing again changes nothing) and keeps valid runs.
+  std::mt19937_64 rng(test_seed() + 22);
+  for (int i = 0; i < 200; ++i) {
+    std::string s(size_t(rng() % 64), '\0');
+    for (auto& c : s) c = char(rng() & 0xff);
+    const std::string o = utf8_sanitize(s);
+    EXPECT_EQ(utf8_sanitize(o), o);
+  }
+}
+
+TEST(StreamDecoder, RandomTokensAlwaysGiveValidUtf8) {
+  // Sampling can produce any token order: byte tokens that never complete a sequence, or
+  // end mid-sequence. Every piece, and the flushed end, is valid UTF-8.
+  std::mt19937_64 rng(test_seed() + 23);
+  for (int rep = 0; rep < 200; ++rep) {
+    StreamDecoder dec(tok());
+    std::string out;
+    for (int i = 0; i < 16; ++i) {
+      std::string piece = dec.push(int32_t(rng() % uint64_t(tok().vocab_size())));
+      EXPECT_EQ(utf8_sanitize(piece), piece);
+      out += piece;
+    }
+    std::string end = dec.flush();
+    EXPECT_EQ(utf8_sanitize(end), end);
+  }
 }
 
 TEST(StreamDecoder, NeverCutsUtf8) {
