@@ -339,9 +339,14 @@ void Tokenizer::pretokenize_and_bpe(const std::string& span, std::vector<int32_t
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(c->code, nullptr);
     for (const auto& p : pieces) {
       PCRE2_SIZE start = 0, last = 0;
+      // PCRE2 validates the whole subject as UTF-8 on every call unless told not to: check
+      // it on the first call only (a UTF error there leaves the piece whole), else the scan
+      // is quadratic in the piece's length.
+      uint32_t opts = 0;
       while (start <= p.size()) {
-        int rc = pcre2_match(c->code, reinterpret_cast<PCRE2_SPTR>(p.data()), p.size(), start, 0, md, nullptr);
+        int rc = pcre2_match(c->code, reinterpret_cast<PCRE2_SPTR>(p.data()), p.size(), start, opts, md, nullptr);
         if (rc < 0) break;
+        opts = PCRE2_NO_UTF_CHECK;
         PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
         if (ov[0] > last) next.push_back(p.substr(last, ov[0] - last));
         if (ov[1] > ov[0]) next.push_back(p.substr(ov[0], ov[1] - ov[0]));
