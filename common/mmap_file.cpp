@@ -9,11 +9,14 @@
 #include <cstring>
 
 #include "common/error.h"
+#include "common/files.h"
 
 namespace atmoe {
 
 MmapFile::MmapFile(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // Refused before open(): opening a FIFO blocks until a writer appears.
+  require_regular_file(path, "weights file");
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   ATMOE_CHECK_INPUT(fd >= 0, "{}: cannot open: {}", path, std::strerror(errno));
   struct stat st{};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

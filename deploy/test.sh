@@ -19,9 +19,9 @@ ASAN_BUILD="${BUILD}-asan"
 log "building the format tests with -fsanitize=address,undefined in $ASAN_BUILD"
 cmake -S "$ROOT" -B "$ASAN_BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATMOE_SANITIZE=ON -DATMOE_ENABLE_CUDA=OFF \
       -DATMOE_TEST_MODEL="$ATMOE_TEST_MODEL" >/dev/null
-cmake --build "$ASAN_BUILD" -j"$JOBS" --target test_formats test_tokenizer test_peft_adapter test_router
+cmake --build "$ASAN_BUILD" -j"$JOBS" --target test_formats test_tokenizer test_peft_adapter test_router test_validation
 (cd "$ASAN_BUILD" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-   ctest --output-on-failure -R '^(Dtype|Safetensors|Gguf|Config|Tokenizer|Utf8|StreamDecoder|PeftAdapter|Router)\.') \
+   ctest --output-on-failure -R '^(Dtype|Safetensors|Gguf|Config|Tokenizer|Utf8|StreamDecoder|PeftAdapter|Router|Validation)\.') \
   || { log "sanitizer tests failed"; exit 1; }
 
 log "running the test suite"

@@ -462,6 +462,20 @@ def main():
     bad("C adapter_config.json is a FIFO (no hang)", gen(W("c_cfg_fifo")), law1_cfg, timeout=FIFO_TIMEOUT,
         setup=setup_cfg_fifo)
 
+    def setup_st_fifo():
+        d = copy(B, "c_st_fifo")
+        os.remove(os.path.join(d, LAW1, AMS))
+        os.mkfifo(os.path.join(d, LAW1, AMS))
+    bad("C adapter_model.safetensors is a FIFO (no hang)", gen(W("c_st_fifo")), law1_st, timeout=FIFO_TIMEOUT,
+        setup=setup_st_fifo)
+
+    def setup_router_fifo():
+        d = copy(B, "c_router_fifo")
+        os.remove(os.path.join(d, "router.safetensors"))
+        os.mkfifo(os.path.join(d, "router.safetensors"))
+    bad("C router.safetensors is a FIFO (no hang)", gen(W("c_router_fifo")), r"c_router_fifo/router\.safetensors.*FIFO",
+        timeout=FIFO_TIMEOUT, setup=setup_router_fifo)
+
     def setup_base_fifo():
         d = copy(B, "c_base_fifo")
         os.remove(os.path.join(d, "base"))
