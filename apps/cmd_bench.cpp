@@ -81,11 +81,7 @@ Runner add_bench(CLI::App& app) {
                       "bench: --prompt-tokens, --decode-tokens (1..1048576), --batch (1..4096) and --reps (1..1000) out of range");
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "bench: give --model PATH or --bundle DIR");
     const RoutingControls controls = to_controls(o->rf);
-    if (o->bundle.empty()) {
-      auto set = controls.atmoe_set();
-      for (auto& t : controls.trex_set()) set.push_back(t);
-      ATMOE_CHECK_INPUT(set.empty() && !controls.off, "routing controls ({}) need --bundle", controls.off ? "--routing off" : flag_names(set));
-    }
+    if (o->bundle.empty()) refuse_routing_without_bundle(controls);
     if (!o->json.empty()) require_writable_file(o->json, "--json");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));

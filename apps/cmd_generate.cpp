@@ -80,12 +80,7 @@ Runner add_generate(CLI::App& app) {
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "generate: give --model PATH or --bundle DIR");
     ATMOE_CHECK_INPUT(!o->bundle.empty() || o->trace.empty(), "--trace needs --bundle");
     RoutingControls controls = to_controls(o->rf);
-    if (o->bundle.empty()) {
-      auto set = controls.atmoe_set();
-      for (auto& t : controls.trex_set()) set.push_back(t);
-      ATMOE_CHECK_INPUT(set.empty() && !controls.off, "routing controls ({}) need --bundle: --model alone runs the base model",
-                        controls.off ? "--routing off" : flag_names(set));
-    }
+    if (o->bundle.empty()) refuse_routing_without_bundle(controls);
     // Outputs are checked before any work.
     if (!o->trace.empty()) require_writable_file(o->trace, "--trace");
     std::vector<std::string> prompts = o->prompts;

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "apps/commands.h"
 #include "common/error.h"
 #include "common/files.h"
 
@@ -80,6 +81,13 @@ RoutingControls to_controls(const RoutingFlags& f) {
     ATMOE_CHECK_INPUT(!c.intuition_embedding.empty(), "{}: no numbers", f.intuition_embedding);
   }
   return c;
+}
+
+void refuse_routing_without_bundle(const RoutingControls& c) {
+  auto set = c.atmoe_set();
+  for (auto& t : c.trex_set()) set.push_back(t);
+  ATMOE_CHECK_INPUT(set.empty() && !c.off, "routing controls ({}) need --bundle: --model alone runs the base model",
+                    c.off ? "--routing off" : flag_names(set));
 }
 
 }  // namespace atmoe::app

@@ -26,5 +26,7 @@ void add_routing_flags(CLI::App& app, RoutingFlags& f);
 // InputError naming the flag for malformed lists ("name=value,...").
 RoutingControls to_controls(const RoutingFlags& f);
 std::map<std::string, double> parse_weight_list(const std::string& flag, const std::string& text);
+// Routing controls need a bundle: InputError naming the flags given without one.
+void refuse_routing_without_bundle(const RoutingControls& c);
 
 }  // namespace atmoe::app

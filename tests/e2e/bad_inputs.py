@@ -455,33 +455,19 @@ def main():
         os.mkdir(os.path.join(d, LAW1, AMS))
     bad("C adapter_model.safetensors is a directory", gen(W("c_st_dir")), law1_st, setup=setup_st_dir)
 
-    def setup_cfg_fifo():
-        d = copy(B, "c_cfg_fifo")
-        os.remove(os.path.join(d, LAW1, ACJ))
-        os.mkfifo(os.path.join(d, LAW1, ACJ))
-    bad("C adapter_config.json is a FIFO (no hang)", gen(W("c_cfg_fifo")), law1_cfg, timeout=FIFO_TIMEOUT,
-        setup=setup_cfg_fifo)
+    def fifo_case(name, tag, rel, pattern):
+        """A copy of the bundle whose file `rel` is replaced by a FIFO: refused at once."""
+        def setup():
+            d = copy(B, tag)
+            os.remove(os.path.join(d, rel))
+            os.mkfifo(os.path.join(d, rel))
+        bad(name, gen(W(tag)), pattern, timeout=FIFO_TIMEOUT, setup=setup)
 
-    def setup_st_fifo():
-        d = copy(B, "c_st_fifo")
-        os.remove(os.path.join(d, LAW1, AMS))
-        os.mkfifo(os.path.join(d, LAW1, AMS))
-    bad("C adapter_model.safetensors is a FIFO (no hang)", gen(W("c_st_fifo")), law1_st, timeout=FIFO_TIMEOUT,
-        setup=setup_st_fifo)
-
-    def setup_router_fifo():
-        d = copy(B, "c_router_fifo")
-        os.remove(os.path.join(d, "router.safetensors"))
-        os.mkfifo(os.path.join(d, "router.safetensors"))
-    bad("C router.safetensors is a FIFO (no hang)", gen(W("c_router_fifo")), r"c_router_fifo/router\.safetensors.*FIFO",
-        timeout=FIFO_TIMEOUT, setup=setup_router_fifo)
-
-    def setup_base_fifo():
-        d = copy(B, "c_base_fifo")
-        os.remove(os.path.join(d, "base"))
-        os.mkfifo(os.path.join(d, "base"))
-    bad("C base_model is a FIFO (no hang)", gen(W("c_base_fifo")), both(r"c_base_fifo/base\b", r"base[_ ]model"),
-        timeout=FIFO_TIMEOUT, setup=setup_base_fifo)
+    fifo_case("C adapter_config.json is a FIFO (no hang)", "c_cfg_fifo", os.path.join(LAW1, ACJ), law1_cfg)
+    fifo_case("C adapter_model.safetensors is a FIFO (no hang)", "c_st_fifo", os.path.join(LAW1, AMS), law1_st)
+    fifo_case("C router.safetensors is a FIFO (no hang)", "c_router_fifo", "router.safetensors",
+              r"c_router_fifo/router\.safetensors.*FIFO")
+    fifo_case("C base_model is a FIFO (no hang)", "c_base_fifo", "base", both(r"c_base_fifo/base\b", r"base[_ ]model"))
 
     pdir, pfifo = W("prompt_dir"), W("prompt_fifo")
     os.mkdir(pdir)
