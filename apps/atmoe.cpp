@@ -2,7 +2,9 @@
 // stderr ("atmoe: error: <file/field>: <problem>") and an exit code: 2 for bad input
 // (files, flags, requests), 1 for internal failures.
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -11,6 +13,7 @@
 #include "common/env.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "common/utf8.h"
 #include "kernels/cpu/cpu_features.h"
 
 #ifdef ATMOE_HAVE_CUDA
@@ -58,10 +61,28 @@ std::string one_line(const std::string& s) {
   for (char c : s) {
     if (c == '\n' || c == '\r') {
       if (!o.empty() && o.back() != ' ') o += "; ";
+    } else if (uint8_t(c) < 0x20 || c == 0x7f) {
+      o += fmt::format("\\x{:02x}", uint8_t(c));  // a quoted input's control bytes never break the line
     } else {
       o += c;
     }
   }
+  o = utf8_sanitize(o);
+  // C1 controls and the Unicode line/paragraph separators end a line for many readers too.
+  std::string r;
+  for (size_t i = 0; i < o.size(); ++i) {
+    const uint8_t c = uint8_t(o[i]), n1 = i + 1 < o.size() ? uint8_t(o[i + 1]) : 0, n2 = i + 2 < o.size() ? uint8_t(o[i + 2]) : 0;
+    if (c == 0xc2 && n1 >= 0x80 && n1 <= 0x9f) {
+      r += fmt::format("\\u{:04x}", n1);
+      ++i;
+    } else if (c == 0xe2 && n1 == 0x80 && (n2 == 0xa8 || n2 == 0xa9)) {
+      r += n2 == 0xa8 ? "\\u2028" : "\\u2029";
+      i += 2;
+    } else {
+      r += char(c);
+    }
+  }
+  o.swap(r);
   while (!o.empty() && (o.back() == ' ' || o.back() == ';')) o.pop_back();
   return o;
 }
@@ -81,8 +102,30 @@ std::string compute_device_line() {
 
 }  // namespace atmoe::app
 
+// Every option takes exactly one non-empty value per occurrence: `--temperature ""` is an
+// error, not the default, and `--prompt a b` is not two prompts.
+static void strict_options(CLI::App& app) {
+  const CLI::Validator non_empty([](std::string& v) { return v.empty() ? std::string("an empty value") : std::string(); },
+                                 "", "NonEmpty");
+  for (CLI::Option* opt : app.get_options())
+    if (opt->get_type_size() != 0 && !opt->get_positional()) opt->check(non_empty)->allow_extra_args(false);
+  for (CLI::App* sub : app.get_subcommands({})) strict_options(*sub);
+}
+
+// stdout (text, tables, help) must have reached its destination before exit 0.
+static int check_stdout(int rc) {
+  std::cout.flush();
+  if (rc == 0 && (!std::cout || std::fflush(stdout) != 0 || std::ferror(stdout))) {
+    std::fprintf(stderr, "atmoe: error: writing the output to stdout failed: %s\n", std::strerror(errno));
+    return 1;
+  }
+  return rc;
+}
+
 int main(int argc, char** argv) {
   using namespace atmoe;
+  // A closed pipe (`atmoe generate ... | head -c 1`) is a failed write (exit 1), not a signal.
+  std::signal(SIGPIPE, SIG_IGN);
   log_init();
   CLI::App app{"atmoe: task-routed mixtures of LoRA experts on one frozen base LLM"};
   app.require_subcommand(0, 1);
@@ -100,14 +143,15 @@ int main(int argc, char** argv) {
   reg("synth-bundle", "Write a deterministic bundle of random PEFT experts and routers", app::add_synth_bundle);
   reg("explain", "Draw a prompt's routing (layers x experts) as an SVG heatmap", app::add_explain);
   reg("bench", "Measure prefill/decode speed and the memory-bandwidth floor", app::add_bench);
+  strict_options(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
+    return check_stdout(app.exit(e));
   } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
+    return check_stdout(app.exit(e));
   } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
+    return check_stdout(app.exit(e));
   } catch (const CLI::ParseError& e) {
     // One line, as for every other bad input (CLI11's own exit() adds a second line).
     std::fprintf(stderr, "atmoe: error: %s (see --help)\n", app::one_line(e.what()).c_str());
@@ -118,12 +162,12 @@ int main(int argc, char** argv) {
     (void)cpu::best_isa();
     if (help_env) {
       for (const auto& k : env_knobs()) std::printf("%-18s default '%s'\n    %s\n", k.name, k.default_value, k.doc);
-      return 0;
+      return check_stdout(0);
     }
     for (auto& [sub, r] : cmds)
-      if (sub->parsed()) return r();
+      if (sub->parsed()) return check_stdout(r());
     std::cout << app.help();
-    return 0;
+    return check_stdout(0);
   } catch (const Error& e) {
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return e.exit_code();

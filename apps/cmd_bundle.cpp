@@ -32,7 +32,8 @@ Runner add_synth_bundle(CLI::App& app) {
   app.add_option("--experts-per-group", o->per_group, "Experts per group");
   app.add_option("--rank", o->ranks, "LoRA rank, or a comma list cycled over experts (heterogeneous ranks)");
   app.add_option("--targets", o->targets, "Adapted modules: q,k,v,o,gate,up,down");
-  app.add_option("--seed", o->seed, "Random seed")->required();
+  auto seed = std::make_shared<std::string>();
+  app.add_option("--seed", *seed, "Random seed, 0..18446744073709551615")->required();
   app.add_option("--method", o->method, "at-moe (default) or t-rex");
   app.add_option("--trex-mode", o->trex_mode, "t-rex: rank1 or rank1_flex (default; --rank r1,r2)");
   app.add_flag("--router-mapping", o->router_mapping, "t-rex: a learned mapper from 32 centroids to the experts");
@@ -45,7 +46,14 @@ Runner add_synth_bundle(CLI::App& app) {
   app.add_option("--router-gain", o->router_gain, "Scale of the router weights (larger = sharper routing)");
   auto force = std::make_shared<bool>(false);
   app.add_flag("--force", *force, "Write into an existing non-empty --out directory");
-  return [o, force]() -> int {
+  return [o, force, seed, &app]() -> int {
+    o->seed = parse_u64_flag("--seed", *seed);
+    // Flags of the other method would be ignored: refuse them.
+    const bool trex = o->method == "t-rex";
+    for (const char* f : trex ? std::vector<const char*>{"--groups", "--experts-per-group", "--router-input", "--general"}
+                              : std::vector<const char*>{"--trex-mode", "--router-mapping", "--intuition", "--intuition-layer",
+                                                         "--embedding-dim"})
+      ATMOE_CHECK_INPUT(app.count(f) == 0, "synth-bundle: {} does not apply to --method {}", f, o->method);
     prepare_output_dir(o->out, *force, "--out");
     synth_bundle(*o);
     if (o->method == "t-rex") std::cerr << "wrote bundle " << o->out << ": t-rex " << o->trex_mode << "\n";

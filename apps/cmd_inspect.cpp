@@ -43,7 +43,8 @@ Runner add_inspect(CLI::App& app) {
 Runner add_synth_model(CLI::App& app) {
   auto o = std::make_shared<SynthModelOptions>();
   app.add_option("--out", o->out, "Output directory")->required();
-  app.add_option("--seed", o->seed, "Random seed")->required();
+  auto seed = std::make_shared<std::string>();
+  app.add_option("--seed", *seed, "Random seed, 0..18446744073709551615")->required();
   app.add_option("--layers", o->layers, "Decoder layers");
   app.add_option("--hidden", o->hidden, "Hidden size");
   app.add_option("--heads", o->heads, "Attention heads");
@@ -54,7 +55,8 @@ Runner add_synth_model(CLI::App& app) {
   app.add_option("--arch", o->arch, "llama (default) or qwen2 (q/k/v biases)");
   auto force = std::make_shared<bool>(false);
   app.add_flag("--force", *force, "Write into an existing non-empty --out directory");
-  return [o, force]() -> int {
+  return [o, force, seed]() -> int {
+    o->seed = parse_u64_flag("--seed", *seed);
     prepare_output_dir(o->out, *force, "--out");
     synth_model(*o);
     std::cerr << "wrote " << o->out << "\n";

@@ -31,7 +31,7 @@ std::map<std::string, double> parse_weight_list(const std::string& flag, const s
   std::stringstream ss(text);
   std::string item;
   while (std::getline(ss, item, ',')) {
-    if (item.empty()) continue;
+    ATMOE_CHECK_INPUT(!item.empty(), "{} '{}': an empty item (expected NAME=NUMBER[,NAME=NUMBER...])", flag, text);
     size_t eq = item.find('=');
     ATMOE_CHECK_INPUT(eq != std::string::npos && eq > 0 && eq + 1 < item.size(), "{} '{}': expected NAME=NUMBER[,NAME=NUMBER...]",
                       flag, text);
@@ -42,7 +42,7 @@ std::map<std::string, double> parse_weight_list(const std::string& flag, const s
     ATMOE_CHECK_INPUT(!out.count(name), "{} '{}': '{}' given twice", flag, text, name);
     out[name] = v;
   }
-  ATMOE_CHECK_INPUT(!out.empty() || text.empty(), "{} '{}': empty list", flag, text);
+  ATMOE_CHECK_INPUT(!out.empty() && text.back() != ',', "{} '{}': expected NAME=NUMBER[,NAME=NUMBER...]", flag, text);
   return out;
 }
 
@@ -53,18 +53,25 @@ RoutingControls to_controls(const RoutingFlags& f) {
   c.adapter = f.adapter;
   if (!f.pin.empty()) c.pin = parse_weight_list("--pin", f.pin);
   if (!f.group_bias.empty()) c.group_bias = parse_weight_list("--group-bias", f.group_bias);
-  std::stringstream ss(f.mask);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) c.mask.push_back(item);
+  if (!f.mask.empty()) {
+    std::stringstream ss(f.mask);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      ATMOE_CHECK_INPUT(!item.empty(), "--mask '{}': an empty name (expected NAME[,NAME...])", f.mask);
+      c.mask.push_back(item);
+    }
+    ATMOE_CHECK_INPUT(f.mask.back() != ',', "--mask '{}': an empty name (expected NAME[,NAME...])", f.mask);
+  }
   c.top_k_groups = f.top_k_groups;
   c.tau_group = f.tau_group;
   c.tau_expert = f.tau_expert;
   c.lambda = f.lambda;
   ATMOE_CHECK_INPUT(f.intuition == "on" || f.intuition == "off", "--intuition '{}': expected on or off", f.intuition);
   c.intuition_off = f.intuition == "off";
-  c.pin_cluster = f.pin_cluster;
-  ATMOE_CHECK_INPUT(f.pin_cluster >= -1, "--pin-cluster {}: expected a cluster index", f.pin_cluster);
+  if (f.pin_cluster) {
+    ATMOE_CHECK_INPUT(*f.pin_cluster >= 0, "--pin-cluster {}: expected a cluster index >= 0", *f.pin_cluster);
+    c.pin_cluster = *f.pin_cluster;
+  }
   c.omega = f.omega;
   if (!f.intuition_embedding.empty()) {
     std::string text = read_file(f.intuition_embedding, "--intuition-embedding", size_t(64) << 20);

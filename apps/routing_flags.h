@@ -18,7 +18,7 @@ struct RoutingFlags {
   std::optional<double> tau_group, tau_expert, lambda;
   // T-REX
   std::string intuition_embedding, intuition = "on";
-  int pin_cluster = -1;
+  std::optional<int> pin_cluster;
   std::optional<double> omega;
 };
 

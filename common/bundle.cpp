@@ -8,6 +8,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "common/json_reader.h"
+#include "common/utf8.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
@@ -44,9 +45,14 @@ int Bundle::group_index(const std::string& name) const {
 static void check_name(const JsonAt& at, const std::string& n) {
   if (n.empty()) at.fail("empty name");
   if (n.size() > 128) at.fail("a name of more than 128 bytes");
-  for (unsigned char ch : n)
-    if (ch == ',' || ch == '=' || ch < 0x20 || ch == 0x7f)
+  for (size_t i = 0; i < n.size(); ++i) {
+    const unsigned char ch = uint8_t(n[i]), nx = i + 1 < n.size() ? uint8_t(n[i + 1]) : 0;
+    const bool c1 = ch == 0xc2 && nx >= 0x80 && nx <= 0x9f;                                         // U+0080..U+009F
+    const bool sep = ch == 0xe2 && nx == 0x80 && i + 2 < n.size() && (uint8_t(n[i + 2]) & 0xfe) == 0xa8;  // U+2028/9
+    if (ch == ',' || ch == '=' || ch < 0x20 || ch == 0x7f || c1 || sep)
       at.fail(fmt::format("name \"{}\" must not contain ',', '=' or control characters", n));
+  }
+  if (utf8_sanitize(n) != n) at.fail("a name must be valid UTF-8");
   if (n.front() == ' ' || n.back() == ' ') at.fail(fmt::format("name \"{}\" has leading or trailing spaces", n));
 }
 
@@ -136,6 +142,7 @@ Bundle load_bundle_manifest(const std::string& dir) {
   if (b.general && gnames.count(b.general->name))
     ATMOE_INPUT_ERROR("{}: general_expert '{}' has the name of a group", m, b.general->name);
   b.lambda = root.num_or("lambda", 1.0, 0.0, 1.0);
+  if (root.has("lambda") && !b.general) root["lambda"].fail("weighs the mixture against general_expert, and there is none");
   const JsonAt r = root["router"];
   r.object();
   r.only_keys({"file", "input", "tau_group", "tau_expert"});

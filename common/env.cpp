@@ -11,12 +11,12 @@ namespace atmoe {
 const std::vector<EnvKnob>& env_knobs() {
   static const std::vector<EnvKnob> k = {
       {"ATMOE_THREADS", "0", "compute threads for CPU kernels (0 = all cores)", nullptr, true, 0, 1024},
-      {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|off", "trace|debug|info|warn|error|critical|off"},
+      {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|critical|off", "trace|debug|info|warn|error|critical|off"},
       {"ATMOE_CACHE", "", "cache directory for models fetched by deploy scripts (default <repo>/.cache)"},
       {"ATMOE_SPIN_US", "200", "microseconds an idle pool thread spins before it sleeps (0..1000000)", nullptr, true, 0, 1000000},
       {"ATMOE_PREFILL_GEMM", "simd", "GEMM for prompts of >= 32 tokens: simd (atmoe's kernel) or blas (OpenBLAS sgemm)",
        "simd|blas"},
-      {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (default: best the CPU has)", "scalar|avx2|avx512"},
+      {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (unset: the best the CPU has)", "scalar|avx2|avx512"},
   };
   return k;
 }

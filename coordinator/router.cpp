@@ -53,8 +53,8 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c) {
   r.tau_g = c.tau_group.value_or(b.tau_group);
   r.tau_e = c.tau_expert.value_or(b.tau_expert);
   r.lambda = c.lambda.value_or(b.lambda);
-  ATMOE_CHECK_INPUT(std::isfinite(r.tau_g) && r.tau_g >= 0, "routing: tau_group {} must be >= 0", r.tau_g);
-  ATMOE_CHECK_INPUT(std::isfinite(r.tau_e) && r.tau_e >= 0, "routing: tau_expert {} must be >= 0", r.tau_e);
+  ATMOE_CHECK_INPUT(std::isfinite(r.tau_g) && r.tau_g >= 0 && r.tau_g <= 1e6, "routing: tau_group {} must be in [0, 1e6]", r.tau_g);
+  ATMOE_CHECK_INPUT(std::isfinite(r.tau_e) && r.tau_e >= 0 && r.tau_e <= 1e6, "routing: tau_expert {} must be in [0, 1e6]", r.tau_e);
   ATMOE_CHECK_INPUT(std::isfinite(r.lambda) && r.lambda >= 0 && r.lambda <= 1, "routing: lambda {} must be in [0, 1]", r.lambda);
   if (!c.adapter.empty()) {
     r.adapter = b.expert_index(c.adapter);

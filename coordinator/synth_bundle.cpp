@@ -66,6 +66,12 @@ static void synth_trex(const SynthBundleOptions& o, const ModelConfig& c, const 
   ATMOE_CHECK_INPUT(o.trex_mode == "rank1" || o.trex_mode == "rank1_flex", "--trex-mode '{}': expected rank1 or rank1_flex",
                     o.trex_mode);
   const bool flex = o.trex_mode == "rank1_flex";
+  ATMOE_CHECK_INPUT(ranks.size() <= (flex ? 2u : 1u), "--rank '{}': t-rex {} takes {}", o.ranks, o.trex_mode,
+                    flex ? "r or r1,r2" : "one rank r");
+  ATMOE_CHECK_INPUT(o.intuition != "embedding" || (o.embedding_dim >= 1 && o.embedding_dim <= 65536),
+                    "--embedding-dim {}: must be in 1..65536", o.embedding_dim);
+  ATMOE_CHECK_INPUT(o.intuition_layer >= -1 && o.intuition_layer < c.n_layers, "--intuition-layer {}: the base has layers 0..{}",
+                    o.intuition_layer, c.n_layers - 1);
   const int r1 = ranks[0], r2 = flex ? (ranks.size() > 1 ? ranks[1] : ranks[0]) : ranks[0];
   const int E = flex ? r1 * r2 : r1, K = o.router_mapping ? 32 : E;
   ATMOE_CHECK_INPUT(o.intuition == "hidden_state" || o.intuition == "embedding",
@@ -139,10 +145,17 @@ void synth_bundle(const SynthBundleOptions& o) {
   }
   ATMOE_CHECK_INPUT(!sites.empty(), "--targets: at least one module");
   std::vector<int> ranks;
-  for (const auto& r : split(o.ranks)) {
-    int v = std::atoi(r.c_str());
-    ATMOE_CHECK_INPUT(v >= 1 && v <= 1024, "--rank '{}': ranks must be integers in 1..1024", o.ranks);
-    ranks.push_back(v);
+  {
+    // "8" or "4,8,16": integers in 1..1024, no empty items.
+    std::stringstream ss(o.ranks);
+    std::string r;
+    bool ok = !o.ranks.empty() && o.ranks.back() != ',';
+    while (ok && std::getline(ss, r, ',')) {
+      ok = !r.empty() && r.size() <= 4 && r.find_first_not_of("0123456789") == std::string::npos;
+      if (ok) ranks.push_back(std::atoi(r.c_str()));
+      ok = ok && ranks.back() >= 1 && ranks.back() <= 1024;
+    }
+    ATMOE_CHECK_INPUT(ok, "--rank '{}': expected integers in 1..1024 separated by commas", o.ranks);
   }
   ATMOE_CHECK_INPUT(!ranks.empty(), "--rank: at least one rank");
   auto model = Model::load(o.base, DType::F32);  // validates the base and gives its shapes

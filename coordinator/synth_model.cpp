@@ -38,8 +38,13 @@ std::vector<std::string> byte_alphabet() {
 
 void synth_model(const SynthModelOptions& o) {
   ATMOE_CHECK_INPUT(!o.out.empty(), "synth-model: --out is required");
-  ATMOE_CHECK_INPUT(o.layers > 0 && o.hidden > 0 && o.heads > 0 && o.kv_heads > 0 && o.ffn > 0,
-                    "synth-model: sizes must be positive");
+  ATMOE_CHECK_INPUT(o.layers >= 1 && o.layers <= 64, "synth-model: --layers {} must be in 1..64", o.layers);
+  ATMOE_CHECK_INPUT(o.hidden >= 2 && o.hidden <= 4096, "synth-model: --hidden {} must be in 2..4096", o.hidden);
+  ATMOE_CHECK_INPUT(o.heads >= 1 && o.heads <= 256 && o.kv_heads >= 1 && o.kv_heads <= 256,
+                    "synth-model: --heads {} and --kv-heads {} must be in 1..256", o.heads, o.kv_heads);
+  ATMOE_CHECK_INPUT(o.ffn >= 1 && o.ffn <= 16384, "synth-model: --ffn {} must be in 1..16384", o.ffn);
+  ATMOE_CHECK_INPUT(o.max_position >= 1 && o.max_position <= (1 << 20), "synth-model: --max-position {} must be in 1..1048576",
+                    o.max_position);
   ATMOE_CHECK_INPUT(o.hidden % o.heads == 0 && (o.hidden / o.heads) % 2 == 0,
                     "synth-model: --hidden {} must be a multiple of --heads {} with an even head_dim", o.hidden, o.heads);
   ATMOE_CHECK_INPUT(o.heads % o.kv_heads == 0, "synth-model: --kv-heads {} must divide --heads {}", o.kv_heads, o.heads);

@@ -426,6 +426,10 @@ def main():
     for i, (label, fn, field) in enumerate(man_cases):
         case = "c_man_%d" % i
         bad("C atmoe.json %s" % label, gen(W(case)), both(mani, field), setup=man_edit(case, fn))
+    bad("C atmoe.json lambda without a general expert", gen(W("c_man_lam_nogen")), both(mani, "lambda", "general"),
+        setup=man_edit("c_man_lam_nogen", lambda j: j.update({"lambda": 0.3}), src=BN))
+    bad("C atmoe.json expert name with U+2028", gen(W("c_man_u2028")), both(mani, "name"),
+        setup=man_edit("c_man_u2028", lambda j: j["groups"][0]["experts"][0].update(name="a\u2028b")))
 
     def setup_router_extra():
         d = copy(B, "c_router_extra")
@@ -610,6 +614,38 @@ def main():
                      ("ATMOE_PREFILL_GEMM", "gpu")):
         bad("F env %s=%s" % (var, val), genm(), var, env={var: val})
     bad("F unknown flag --bogus", ["generate", "--bogus"], "bogus")
+    # One non-empty value per occurrence: an empty value is not "the default", two words are not two prompts.
+    for flag in ("--temperature", "--max-tokens", "--top-k", "--seed", "--dtype", "--stop", "--system"):
+        bad("F empty value for %s" % flag, genm(flag, ""), flag)
+    for flag in ("--lambda", "--tau-group", "--pin", "--mask", "--group-bias", "--adapter"):
+        bad("F empty value for %s on a bundle" % flag, gen(B) + [flag, ""], flag)
+    bad("F --mask ','", gen(B) + ["--mask", ","], "mask")
+    bad("F --pin-cluster -1 on a t-rex bundle", gen(T) + ["--pin-cluster", "-1"], r"pin[-_]cluster")
+    bad("F --prompt with two words", ["generate", "--model", M, "--prompt", "hello", "world", "--max-tokens", "2"], "world")
+    bad("F synth-model --layers 100000 (refused before writing)", ["synth-model", "--out", W("sm_big"), "--seed", "1",
+        "--layers", "100000"], "layers")
+    bad("F synth-model --hidden 100000", ["synth-model", "--out", W("sm_big2"), "--seed", "1", "--hidden", "100000"], "hidden")
+    bad("F synth-model --seed -1", ["synth-model", "--out", W("sm_neg"), "--seed", "-1"], "seed")
+    bad("F synth-bundle --trex-mode on an at-moe bundle", sb(W("sb_tm"), "--trex-mode", "rank1"), r"trex[-_]mode")
+    bad("F synth-bundle --rank '4,,8'", sb(W("sb_rank"), "--rank", "4,,8"), "rank")
+    bad("F synth-bundle t-rex --embedding-dim -1", ["synth-bundle", "--base", M, "--out", W("sb_ed"), "--seed", "1",
+        "--method", "t-rex", "--intuition", "embedding", "--embedding-dim", "-1"], r"embedding[-_]dim")
+    # A closed pipe is a failed write (exit 1, one line), not death by SIGPIPE.
+    p = subprocess.Popen([BIN, "generate", "--model", M, "--prompt", "x", "--max-tokens", "400", "--ignore-eos"],
+                         stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={k: v for k, v in os.environ.items() if not k.startswith("ATMOE_")})
+    p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode("utf-8", "replace")
+    rc = p.wait(timeout=TIMEOUT)
+    record("F stdout closed early: exit 1, one line", rc == 1 and err.count("\n") == 1 and "stdout" in err,
+           "rc=%s, %s" % (rc, short(err)))
+    if os.path.exists("/dev/full"):
+        for args in (["inspect", M], ["--help"], ["--help-env"]):
+            with open("/dev/full", "wb") as full:
+                rc, out, err, _ = run(args, stdout=full)
+            record("F %s with stdout on /dev/full fails" % " ".join(args[:1]), rc == 1 and "stdout" in err,
+                   "rc=%s, %s" % (rc, short(err)))
     bad("F --max-tokens abc", ["generate", "--model", M, "--prompt", "x", "--max-tokens", "abc"], r"max[-_]tokens")
 
     # ================================================================ G. legitimate variants
