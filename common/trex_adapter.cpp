@@ -1,6 +1,7 @@
 #include "common/trex_adapter.h"
 
 #include <filesystem>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -34,6 +35,27 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
   cfg.object();
   ext.object();
   const int r = int(cfg["r"].integer(1, kMaxLoraRank));
+  // The released code's PEFT fork writes a plain LoRA config; settings it does not have
+  // would be silently ignored here, so they are refused.
+  if (cfg.str_or("peft_type", "LORA") != "LORA") cfg["peft_type"].fail("expected LORA (the T-REX fork's type)");
+  for (const char* k : {"use_dora", "fan_in_fan_out", "use_rslora"})
+    if (cfg.bool_or(k, false)) cfg[k].fail("is not supported for T-REX adapters");
+  if (cfg.has("layers_to_transform")) cfg["layers_to_transform"].fail("is not supported for T-REX adapters");
+  if (cfg.str_or("bias", "none") != "none") cfg["bias"].fail("expected \"none\"");
+  // target_modules: the module names every adapted module must have (a list; a regex string is not used by the fork).
+  std::set<std::string> targets;
+  {
+    const JsonAt tm = cfg["target_modules"];
+    if (!tm.value().is_array() || tm.size() == 0) tm.fail("expected a non-empty list of module names");
+    for (size_t i = 0; i < tm.size(); ++i) {
+      std::string n = tm.at(i).str();
+      n = n.substr(n.rfind('.') == std::string::npos ? 0 : n.rfind('.') + 1);
+      Site s;
+      if (!parse_site(n, &s))
+        tm.at(i).fail(fmt::format("'{}' is not one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj", n));
+      targets.insert(site_module(s));
+    }
+  }
   a.mode = ext["moe_mode"].str();
   if (a.mode != "rank1" && a.mode != "rank1_flex") ext["moe_mode"].fail(fmt::format("'{}' (expected rank1 or rank1_flex)", a.mode));
   if (a.mode == "rank1") {
@@ -81,6 +103,9 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
     if (!f.count(part) || mid.find("modules_to_save") != std::string::npos) f[part] = k;
   }
   ATMOE_CHECK_INPUT(!found.empty(), "{}: no T-REX modules found", st_path);
+  for (const auto& [ls, f] : found)
+    ATMOE_CHECK_INPUT(targets.count(site_module(ls.second)), "{}: layers.{}.{} has T-REX tensors but {} does not target {}", st_path,
+                      ls.first, site_module(ls.second), cfg_path, site_module(ls.second));
   for (auto& [ls, f] : found) {
     const int layer = ls.first;
     const Site s = ls.second;

@@ -365,6 +365,21 @@ def main():
         both(trex_st, r"layers\.1\.self_attn\.q_proj\.omg", nonfinite),
         setup=trex_poke("a_trex_omg_inf", tpre + r"omg\.modules_to_save\.default\.weight", lambda v: [INF]))
 
+    def trex_cfg(case, fn):
+        def setup():
+            d = copy(T, case)
+            jedit(os.path.join(d, "trex", ACJ), fn)
+        return setup
+    trex_cfg_re = r"trex/adapter_config\.json"
+    for label, fn, field in (("use_dora true", lambda c: c.update(use_dora=True), "use_dora"),
+                             ("peft_type IA3", lambda c: c.update(peft_type="IA3"), "peft_type"),
+                             ("fan_in_fan_out true", lambda c: c.update(fan_in_fan_out=True), "fan_in_fan_out"),
+                             ("layers_to_transform [0]", lambda c: c.update(layers_to_transform=[0]), "layers_to_transform")):
+        case = "c_trex_" + field
+        bad("C t-rex adapter_config %s" % label, gen(W(case)), both(trex_cfg_re, field), setup=trex_cfg(case, fn))
+    bad("C t-rex target_modules misses modules that have tensors", gen(W("c_trex_tm")),
+        both(r"trex/adapter_model\.safetensors", "target"), setup=trex_cfg("c_trex_tm", lambda c: c.update(target_modules=["q_proj"])))
+
     def setup_cent_nan():
         d = copy(T, "a_centroids_nan")
         st_set(os.path.join(d, "centroids.safetensors"), "centroids", poke(NAN))
