@@ -76,9 +76,10 @@ Runner add_bench(CLI::App& app) {
   app.add_option("--json", o->json, "Also write the results as JSON to this file");
   app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
   return [o]() -> int {
-    ATMOE_CHECK_INPUT(o->prompt > 0 && o->prompt <= (1 << 20) && o->decode > 0 && o->decode <= (1 << 20) && o->batch > 0 &&
-                          o->batch <= 4096 && o->reps > 0 && o->reps <= 1000,
-                      "bench: --prompt-tokens, --decode-tokens (1..1048576), --batch (1..4096) and --reps (1..1000) out of range");
+    ATMOE_CHECK_INPUT(o->prompt >= 1 && o->prompt <= (1 << 20), "--prompt-tokens {}: must be in 1..1048576", o->prompt);
+    ATMOE_CHECK_INPUT(o->decode >= 1 && o->decode <= (1 << 20), "--decode-tokens {}: must be in 1..1048576", o->decode);
+    ATMOE_CHECK_INPUT(o->batch >= 1 && o->batch <= 4096, "--batch {}: must be in 1..4096", o->batch);
+    ATMOE_CHECK_INPUT(o->reps >= 1 && o->reps <= 1000, "--reps {}: must be in 1..1000", o->reps);
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "bench: give --model PATH or --bundle DIR");
     const RoutingControls controls = to_controls(o->rf);
     if (o->bundle.empty()) refuse_routing_without_bundle(controls);
@@ -86,6 +87,10 @@ Runner add_bench(CLI::App& app) {
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
+    const int ctx = m->config().max_position;
+    ATMOE_CHECK_INPUT(o->prompt <= ctx, "--prompt-tokens {}: more than the model's context length {}", o->prompt, ctx);
+    ATMOE_CHECK_INPUT(32 + int64_t(o->decode) <= ctx, "--decode-tokens {}: 32 prompt tokens + {} exceed the context length {}",
+                      o->decode, o->decode, ctx);
     std::unique_ptr<ExpertPool> experts;
     std::unique_ptr<TrexPool> trex;
     if (bundle && bundle->method == "t-rex") {

@@ -122,7 +122,7 @@ void synth_model(const SynthModelOptions& o) {
   write_file((fs::path(o.out) / "tokenizer_config.json").string(), tc.dump(1), "synth output");
 
   const int D = o.hidden / o.heads;
-  json cfg = {{"architectures", {"LlamaForCausalLM"}},
+  json cfg = {{"architectures", {o.arch == "qwen2" ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}},
               {"model_type", o.arch},
               {"hidden_size", o.hidden},
               {"intermediate_size", o.ffn},
