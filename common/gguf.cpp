@@ -1,5 +1,6 @@
 #include "common/gguf.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "common/dtype.h"
@@ -161,6 +162,8 @@ void GgufFile::parse() {
   for (uint64_t i = 0; i < n_kv; ++i) {
     std::string key = c.str("kv key");
     uint32_t type = c.rd<uint32_t>("kv type");
+    // Two values for one key: which one a reader takes is arbitrary, so neither is trusted.
+    ATMOE_CHECK_INPUT(!kv_.count(key), "{}: GGUF key '{}' appears twice in the metadata", path_, key);
     kv_[key] = read_value(c, type, key, 0);
   }
   uint64_t alignment = 32;
@@ -169,6 +172,7 @@ void GgufFile::parse() {
                       "{}: general.alignment must be a power of two <= 65536", path_);
     alignment = a->u;
   }
+  alignment_ = alignment;
   for (uint64_t i = 0; i < n_tensors; ++i) {
     GgufTensorInfo t;
     t.name = c.str("tensor name");
@@ -184,6 +188,8 @@ void GgufFile::parse() {
     }
     t.type = c.rd<uint32_t>("tensor type");
     t.offset = c.rd<uint64_t>("tensor offset");
+    ATMOE_CHECK_INPUT(t.offset % alignment == 0, "{}: tensor '{}': data offset {} is not a multiple of general.alignment {}",
+                      path_, t.name, t.offset, alignment);
     uint64_t bytes = 0;
     ATMOE_CHECK_INPUT(ggml_row_bytes(t.type, uint64_t(t.ne[0]), &bytes),
                       "{}: tensor '{}': type {} ({}) unsupported or row of {} not a whole number of blocks "
@@ -219,6 +225,23 @@ uint64_t GgufFile::get_uint(const std::string& key) const {
   ATMOE_CHECK_INPUT(v && (v->kind == GgufValue::UINT || (v->kind == GgufValue::INT && v->i >= 0)),
                     "{}: GGUF key '{}' missing or not a non-negative integer", path_, key);
   return v->u;
+}
+int64_t GgufFile::get_int(const std::string& key, int64_t lo, int64_t hi) const {
+  auto* v = find(key);
+  ATMOE_CHECK_INPUT(v && (v->kind == GgufValue::UINT || v->kind == GgufValue::INT),
+                    "{}: GGUF key '{}' missing or not an integer (expected {}..{})", path_, key, lo, hi);
+  const bool ok = v->kind == GgufValue::UINT ? (hi >= 0 && v->u <= uint64_t(hi) && (lo <= 0 || v->u >= uint64_t(lo)))
+                                             : (v->i >= lo && v->i <= hi);
+  if (!ok) {
+    if (v->kind == GgufValue::UINT) ATMOE_INPUT_ERROR("{}: GGUF key '{}' = {} out of range (expected {}..{})", path_, key, v->u, lo, hi);
+    ATMOE_INPUT_ERROR("{}: GGUF key '{}' = {} out of range (expected {}..{})", path_, key, v->i, lo, hi);
+  }
+  return v->kind == GgufValue::UINT ? int64_t(v->u) : v->i;
+}
+double GgufFile::get_positive(const std::string& key) const {
+  const double x = get_float(key);
+  ATMOE_CHECK_INPUT(std::isfinite(x) && x > 0, "{}: GGUF key '{}' = {}: expected a finite number > 0", path_, key, x);
+  return x;
 }
 double GgufFile::get_float(const std::string& key) const {
   auto* v = find(key);

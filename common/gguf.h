@@ -54,7 +54,11 @@ class GgufFile {
   // Typed getters: InputError naming the key when absent or of the wrong kind.
   std::string get_str(const std::string& key) const;
   uint64_t get_uint(const std::string& key) const;
+  // An integer key range-checked before narrowing: InputError naming the key and lo..hi.
+  int64_t get_int(const std::string& key, int64_t lo, int64_t hi) const;
   double get_float(const std::string& key) const;
+  // A finite number > 0 (frequency bases, epsilons, scale factors).
+  double get_positive(const std::string& key) const;
   bool get_bool(const std::string& key, bool def) const;
   const std::vector<GgufValue>& get_arr(const std::string& key) const;
 
@@ -64,6 +68,7 @@ class GgufFile {
   // Dequantise to an owned f32 tensor with row-major shape (ne reversed).
   Tensor load_f32(const std::string& name) const;
   const std::map<std::string, GgufValue>& kv() const { return kv_; }
+  uint64_t alignment() const { return alignment_; }
   const std::string& path() const { return path_; }
 
  private:
@@ -74,6 +79,7 @@ class GgufFile {
   size_t size_ = 0;
   uint32_t version_ = 0;
   size_t data_offset_ = 0;
+  uint64_t alignment_ = 32;
   std::map<std::string, GgufValue> kv_;
   std::vector<GgufTensorInfo> tensors_;
   std::map<std::string, size_t> tindex_;

@@ -82,7 +82,7 @@ int64_t JsonAt::integer(int64_t lo, int64_t hi) const {
   if (!v_->is_number_integer()) fail(want + ", got " + json_describe(*v_));
   if (v_->is_number_unsigned()) {
     const uint64_t u = v_->get<uint64_t>();
-    if (hi < 0 || u > uint64_t(hi)) fail(want + ", got " + v_->dump());
+    if (hi < 0 || u > uint64_t(hi) || (lo > 0 && u < uint64_t(lo))) fail(want + ", got " + v_->dump());
     return int64_t(u);
   }
   const int64_t x = v_->get<int64_t>();

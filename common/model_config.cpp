@@ -1,6 +1,7 @@
 #include "common/model_config.h"
 
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -21,8 +22,8 @@ void ModelConfig::validate(const std::string& src) const {
   ATMOE_CHECK_INPUT(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024, "{}: head_dim {} must be even and positive", src, head_dim);
   ATMOE_CHECK_INPUT(ffn > 0 && ffn <= 1 << 20, "{}: intermediate_size {} out of range", src, ffn);
   ATMOE_CHECK_INPUT(vocab > 0 && vocab <= 1 << 22, "{}: vocab_size {} out of range", src, vocab);
-  ATMOE_CHECK_INPUT(rms_eps > 0 && rms_eps < 1, "{}: rms_norm_eps {} out of range", src, rms_eps);
-  ATMOE_CHECK_INPUT(rope_theta > 0, "{}: rope_theta must be positive", src);
+  ATMOE_CHECK_INPUT(std::isfinite(rms_eps) && rms_eps > 0 && rms_eps < 1, "{}: rms_norm_eps {} out of range (0, 1)", src, rms_eps);
+  ATMOE_CHECK_INPUT(std::isfinite(rope_theta) && rope_theta > 0, "{}: rope_theta {} must be finite and positive", src, rope_theta);
   ATMOE_CHECK_INPUT(max_position > 0, "{}: max_position_embeddings must be positive", src);
 }
 
@@ -37,66 +38,67 @@ std::string ModelConfig::summary() const {
   return o.str();
 }
 
-static int get_int(const json& j, const char* key, const std::string& path, int def, bool required) {
-  if (!j.contains(key) || j[key].is_null()) {
-    ATMOE_CHECK_INPUT(!required, "{}: missing field '{}'", path, key);
-    return def;
-  }
-  ATMOE_CHECK_INPUT(j[key].is_number_integer(), "{}: field '{}' must be an integer", path, key);
-  int64_t v = j[key].get<int64_t>();
-  ATMOE_CHECK_INPUT(v >= 0 && v <= (1ll << 30), "{}: field '{}' = {} out of range", path, key, v);
-  return int(v);
-}
-static double get_num(const json& j, const char* key, const std::string& path, double def) {
-  if (!j.contains(key) || j[key].is_null()) return def;
-  ATMOE_CHECK_INPUT(j[key].is_number() && std::isfinite(j[key].get<double>()), "{}: field '{}' must be a finite number", path, key);
-  return j[key].get<double>();
-}
-
 ModelConfig config_from_hf_json(const std::string& path) {
   const json j = read_json_file(path, "model config", size_t(16) << 20);
-  ATMOE_CHECK_INPUT(j.is_object(), "{}: expected a JSON object", path);
+  const JsonAt root(j, path);
+  root.object();
   ModelConfig c;
-  ATMOE_CHECK_INPUT(j.contains("model_type") && j["model_type"].is_string(), "{}: missing string field 'model_type'", path);
-  c.arch = j["model_type"].get<std::string>();
+  c.arch = root["model_type"].str();
   ATMOE_CHECK_INPUT(c.arch == "llama" || c.arch == "mistral" || c.arch == "qwen2",
                     "{}: model_type '{}' is not supported (expected llama, mistral or qwen2)", path, c.arch);
-  c.hidden = get_int(j, "hidden_size", path, 0, true);
-  c.n_layers = get_int(j, "num_hidden_layers", path, 0, true);
-  c.n_heads = get_int(j, "num_attention_heads", path, 0, true);
-  c.n_kv_heads = get_int(j, "num_key_value_heads", path, c.n_heads, false);
-  c.ffn = get_int(j, "intermediate_size", path, 0, true);
-  c.vocab = get_int(j, "vocab_size", path, 0, true);
-  c.max_position = get_int(j, "max_position_embeddings", path, 2048, false);
-  c.head_dim = get_int(j, "head_dim", path, c.n_heads ? c.hidden / c.n_heads : 0, false);
-  c.rms_eps = get_num(j, "rms_norm_eps", path, 1e-6);
-  c.rope_theta = get_num(j, "rope_theta", path, 10000.0);
-  const JsonAt root(j, path);
+  const int64_t kMax = int64_t(1) << 30;
+  auto req = [&](const char* k) { return int(root[k].integer(0, kMax)); };
+  c.hidden = req("hidden_size");
+  c.n_layers = req("num_hidden_layers");
+  c.n_heads = req("num_attention_heads");
+  c.n_kv_heads = int(root.int_or("num_key_value_heads", c.n_heads, 0, kMax));
+  c.ffn = req("intermediate_size");
+  c.vocab = req("vocab_size");
+  c.max_position = int(root.int_or("max_position_embeddings", 2048, 0, kMax));
+  c.head_dim = int(root.int_or("head_dim", c.n_heads ? c.hidden / c.n_heads : 0, 0, kMax));
+  c.rms_eps = root.num_or("rms_norm_eps", 1e-6, 0, 1);
+  c.rope_theta = root.num_or("rope_theta", 10000.0, 0, 1e30);
   c.tie_embeddings = root.bool_or("tie_word_embeddings", false);
-  // Mistral's sliding-window attention equals full attention up to the window: serve
-  // contexts up to the window only, rather than produce different results past it.
-  const bool window_on = !j.contains("use_sliding_window") || j["use_sliding_window"] == true;
-  if (window_on && j.contains("sliding_window") && j["sliding_window"].is_number_integer()) {
-    int64_t w = j["sliding_window"].get<int64_t>();
-    if (w > 0 && w < c.max_position) c.max_position = int(w);
+  // The MLP is SwiGLU: gate with SiLU, no biases.
+  if (root.has("hidden_act")) {
+    const std::string act = root["hidden_act"].str();
+    if (act != "silu") root["hidden_act"].fail("'" + act + "' is not supported (expected silu)");
+  }
+  if (root.bool_or("mlp_bias", false)) root["mlp_bias"].fail("MLP biases are not supported (expected false)");
+  if (root.num_or("partial_rotary_factor", 1.0, 0, 1) != 1.0)
+    root["partial_rotary_factor"].fail("partial rotary embeddings are not supported (expected 1)");
+  if (root.has("quantization_config"))
+    root["quantization_config"].fail("quantized checkpoints are not supported (expected F32, F16 or BF16 weights)");
+  // Sliding-window attention equals full attention up to the window: serve contexts up to
+  // the window only, rather than produce different results past it. Mistral applies the
+  // window unless use_sliding_window is false; Qwen2 only when it is true (HF's default
+  // there is false); Llama has no sliding window.
+  const bool use_sw = root.bool_or("use_sliding_window", c.arch == "mistral");
+  if (root.has("sliding_window")) {
+    const int64_t w = root["sliding_window"].integer(1, INT64_MAX);
+    if (w < 1) root["sliding_window"].fail(fmt::format("expected an integer in 1..{}, got {}", INT64_MAX, w));
+    if (c.arch != "llama" && use_sw && w < c.max_position) c.max_position = int(w);
   }
   c.qkv_bias = c.arch == "qwen2" ? true : root.bool_or("attention_bias", false);
   c.rope_style = RopeStyle::Neox;
-  if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) {
-    const json& rs = j["rope_scaling"];
-    const JsonAt rsa = root["rope_scaling"];
-    std::string t = rsa.str_or("rope_type", rsa.str_or("type", std::string()));
-    ATMOE_CHECK_INPUT(t == "llama3" || t == "linear" || t == "default",
-                      "{}: rope_scaling type '{}' is not supported (expected llama3 or linear)", path, t);
+  if (root.has("rope_scaling")) {
+    const JsonAt rs = root["rope_scaling"];
+    rs.object();
+    const std::string t = rs.has("rope_type") ? rs["rope_type"].str() : rs.has("type") ? rs["type"].str() : "";
+    if (t != "llama3" && t != "linear" && t != "default")
+      rs.fail("type '" + t + "' is not supported (expected llama3, linear or default)");
     if (t != "default") {
       c.rope_scaling.type = t;
-      c.rope_scaling.factor = get_num(rs, "factor", path, 1.0);
-      c.rope_scaling.low_freq_factor = get_num(rs, "low_freq_factor", path, 1.0);
-      c.rope_scaling.high_freq_factor = get_num(rs, "high_freq_factor", path, 4.0);
-      c.rope_scaling.original_max_position = get_num(rs, "original_max_position_embeddings", path, 8192);
-      ATMOE_CHECK_INPUT(c.rope_scaling.factor > 0, "{}: rope_scaling.factor must be positive", path);
-      ATMOE_CHECK_INPUT(t != "llama3" || c.rope_scaling.high_freq_factor > c.rope_scaling.low_freq_factor,
-                        "{}: rope_scaling: high_freq_factor must exceed low_freq_factor", path);
+      c.rope_scaling.factor = rs["factor"].number(0, 1e6);
+      if (!(c.rope_scaling.factor > 0)) rs["factor"].fail("expected a number in (0, 1e6], got 0");
+      if (t == "llama3") {
+        // All four are required: defaults would silently change every rotary frequency.
+        c.rope_scaling.low_freq_factor = rs["low_freq_factor"].number(1e-6, 1e6);
+        c.rope_scaling.high_freq_factor = rs["high_freq_factor"].number(1e-6, 1e6);
+        c.rope_scaling.original_max_position = rs["original_max_position_embeddings"].number(1, 1e9);
+        if (!(c.rope_scaling.high_freq_factor > c.rope_scaling.low_freq_factor))
+          rs["high_freq_factor"].fail("must exceed low_freq_factor");
+      }
     }
   }
   c.validate(path);
@@ -109,29 +111,46 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   ATMOE_CHECK_INPUT(a == "llama" || a == "qwen2", "{}: general.architecture '{}' is not supported (expected llama or qwen2)",
                     f.path(), a);
   c.arch = a;
-  auto u = [&](const std::string& k) { return int(std::min<uint64_t>(f.get_uint(a + "." + k), 1u << 30)); };
-  c.n_layers = u("block_count");
-  c.hidden = u("embedding_length");
-  c.ffn = u("feed_forward_length");
-  c.n_heads = u("attention.head_count");
-  c.n_kv_heads = f.has(a + ".attention.head_count_kv") ? u("attention.head_count_kv") : c.n_heads;
-  c.max_position = f.has(a + ".context_length") ? u("context_length") : 2048;
-  c.rope_theta = f.has(a + ".rope.freq_base") ? f.get_float(a + ".rope.freq_base") : 10000.0;
-  c.rms_eps = f.get_float(a + ".attention.layer_norm_rms_epsilon");
-  c.head_dim = f.has(a + ".attention.key_length") ? u("attention.key_length") : (c.n_heads ? c.hidden / c.n_heads : 0);
-  if (f.has(a + ".vocab_size")) c.vocab = u("vocab_size");
+  // Every integer key is range-checked before narrowing (a clamp would serve a wrong model).
+  auto u = [&](const std::string& k, int64_t lo, int64_t hi) { return int(f.get_int(a + "." + k, lo, hi)); };
+  c.n_layers = u("block_count", 1, 1024);
+  c.hidden = u("embedding_length", 1, 65536);
+  c.ffn = u("feed_forward_length", 1, 1 << 20);
+  c.n_heads = u("attention.head_count", 1, 1024);
+  c.n_kv_heads = f.has(a + ".attention.head_count_kv") ? u("attention.head_count_kv", 1, 1024) : c.n_heads;
+  c.max_position = f.has(a + ".context_length") ? u("context_length", 1, 1 << 30) : 2048;
+  c.rope_theta = f.has(a + ".rope.freq_base") ? f.get_positive(a + ".rope.freq_base") : 10000.0;
+  c.rms_eps = f.get_positive(a + ".attention.layer_norm_rms_epsilon");
+  c.head_dim = f.has(a + ".attention.key_length") ? u("attention.key_length", 1, 1024) : c.hidden / c.n_heads;
+  if (f.has(a + ".attention.value_length")) {
+    const int vl = u("attention.value_length", 1, 1024);
+    ATMOE_CHECK_INPUT(vl == c.head_dim, "{}: GGUF key '{}.attention.value_length' = {} differs from the key length {} "
+                      "(unsupported)", f.path(), a, vl, c.head_dim);
+  }
+  if (f.has(a + ".rope.dimension_count")) {
+    // Partial rotary embeddings (fewer rotated dimensions than head_dim) are not supported.
+    const int rd = u("rope.dimension_count", 1, 1024);
+    ATMOE_CHECK_INPUT(rd == c.head_dim, "{}: GGUF key '{}.rope.dimension_count' = {}: expected the head dimension {} "
+                      "(partial rotary embeddings are not supported)", f.path(), a, rd, c.head_dim);
+  }
+  if (f.has(a + ".vocab_size")) c.vocab = u("vocab_size", 1, 1 << 22);
   else if (f.has("tokenizer.ggml.tokens")) c.vocab = int(f.get_arr("tokenizer.ggml.tokens").size());
   c.tie_embeddings = f.tensor("output.weight") == nullptr;
   c.qkv_bias = f.tensor("blk.0.attn_q.bias") != nullptr;
   c.rope_style = a == "llama" ? RopeStyle::Interleaved : RopeStyle::Neox;
-  if (f.has(a + ".rope.scaling.type")) {
-    std::string t = f.get_str(a + ".rope.scaling.type");
-    if (t == "linear") {
+  // As llama.cpp: the type defaults to linear; a factor present is applied.
+  const std::string st = f.has(a + ".rope.scaling.type") ? f.get_str(a + ".rope.scaling.type") : "linear";
+  ATMOE_CHECK_INPUT(st == "none" || st == "linear",
+                    "{}: GGUF key '{}.rope.scaling.type' = '{}' is not supported (expected none or linear)", f.path(), a, st);
+  if (f.has(a + ".rope.scaling.factor")) {
+    const double factor = f.get_positive(a + ".rope.scaling.factor");
+    if (st == "linear" && factor != 1.0) {
       c.rope_scaling.type = "linear";
-      c.rope_scaling.factor = f.get_float(a + ".rope.scaling.factor");
-    } else {
-      ATMOE_CHECK_INPUT(t == "none", "{}: rope scaling type '{}' is not supported", f.path(), t);
+      c.rope_scaling.factor = factor;
     }
+  } else {
+    ATMOE_CHECK_INPUT(!f.has(a + ".rope.scaling.type") || st == "none",
+                      "{}: GGUF key '{}.rope.scaling.type' is linear but '{}.rope.scaling.factor' is missing", f.path(), a, a);
   }
   // llama3-style scaling is stored in GGUF as the tensor rope_freqs.weight (applied by the loader).
   c.validate(f.path());

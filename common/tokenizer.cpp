@@ -2,6 +2,7 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <utf8proc.h>
 
 #include <algorithm>
 #include <climits>
@@ -69,7 +70,7 @@ static std::vector<std::string> regexes_for_pre(const std::string& pre, const st
   ATMOE_INPUT_ERROR("{}: tokenizer.ggml.pre '{}' is not supported (expected gpt2, smollm, llama-bpe or qwen2)", src, pre);
 }
 
-void Tokenizer::finalize(const std::string& src) {
+void Tokenizer::finalize(const std::string& src, const char* vocab_field) {
   ATMOE_CHECK_INPUT(!id_to_token_.empty(), "{}: tokenizer has no vocabulary", src);
   for (size_t i = 0; i < id_to_token_.size(); ++i) token_to_id_.emplace(id_to_token_[i], int32_t(i));
   for (size_t i = 0; i < id_to_token_.size(); ++i)
@@ -94,6 +95,19 @@ void Tokenizer::finalize(const std::string& src) {
   };
   check_id(bos_, "BOS");
   check_id(eos_, "EOS");
+  check_id(unk_, "UNK");
+  // Without an unknown token, a byte whose single-character token is missing could not be
+  // encoded at all: it would silently vanish from the input.
+  if (unk_ < 0) {
+    const auto& bm = byte_map();
+    for (int b = 0; b < 256; ++b) {
+      auto it = token_to_id_.find(bm.to_uni[b]);
+      ATMOE_CHECK_INPUT(it != token_to_id_.end() && types_[size_t(it->second)] != TokenType::Control &&
+                            types_[size_t(it->second)] != TokenType::Unknown && types_[size_t(it->second)] != TokenType::Unused,
+                        "{}: {}: no token for byte 0x{:02x} ('{}') and no unknown token: byte-level BPE needs all "
+                        "256 byte tokens", src, vocab_field, b, bm.to_uni[b]);
+    }
+  }
   if (eos_ >= 0) eog_.push_back(eos_);
   for (const char* t : {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>"}) {
     int32_t id = find_token(t);
@@ -126,12 +140,29 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& f) {
       t.types_[i] = TokenType(v);
     }
   }
+  // Merges "left right": as llama.cpp, split at the first space after the first byte; both
+  // sides and their concatenation must be tokens (a merge to nothing would drop text).
+  std::unordered_map<std::string, int32_t> ids;
+  for (size_t i = 0; i < t.id_to_token_.size(); ++i) ids.emplace(t.id_to_token_[i], int32_t(i));
   const auto& merges = f.get_arr("tokenizer.ggml.merges");
+  ATMOE_CHECK_INPUT(merges.size() <= (1u << 24), "{}: tokenizer.ggml.merges has {} entries", src, merges.size());
   for (size_t i = 0; i < merges.size(); ++i) {
     ATMOE_CHECK_INPUT(merges[i].kind == GgufValue::STRING, "{}: tokenizer.ggml.merges must hold strings", src);
-    t.merge_rank_.emplace(merges[i].s, int32_t(i));
+    const std::string& s = merges[i].s;
+    const size_t sp = s.find(' ', 1);
+    ATMOE_CHECK_INPUT(sp != std::string::npos && sp + 1 < s.size(),
+                      "{}: tokenizer.ggml.merges[{}] = '{}': expected two tokens separated by a space", src, i, s);
+    const std::string l = s.substr(0, sp), r = s.substr(sp + 1);
+    for (const std::string& tok : {l, r, l + r})
+      ATMOE_CHECK_INPUT(ids.count(tok), "{}: tokenizer.ggml.merges[{}] = '{}': '{}' is not in tokenizer.ggml.tokens", src,
+                        i, s, tok);
+    t.merge_rank_.emplace(s, int32_t(i));
   }
-  auto id_or = [&](const char* k) { return f.has(k) ? int32_t(std::min<uint64_t>(f.get_uint(k), INT32_MAX)) : -1; };
+  // Special token ids: each one present must name a token of the vocabulary.
+  const int64_t n_vocab = int64_t(t.id_to_token_.size());
+  auto id_or = [&](const char* k) { return f.has(k) ? int32_t(f.get_int(k, 0, n_vocab - 1)) : -1; };
+  for (const auto& [k, v] : f.kv())
+    if (k.rfind("tokenizer.ggml.", 0) == 0 && k.size() > 9 && k.compare(k.size() - 9, 9, "_token_id") == 0) id_or(k.c_str());
   t.bos_ = id_or("tokenizer.ggml.bos_token_id");
   t.eos_ = id_or("tokenizer.ggml.eos_token_id");
   t.unk_ = id_or("tokenizer.ggml.unknown_token_id");
@@ -139,118 +170,262 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& f) {
   t.add_bos_ = f.get_bool("tokenizer.ggml.add_bos_token", t.pre_name_ == "llama-bpe");
   if (f.has("tokenizer.chat_template")) t.chat_template_ = f.get_str("tokenizer.chat_template");
   t.regexes_ = regexes_for_pre(t.pre_name_, src);
-  t.finalize(src);
+  // llama.cpp's llama3 pre-tokenizer type sets ignore_merges, as the HF tokenizer.json does.
+  t.ignore_merges_ = t.pre_name_ == "llama-bpe" || t.pre_name_ == "llama3";
+  if (!f.has("tokenizer.ggml.add_bos_token")) t.add_bos_ = t.add_bos_ && t.bos_ >= 0;
+  ATMOE_CHECK_INPUT(!t.add_bos_ || t.bos_ >= 0, "{}: tokenizer.ggml.add_bos_token is true but there is no "
+                    "tokenizer.ggml.bos_token_id", src);
+  t.finalize(src, "tokenizer.ggml.tokens");
   int32_t eot = id_or("tokenizer.ggml.eot_token_id");
-  if (eot >= 0 && eot < t.vocab_size() && std::find(t.eog_.begin(), t.eog_.end(), eot) == t.eog_.end()) t.eog_.push_back(eot);
+  if (eot >= 0 && std::find(t.eog_.begin(), t.eog_.end(), eot) == t.eog_.end()) t.eog_.push_back(eot);
   return t;
 }
 
-// Collects the regex sequence of an HF pre_tokenizer spec.
-static void hf_pretok(const json& p, const std::string& src, std::vector<std::string>& out) {
-  if (p.is_null()) return;
-  ATMOE_CHECK_INPUT(p.is_object() && p.contains("type"), "{}: pre_tokenizer must be an object with 'type'", src);
-  std::string ty = p["type"].get<std::string>();
+// Collects the regex sequence of an HF pre_tokenizer spec. Byte-level BPE only: the
+// sequence must end with a ByteLevel step (the byte-to-unicode map), and every option that
+// would change the pieces is either implemented or refused.
+static void hf_pretok(const JsonAt& p, std::vector<std::string>& out, bool& byte_level) {
+  p.object();
+  const std::string ty = p["type"].str();
+  if (byte_level) p.fail("a '" + ty + "' step after ByteLevel is not supported (ByteLevel must come last)");
   if (ty == "Sequence") {
-    for (const auto& q : p.value("pretokenizers", json::array())) hf_pretok(q, src, out);
+    const JsonAt seq = p["pretokenizers"];
+    seq.array();
+    for (size_t i = 0; i < seq.size(); ++i) hf_pretok(seq.at(i), out, byte_level);
   } else if (ty == "Digits") {
-    ATMOE_CHECK_INPUT(p.value("individual_digits", false), "{}: Digits pre-tokenizer without individual_digits unsupported", src);
+    if (!p.bool_or("individual_digits", false)) p["individual_digits"].fail("only individual_digits: true is supported");
     out.push_back(kDigitRe);
   } else if (ty == "ByteLevel") {
-    if (p.value("use_regex", true)) out.push_back(kGpt2Re);
+    if (p.bool_or("add_prefix_space", false)) p["add_prefix_space"].fail("true is not supported (expected false)");
+    p.bool_or("trim_offsets", true);  // offsets only: type-checked
+    if (p.bool_or("use_regex", true)) out.push_back(kGpt2Re);
+    byte_level = true;
   } else if (ty == "Split") {
-    ATMOE_CHECK_INPUT(p.contains("pattern") && p["pattern"].contains("Regex"), "{}: Split pre-tokenizer needs a Regex pattern", src);
-    out.push_back(p["pattern"]["Regex"].get<std::string>());
+    const JsonAt pat = p["pattern"];
+    pat.object();
+    if (pat.has("Regex")) {
+      out.push_back(pat["Regex"].str());
+    } else {
+      pat.fail("expected {\"Regex\": ...} (a String pattern is not supported)");
+    }
+    const std::string behavior = p.str_or("behavior", "Isolated");
+    if (behavior != "Isolated") p["behavior"].fail("'" + behavior + "' is not supported (expected Isolated)");
+    if (p.bool_or("invert", false)) p["invert"].fail("true is not supported (expected false)");
   } else {
-    ATMOE_INPUT_ERROR("{}: pre_tokenizer type '{}' is not supported", src, ty);
+    p["type"].fail("'" + ty + "' is not supported (expected ByteLevel, Split, Digits or Sequence)");
   }
+}
+
+// HF's "token" / {"content": "token", ...} (AddedToken) forms of tokenizer_config.json's
+// bos_token and eos_token; "" when absent, null or empty (no such token).
+static std::string hf_token_field(const JsonAt& cfg, const char* key) {
+  if (!cfg.has(key)) return {};
+  const JsonAt v = cfg[key];
+  if (v.value().is_string()) return v.str();
+  if (v.value().is_object()) return v["content"].str();
+  v.fail("expected a token string, an object with \"content\", or null, got " + json_describe(v.value()));
 }
 
 Tokenizer Tokenizer::from_hf_dir(const std::string& dir) {
   namespace fs = std::filesystem;
   std::string path = (fs::path(dir) / "tokenizer.json").string();
   ATMOE_CHECK_INPUT(path_exists(path, "tokenizer"), "{}: missing tokenizer (tokenizer.json not found)", path);
-  json j = read_json_file(path, "tokenizer", size_t(256) << 20);
+  const json j = read_json_file(path, "tokenizer", size_t(256) << 20);
+  const JsonAt root(j, path);
+  root.object();
   Tokenizer t;
-  try {
-    const json& m = j.at("model");
-    std::string type = m.value("type", std::string("BPE"));
-    ATMOE_CHECK_INPUT(type == "BPE", "{}: model.type '{}' is not supported (expected BPE)", path, type);
-    const json& vocab = m.at("vocab");
-    ATMOE_CHECK_INPUT(vocab.is_object() && !vocab.empty(), "{}: model.vocab must be a non-empty object", path);
-    size_t n = vocab.size();
-    for (const auto& a : j.value("added_tokens", json::array())) n = std::max(n, size_t(a.at("id").get<int64_t>()) + 1);
-    ATMOE_CHECK_INPUT(n <= (1u << 22), "{}: vocabulary of {} entries is too large", path, n);
-    t.id_to_token_.assign(n, std::string());
-    t.types_.assign(n, TokenType::Unused);
-    for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-      int64_t id = it.value().get<int64_t>();
-      ATMOE_CHECK_INPUT(id >= 0 && size_t(id) < n, "{}: model.vocab['{}'] = {} out of range", path, it.key(), id);
-      t.id_to_token_[size_t(id)] = it.key();
-      t.types_[size_t(id)] = TokenType::Normal;
+  const int64_t kMaxId = (int64_t(1) << 22) - 1;
+  // Normalizers rewrite the text before splitting: NFC (Qwen2's) is implemented with
+  // utf8proc; anything else would silently change the ids and is refused.
+  if (root.has("normalizer")) {
+    const JsonAt nm = root["normalizer"];
+    nm.object();
+    const std::string ty = nm["type"].str();
+    if (ty == "NFC") t.nfc_ = true;
+    else if (!(ty == "Sequence" && nm.has("normalizers") && nm["normalizers"].array().empty()))
+      nm["type"].fail("normalizer '" + ty + "' is not supported (expected null or NFC)");
+  }
+  const JsonAt m = root["model"];
+  m.object();
+  const std::string type = m.str_or("type", "BPE");
+  if (type != "BPE") m["type"].fail("'" + type + "' is not supported (expected BPE)");
+  if (m.bool_or("byte_fallback", false)) m["byte_fallback"].fail("true is not supported (byte-level BPE needs no byte fallback)");
+  t.ignore_merges_ = m.bool_or("ignore_merges", false);
+  if (m.has("dropout") && m["dropout"].number(0, 1) != 0) m["dropout"].fail("BPE dropout is not supported (expected null)");
+  if (!m.str_or("continuing_subword_prefix", "").empty()) m["continuing_subword_prefix"].fail("not supported (expected null)");
+  if (!m.str_or("end_of_word_suffix", "").empty()) m["end_of_word_suffix"].fail("not supported (expected null)");
+  const JsonAt vocab = m["vocab"];
+  if (!vocab.value().is_object() || vocab.value().empty()) vocab.fail("expected a non-empty object of token: id");
+  std::vector<std::pair<int64_t, JsonAt>> added;
+  size_t n = vocab.size();
+  if (root.has("added_tokens")) {
+    const JsonAt at = root["added_tokens"];
+    at.array();
+    for (size_t i = 0; i < at.size(); ++i) {
+      const JsonAt a = at.at(i);
+      a.object();
+      const int64_t id = a["id"].integer(0, kMaxId);
+      added.emplace_back(id, a);
+      n = std::max(n, size_t(id) + 1);
     }
-    for (const auto& a : j.value("added_tokens", json::array())) {
-      int64_t id = a.at("id").get<int64_t>();
-      ATMOE_CHECK_INPUT(id >= 0, "{}: added_tokens id {} negative", path, id);
-      t.id_to_token_[size_t(id)] = a.at("content").get<std::string>();
-      t.types_[size_t(id)] = a.value("special", false) ? TokenType::Control : TokenType::UserDefined;
+  }
+  t.id_to_token_.assign(n, std::string());
+  t.types_.assign(n, TokenType::Unused);
+  std::vector<bool> in_vocab(n, false);
+  for (auto it = vocab.value().begin(); it != vocab.value().end(); ++it) {
+    const JsonAt v(it.value(), path, vocab.child(it.key()));
+    const int64_t id = v.integer(0, int64_t(n) - 1);
+    if (in_vocab[size_t(id)])
+      v.fail(fmt::format("id {} is also the id of '{}'", id, t.id_to_token_[size_t(id)]));
+    in_vocab[size_t(id)] = true;
+    t.id_to_token_[size_t(id)] = it.key();
+    t.types_[size_t(id)] = TokenType::Normal;
+  }
+  std::unordered_map<std::string, int64_t> added_ids;
+  for (const auto& [id, a] : added) {
+    const std::string content = a["content"].str();
+    if (content.empty()) a["content"].fail("expected a non-empty string");
+    // An added token may repeat its own vocabulary entry; it may not replace another one.
+    if ((in_vocab[size_t(id)] || t.types_[size_t(id)] != TokenType::Unused) && t.id_to_token_[size_t(id)] != content)
+      a["id"].fail(fmt::format("id {} is already the token '{}', not '{}'", id, t.id_to_token_[size_t(id)], content));
+    auto [it, fresh] = added_ids.emplace(content, id);
+    if (!fresh && it->second != id) a["content"].fail(fmt::format("'{}' is already added with id {}", content, it->second));
+    for (const char* k : {"lstrip", "rstrip", "single_word"})
+      if (a.bool_or(k, false)) a[k].fail("true is not supported (expected false)");
+    a.bool_or("normalized", false);  // no normalizer runs: type-checked only
+    t.id_to_token_[size_t(id)] = content;
+    t.types_[size_t(id)] = a.bool_or("special", false) ? TokenType::Control : TokenType::UserDefined;
+  }
+  auto vocab_id = [&](const std::string& s) -> int64_t {
+    auto it = vocab.value().find(s);
+    return it == vocab.value().end() ? -1 : it->get<int64_t>();
+  };
+  if (m.has("unk_token")) {
+    const std::string u = m["unk_token"].str();
+    t.unk_ = int32_t(vocab_id(u));
+    if (t.unk_ < 0) m["unk_token"].fail("'" + u + "' is not in model.vocab");
+  }
+  // Merges: "left right" (exactly one space) or ["left", "right"]; as HF, both sides and
+  // their concatenation must be in the vocabulary. A repeated merge takes its last rank, as HF.
+  if (m.has("merges")) {
+    const JsonAt merges = m["merges"];
+    merges.array();
+    for (size_t i = 0; i < merges.size(); ++i) {
+      const JsonAt mg = merges.at(i);
+      std::string l, r;
+      if (mg.value().is_string()) {
+        const std::string s = mg.str();
+        const size_t sp = s.find(' ');
+        if (sp == std::string::npos || sp == 0 || sp + 1 == s.size() || s.find(' ', sp + 1) != std::string::npos)
+          mg.fail("expected \"left right\" (two tokens separated by one space), got " + json_describe(mg.value()));
+        l = s.substr(0, sp);
+        r = s.substr(sp + 1);
+      } else if (mg.value().is_array() && mg.size() == 2) {
+        l = mg.at(0).str();
+        r = mg.at(1).str();
+      } else {
+        mg.fail("expected \"left right\" or a list of two strings, got " + json_describe(mg.value()));
+      }
+      for (const std::string& tok : {l, r, l + r})
+        if (vocab_id(tok) < 0) mg.fail("'" + tok + "' is not in model.vocab");
+      t.merge_rank_[l + " " + r] = int32_t(i);
     }
-    const json& merges = m.value("merges", json::array());
-    int32_t rank = 0;
-    for (const auto& mg : merges) {
-      std::string key = mg.is_string() ? mg.get<std::string>() : mg.at(0).get<std::string>() + " " + mg.at(1).get<std::string>();
-      t.merge_rank_.emplace(key, rank++);
+  }
+  std::vector<std::string> res;
+  bool byte_level = false;
+  if (root.has("pre_tokenizer")) hf_pretok(root["pre_tokenizer"], res, byte_level);
+  if (!byte_level)
+    JsonAt(root.value().contains("pre_tokenizer") ? root.value()["pre_tokenizer"] : json(), path, "pre_tokenizer")
+        .fail("expected a ByteLevel pre-tokenizer (last in a Sequence): only byte-level BPE is supported");
+  t.regexes_ = res;
+  t.pre_name_ = "tokenizer.json";
+  if (root.has("decoder")) {
+    const JsonAt d = root["decoder"];
+    d.object();
+    const std::string ty = d["type"].str();
+    if (ty != "ByteLevel") d["type"].fail("'" + ty + "' is not supported (expected ByteLevel or null)");
+  }
+  // BOS from the post-processor template, if it prepends a special token.
+  std::string post_bos;
+  std::function<void(const JsonAt&)> post = [&](const JsonAt& p) {
+    p.object();
+    const std::string ty = p["type"].str();
+    if (ty == "Sequence") {
+      const JsonAt ps = p["processors"];
+      ps.array();
+      for (size_t i = 0; i < ps.size(); ++i) post(ps.at(i));
+    } else if (ty == "TemplateProcessing") {
+      const JsonAt single = p["single"];
+      single.array();
+      for (size_t i = 0; i < single.size(); ++i) {
+        const JsonAt piece = single.at(i);
+        piece.object();
+        if (piece.has("Sequence")) continue;
+        if (!piece.has("SpecialToken")) piece.fail("expected a Sequence or a SpecialToken piece");
+        if (i != 0) piece.fail("a special token after the text is not supported (only a leading BOS)");
+        post_bos = piece["SpecialToken"]["id"].str();
+        if (t.find_token_slow(post_bos) < 0) piece["SpecialToken"]["id"].fail("'" + post_bos + "' is not a token");
+      }
+    } else if (ty != "ByteLevel") {
+      p["type"].fail("'" + ty + "' is not supported (expected TemplateProcessing, ByteLevel or Sequence)");
     }
-    std::vector<std::string> res;
-    hf_pretok(j.value("pre_tokenizer", json()), path, res);
-    if (res.empty()) res.push_back(kGpt2Re);
-    t.regexes_ = res;
-    t.pre_name_ = "tokenizer.json";
-    // BOS from the post-processor template, if it prepends a special token.
-    std::function<void(const json&)> post = [&](const json& p) {
-      if (!p.is_object()) return;
-      std::string ty = p.value("type", std::string());
-      if (ty == "Sequence") {
-        for (const auto& q : p.value("processors", json::array())) post(q);
-      } else if (ty == "TemplateProcessing") {
-        const json& single = p.value("single", json::array());
-        if (!single.empty() && single[0].contains("SpecialToken")) {
-          std::string s = single[0]["SpecialToken"].at("id").get<std::string>();
-          t.add_bos_ = true;
-          t.bos_ = -2;  // resolved below
-          t.pre_name_ += "+bos:" + s;
+  };
+  if (root.has("post_processor")) post(root["post_processor"]);
+
+  std::string cfg_path = (fs::path(dir) / "tokenizer_config.json").string();
+  const json cfgj = path_exists(cfg_path, "tokenizer config") ? read_json_file(cfg_path, "tokenizer config", size_t(64) << 20)
+                                                              : json::object();
+  const JsonAt cfg(cfgj, cfg_path);
+  cfg.object();
+  auto resolve = [&](const char* key, const std::string& s) -> int32_t {
+    if (s.empty()) return -1;
+    const int32_t id = t.find_token_slow(s);
+    if (id < 0) cfg[key].fail("'" + s + "' is not a token of " + path);
+    return id;
+  };
+  const std::string bos = hf_token_field(cfg, "bos_token"), eos = hf_token_field(cfg, "eos_token");
+  t.eos_ = resolve("eos_token", eos);
+  t.bos_ = resolve("bos_token", bos);
+  if (!post_bos.empty()) {
+    t.bos_ = t.find_token_slow(post_bos);
+    t.add_bos_ = true;
+    t.pre_name_ += "+bos:" + post_bos;
+  }
+  if (cfg.has("add_bos_token")) t.add_bos_ = cfg["add_bos_token"].boolean();
+  if (t.add_bos_ && t.bos_ < 0) {
+    if (cfg.has("add_bos_token")) cfg["add_bos_token"].fail("true, but there is no bos_token");
+    t.add_bos_ = false;
+  }
+  if (cfg.bool_or("add_eos_token", false)) cfg["add_eos_token"].fail("true is not supported (expected false)");
+  if (cfg.has("chat_template")) {
+    const JsonAt ct = cfg["chat_template"];
+    if (ct.value().is_string()) {
+      t.chat_template_ = ct.str();
+    } else if (ct.value().is_array()) {
+      // HF's named templates: [{"name": "default", "template": "..."}, ...]; serve "default".
+      bool found = false;
+      for (size_t i = 0; i < ct.size(); ++i) {
+        const JsonAt e = ct.at(i);
+        if (e["name"].str() == "default") {
+          t.chat_template_ = e["template"].str();
+          found = true;
+        } else {
+          e["template"].str();
         }
       }
-    };
-    post(j.value("post_processor", json()));
-  } catch (const json::exception& e) {
-    ATMOE_INPUT_ERROR("{}: malformed tokenizer ({})", path, e.what());
+      if (!found) ct.fail("a list of named templates without one named \"default\"");
+    } else {
+      ct.fail("expected a string or a list of {\"name\", \"template\"}, got " + json_describe(ct.value()));
+    }
   }
-  std::string cfg_path = (fs::path(dir) / "tokenizer_config.json").string();
-  json cfg = path_exists(cfg_path, "tokenizer config") ? read_json_file(cfg_path, "tokenizer config", size_t(64) << 20) : json::object();
-  ATMOE_CHECK_INPUT(cfg.is_object(), "{}: expected a JSON object", cfg_path);
-  auto tok_field = [&](const char* k) -> std::string {
-    if (!cfg.contains(k)) return {};
-    const json& v = cfg[k];
-    if (v.is_string()) return v.get<std::string>();
-    if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
-    return {};
-  };
-  Tokenizer* tp = &t;
-  auto lookup = [&](const std::string& s) {
-    for (size_t i = 0; i < tp->id_to_token_.size(); ++i)
-      if (tp->id_to_token_[i] == s) return int32_t(i);
-    return int32_t(-1);
-  };
-  std::string bos = tok_field("bos_token"), eos = tok_field("eos_token");
-  size_t plus = t.pre_name_.find("+bos:");
-  if (plus != std::string::npos) bos = t.pre_name_.substr(plus + 5);
-  t.bos_ = bos.empty() ? -1 : lookup(bos);
-  if (t.bos_ < 0) t.add_bos_ = false;
-  t.eos_ = eos.empty() ? -1 : lookup(eos);
-  if (cfg.contains("chat_template") && cfg["chat_template"].is_string()) t.chat_template_ = cfg["chat_template"].get<std::string>();
-  if (cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean()) t.add_bos_ = cfg["add_bos_token"].get<bool>() && t.bos_ >= 0;
-  t.finalize(path);
+  t.finalize(path, "model.vocab");
   return t;
+}
+
+int32_t Tokenizer::find_token_slow(const std::string& s) const {
+  for (size_t i = 0; i < id_to_token_.size(); ++i)
+    if (types_[i] != TokenType::Unused && id_to_token_[i] == s) return int32_t(i);
+  return -1;
 }
 
 int32_t Tokenizer::find_token(const std::string& text) const {
@@ -277,6 +452,13 @@ void Tokenizer::bpe(const std::string& word, std::vector<int32_t>& out) const {
     bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
   };
   ATMOE_CHECK_INPUT(word.size() < (size_t(1) << 31), "tokenizer: a pre-token of {} bytes is too long", word.size());
+  if (ignore_merges_) {
+    auto it = token_to_id_.find(word);
+    if (it != token_to_id_.end() && types_[size_t(it->second)] == TokenType::Normal) {
+      out.push_back(it->second);
+      return;
+    }
+  }
   std::vector<Sym> sym;
   for (size_t i = 0; i < word.size();) {
     size_t n = 1;
@@ -331,7 +513,20 @@ void Tokenizer::bpe(const std::string& word, std::vector<int32_t>& out) const {
   }
 }
 
-void Tokenizer::pretokenize_and_bpe(const std::string& span, std::vector<int32_t>& out) const {
+void Tokenizer::pretokenize_and_bpe(const std::string& raw, std::vector<int32_t>& out) const {
+  // NFC first (HF normalizes the text outside added tokens); ASCII is already NFC, and
+  // invalid UTF-8 (which no HF string can hold) is left as it is.
+  std::string normalized;
+  if (nfc_ && std::any_of(raw.begin(), raw.end(), [](char c) { return uint8_t(c) >= 0x80; })) {
+    utf8proc_uint8_t* n = utf8proc_NFC(reinterpret_cast<const utf8proc_uint8_t*>(raw.c_str()));
+    if (n) {
+      normalized.assign(reinterpret_cast<const char*>(n));
+      std::free(n);
+    } else {
+      normalized = raw;
+    }
+  }
+  const std::string& span = normalized.empty() ? raw : normalized;
   // Apply each regex in turn to every piece; matched and unmatched parts both stay pieces.
   std::vector<std::string> pieces{span};
   for (const auto& c : compiled_) {

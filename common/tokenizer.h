@@ -49,9 +49,10 @@ class Tokenizer {
 
  private:
   Tokenizer();
-  void finalize(const std::string& src);
+  void finalize(const std::string& src, const char* vocab_field);
   void bpe(const std::string& word, std::vector<int32_t>& out) const;
   void pretokenize_and_bpe(const std::string& span, std::vector<int32_t>& out) const;
+  int32_t find_token_slow(const std::string& s) const;  // before finalize(): a linear scan
 
   std::vector<std::string> id_to_token_;
   std::vector<TokenType> types_;
@@ -64,6 +65,8 @@ class Tokenizer {
   std::string pre_name_, chat_template_;
   int32_t bos_ = -1, eos_ = -1, unk_ = -1;
   bool add_bos_ = false;
+  bool nfc_ = false;            // tokenizer.json normalizer NFC (Qwen2): applied outside added tokens
+  bool ignore_merges_ = false;  // a pre-token that is itself a (normal) token is emitted whole (HF, llama.cpp llama3)
   size_t max_token_bytes_ = 1;
   std::vector<int32_t> eog_;
 };

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -85,8 +86,10 @@ struct ModelLoader {
     std::map<std::string, int> counts;
     for (const auto& t : f.tensors()) counts[ggml_type_name(t.type)]++;
     for (auto& [k, v] : counts) m.info_.source_dtypes.push_back(fmt::format("{} x{}", k, v));
+    std::set<std::string> used;
     auto get = [&](const std::string& name, std::vector<int64_t> want) {
       ATMOE_CHECK_INPUT(f.tensor(name), "{}: tensor '{}' not found", path, name);
+      used.insert(name);
       Tensor t = f.load_f32(name);
       expect_shape(t, want, path, name);
       if (check) check_finite(t, path, name);
@@ -118,8 +121,19 @@ struct ModelLoader {
     // llama3-style rope scaling arrives as per-pair frequency divisors.
     if (f.tensor("rope_freqs.weight")) {
       Tensor rf = get("rope_freqs.weight", {int64_t(c.head_dim / 2)});
-      for (int i = 0; i < c.head_dim / 2; ++i) m.inv_freq_[size_t(i)] /= rf.data<float>()[i];
+      for (int i = 0; i < c.head_dim / 2; ++i) {
+        const float v = rf.data<float>()[i];
+        ATMOE_CHECK_INPUT(std::isfinite(v) && v > 0, "{}: tensor 'rope_freqs.weight'[{}] = {}: expected a finite number > 0",
+                          path, i, v);
+        m.inv_freq_[size_t(i)] /= v;
+      }
     }
+    // A tensor the model does not use (a bias, an extra layer, another architecture's
+    // weight) means the file is not what the config says: refuse rather than ignore it.
+    for (const auto& t : f.tensors())
+      ATMOE_CHECK_INPUT(used.count(t.name), "{}: tensor '{}' is not used by a {} model of {} layers{} (unsupported or "
+                        "inconsistent with the metadata)", path, t.name, c.arch, c.n_layers,
+                        c.qkv_bias ? " with q/k/v biases" : "");
   }
 
   static void load_hf(Model& m, const std::string& dir, DType dt, bool check) {
@@ -134,6 +148,7 @@ struct ModelLoader {
     std::string single = (fs::path(dir) / "model.safetensors").string();
     std::string index = (fs::path(dir) / "model.safetensors.index.json").string();
     std::vector<std::string> shard_names;
+    std::map<std::string, std::string> index_map, shard_of;  // tensor -> shard: from the index, and found
     if (path_exists(single, "model weights")) {
       shard_names.push_back("model.safetensors");
     } else {
@@ -141,21 +156,39 @@ struct ModelLoader {
       const nlohmann::json j = read_json_file(index, "model index", size_t(64) << 20);
       const JsonAt wm = JsonAt(j, index)["weight_map"];
       std::set<std::string> s;
-      for (auto it = wm.object().begin(); it != j["weight_map"].end(); ++it) s.insert(wm[it.key()].str());
+      for (auto it = wm.object().begin(); it != wm.object().end(); ++it) {
+        const std::string sn = wm[it.key()].str();
+        s.insert(sn);
+        index_map[it.key()] = sn;
+      }
       shard_names.assign(s.begin(), s.end());
     }
     for (const auto& sn : shard_names) {
       ATMOE_CHECK_INPUT(sn.find('/') == std::string::npos && sn.find("..") == std::string::npos,
                         "{}: shard name '{}' must be a file in the model directory", index, sn);
       files.push_back(std::make_unique<SafetensorsFile>((fs::path(dir) / sn).string()));
-      for (const auto& n : files.back()->names()) where[n] = files.back().get();
+      for (const auto& n : files.back()->names()) {
+        auto [it, fresh] = where.emplace(n, files.back().get());
+        ATMOE_CHECK_INPUT(fresh, "{}: tensor '{}' is in two shards, {} and {}", index, n, it->second->path(), sn);
+        shard_of[n] = sn;
+      }
     }
+    // The index and the shards agree: each listed tensor is in the shard it names, and
+    // every tensor of a shard is listed.
+    for (const auto& [n, sn] : index_map)
+      ATMOE_CHECK_INPUT(shard_of.count(n) && shard_of[n] == sn, "{}: weight_map.{}: shard {} has no such tensor{}", index,
+                        n, sn, shard_of.count(n) ? " (it is in " + shard_of[n] + ")" : std::string());
+    if (!index_map.empty())
+      for (const auto& [n, sn] : shard_of)
+        ATMOE_CHECK_INPUT(index_map.count(n), "{}: weight_map: tensor '{}' of shard {} is not listed", index, n, sn);
     std::map<std::string, int> counts;
     for (auto& [n, sf] : where) counts[dtype_name(sf->entry(n).dtype)]++;
     for (auto& [k, v] : counts) m.info_.source_dtypes.push_back(fmt::format("{} x{}", k, v));
+    std::set<std::string> used;
     auto get = [&](const std::string& name, std::vector<int64_t> want) {
       auto it = where.find(name);
       ATMOE_CHECK_INPUT(it != where.end(), "{}: tensor '{}' not found", dir, name);
+      used.insert(name);
       Tensor t = it->second->get(name);
       ATMOE_CHECK_INPUT(t.dtype() == DType::F32 || t.dtype() == DType::F16 || t.dtype() == DType::BF16,
                         "{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", it->second->path(), name, dtype_name(t.dtype()));
@@ -188,6 +221,17 @@ struct ModelLoader {
     }
     m.info_.format = "hf";
     finish(m);
+    // A tensor the model does not use (a bias, an extra layer, another architecture's
+    // weight) means the checkpoint is not what config.json says: refuse rather than ignore
+    // it. Rotary inverse-frequency buffers (recomputed from the config) are the exception.
+    for (const auto& [n, sf] : where) {
+      if (used.count(n)) continue;
+      static const std::string kInvFreq = "rotary_emb.inv_freq";
+      const bool inv_freq = n.size() >= kInvFreq.size() && n.compare(n.size() - kInvFreq.size(), kInvFreq.size(), kInvFreq) == 0;
+      ATMOE_CHECK_INPUT(inv_freq, "{}: tensor '{}' is not used by a {} model of {} layers{} (unsupported, or "
+                        "inconsistent with config.json)", sf->path(), n, c.arch, c.n_layers,
+                        c.qkv_bias ? " with q/k/v biases" : " without q/k/v biases");
+    }
   }
 };
 

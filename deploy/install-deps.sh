@@ -6,7 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 PKGS=(build-essential cmake pkg-config git python3 python3-pip unzip
       libopenmpi-dev openmpi-bin libboost-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
-      libopenblas-dev libcli11-dev libpcre2-dev libgtest-dev libgmock-dev libbenchmark-dev
+      libopenblas-dev libcli11-dev libpcre2-dev libutf8proc-dev libgtest-dev libgmock-dev libbenchmark-dev
       clang libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,15 +1,23 @@
 // safetensors, GGUF and config.json readers: correct values on good files, and on
 // every truncation and on lying fields an InputError (never a crash, never a read
 // outside the buffer: this suite also runs under ASan/UBSan in CI).
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+
+#include <nlohmann/json.hpp>
 
 #include "common/dtype.h"
 #include "common/error.h"
 #include "common/gguf.h"
 #include "common/model_config.h"
 #include "common/safetensors.h"
+#include "common/tokenizer.h"
+#include "common/utf8.h"
+#include "coordinator/model.h"
+#include "coordinator/synth_model.h"
 #include "tests/unit/check.h"
 #include "tests/unit/gguf_writer.h"
 
@@ -194,6 +202,268 @@ TEST(Gguf, EveryTruncationAndLieIsAnInputError) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("Q6_K"), std::string::npos) << e.what();
   }
+}
+
+// The InputError text of f() ("" when it does not throw); one line, naming what was asked.
+std::string input_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "";
+}
+#define EXPECT_REFUSED(expr, ...)                                                                \
+  do {                                                                                           \
+    const std::string err_ = input_error([&] { (void)(expr); });                                 \
+    EXPECT_FALSE(err_.empty()) << "accepted: " #expr;                                            \
+    for (const char* want_ : {__VA_ARGS__}) EXPECT_NE(err_.find(want_), std::string::npos) << err_; \
+    EXPECT_EQ(err_.find('\n'), std::string::npos) << err_;                                       \
+  } while (0)
+
+// A tiny llama GGUF (metadata only; head_dim 16) with every standard key except those in
+// `skip`, so that a test can add its own value for one of them.
+GgufBuilder llama_gguf(std::initializer_list<const char*> skip = {}) {
+  GgufBuilder g;
+  auto want = [&](const char* k) {
+    for (const char* s : skip)
+      if (std::string(s) == k) return false;
+    return true;
+  };
+  g.kv_str("general.architecture", "llama");
+  const std::pair<const char*, uint32_t> ints[] = {
+      {"llama.block_count", 2},       {"llama.context_length", 512},        {"llama.embedding_length", 64},
+      {"llama.feed_forward_length", 96}, {"llama.attention.head_count", 4}, {"llama.attention.head_count_kv", 2},
+      {"llama.vocab_size", 256}};
+  for (const auto& [k, v] : ints)
+    if (want(k)) g.kv_u32(k, v);
+  if (want("llama.rope.freq_base")) g.kv_f32("llama.rope.freq_base", 10000.f);
+  if (want("llama.attention.layer_norm_rms_epsilon")) g.kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+  return g;
+}
+
+ModelConfig gguf_config(const GgufBuilder& g) {
+  auto img = g.build();
+  GgufFile f(img.data(), img.size(), "m.gguf");
+  return config_from_gguf(f);
+}
+
+TEST(Gguf, IntegerKeysAreRangeCheckedNotClamped) {
+  EXPECT_EQ(gguf_config(llama_gguf()).max_position, 512);
+  auto g = llama_gguf({"llama.context_length"});
+  g.kv_u32("llama.context_length", 0xffffffffu);  // was clamped to 2^30
+  EXPECT_REFUSED(gguf_config(g), "m.gguf", "llama.context_length", "4294967295", "1..1073741824");
+  auto h = llama_gguf({"llama.block_count"});
+  h.kv_u32("llama.block_count", 5000);
+  EXPECT_REFUSED(gguf_config(h), "llama.block_count", "1..1024");
+}
+
+TEST(Gguf, DuplicateKeysAreRefused) {
+  auto g = llama_gguf();
+  g.kv_u32("llama.block_count", 3);
+  EXPECT_REFUSED(gguf_config(g), "m.gguf", "llama.block_count", "twice");
+}
+
+TEST(Gguf, RopeAndEpsilonMustBeFinitePositive) {
+  for (const char* k : {"llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"}) {
+    for (float bad : {NAN, 0.f, -1.f}) {
+      auto g = llama_gguf({k});
+      g.kv_f32(k, bad);
+      EXPECT_REFUSED(gguf_config(g), k, "finite number > 0");
+    }
+  }
+  auto g = llama_gguf();
+  g.kv_str("llama.rope.scaling.type", "linear");
+  g.kv_f32("llama.rope.scaling.factor", NAN);
+  EXPECT_REFUSED(gguf_config(g), "llama.rope.scaling.factor");
+  auto ok = llama_gguf();
+  ok.kv_str("llama.rope.scaling.type", "linear");
+  ok.kv_f32("llama.rope.scaling.factor", 4.f);
+  EXPECT_EQ(gguf_config(ok).rope_scaling.factor, 4.0);
+}
+
+TEST(Gguf, RopeDimensionCountMustEqualHeadDim) {
+  auto ok = llama_gguf();
+  ok.kv_u32("llama.rope.dimension_count", 16);
+  EXPECT_EQ(gguf_config(ok).head_dim, 16);
+  auto g = llama_gguf();
+  g.kv_u32("llama.rope.dimension_count", 8);  // partial rotary: not what we compute
+  EXPECT_REFUSED(gguf_config(g), "llama.rope.dimension_count", "16");
+}
+
+TEST(Gguf, MisalignedTensorOffsetIsRefused) {
+  GgufBuilder g;
+  g.tensor("a", {8}, 0, std::vector<uint8_t>(32, 0));
+  g.tensor("b", {8}, 0, std::vector<uint8_t>(32, 0));
+  auto img = g.build();
+  EXPECT_NO_THROW(GgufFile(img.data(), img.size(), "ok"));
+  // Tensor infos: name "b" (u64 len + 1 byte) | n_dims u32 | ne u64 | type u32 | offset u64.
+  const uint8_t name_b[] = {1, 0, 0, 0, 0, 0, 0, 0, 'b'};
+  auto it = std::search(img.begin(), img.end(), std::begin(name_b), std::end(name_b));
+  ASSERT_NE(it, img.end());
+  const size_t off_at = size_t(it - img.begin()) + 9 + 4 + 8 + 4;
+  uint64_t off;
+  std::memcpy(&off, &img[off_at], 8);
+  ASSERT_EQ(off, 32u);
+  off = 4;  // inside the data section, but not on general.alignment
+  std::memcpy(&img[off_at], &off, 8);
+  EXPECT_REFUSED(GgufFile(img.data(), img.size(), "mis.gguf"), "mis.gguf", "'b'", "general.alignment");
+}
+
+// GPT-2 byte-to-unicode alphabet: the 256 single-byte tokens of a byte-level vocabulary.
+std::vector<std::string> byte_tokens() {
+  std::vector<std::string> t(256);
+  int n = 0;
+  for (int b = 0; b < 256; ++b) {
+    const bool keep = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+    utf8_append(t[size_t(b)], keep ? uint32_t(b) : uint32_t(256 + n++));
+  }
+  return t;
+}
+
+GgufBuilder tokenizer_gguf() {
+  GgufBuilder g;
+  auto toks = byte_tokens();
+  toks.push_back("<|end|>");
+  g.kv_str("tokenizer.ggml.model", "gpt2");
+  g.kv_str_arr("tokenizer.ggml.tokens", toks);
+  std::vector<int32_t> types(256, 1);
+  types.push_back(3);
+  g.kv_i32_arr("tokenizer.ggml.token_type", types);
+  g.kv_str_arr("tokenizer.ggml.merges", {});
+  return g;
+}
+
+Tokenizer gguf_tokenizer(const GgufBuilder& g) {
+  auto img = g.build();
+  GgufFile f(img.data(), img.size(), "tok.gguf");
+  return Tokenizer::from_gguf(f);
+}
+
+TEST(Gguf, TokenizerIdsOutsideTheVocabularyAreRefused) {
+  auto ok = tokenizer_gguf();
+  ok.kv_u32("tokenizer.ggml.eot_token_id", 256);
+  EXPECT_TRUE(gguf_tokenizer(ok).is_eog(256));
+  for (const char* k : {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                        "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"}) {
+    auto g = tokenizer_gguf();
+    g.kv_u32(k, 257);
+    EXPECT_REFUSED(gguf_tokenizer(g), "tok.gguf", k, "0..256");
+  }
+  GgufBuilder bad;  // a merge naming tokens absent from the vocabulary
+  bad.kv_str("tokenizer.ggml.model", "gpt2");
+  bad.kv_str_arr("tokenizer.ggml.tokens", byte_tokens());
+  bad.kv_str_arr("tokenizer.ggml.merges", {"a b"});  // "ab" is not a token
+  EXPECT_REFUSED(gguf_tokenizer(bad), "tokenizer.ggml.merges[0]", "'ab'");
+}
+
+// ---- config.json
+
+std::string write_config(const std::string& name, const nlohmann::json& extra, const std::string& arch = "llama") {
+  nlohmann::json c = {{"model_type", arch},         {"hidden_size", 64},  {"intermediate_size", 128},
+                      {"num_hidden_layers", 2},     {"num_attention_heads", 4}, {"vocab_size", 100},
+                      {"max_position_embeddings", 4096}};
+  c.update(extra);
+  const std::string p = tmpdir() + "/" + name + ".json";
+  std::ofstream(p) << c.dump();
+  return p;
+}
+
+TEST(Config, RefusesWhatTheModelDoesNotImplement) {
+  using J = nlohmann::json;
+  EXPECT_NO_THROW(config_from_hf_json(write_config("act_ok", {{"hidden_act", "silu"}, {"mlp_bias", false}})));
+  EXPECT_REFUSED(config_from_hf_json(write_config("act", {{"hidden_act", "gelu"}})), "act.json", "hidden_act", "gelu");
+  EXPECT_REFUSED(config_from_hf_json(write_config("act5", {{"hidden_act", 5}})), "hidden_act", "string");
+  EXPECT_REFUSED(config_from_hf_json(write_config("mlpb", {{"mlp_bias", true}})), "mlp_bias");
+  EXPECT_REFUSED(config_from_hf_json(write_config("rs_str", {{"rope_scaling", "linear"}})), "rope_scaling", "object");
+  const J l3 = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                {"original_max_position_embeddings", 8192}};
+  EXPECT_NO_THROW(config_from_hf_json(write_config("l3", {{"rope_scaling", l3}})));
+  for (const char* k : {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}) {
+    J r = l3;
+    r.erase(k);
+    const std::string field = std::string("rope_scaling.") + k;
+    EXPECT_REFUSED(config_from_hf_json(write_config("l3_missing", {{"rope_scaling", r}})), field.c_str(), "missing");
+  }
+  J z = l3;
+  z["factor"] = 0;
+  EXPECT_REFUSED(config_from_hf_json(write_config("l3_zero", {{"rope_scaling", z}})), "rope_scaling.factor");
+}
+
+TEST(Config, SlidingWindowFollowsTheArchitecture) {
+  // Qwen2 uses its window only with use_sliding_window: true (HF's default is false);
+  // Mistral unless it is false; Llama never.
+  EXPECT_EQ(config_from_hf_json(write_config("q0", {{"sliding_window", 512}}, "qwen2")).max_position, 4096);
+  EXPECT_EQ(config_from_hf_json(write_config("q1", {{"sliding_window", 512}, {"use_sliding_window", true}}, "qwen2")).max_position, 512);
+  EXPECT_EQ(config_from_hf_json(write_config("m0", {{"sliding_window", 512}}, "mistral")).max_position, 512);
+  EXPECT_EQ(config_from_hf_json(write_config("m1", {{"sliding_window", 512}, {"use_sliding_window", false}}, "mistral")).max_position, 4096);
+  EXPECT_EQ(config_from_hf_json(write_config("m2", {{"sliding_window", nullptr}}, "mistral")).max_position, 4096);
+  EXPECT_EQ(config_from_hf_json(write_config("l0", {{"sliding_window", 512}})).max_position, 4096);
+  EXPECT_REFUSED(config_from_hf_json(write_config("sw_str", {{"sliding_window", "x"}}, "mistral")), "sliding_window");
+  EXPECT_REFUSED(config_from_hf_json(write_config("sw_0", {{"sliding_window", 0}}, "mistral")), "sliding_window");
+  EXPECT_REFUSED(config_from_hf_json(write_config("usw", {{"use_sliding_window", "yes"}}, "qwen2")), "use_sliding_window");
+}
+
+// A synth HF model whose tensors are rewritten by `edit` into the given shard files
+// (name -> shard; "" = a single model.safetensors) plus an optional index.
+std::string synth_with_tensors(const std::string& name,
+                               const std::function<std::string(const std::string&)>& shard_of,
+                               const std::vector<std::pair<std::string, std::string>>& extra_in_shard,
+                               const nlohmann::json& index) {
+  const std::string d = tmpdir() + "/" + name;
+  fs::remove_all(d);
+  SynthModelOptions o;
+  o.out = d;
+  o.seed = 5;
+  synth_model(o);
+  std::map<std::string, Tensor> ts;
+  {
+    SafetensorsFile st(d + "/model.safetensors");
+    for (const auto& n : st.names()) ts.emplace(n, st.get(n).to(DType::F32));
+  }
+  const Tensor& any = ts.begin()->second;
+  std::map<std::string, std::vector<SafetensorsWriteItem>> shards;
+  for (const auto& [n, t] : ts) shards[shard_of(n)].push_back({n, DType::F32, t.shape(), t.data<float>()});
+  for (const auto& [n, sh] : extra_in_shard) shards[sh].push_back({n, DType::F32, any.shape(), any.data<float>()});
+  fs::remove(d + "/model.safetensors");
+  for (const auto& [sh, items] : shards) write_safetensors(d + "/" + (sh.empty() ? "model.safetensors" : sh), items);
+  if (!index.is_null()) std::ofstream(d + "/model.safetensors.index.json") << index.dump();
+  return d;
+}
+
+TEST(Config, EveryCheckpointTensorIsUsed) {
+  auto single = [](const std::string&) { return std::string(); };
+  EXPECT_NO_THROW(Model::load(synth_with_tensors("inv", single, {{"model.layers.0.self_attn.rotary_emb.inv_freq", ""}}, nullptr),
+                              DType::F32));
+  EXPECT_REFUSED(Model::load(synth_with_tensors("foo", single, {{"foo.bar", ""}}, nullptr), DType::F32), "model.safetensors",
+                 "'foo.bar'", "not used");
+  EXPECT_REFUSED(Model::load(synth_with_tensors("l9", single, {{"model.layers.9.mlp.up_proj.weight", ""}}, nullptr), DType::F32),
+                 "'model.layers.9.mlp.up_proj.weight'");
+  EXPECT_REFUSED(Model::load(synth_with_tensors("qb", single, {{"model.layers.0.self_attn.q_proj.bias", ""}}, nullptr), DType::F32),
+                 "'model.layers.0.self_attn.q_proj.bias'");
+}
+
+TEST(Config, ShardIndexMustMatchTheShards) {
+  auto two = [](const std::string& n) { return std::string(n < "model.layers.1" ? "a.safetensors" : "b.safetensors"); };
+  auto index_of = [&](const std::string& name) {
+    nlohmann::json wm = nlohmann::json::object();
+    SynthModelOptions o;
+    o.out = tmpdir() + "/" + name + "_names";
+    o.seed = 5;
+    synth_model(o);
+    SafetensorsFile st(o.out + "/model.safetensors");
+    for (const auto& n : st.names()) wm[n] = two(n);
+    return nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", wm}};
+  };
+  const auto idx = index_of("idx");
+  EXPECT_NO_THROW(Model::load(synth_with_tensors("sh_ok", two, {}, idx), DType::F32));
+  // model.norm.weight also in shard a (the index says b).
+  EXPECT_REFUSED(Model::load(synth_with_tensors("sh_dup", two, {{"model.norm.weight", "a.safetensors"}}, idx), DType::F32),
+                 "model.safetensors.index.json", "model.norm.weight", "two shards");
+  // The index points model.norm.weight at shard a, which lacks it.
+  auto wrong = idx;
+  wrong["weight_map"]["model.norm.weight"] = "a.safetensors";
+  EXPECT_REFUSED(Model::load(synth_with_tensors("sh_wrong", two, {}, wrong), DType::F32), "weight_map.model.norm.weight");
 }
 
 TEST(Config, HfConfigFieldsAndErrors) {

@@ -3,6 +3,7 @@
 // cuts a UTF-8 sequence. (Parity of ids with llama.cpp on the real model: test_parity.)
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 
 #include <nlohmann/json.hpp>
@@ -136,6 +137,151 @@ TEST(Tokenizer, ChatTemplates) {
   EXPECT_EQ(chat_default_system("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are X<|im_end|>\n' }}"),
             "You are X");
   EXPECT_THROW(detect_chat_format("", "m"), InputError);
+}
+
+// ---- Bad tokenizer files: each is refused with one InputError naming the file and field.
+
+// A copy of the synth tokenizer with tokenizer.json / tokenizer_config.json edited by `edit`.
+std::string edited_tok_dir(const std::string& name, const std::function<void(nlohmann::json&)>& edit,
+                           const std::function<void(nlohmann::json&)>& edit_cfg = nullptr) {
+  const std::string d = tok_dir() + "_" + name;
+  fs::create_directories(d);
+  auto tj = nlohmann::json::parse(std::ifstream(tok_dir() + "/tokenizer.json"));
+  auto tc = nlohmann::json::parse(std::ifstream(tok_dir() + "/tokenizer_config.json"));
+  if (edit) edit(tj);
+  if (edit_cfg) edit_cfg(tc);
+  std::ofstream(d + "/tokenizer.json") << tj.dump();
+  std::ofstream(d + "/tokenizer_config.json") << tc.dump();
+  return d;
+}
+
+// The InputError text of loading `dir` ("" when it loads).
+std::string load_error(const std::string& dir) {
+  try {
+    Tokenizer::from_hf_dir(dir);
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+#define EXPECT_REFUSED(dir, ...)                                                              \
+  do {                                                                                        \
+    const std::string err_ = load_error(dir);                                                 \
+    EXPECT_FALSE(err_.empty()) << "accepted: " << (dir);                                      \
+    for (const char* want_ : {__VA_ARGS__}) EXPECT_NE(err_.find(want_), std::string::npos) << err_; \
+    EXPECT_EQ(err_.find('\n'), std::string::npos) << err_;                                    \
+  } while (0)
+
+TEST(Tokenizer, RefusesOptionsThatWouldChangeTheIds) {
+  using J = nlohmann::json;
+  EXPECT_REFUSED(edited_tok_dir("lower", [](J& t) { t["normalizer"] = {{"type", "Lowercase"}}; }), "tokenizer.json",
+                 "normalizer", "Lowercase");
+  EXPECT_REFUSED(edited_tok_dir("nfd", [](J& t) { t["normalizer"] = {{"type", "NFD"}}; }), "normalizer", "NFD");
+  EXPECT_REFUSED(edited_tok_dir("aps", [](J& t) { t["pre_tokenizer"]["add_prefix_space"] = true; }),
+                 "pre_tokenizer.add_prefix_space", "not supported");
+  EXPECT_REFUSED(edited_tok_dir("aps_str", [](J& t) { t["pre_tokenizer"]["add_prefix_space"] = "yes"; }),
+                 "pre_tokenizer.add_prefix_space", "true or false");
+  EXPECT_REFUSED(edited_tok_dir("no_bl", [](J& t) { t["pre_tokenizer"] = nullptr; }), "pre_tokenizer", "ByteLevel");
+  EXPECT_REFUSED(edited_tok_dir("bf", [](J& t) { t["model"]["byte_fallback"] = true; }), "model.byte_fallback");
+  EXPECT_REFUSED(edited_tok_dir("dec", [](J& t) { t["decoder"] = {{"type", "Metaspace"}}; }), "decoder.type", "Metaspace");
+  EXPECT_REFUSED(edited_tok_dir("split", [](J& t) {
+                   t["pre_tokenizer"] = {{"type", "Sequence"},
+                                         {"pretokenizers",
+                                          {{{"type", "Split"}, {"pattern", {{"Regex", "\\s+"}}}, {"behavior", "Removed"}},
+                                           {{"type", "ByteLevel"}, {"use_regex", false}}}}};
+                 }),
+                 "pre_tokenizer.pretokenizers[0].behavior", "Removed");
+  // A type error names the field instead of surfacing the JSON library's text.
+  EXPECT_REFUSED(edited_tok_dir("vid", [](J& t) { t["model"]["vocab"]["a"] = "97"; }), "model.vocab.a", "integer");
+  EXPECT_REFUSED(edited_tok_dir("vdup", [](J& t) { t["model"]["vocab"]["a"] = t["model"]["vocab"]["b"]; }), "model.vocab");
+}
+
+TEST(Tokenizer, RefusesBadMerges) {
+  using J = nlohmann::json;
+  EXPECT_REFUSED(edited_tok_dir("m_str", [](J& t) { t["model"]["merges"] = "a b"; }), "model.merges", "expected a list");
+  EXPECT_REFUSED(edited_tok_dir("m_3", [](J& t) { t["model"]["merges"].push_back("a b c"); }), "model.merges[", "one space");
+  EXPECT_REFUSED(edited_tok_dir("m_1", [](J& t) { t["model"]["merges"].push_back("ab"); }), "model.merges[");
+  EXPECT_REFUSED(edited_tok_dir("m_l3", [](J& t) { t["model"]["merges"] = J::array({J::array({"a", "b", "c"})}); }),
+                 "model.merges[0]");
+  EXPECT_REFUSED(edited_tok_dir("m_unk", [](J& t) { t["model"]["merges"].push_back("zzzqq yyyxx"); }), "model.merges[",
+                 "'zzzqq' is not in model.vocab");
+  EXPECT_REFUSED(edited_tok_dir("m_res", [](J& t) { t["model"]["merges"].push_back("q q"); }), "'qq' is not in model.vocab");
+  // The list form ["left", "right"] is the same tokenizer.
+  const Tokenizer pairs = Tokenizer::from_hf_dir(edited_tok_dir("m_pairs", [](J& t) {
+    J m = J::array();
+    for (const auto& x : t["model"]["merges"]) {
+      const std::string s = x.get<std::string>();
+      m.push_back({s.substr(0, s.find(' ')), s.substr(s.find(' ') + 1)});
+    }
+    t["model"]["merges"] = m;
+  }));
+  EXPECT_EQ(pairs.encode(" the quick brown fox", false), tok().encode(" the quick brown fox", false));
+}
+
+TEST(Tokenizer, RefusesBadVocabularyAndAddedTokens) {
+  using J = nlohmann::json;
+  // No token for byte 0x00 (U+0100 in the byte alphabet) and no unk token: that byte would vanish.
+  EXPECT_REFUSED(edited_tok_dir("nobyte", [](J& t) { t["model"]["vocab"].erase("\xc4\x80"); }), "model.vocab",
+                 "byte 0x00");
+  EXPECT_REFUSED(edited_tok_dir("a_clash", [](J& t) { t["added_tokens"][0]["id"] = 97; t["added_tokens"][0]["content"] = "<x>"; }),
+                 "added_tokens[0].id", "97");
+  EXPECT_REFUSED(edited_tok_dir("a_obj", [](J& t) { t["added_tokens"] = J::object(); }), "added_tokens", "expected a list");
+  EXPECT_REFUSED(edited_tok_dir("a_neg", [](J& t) { t["added_tokens"][0]["id"] = -4; }), "added_tokens[0].id", "0..");
+  EXPECT_REFUSED(edited_tok_dir("a_sp", [](J& t) { t["added_tokens"][0]["special"] = "yes"; }), "added_tokens[0].special");
+  EXPECT_REFUSED(edited_tok_dir("unk", [](J& t) { t["model"]["unk_token"] = "<nope>"; }), "model.unk_token");
+}
+
+TEST(Tokenizer, NfcNormalizerComposesBeforeSplitting) {
+  // Qwen2's tokenizer.json normalizes to NFC: "e" + U+0301 must encode as "é" does; without
+  // the normalizer the two differ.
+  const Tokenizer nfc = Tokenizer::from_hf_dir(edited_tok_dir("nfc", [](nlohmann::json& t) { t["normalizer"] = {{"type", "NFC"}}; }));
+  const std::string decomposed = "caf\x65\xcc\x81 A\xcc\x8a", composed = "caf\xc3\xa9 \xc3\x85";
+  EXPECT_EQ(nfc.encode(decomposed, false), nfc.encode(composed, false));
+  EXPECT_EQ(nfc.decode(nfc.encode(decomposed, false)), composed);
+  EXPECT_NE(tok().encode(decomposed, false), tok().encode(composed, false));
+  // Special tokens are matched on the raw text; invalid UTF-8 passes through unchanged.
+  EXPECT_EQ(nfc.encode("<|im_start|>", false, true).size(), 1u);
+  const std::string bad = "a\xff\xfe" "b";
+  EXPECT_EQ(nfc.decode(nfc.encode(bad, false)), bad);
+}
+
+TEST(Tokenizer, IgnoreMergesEmitsAWholeVocabularyWord) {
+  using J = nlohmann::json;
+  // "zqx" is a token of its own but no merge builds it: HF's ignore_merges takes it whole.
+  const int32_t id = tok().vocab_size();  // a new id past the vocabulary and the added tokens
+  auto add = [&](J& t) { t["model"]["vocab"]["zqx"] = id; };
+  const Tokenizer plain = Tokenizer::from_hf_dir(edited_tok_dir("im0", add));
+  const Tokenizer whole = Tokenizer::from_hf_dir(edited_tok_dir("im1", [&](J& t) {
+    add(t);
+    t["model"]["ignore_merges"] = true;
+  }));
+  EXPECT_GT(plain.encode("zqx", false).size(), 1u);
+  EXPECT_EQ(whole.encode("zqx", false), std::vector<int32_t>{id});
+  EXPECT_EQ(whole.encode(" the", false), tok().encode(" the", false));
+}
+
+TEST(Tokenizer, RefusesBadTokenizerConfig) {
+  using J = nlohmann::json;
+  EXPECT_REFUSED(edited_tok_dir("eos_nope", nullptr, [](J& c) { c["eos_token"] = "<nope>"; }), "tokenizer_config.json",
+                 "eos_token", "<nope>");
+  for (const J& bad : {J(5), J::array({1}), J::object()})
+    EXPECT_REFUSED(edited_tok_dir("eos_t", nullptr, [&](J& c) { c["eos_token"] = bad; }), "eos_token");
+  EXPECT_REFUSED(edited_tok_dir("bos_nope", nullptr, [](J& c) { c["bos_token"] = "<nope>"; }), "bos_token");
+  EXPECT_REFUSED(edited_tok_dir("abt", nullptr, [](J& c) { c["add_bos_token"] = "yes"; }), "add_bos_token");
+  EXPECT_REFUSED(edited_tok_dir("ct_int", nullptr, [](J& c) { c["chat_template"] = 5; }), "chat_template");
+  EXPECT_REFUSED(edited_tok_dir("ct_nodef", nullptr,
+                                [](J& c) { c["chat_template"] = J::array({{{"name", "tool_use"}, {"template", "x"}}}); }),
+                 "chat_template", "default");
+  // Empty or null = no such token; HF's list of named templates: "default" is served.
+  const Tokenizer t = Tokenizer::from_hf_dir(edited_tok_dir("ok", nullptr, [](J& c) {
+    c["bos_token"] = "";
+    c["eos_token"] = {{"content", "<|im_end|>"}, {"__type", "AddedToken"}};
+    c["chat_template"] = J::array({{{"name", "tool_use"}, {"template", "T"}}, {{"name", "default"}, {"template", "D"}}});
+  }));
+  EXPECT_EQ(t.chat_template(), "D");
+  EXPECT_EQ(t.bos_id(), -1);
+  EXPECT_EQ(t.eos_id(), tok().find_token("<|im_end|>"));
 }
 
 TEST(Utf8, CompletePrefix) {

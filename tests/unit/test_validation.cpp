@@ -58,6 +58,7 @@ TEST(Validation, JsonIntegersAreRangeCheckedBeforeNarrowing) {
   EXPECT_ERROR_HAS(r["c"].integer(0, 10), "got -1");
   EXPECT_ERROR_HAS(r["d"].integer(0, INT64_MAX), "got 18446744073709551615");
   EXPECT_EQ(r["e"].integer(0, 10), 7);
+  EXPECT_ERROR_HAS(r["e"].integer(8, 10), "expected an integer in 8..10, got 7");  // the lower bound of a non-negative value
   EXPECT_ERROR_HAS(r["f"].integer(0, 10), "expected an integer");
   EXPECT_ERROR_HAS(r["g"].integer(0, 10), "got the string \"7\"");
   EXPECT_ERROR_HAS(r["h"].str(), "h: expected a string, got true");
