@@ -106,7 +106,9 @@ TrexAdapter load_trex_adapter(const std::string& dir, const SiteShapes& shapes) 
   for (const auto& [ls, f] : found)
     ATMOE_CHECK_INPUT(targets.count(site_module(ls.second)), "{}: layers.{}.{} has T-REX tensors but {} does not target {}", st_path,
                       ls.first, site_module(ls.second), cfg_path, site_module(ls.second));
-  for (auto& [ls, f] : found) {
+  for (auto& entry : found) {  // no structured binding: clang 14 cannot capture one in the lambda below
+    const std::pair<int, Site>& ls = entry.first;
+    Found& f = entry.second;
     const int layer = ls.first;
     const Site s = ls.second;
     const int64_t din = shapes.d_in[size_t(s)], dout = shapes.d_out[size_t(s)];

@@ -24,6 +24,10 @@ cmake --build "$ASAN_BUILD" -j"$JOBS" --target test_formats test_tokenizer test_
    ctest --output-on-failure -R '^(Dtype|Safetensors|Gguf|Config|Tokenizer|Utf8|StreamDecoder|PeftAdapter|Router|Validation)\.') \
   || { log "sanitizer tests failed"; exit 1; }
 
+# Every libFuzzer target built with clang and run for a short smoke over its seeds.
+log "fuzz smoke (deploy/fuzz-smoke.sh)"
+"$ROOT/deploy/fuzz-smoke.sh" || { log "fuzz smoke failed"; exit 1; }
+
 log "running the test suite"
 cd "$BUILD"
 set +e

@@ -230,6 +230,9 @@ TEST(Tokenizer, RefusesBadVocabularyAndAddedTokens) {
   EXPECT_REFUSED(edited_tok_dir("a_neg", [](J& t) { t["added_tokens"][0]["id"] = -4; }), "added_tokens[0].id", "0..");
   EXPECT_REFUSED(edited_tok_dir("a_sp", [](J& t) { t["added_tokens"][0]["special"] = "yes"; }), "added_tokens[0].special");
   EXPECT_REFUSED(edited_tok_dir("unk", [](J& t) { t["model"]["unk_token"] = "<nope>"; }), "model.unk_token");
+  // fuzz_tokenizer_json's finding (UBSan float-cast-overflow): ids written as huge floats.
+  EXPECT_REFUSED(edited_tok_dir("f_vocab", [](J& t) { t["model"]["vocab"]["a"] = 1e40; }), "model.vocab.a", "1e+40");
+  EXPECT_REFUSED(edited_tok_dir("f_added", [](J& t) { t["added_tokens"][0]["id"] = 1e40; }), "added_tokens[0].id", "1e+40");
 }
 
 TEST(Tokenizer, NfcNormalizerComposesBeforeSplitting) {
