@@ -50,39 +50,30 @@ std::string flag_names(const std::vector<std::string>& controls) {
 }
 
 void check_prompt_bytes(const Model& m, const std::string& text, size_t index) {
-  const size_t cap = size_t(m.config().max_position) * m.tokenizer().max_token_bytes();
+  const size_t cap = size_t(m.config().max_position) * m.tokenizer().max_token_bytes() * (m.tokenizer().normalizes() ? 3 : 1);
   ATMOE_CHECK_INPUT(text.size() <= cap,
                     "prompt {}: {} bytes can never fit the context of {} tokens (at most {} bytes per token: {} bytes)", index,
                     text.size(), m.config().max_position, m.tokenizer().max_token_bytes(), cap);
 }
 
 std::string one_line(const std::string& s) {
+  // Newlines fold into "; "; other control characters (C0, C1, U+2028/9: a quoted input's
+  // bytes) are escaped, so the message stays one line for every reader.
+  const std::string v = utf8_sanitize(s);
   std::string o;
-  for (char c : s) {
-    if (c == '\n' || c == '\r') {
+  for (size_t i = 0; i < v.size();) {
+    const size_t n = utf8_control_len(v, i);
+    if (v[i] == '\n' || v[i] == '\r') {
       if (!o.empty() && o.back() != ' ') o += "; ";
-    } else if (uint8_t(c) < 0x20 || c == 0x7f) {
-      o += fmt::format("\\x{:02x}", uint8_t(c));  // a quoted input's control bytes never break the line
+    } else if (n == 1) {
+      o += fmt::format("\\x{:02x}", uint8_t(v[i]));
+    } else if (n > 1) {
+      o += fmt::format("\\u{:04x}", n == 2 ? uint8_t(v[i + 1]) : (uint8_t(v[i + 2]) == 0xa8 ? 0x2028 : 0x2029));
     } else {
-      o += c;
+      o += v[i];
     }
+    i += n ? n : 1;
   }
-  o = utf8_sanitize(o);
-  // C1 controls and the Unicode line/paragraph separators end a line for many readers too.
-  std::string r;
-  for (size_t i = 0; i < o.size(); ++i) {
-    const uint8_t c = uint8_t(o[i]), n1 = i + 1 < o.size() ? uint8_t(o[i + 1]) : 0, n2 = i + 2 < o.size() ? uint8_t(o[i + 2]) : 0;
-    if (c == 0xc2 && n1 >= 0x80 && n1 <= 0x9f) {
-      r += fmt::format("\\u{:04x}", n1);
-      ++i;
-    } else if (c == 0xe2 && n1 == 0x80 && (n2 == 0xa8 || n2 == 0xa9)) {
-      r += n2 == 0xa8 ? "\\u2028" : "\\u2029";
-      i += 2;
-    } else {
-      r += char(c);
-    }
-  }
-  o.swap(r);
   while (!o.empty() && (o.back() == ' ' || o.back() == ';')) o.pop_back();
   return o;
 }

@@ -86,6 +86,7 @@ Runner add_bench(CLI::App& app) {
     if (!o->json.empty()) require_writable_file(o->json, "--json");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
+    if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
     auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
     const int ctx = m->config().max_position;
     ATMOE_CHECK_INPUT(o->prompt <= ctx, "--prompt-tokens {}: more than the model's context length {}", o->prompt, ctx);

@@ -80,13 +80,13 @@ Runner add_explain(CLI::App& app) {
     ATMOE_CHECK_INPUT(o->chat || o->system.empty(), "--system applies to the chat template: give --chat too");
     const RoutingControls controls = to_controls(o->rf);
     require_writable_file(o->out, "--out");
+    ATMOE_CHECK_INPUT(!controls.off, "explain: --routing off has no weights to draw");
     Bundle b = load_bundle_manifest(o->bundle);
     ATMOE_CHECK_INPUT(b.method == "at-moe", "explain: {} is a {} bundle; the heatmap draws at-moe routing (use generate --trace)",
                       o->bundle, b.method);
+    (void)resolve_routing(b, controls);
     auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
     ExpertPool pool(b, model->config(), model->dtype());
-    ATMOE_CHECK_INPUT(!controls.off, "explain: --routing off has no weights to draw");
-    (void)resolve_routing(pool.bundle(), controls);
     model->set_experts(&pool);
     GenerateRequest r;
     r.prompt = encode_prompt(*model, o->prompt, o->chat, o->system);

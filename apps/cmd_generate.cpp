@@ -88,6 +88,7 @@ Runner add_generate(CLI::App& app) {
     ATMOE_CHECK_INPUT(!prompts.empty(), "generate: give --prompt TEXT or --prompt-file F");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
+    if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
     auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
     std::unique_ptr<ExpertPool> experts;
     std::unique_ptr<TrexPool> trex;

@@ -45,13 +45,9 @@ int Bundle::group_index(const std::string& name) const {
 static void check_name(const JsonAt& at, const std::string& n) {
   if (n.empty()) at.fail("empty name");
   if (n.size() > 128) at.fail("a name of more than 128 bytes");
-  for (size_t i = 0; i < n.size(); ++i) {
-    const unsigned char ch = uint8_t(n[i]), nx = i + 1 < n.size() ? uint8_t(n[i + 1]) : 0;
-    const bool c1 = ch == 0xc2 && nx >= 0x80 && nx <= 0x9f;                                         // U+0080..U+009F
-    const bool sep = ch == 0xe2 && nx == 0x80 && i + 2 < n.size() && (uint8_t(n[i + 2]) & 0xfe) == 0xa8;  // U+2028/9
-    if (ch == ',' || ch == '=' || ch < 0x20 || ch == 0x7f || c1 || sep)
+  for (size_t i = 0; i < n.size(); ++i)
+    if (n[i] == ',' || n[i] == '=' || utf8_control_len(n, i))
       at.fail(fmt::format("name \"{}\" must not contain ',', '=' or control characters", n));
-  }
   if (utf8_sanitize(n) != n) at.fail("a name must be valid UTF-8");
   if (n.front() == ' ' || n.back() == ' ') at.fail(fmt::format("name \"{}\" has leading or trailing spaces", n));
 }
@@ -143,6 +139,8 @@ Bundle load_bundle_manifest(const std::string& dir) {
     ATMOE_INPUT_ERROR("{}: general_expert '{}' has the name of a group", m, b.general->name);
   b.lambda = root.num_or("lambda", 1.0, 0.0, 1.0);
   if (root.has("lambda") && !b.general) root["lambda"].fail("weighs the mixture against general_expert, and there is none");
+  if (b.general && !root.has("lambda"))
+    root["general_expert"].fail("needs 'lambda' in [0, 1) (its weight is 1 - lambda; without lambda it would contribute nothing)");
   const JsonAt r = root["router"];
   r.object();
   r.only_keys({"file", "input", "tau_group", "tau_expert"});

@@ -97,11 +97,12 @@ void require_writable_file(const std::string& path, const std::string& what) {
   switch (path_kind(path, what)) {
     case PathKind::Regular:
       ATMOE_CHECK_INPUT(::access(path.c_str(), W_OK) == 0, "{}: {}: not writable: {}", path, what, std::strerror(errno));
-      return;
+      break;
     case PathKind::Directory: ATMOE_INPUT_ERROR("{}: {}: is a directory, expected a file to write", path, what);
     case PathKind::Other: ATMOE_INPUT_ERROR("{}: {}: is {}, expected a file to write", path, what, kind_text(path));
     case PathKind::Missing: break;
   }
+  // write_file creates a temporary file beside it: the directory must take new files either way.
   fs::path parent = fs::path(path).parent_path();
   const std::string dir = parent.empty() ? std::string(".") : parent.string();
   ATMOE_CHECK_INPUT(path_kind(dir, what) == PathKind::Directory, "{}: {}: directory '{}' does not exist", path, what, dir);

@@ -21,16 +21,15 @@ json read_json_file(const std::string& path, const std::string& what, size_t max
 }
 
 std::string json_describe(const json& v) {
-  std::string d = v.dump();
+  // Containers are never dumped: dump() recurses, and a deeply nested file would overflow the stack.
+  if (v.is_object()) return "an object";
+  if (v.is_array()) return "a list";
+  if (v.is_null()) return "null";
+  std::string d = v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (d.size() > 40) d = d.substr(0, 37) + "...";
-  switch (v.type()) {
-    case json::value_t::null: return "null";
-    case json::value_t::object: return "an object";
-    case json::value_t::array: return "a list";
-    case json::value_t::string: return "the string " + d;
-    case json::value_t::boolean: return d;
-    default: return "the number " + d;
-  }
+  if (v.is_string()) return "the string " + d;
+  if (v.is_boolean()) return d;
+  return "the number " + d;
 }
 
 JsonAt::JsonAt(const json& v, std::string file, std::string field) : v_(&v), file_(std::move(file)), field_(std::move(field)) {}

@@ -2,6 +2,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 
 #include "common/error.h"
 
@@ -23,27 +24,38 @@ void check_finite(const Tensor& t, const std::string& file, const std::string& n
   const int64_t n = t.numel();
   ATMOE_CHECK_INPUT(t.is_contiguous(), "{}: tensor '{}' is not contiguous", file, name);
   switch (t.dtype()) {
+    // Views into a safetensors/GGUF mapping may be unaligned: elements are loaded with memcpy.
     case DType::F32: {
       // Exponent bits all ones <=> NaN or Inf; an integer OR-reduction the compiler vectorises.
-      const uint32_t* u = t.data<uint32_t>();
+      const uint8_t* b = static_cast<const uint8_t*>(t.raw());
       uint32_t bad = 0;
-      for (int64_t i = 0; i < n; ++i) bad |= uint32_t((u[i] & 0x7f800000u) == 0x7f800000u);
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t u;
+        std::memcpy(&u, b + 4 * i, 4);
+        bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+      }
       if (!bad) return;
-      const float* p = t.data<float>();
-      scan(n, [&](int64_t i) { return p[i]; }, file, name);
+      scan(n, [&](int64_t i) {
+        float x;
+        std::memcpy(&x, b + 4 * i, 4);
+        return x;
+      }, file, name);
       return;
     }
     case DType::F16:
     case DType::BF16: {
       // Exponent bits all ones <=> NaN or Inf.
-      const uint16_t* p = t.data<uint16_t>();
+      const uint8_t* b = static_cast<const uint8_t*>(t.raw());
       const uint16_t mask = t.dtype() == DType::F16 ? 0x7c00 : 0x7f80;
-      for (int64_t i = 0; i < n; ++i)
-        if ((p[i] & mask) == mask) {
-          const bool nan = (p[i] & uint16_t(~mask & 0x7fff)) != 0;
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, b + 2 * i, 2);
+        if ((h & mask) == mask) {
+          const bool nan = (h & uint16_t(~mask & 0x7fff)) != 0;
           ATMOE_INPUT_ERROR("{}: tensor '{}' holds {} at index {} (weights must be finite)", file, name,
-                            nan ? "NaN" : ((p[i] & 0x8000) ? "-Inf" : "+Inf"), i);
+                            nan ? "NaN" : ((h & 0x8000) ? "-Inf" : "+Inf"), i);
         }
+      }
       return;
     }
     default: ATMOE_INPUT_ERROR("{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", file, name, dtype_name(t.dtype()));

@@ -158,11 +158,10 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& f) {
                         i, s, tok);
     t.merge_rank_.emplace(s, int32_t(i));
   }
-  // Special token ids: each one present must name a token of the vocabulary.
+  // The special token ids atmoe reads (bos, eos, unk, eot) must name tokens of the vocabulary;
+  // the others (padding, sep, cls, mask) are not used, and llama.cpp tolerates them out of range.
   const int64_t n_vocab = int64_t(t.id_to_token_.size());
   auto id_or = [&](const char* k) { return f.has(k) ? int32_t(f.get_int(k, 0, n_vocab - 1)) : -1; };
-  for (const auto& [k, v] : f.kv())
-    if (k.rfind("tokenizer.ggml.", 0) == 0 && k.size() > 9 && k.compare(k.size() - 9, 9, "_token_id") == 0) id_or(k.c_str());
   t.bos_ = id_or("tokenizer.ggml.bos_token_id");
   t.eos_ = id_or("tokenizer.ggml.eos_token_id");
   t.unk_ = id_or("tokenizer.ggml.unknown_token_id");
@@ -184,14 +183,15 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& f) {
 // Collects the regex sequence of an HF pre_tokenizer spec. Byte-level BPE only: the
 // sequence must end with a ByteLevel step (the byte-to-unicode map), and every option that
 // would change the pieces is either implemented or refused.
-static void hf_pretok(const JsonAt& p, std::vector<std::string>& out, bool& byte_level) {
+static void hf_pretok(const JsonAt& p, std::vector<std::string>& out, bool& byte_level, int depth = 0) {
+  if (depth > 8) p.fail("Sequence nested more than 8 deep");
   p.object();
   const std::string ty = p["type"].str();
   if (byte_level) p.fail("a '" + ty + "' step after ByteLevel is not supported (ByteLevel must come last)");
   if (ty == "Sequence") {
     const JsonAt seq = p["pretokenizers"];
     seq.array();
-    for (size_t i = 0; i < seq.size(); ++i) hf_pretok(seq.at(i), out, byte_level);
+    for (size_t i = 0; i < seq.size(); ++i) hf_pretok(seq.at(i), out, byte_level, depth + 1);
   } else if (ty == "Digits") {
     if (!p.bool_or("individual_digits", false)) p["individual_digits"].fail("only individual_digits: true is supported");
     out.push_back(kDigitRe);
@@ -347,13 +347,14 @@ Tokenizer Tokenizer::from_hf_dir(const std::string& dir) {
   }
   // BOS from the post-processor template, if it prepends a special token.
   std::string post_bos;
-  std::function<void(const JsonAt&)> post = [&](const JsonAt& p) {
+  std::function<void(const JsonAt&, int)> post = [&](const JsonAt& p, int depth) {
+    if (depth > 8) p.fail("Sequence nested more than 8 deep");
     p.object();
     const std::string ty = p["type"].str();
     if (ty == "Sequence") {
       const JsonAt ps = p["processors"];
       ps.array();
-      for (size_t i = 0; i < ps.size(); ++i) post(ps.at(i));
+      for (size_t i = 0; i < ps.size(); ++i) post(ps.at(i), depth + 1);
     } else if (ty == "TemplateProcessing") {
       const JsonAt single = p["single"];
       single.array();
@@ -370,7 +371,7 @@ Tokenizer Tokenizer::from_hf_dir(const std::string& dir) {
       p["type"].fail("'" + ty + "' is not supported (expected TemplateProcessing, ByteLevel or Sequence)");
     }
   };
-  if (root.has("post_processor")) post(root["post_processor"]);
+  if (root.has("post_processor")) post(root["post_processor"], 0);
 
   std::string cfg_path = (fs::path(dir) / "tokenizer_config.json").string();
   const json cfgj = path_exists(cfg_path, "tokenizer config") ? read_json_file(cfg_path, "tokenizer config", size_t(64) << 20)
@@ -518,13 +519,13 @@ void Tokenizer::pretokenize_and_bpe(const std::string& raw, std::vector<int32_t>
   // invalid UTF-8 (which no HF string can hold) is left as it is.
   std::string normalized;
   if (nfc_ && std::any_of(raw.begin(), raw.end(), [](char c) { return uint8_t(c) >= 0x80; })) {
-    utf8proc_uint8_t* n = utf8proc_NFC(reinterpret_cast<const utf8proc_uint8_t*>(raw.c_str()));
-    if (n) {
-      normalized.assign(reinterpret_cast<const char*>(n));
-      std::free(n);
-    } else {
-      normalized = raw;
-    }
+    // utf8proc_map with the length (utf8proc_NFC would stop at a NUL byte).
+    utf8proc_uint8_t* n = nullptr;
+    const utf8proc_ssize_t len = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(raw.data()), utf8proc_ssize_t(raw.size()),
+                                              &n, utf8proc_option_t(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+    if (len >= 0) normalized.assign(reinterpret_cast<const char*>(n), size_t(len));
+    else normalized = raw;
+    std::free(n);
   }
   const std::string& span = normalized.empty() ? raw : normalized;
   // Apply each regex in turn to every piece; matched and unmatched parts both stay pieces.
@@ -540,7 +541,13 @@ void Tokenizer::pretokenize_and_bpe(const std::string& raw, std::vector<int32_t>
       uint32_t opts = 0;
       while (start <= p.size()) {
         int rc = pcre2_match(c->code, reinterpret_cast<PCRE2_SPTR>(p.data()), p.size(), start, opts, md, nullptr);
-        if (rc < 0) break;
+        if (rc == PCRE2_ERROR_NOMATCH || (rc < 0 && opts == 0 && rc <= PCRE2_ERROR_UTF8_ERR1 && rc >= PCRE2_ERROR_UTF8_ERR21)) break;
+        if (rc < 0) {
+          pcre2_match_data_free(md);
+          PCRE2_UCHAR buf[160];
+          pcre2_get_error_message(rc, buf, sizeof buf);
+          ATMOE_INPUT_ERROR("tokenizer: pre-tokenizer regex failed on a piece of {} bytes: {}", p.size(), reinterpret_cast<char*>(buf));
+        }
         opts = PCRE2_NO_UTF_CHECK;
         PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
         if (ov[0] > last) next.push_back(p.substr(last, ov[0] - last));

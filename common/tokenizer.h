@@ -35,6 +35,8 @@ class Tokenizer {
   int32_t vocab_size() const { return int32_t(id_to_token_.size()); }
   // Bytes of the longest token: a text of n bytes encodes to at least n / max_token_bytes() tokens.
   size_t max_token_bytes() const { return max_token_bytes_; }
+  // NFC (the normalizer of Qwen2's tokenizer.json) may shrink text up to 3x before encoding.
+  bool normalizes() const { return nfc_; }
   int32_t bos_id() const { return bos_; }
   int32_t eos_id() const { return eos_; }
   bool add_bos_default() const { return add_bos_; }

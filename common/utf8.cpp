@@ -90,4 +90,12 @@ std::string utf8_sanitize(const std::string& s) {
   return out;
 }
 
+size_t utf8_control_len(const std::string& s, size_t i) {
+  const uint8_t c = uint8_t(s[i]), n1 = i + 1 < s.size() ? uint8_t(s[i + 1]) : 0, n2 = i + 2 < s.size() ? uint8_t(s[i + 2]) : 0;
+  if (c < 0x20 || c == 0x7f) return 1;
+  if (c == 0xc2 && n1 >= 0x80 && n1 <= 0x9f) return 2;
+  if (c == 0xe2 && n1 == 0x80 && (n2 == 0xa8 || n2 == 0xa9)) return 3;
+  return 0;
+}
+
 }  // namespace atmoe

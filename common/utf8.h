@@ -17,5 +17,8 @@ size_t utf8_complete_prefix(const std::string& s);
 // continuation bytes, overlong forms, surrogates, code points past U+10FFFF, truncated
 // sequences) replaced by U+FFFD: the result is always valid UTF-8.
 std::string utf8_sanitize(const std::string& s);
+// Bytes of the control character at s[i] — C0 (U+0000..U+001F), DEL, C1 (U+0080..U+009F) or
+// the line/paragraph separators U+2028/U+2029, which end a line for many readers — or 0.
+size_t utf8_control_len(const std::string& s, size_t i);
 
 }  // namespace atmoe

@@ -345,11 +345,15 @@ TEST(Gguf, TokenizerIdsOutsideTheVocabularyAreRefused) {
   ok.kv_u32("tokenizer.ggml.eot_token_id", 256);
   EXPECT_TRUE(gguf_tokenizer(ok).is_eog(256));
   for (const char* k : {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                        "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id"}) {
+                        "tokenizer.ggml.unknown_token_id"}) {
     auto g = tokenizer_gguf();
     g.kv_u32(k, 257);
     EXPECT_REFUSED(gguf_tokenizer(g), "tok.gguf", k, "0..256");
   }
+  // Ids atmoe does not read (padding, sep, ...) are tolerated out of range, as llama.cpp does.
+  auto pad = tokenizer_gguf();
+  pad.kv_u32("tokenizer.ggml.padding_token_id", 257);
+  EXPECT_EQ(gguf_tokenizer(pad).vocab_size(), 257);
   GgufBuilder bad;  // a merge naming tokens absent from the vocabulary
   bad.kv_str("tokenizer.ggml.model", "gpt2");
   bad.kv_str_arr("tokenizer.ggml.tokens", byte_tokens());

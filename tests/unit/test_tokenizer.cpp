@@ -95,10 +95,14 @@ TEST(Tokenizer, HeapMergeEqualsTheNaiveRescan) {
 }
 
 TEST(Tokenizer, LongInputsEncodeAndRoundTrip) {
-  // Quadratic merging or special-token scanning would take minutes here (bench/bench_tokenizer.py times it).
-  const std::string a(200000, 'a');
+  // One pre-token of 200 kB that merges all the way (corpus words, no spaces): the textbook
+  // rescan would take minutes, as would a per-match UTF-8 check or special-token rescans
+  // (bench/bench_tokenizer.cpp times the growth; ctest's timeout bounds this test).
+  std::string a;
+  while (a.size() < 200000) a += "thequickbrownfoxjumpsoverthelazydog";
   auto ids = tok().encode(a, false);
   EXPECT_EQ(tok().decode(ids), a);
+  EXPECT_LT(ids.size(), a.size() * 9 / 10);  // merges happened
   std::string sp;
   for (int i = 0; i < 20000; ++i) sp += i % 3 ? "<|im_start|>x " : "<|im_end|>";
   ids = tok().encode(sp, false, true);
@@ -233,6 +237,12 @@ TEST(Tokenizer, RefusesBadVocabularyAndAddedTokens) {
   // fuzz_tokenizer_json's finding (UBSan float-cast-overflow): ids written as huge floats.
   EXPECT_REFUSED(edited_tok_dir("f_vocab", [](J& t) { t["model"]["vocab"]["a"] = 1e40; }), "model.vocab.a", "1e+40");
   EXPECT_REFUSED(edited_tok_dir("f_added", [](J& t) { t["added_tokens"][0]["id"] = 1e40; }), "added_tokens[0].id", "1e+40");
+  // Deeply nested pre_tokenizer/post_processor Sequences are refused, not recursed into.
+  EXPECT_REFUSED(edited_tok_dir("deep", [](J& t) {
+    J p = t["pre_tokenizer"];
+    for (int i = 0; i < 50; ++i) p = {{"type", "Sequence"}, {"pretokenizers", J::array({p})}};
+    t["pre_tokenizer"] = p;
+  }), "pre_tokenizer", "nested more than 8 deep");
 }
 
 TEST(Tokenizer, NfcNormalizerComposesBeforeSplitting) {
@@ -247,6 +257,9 @@ TEST(Tokenizer, NfcNormalizerComposesBeforeSplitting) {
   EXPECT_EQ(nfc.encode("<|im_start|>", false, true).size(), 1u);
   const std::string bad = "a\xff\xfe" "b";
   EXPECT_EQ(nfc.decode(nfc.encode(bad, false)), bad);
+  // A NUL byte does not end the text (utf8proc_NFC would stop there).
+  const std::string nul = std::string("e\xcc\x81", 3) + std::string(1, '\0') + "tail";
+  EXPECT_EQ(nfc.decode(nfc.encode(nul, false)), std::string("\xc3\xa9", 2) + std::string(1, '\0') + "tail");
 }
 
 TEST(Tokenizer, IgnoreMergesEmitsAWholeVocabularyWord) {

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
@@ -67,6 +68,11 @@ TEST(Validation, JsonIntegersAreRangeCheckedBeforeNarrowing) {
   EXPECT_ERROR_HAS(r["o"].only_keys({"y"}), "o.x: unknown field (expected one of: y)");
   EXPECT_EQ(r.int_or("absent", 5, 0, 9), 5);
   EXPECT_ERROR_HAS(r["f"].number(0, 2), "expected a number in [0, 2], got 2.5");
+  // A container of the wrong type is described, never dumped (dump() recurses: a deeply
+  // nested file must give an InputError, not a stack overflow).
+  std::string deep(200000, '['), close(200000, ']');
+  const json d = json::parse(deep + close);
+  EXPECT_ERROR_HAS(JsonAt(d, "d.json").object(), "d.json: expected an object, got a list");
 }
 
 TEST(Validation, FilesThatAreNotRegularAreRefusedBeforeOpening) {
@@ -111,6 +117,12 @@ TEST(Validation, NonFiniteTensorsNameTheTensorAndIndex) {
     }
   Tensor ok = Tensor::empty(DType::F32, {5});
   check_finite(ok, "w", "ok");
+  // Views into a mapped file may start at any byte: an unaligned F32/BF16 view is read safely.
+  std::vector<uint8_t> raw(4 * 9 + 1, 0);
+  const float inf = INFINITY;
+  std::memcpy(raw.data() + 1 + 4 * 7, &inf, 4);
+  EXPECT_ERROR_HAS(check_finite(Tensor::view(DType::F32, {9}, raw.data() + 1, nullptr), "u", "t"), "+Inf at index 7");
+  EXPECT_ERROR_HAS(check_finite(Tensor::view(DType::BF16, {18}, raw.data() + 1, nullptr), "u", "t"), "+Inf at index 15");
   Tensor A = Tensor::empty(DType::F32, {2, 8}), B = Tensor::empty(DType::F32, {4, 2});
   for (int i = 0; i < 16; ++i) A.data<float>()[i] = 1.f;
   for (int i = 0; i < 8; ++i) B.data<float>()[i] = 1e36f;
@@ -174,7 +186,9 @@ TEST(Validation, BundleManifestSchemaIsClosedAndTyped) {
   has(manifest_error([](json& j) { j["version"] = 2; }), "version 2 is not supported");
   has(manifest_error([](json& j) { j["lambda"] = "0.5"; }), "lambda: expected a number in [0, 1]");
   has(manifest_error([](json& j) { j["lambda"] = 1.5; }), "lambda: expected a number in [0, 1], got 1.5");
-  has(manifest_error([](json& j) { j["groups"] = json::object(); }), "groups");
+  has(manifest_error([](json& j) { j["groups"] = json::object(); }), "groups: expected a non-empty list of groups");
+  has(manifest_error([](json& j) { j["lambda"] = 0.5; }), "lambda: weighs the mixture against general_expert, and there is none");
+  has(manifest_error([](json& j) { j["general_expert"] = {{"name", "gen"}, {"adapter", "e/gen"}}; }), "general_expert: needs 'lambda'");
   has(manifest_error([](json& j) { j["groups"][0]["experts"] = {1}; }), "groups[0].experts[0]: expected an object");
   has(manifest_error([](json& j) { j["groups"][0]["experts"][0]["name"] = "law"; }), "expert 'law' has the name of a group");
   has(manifest_error([](json& j) { j["groups"][0]["experts"][0]["name"] = "a,b"; }), "must not contain ','");
