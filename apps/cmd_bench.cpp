@@ -202,7 +202,7 @@ Runner add_bench(CLI::App& app) {
         j["experts_decode_b1_tok_s"] = e1;
         j["experts_decode_batch_tok_s"] = eB;
       }
-      write_file(o->json, j.dump(2) + "\n", "--json");
+      write_file(o->json, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n", "--json");
     }
     return 0;
   };

@@ -16,12 +16,12 @@ namespace fs = std::filesystem;
 
 PathKind path_kind(const std::string& path, const std::string& what) {
   ATMOE_CHECK_INPUT(!path.empty(), "{}: empty path", what);
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
     const int err = errno;
     if (err == ENOENT) {
       // A dangling symlink is missing too, but say so.
-      struct stat lst{};
+      struct stat lst {};
       ATMOE_CHECK_INPUT(::lstat(path.c_str(), &lst) != 0, "{}: {}: a symlink to a missing target", path, what);
       return PathKind::Missing;
     }
@@ -33,10 +33,12 @@ PathKind path_kind(const std::string& path, const std::string& what) {
   return PathKind::Other;
 }
 
-bool path_exists(const std::string& path, const std::string& what) { return path_kind(path, what) != PathKind::Missing; }
+bool path_exists(const std::string& path, const std::string& what) {
+  return path_kind(path, what) != PathKind::Missing;
+}
 
 static const char* kind_text(const std::string& path) {
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return "not readable";
   if (S_ISFIFO(st.st_mode)) return "a FIFO";
   if (S_ISSOCK(st.st_mode)) return "a socket";
@@ -46,19 +48,27 @@ static const char* kind_text(const std::string& path) {
 
 void require_regular_file(const std::string& path, const std::string& what) {
   switch (path_kind(path, what)) {
-    case PathKind::Regular: return;
-    case PathKind::Missing: ATMOE_INPUT_ERROR("{}: {}: not found", path, what);
-    case PathKind::Directory: ATMOE_INPUT_ERROR("{}: {}: is a directory, expected a file", path, what);
-    case PathKind::Other: ATMOE_INPUT_ERROR("{}: {}: is {}, expected a regular file", path, what, kind_text(path));
+    case PathKind::Regular:
+      return;
+    case PathKind::Missing:
+      ATMOE_INPUT_ERROR("{}: {}: not found", path, what);
+    case PathKind::Directory:
+      ATMOE_INPUT_ERROR("{}: {}: is a directory, expected a file", path, what);
+    case PathKind::Other:
+      ATMOE_INPUT_ERROR("{}: {}: is {}, expected a regular file", path, what, kind_text(path));
   }
 }
 
 void require_directory(const std::string& path, const std::string& what) {
   switch (path_kind(path, what)) {
-    case PathKind::Directory: return;
-    case PathKind::Missing: ATMOE_INPUT_ERROR("{}: {}: directory not found", path, what);
-    case PathKind::Regular: ATMOE_INPUT_ERROR("{}: {}: is a file, expected a directory", path, what);
-    case PathKind::Other: ATMOE_INPUT_ERROR("{}: {}: is {}, expected a directory", path, what, kind_text(path));
+    case PathKind::Directory:
+      return;
+    case PathKind::Missing:
+      ATMOE_INPUT_ERROR("{}: {}: directory not found", path, what);
+    case PathKind::Regular:
+      ATMOE_INPUT_ERROR("{}: {}: is a file, expected a directory", path, what);
+    case PathKind::Other:
+      ATMOE_INPUT_ERROR("{}: {}: is {}, expected a directory", path, what, kind_text(path));
   }
 }
 
@@ -67,7 +77,7 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
   // O_NONBLOCK: should the path have become a FIFO since the check, open() does not block.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   ATMOE_CHECK_INPUT(fd >= 0, "{}: {}: cannot open: {}", path, what, std::strerror(errno));
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
     ATMOE_INPUT_ERROR("{}: {}: not a regular file", path, what);
@@ -96,18 +106,23 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
 void require_writable_file(const std::string& path, const std::string& what) {
   switch (path_kind(path, what)) {
     case PathKind::Regular:
-      ATMOE_CHECK_INPUT(::access(path.c_str(), W_OK) == 0, "{}: {}: not writable: {}", path, what, std::strerror(errno));
+      ATMOE_CHECK_INPUT(::access(path.c_str(), W_OK) == 0, "{}: {}: not writable: {}", path, what,
+                        std::strerror(errno));
       break;
-    case PathKind::Directory: ATMOE_INPUT_ERROR("{}: {}: is a directory, expected a file to write", path, what);
-    case PathKind::Other: ATMOE_INPUT_ERROR("{}: {}: is {}, expected a file to write", path, what, kind_text(path));
-    case PathKind::Missing: break;
+    case PathKind::Directory:
+      ATMOE_INPUT_ERROR("{}: {}: is a directory, expected a file to write", path, what);
+    case PathKind::Other:
+      ATMOE_INPUT_ERROR("{}: {}: is {}, expected a file to write", path, what, kind_text(path));
+    case PathKind::Missing:
+      break;
   }
   // write_file creates a temporary file beside it: the directory must take new files either way.
   fs::path parent = fs::path(path).parent_path();
   const std::string dir = parent.empty() ? std::string(".") : parent.string();
-  ATMOE_CHECK_INPUT(path_kind(dir, what) == PathKind::Directory, "{}: {}: directory '{}' does not exist", path, what, dir);
-  ATMOE_CHECK_INPUT(::access(dir.c_str(), W_OK | X_OK) == 0, "{}: {}: directory '{}' is not writable: {}", path, what, dir,
-                    std::strerror(errno));
+  ATMOE_CHECK_INPUT(path_kind(dir, what) == PathKind::Directory, "{}: {}: directory '{}' does not exist", path, what,
+                    dir);
+  ATMOE_CHECK_INPUT(::access(dir.c_str(), W_OK | X_OK) == 0, "{}: {}: directory '{}' is not writable: {}", path, what,
+                    dir, std::strerror(errno));
 }
 
 void prepare_output_dir(const std::string& dir, bool force, const std::string& what) {
@@ -116,7 +131,8 @@ void prepare_output_dir(const std::string& dir, bool force, const std::string& w
       std::error_code ec;
       const bool empty = fs::is_empty(dir, ec);
       ATMOE_CHECK_INPUT(!ec, "{}: {}: {}", dir, what, ec.message());
-      ATMOE_CHECK_INPUT(empty || force, "{}: {}: the directory exists and is not empty (--force writes into it)", dir, what);
+      ATMOE_CHECK_INPUT(empty || force, "{}: {}: the directory exists and is not empty (--force writes into it)", dir,
+                        what);
       return;
     }
     case PathKind::Missing: {
@@ -125,7 +141,8 @@ void prepare_output_dir(const std::string& dir, bool force, const std::string& w
       ATMOE_CHECK_INPUT(!ec, "{}: {}: cannot create the directory: {}", dir, what, ec.message());
       return;
     }
-    default: ATMOE_INPUT_ERROR("{}: {}: exists and is not a directory", dir, what);
+    default:
+      ATMOE_INPUT_ERROR("{}: {}: exists and is not a directory", dir, what);
   }
 }
 

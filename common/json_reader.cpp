@@ -1,6 +1,8 @@
 #include "common/json_reader.h"
 
 #include <cmath>
+#include <set>
+#include <vector>
 
 #include "common/error.h"
 #include "common/files.h"
@@ -10,8 +12,24 @@ using json = nlohmann::json;
 
 json read_json_file(const std::string& path, const std::string& what, size_t max_bytes) {
   const std::string text = read_file(path, what, max_bytes);
+  // A key given twice in one object is refused (nlohmann would keep the last silently):
+  // the keys of each open object are tracked on a stack while parsing.
+  std::vector<std::set<std::string>> open;
+  std::string dup;
+  const json::parser_callback_t track = [&](int, json::parse_event_t ev, json& parsed) {
+    if (ev == json::parse_event_t::object_start)
+      open.emplace_back();
+    else if (ev == json::parse_event_t::object_end && !open.empty())
+      open.pop_back();
+    else if (ev == json::parse_event_t::key && !open.empty() && !open.back().insert(parsed.get<std::string>()).second &&
+             dup.empty())
+      dup = parsed.get<std::string>();
+    return true;
+  };
   try {
-    return json::parse(text);
+    json j = json::parse(text, track);
+    ATMOE_CHECK_INPUT(dup.empty(), "{}: key \"{}\" appears twice in one object", path, dup.substr(0, 80));
+    return j;
   } catch (const json::exception& e) {
     // nlohmann's message: "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
     std::string m = e.what();
@@ -32,16 +50,21 @@ std::string json_describe(const json& v) {
   return "the number " + d;
 }
 
-JsonAt::JsonAt(const json& v, std::string file, std::string field) : v_(&v), file_(std::move(file)), field_(std::move(field)) {}
+JsonAt::JsonAt(const json& v, std::string file, std::string field)
+    : v_(&v), file_(std::move(file)), field_(std::move(field)) {}
 
 void JsonAt::fail(const std::string& problem) const {
   if (field_.empty()) ATMOE_INPUT_ERROR("{}: {}", file_, problem);
   ATMOE_INPUT_ERROR("{}: {}: {}", file_, field_, problem);
 }
 
-std::string JsonAt::child(const std::string& key) const { return field_.empty() ? key : field_ + "." + key; }
+std::string JsonAt::child(const std::string& key) const {
+  return field_.empty() ? key : field_ + "." + key;
+}
 
-bool JsonAt::has(const char* key) const { return v_->is_object() && v_->contains(key) && !(*v_)[key].is_null(); }
+bool JsonAt::has(const char* key) const {
+  return v_->is_object() && v_->contains(key) && !(*v_)[key].is_null();
+}
 
 JsonAt JsonAt::operator[](const std::string& key) const {
   object();
@@ -102,14 +125,18 @@ bool JsonAt::boolean() const {
   return v_->get<bool>();
 }
 
-std::string JsonAt::str_or(const char* key, const std::string& def) const { return has(key) ? (*this)[key].str() : def; }
+std::string JsonAt::str_or(const char* key, const std::string& def) const {
+  return has(key) ? (*this)[key].str() : def;
+}
 int64_t JsonAt::int_or(const char* key, int64_t def, int64_t lo, int64_t hi) const {
   return has(key) ? (*this)[key].integer(lo, hi) : def;
 }
 double JsonAt::num_or(const char* key, double def, double lo, double hi) const {
   return has(key) ? (*this)[key].number(lo, hi) : def;
 }
-bool JsonAt::bool_or(const char* key, bool def) const { return has(key) ? (*this)[key].boolean() : def; }
+bool JsonAt::bool_or(const char* key, bool def) const {
+  return has(key) ? (*this)[key].boolean() : def;
+}
 
 void JsonAt::only_keys(std::initializer_list<const char*> known) const {
   for (auto it = object().begin(); it != v_->end(); ++it) {

@@ -9,9 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 namespace atmoe {
 

@@ -35,11 +35,14 @@ void check_finite(const Tensor& t, const std::string& file, const std::string& n
         bad |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
       }
       if (!bad) return;
-      scan(n, [&](int64_t i) {
-        float x;
-        std::memcpy(&x, b + 4 * i, 4);
-        return x;
-      }, file, name);
+      scan(
+          n,
+          [&](int64_t i) {
+            float x;
+            std::memcpy(&x, b + 4 * i, 4);
+            return x;
+          },
+          file, name);
       return;
     }
     case DType::F16:
@@ -58,7 +61,8 @@ void check_finite(const Tensor& t, const std::string& file, const std::string& n
       }
       return;
     }
-    default: ATMOE_INPUT_ERROR("{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", file, name, dtype_name(t.dtype()));
+    default:
+      ATMOE_INPUT_ERROR("{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", file, name, dtype_name(t.dtype()));
   }
 }
 
@@ -70,13 +74,15 @@ float max_abs_f32(const Tensor& t) {
   return m;
 }
 
-void check_lora_bound(double scale, const Tensor& A, const Tensor& B, const std::string& file, const std::string& module) {
-  ATMOE_CHECK_INPUT(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX, "{}: {}: LoRA scale {} (lora_alpha / r) is not finite in f32",
-                    file, module, scale);
-  const double bound = std::fabs(scale) * double(A.dim(0)) * double(max_abs_f32(B)) * double(max_abs_f32(A)) * double(A.dim(1));
+void check_lora_bound(double scale, const Tensor& A, const Tensor& B, const std::string& file,
+                      const std::string& module) {
+  ATMOE_CHECK_INPUT(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX,
+                    "{}: {}: LoRA scale {} (lora_alpha / r) is not finite in f32", file, module, scale);
+  const double bound =
+      std::fabs(scale) * double(A.dim(0)) * double(max_abs_f32(B)) * double(max_abs_f32(A)) * double(A.dim(1));
   ATMOE_CHECK_INPUT(std::isfinite(bound) && bound <= FLT_MAX,
-                    "{}: {}: scale {:g} x rank {} x max|lora_B| {:g} x max|lora_A| {:g} x d_in {} = {:g} overflows f32", file,
-                    module, scale, A.dim(0), max_abs_f32(B), max_abs_f32(A), A.dim(1), bound);
+                    "{}: {}: scale {:g} x rank {} x max|lora_B| {:g} x max|lora_A| {:g} x d_in {} = {:g} overflows f32",
+                    file, module, scale, A.dim(0), max_abs_f32(B), max_abs_f32(A), A.dim(1), bound);
 }
 
 }  // namespace atmoe

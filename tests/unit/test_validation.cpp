@@ -89,6 +89,10 @@ TEST(Validation, FilesThatAreNotRegularAreRefusedBeforeOpening) {
   EXPECT_ERROR_HAS(read_file(file + "/x", "prompt"), "not a directory");
   EXPECT_ERROR_HAS(read_file(file, "prompt", 3), "more than the 3 bytes allowed");
   EXPECT_EQ(read_json_file(file, "config")["a"], 1);
+  std::ofstream(d + "/dup.json") << R"({"a": {"lambda": 0.2, "x": {"lambda": 1}, "lambda": 0.9}})";
+  EXPECT_ERROR_HAS(read_json_file(d + "/dup.json", "config"), "dup.json: key \"lambda\" appears twice in one object");
+  std::ofstream(d + "/nodup.json") << R"({"a": {"k": 1}, "b": {"k": 2}, "k": [{"k": 1}, {"k": 2}]})";
+  EXPECT_EQ(read_json_file(d + "/nodup.json", "config")["b"]["k"], 2);
   EXPECT_ERROR_HAS(require_writable_file(d, "--trace"), "is a directory");
   EXPECT_ERROR_HAS(require_writable_file(d + "/no/such/dir/t.json", "--trace"), "does not exist");
   EXPECT_ERROR_HAS(require_writable_file(fifo, "--trace"), "FIFO");
