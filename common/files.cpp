@@ -135,12 +135,7 @@ void prepare_output_dir(const std::string& dir, bool force, const std::string& w
                         what);
       return;
     }
-    case PathKind::Missing: {
-      std::error_code ec;
-      fs::create_directories(dir, ec);
-      ATMOE_CHECK_INPUT(!ec, "{}: {}: cannot create the directory: {}", dir, what, ec.message());
-      return;
-    }
+    case PathKind::Missing: return;  // the command creates it once its other options are checked
     default:
       ATMOE_INPUT_ERROR("{}: {}: exists and is not a directory", dir, what);
   }

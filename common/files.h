@@ -27,8 +27,9 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
 // replaced) or not (its directory must exist and be writable). Checked before any work.
 void require_writable_file(const std::string& path, const std::string& what);
 
-// An output directory a command fills (synth-model, synth-bundle): created when missing;
-// an existing one must be a directory and empty unless `force`.
+// An output directory a command fills (synth-model, synth-bundle): missing (the command
+// creates it after checking its other options, so a bad option leaves nothing behind), or
+// an existing directory that is empty unless `force`.
 void prepare_output_dir(const std::string& dir, bool force, const std::string& what);
 
 // Writes `data` to `path` (via a temporary file in the same directory, renamed over it):

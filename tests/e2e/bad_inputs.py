@@ -639,10 +639,12 @@ def main():
     bad("F --prompt with two words", ["generate", "--model", M, "--prompt", "hello", "world", "--max-tokens", "2"], "world")
     bad("F synth-model --layers 100000 (refused before writing)", ["synth-model", "--out", W("sm_big"), "--seed", "1",
         "--layers", "100000"], "layers")
+    record("F a refused synth-model leaves no --out directory", not os.path.exists(W("sm_big")), W("sm_big") + " exists")
     bad("F synth-model --hidden 100000", ["synth-model", "--out", W("sm_big2"), "--seed", "1", "--hidden", "100000"], "hidden")
     bad("F synth-model --seed -1", ["synth-model", "--out", W("sm_neg"), "--seed", "-1"], "seed")
     bad("F synth-bundle --trex-mode on an at-moe bundle", sb(W("sb_tm"), "--trex-mode", "rank1"), r"trex[-_]mode")
     bad("F synth-bundle --rank '4,,8'", sb(W("sb_rank"), "--rank", "4,,8"), "rank")
+    record("F a refused synth-bundle leaves no --out directory", not os.path.exists(W("sb_rank")), W("sb_rank") + " exists")
     bad("F synth-bundle t-rex --embedding-dim -1", ["synth-bundle", "--base", M, "--out", W("sb_ed"), "--seed", "1",
         "--method", "t-rex", "--intuition", "embedding", "--embedding-dim", "-1"], r"embedding[-_]dim")
     # A closed pipe is a failed write (exit 1, one line), not death by SIGPIPE.
