@@ -231,6 +231,19 @@ def jedit(p, fn):
     jsave(p, j if r is None else r)
 
 
+def transpose_adapter(adapter_dir):
+    """Stores every tensor transposed and sets fan_in_fan_out, as PEFT does for Conv1D layers."""
+    p = os.path.join(adapter_dir, "adapter_model.safetensors")
+    ts, meta = st_read(p)
+    for t in ts:
+        rows, cols = t[2]
+        v = decode(t[1], t[3])
+        t[3] = encode(t[1], [v[i * cols + j] for j in range(cols) for i in range(rows)])
+        t[2] = [cols, rows]
+    st_write(p, ts, meta)
+    jedit(os.path.join(adapter_dir, "adapter_config.json"), lambda c: c.update(fan_in_fan_out=True))
+
+
 def copy(src, name):
     dst = os.path.join(WORK, name)
     if os.path.lexists(dst):
@@ -689,15 +702,7 @@ def main():
 
     def setup_fifo_t():
         d = copy(B, "g_fan_in_fan_out")
-        p = os.path.join(d, LAW1, AMS)
-        ts, meta = st_read(p)
-        for t in ts:
-            rows, cols = t[2]
-            v = decode(t[1], t[3])
-            t[3] = encode(t[1], [v[i * cols + j] for j in range(cols) for i in range(rows)])
-            t[2] = [cols, rows]
-        st_write(p, ts, meta)
-        jedit(os.path.join(d, LAW1, ACJ), lambda c: c.update(fan_in_fan_out=True))
+        transpose_adapter(os.path.join(d, LAW1))
     good("G fan_in_fan_out true (tensors transposed)", gen(W("g_fan_in_fan_out")), setup=setup_fifo_t)
 
     def setup_ltt():
@@ -742,24 +747,13 @@ def main():
             fn(os.path.join(d, "experts", "medicine-1"))
             return txt(d, "--adapter", "medicine-1")
 
-        def transpose(e):
-            p = os.path.join(e, AMS)
-            ts, meta = st_read(p)
-            for t in ts:
-                rows, cols = t[2]
-                v = decode(t[1], t[3])
-                t[3] = encode(t[1], [v[i * cols + j] for j in range(cols) for i in range(rows)])
-                t[2] = [cols, rows]
-            st_write(p, ts, meta)
-            jedit(os.path.join(e, ACJ), lambda c: c.update(fan_in_fan_out=True))
-
         def default_keys(e):
             p = os.path.join(e, AMS)
             ts, meta = st_read(p)
             for t in ts:
                 t[0] = re.sub(r"\.lora_(A|B)\.weight$", r".lora_\1.default.weight", t[0])
             st_write(p, ts, meta)
-        for label, fn in (("fan_in_fan_out", transpose), (".default keys", default_keys)):
+        for label, fn in (("fan_in_fan_out", transpose_adapter), (".default keys", default_keys)):
             t = strong_variant("g_same_" + re.sub(r"\W", "", label), fn)
             if t is not None:
                 record("G %s gives the same text as the plain adapter" % label, t == a_ng, "%r vs %r" % (t, a_ng))
