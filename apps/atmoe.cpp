@@ -10,11 +10,14 @@
 #include <iostream>
 
 #include "apps/commands.h"
+#include "common/comm_mpi.h"
 #include "common/env.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "common/utf8.h"
+#include "coordinator/remote_experts.h"
 #include "kernels/cpu/cpu_features.h"
+#include "worker/worker_loop.h"
 
 #ifdef ATMOE_HAVE_CUDA
 #include "kernels/cuda/device.cuh"
@@ -57,11 +60,12 @@ static int check_stdout(int rc) {
   return rc;
 }
 
-int main(int argc, char** argv) {
+// Whether the failure leaves the MPI job unable to shut down cleanly (a worker that does not
+// answer): main then aborts the job after its own line.
+static bool g_comm_failed = false;
+
+static int run_command(int argc, char** argv) {
   using namespace atmoe;
-  // A closed pipe (`atmoe generate ... | head -c 1`) is a failed write (exit 1), not a signal.
-  std::signal(SIGPIPE, SIG_IGN);
-  log_init();
   CLI::App app{"atmoe: task-routed mixtures of LoRA experts on one frozen base LLM"};
   app.require_subcommand(0, 1);
   bool help_env = false;
@@ -103,6 +107,10 @@ int main(int argc, char** argv) {
       if (sub->parsed()) return check_stdout(r());
     std::cout << app.help();
     return check_stdout(0);
+  } catch (const CommError& e) {
+    g_comm_failed = true;
+    std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
+    return 1;
   } catch (const Error& e) {
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return e.exit_code();
@@ -116,4 +124,32 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return 1;
   }
+}
+
+int main(int argc, char** argv) {
+  using namespace atmoe;
+  // A closed pipe (`atmoe generate ... | head -c 1`) is a failed write (exit 1), not a signal.
+  std::signal(SIGPIPE, SIG_IGN);
+  // Under a launcher (mpirun, srun): rank 0 runs the command, ranks 1..N-1 serve experts.
+  MpiSession* mpi = launched_by_mpi() ? &MpiSession::init(&argc, &argv) : nullptr;
+  log_init(mpi && mpi->size() > 1 ? mpi->rank() : -1);
+  if (mpi && mpi->rank() > 0) {
+    int code = 1;
+    try {
+      code = run_worker(*mpi);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "atmoe: error: rank %d (host %s): %s\n", mpi->rank(), mpi->host().c_str(),
+                   app::one_line(e.what()).c_str());
+      mpi->abort(1);
+    }
+    mpi->finalize();
+    return code;
+  }
+  const int rc = run_command(argc, argv);
+  if (mpi) {
+    if (g_comm_failed) mpi->abort(rc ? rc : 1);
+    end_workers(*mpi, rc);
+    mpi->finalize();
+  }
+  return rc;
 }

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/commands.h"
+#include "apps/launch.h"
 #include "apps/routing_flags.h"
 #include "coordinator/experts.h"
 #include "coordinator/trex_pool.h"
@@ -59,7 +60,7 @@ double peak_rss_mib() {
 
 Runner add_bench(CLI::App& app) {
   struct Opts {
-    std::string model, bundle, dtype, json;
+    std::string model, bundle, dtype, json, placement;
     int prompt = 512, decode = 64, batch = 16, reps = 3;
     bool check_tensors = false;
     RoutingFlags rf;
@@ -68,6 +69,7 @@ Runner add_bench(CLI::App& app) {
   app.add_option("--model", o->model, "Model: a .gguf file or an HF directory");
   app.add_option("--bundle", o->bundle, "Also measure decode with this bundle's experts (routing flags apply)");
   add_routing_flags(app, o->rf);
+  add_placement_flag(app, o->placement);
   app.add_option("--dtype", o->dtype, "bf16 (default) or f32");
   app.add_option("--prompt-tokens", o->prompt, "Prefill prompt length");
   app.add_option("--decode-tokens", o->decode, "Decode steps timed");
@@ -83,6 +85,7 @@ Runner add_bench(CLI::App& app) {
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "bench: give --model PATH or --bundle DIR");
     const RoutingControls controls = to_controls(o->rf);
     if (o->bundle.empty()) refuse_routing_without_bundle(controls);
+    ATMOE_CHECK_INPUT(!o->bundle.empty() || o->placement.empty(), "--placement needs --bundle");
     if (!o->json.empty()) require_writable_file(o->json, "--json");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
@@ -92,17 +95,13 @@ Runner add_bench(CLI::App& app) {
     ATMOE_CHECK_INPUT(o->prompt <= ctx, "--prompt-tokens {}: more than the model's context length {}", o->prompt, ctx);
     ATMOE_CHECK_INPUT(32 + int64_t(o->decode) <= ctx, "--decode-tokens {}: 32 prompt tokens + {} exceed the context length {}",
                       o->decode, o->decode, ctx);
-    std::unique_ptr<ExpertPool> experts;
-    std::unique_ptr<TrexPool> trex;
-    if (bundle && bundle->method == "t-rex") {
-      trex = std::make_unique<TrexPool>(*bundle, m->config(), m->dtype());
-      (void)trex->new_routing(controls);
-      m->set_trex(trex.get());
-    } else if (bundle) {
-      experts = std::make_unique<ExpertPool>(*bundle, m->config(), m->dtype());
-      (void)resolve_routing(experts->bundle(), controls);
-      m->set_experts(experts.get());
+    BundleExperts bx;
+    if (bundle) {
+      bx = attach_experts(*bundle, *m, o->placement);
+      (void)bx.dispatch()->new_routing(controls);  // a bad control fails before any work
     }
+    ExpertPool* const experts = bx.atmoe.get();
+    TrexPool* const trex = bx.trex.get();
     auto new_routing = [&]() {
       return experts ? experts->new_routing(controls) : trex->new_routing(controls);
     };

@@ -121,30 +121,38 @@ int inspect_bundle(const std::string& dir, bool check_tensors) {
                                                            : std::string("a request embedding"));
     return 0;
   }
-  ExpertPool pool(b, model->config());
+  (void)Router(b, model->config().n_layers, model->config().hidden);  // checks router.safetensors
   std::cout << "bundle:       " << dir << " (method " << b.method << ", router input "
             << (b.router_input == RouterInput::PerToken ? "per_token" : "per_request") << ", tau_group " << b.tau_group
             << ", tau_expert " << b.tau_expert << ", lambda " << b.lambda << ")\n";
   std::cout << "base model:   " << b.base_model << ": " << model->config().summary() << "\n";
-  auto describe = [&](const PeftAdapter& a) {
+  // Each adapter is read, described and dropped: memory stays that of one adapter.
+  const SiteShapes shapes = site_shapes(model->config());
+  auto describe = [&](const BundleExpert& e, int64_t* bytes) {
+    const PeftAdapter a = load_peft_adapter(e.adapter_dir, e.name, shapes);
     std::set<int> ranks;
     for (const auto& [k, w] : a.modules) ranks.insert(w.rank);
     std::string sites;
     for (Site s : a.sites()) sites += std::string(sites.empty() ? "" : ",") + site_name(s);
     std::string rs;
     for (int r : ranks) rs += (rs.empty() ? "" : "/") + std::to_string(r);
+    *bytes += a.param_bytes();
     return fmt::format("rank {:<6} targets {:<22} modules {:>4}  {:>9.2f} MiB", rs, sites, a.modules.size(),
                        double(a.param_bytes()) / (1 << 20));
   };
   for (size_t g = 0; g < b.groups.size(); ++g) {
     int64_t bytes = 0;
-    for (int e : b.groups[g].experts) bytes += pool.adapters()[size_t(e)].param_bytes();
+    std::vector<std::string> lines;
+    for (int e : b.groups[g].experts)
+      lines.push_back(fmt::format("  expert {:<18} {}\n", b.experts[size_t(e)].name, describe(b.experts[size_t(e)], &bytes)));
     std::cout << fmt::format("group {:<14} {} experts, {:.2f} MiB\n", b.groups[g].name, b.groups[g].experts.size(),
                              double(bytes) / (1 << 20));
-    for (int e : b.groups[g].experts)
-      std::cout << fmt::format("  expert {:<18} {}\n", b.experts[size_t(e)].name, describe(pool.adapters()[size_t(e)]));
+    for (const auto& l : lines) std::cout << l;
   }
-  if (pool.general()) std::cout << fmt::format("general expert {:<11} {}\n", pool.general()->name, describe(*pool.general()));
+  if (b.general) {
+    int64_t bytes = 0;
+    std::cout << fmt::format("general expert {:<11} {}\n", b.general->name, describe(*b.general, &bytes));
+  }
   return 0;
 }
 

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "apps/commands.h"
+#include "apps/launch.h"
 #include "apps/routing_flags.h"
 #include "common/chat_template.h"
 #include "common/error.h"
@@ -20,7 +21,7 @@ namespace atmoe::app {
 
 namespace {
 struct GenerateOpts {
-  std::string model, bundle, trace, dtype, system, seed;
+  std::string model, bundle, trace, dtype, system, seed, placement;
   RoutingFlags rf;
   std::vector<std::string> prompts, prompt_files, stop;
   bool chat = false, ignore_eos = false, check_tensors = false;
@@ -55,6 +56,7 @@ Runner add_generate(CLI::App& app) {
   app.add_option("--bundle", o->bundle, "Expert bundle directory (atmoe.json)");
   app.add_option("--trace", o->trace, "Write the routing weights per layer as JSON to this file");
   add_routing_flags(app, o->rf);
+  add_placement_flag(app, o->placement);
   app.add_option("--prompt", o->prompts, "Prompt text (repeatable: a batch of prompts)");
   app.add_option("--prompt-file", o->prompt_files, "A file whose whole content is one prompt (repeatable; after the --prompt texts)");
   app.add_flag("--chat", o->chat, "Wrap the prompt in the model's chat template");
@@ -79,6 +81,7 @@ Runner add_generate(CLI::App& app) {
                                           : parse_u64_flag("--seed", o->seed);
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "generate: give --model PATH or --bundle DIR");
     ATMOE_CHECK_INPUT(!o->bundle.empty() || o->trace.empty(), "--trace needs --bundle");
+    ATMOE_CHECK_INPUT(!o->bundle.empty() || o->placement.empty(), "--placement needs --bundle");
     RoutingControls controls = to_controls(o->rf);
     if (o->bundle.empty()) refuse_routing_without_bundle(controls);
     // Outputs are checked before any work.
@@ -90,17 +93,13 @@ Runner add_generate(CLI::App& app) {
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
     auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
-    std::unique_ptr<ExpertPool> experts;
-    std::unique_ptr<TrexPool> trex;
-    if (bundle && bundle->method == "t-rex") {
-      trex = std::make_unique<TrexPool>(*bundle, model->config(), model->dtype());
-      (void)trex->new_routing(controls);  // a bad control fails before any work
-      model->set_trex(trex.get());
-    } else if (bundle) {
-      experts = std::make_unique<ExpertPool>(*bundle, model->config(), model->dtype());
-      (void)resolve_routing(experts->bundle(), controls);
-      model->set_experts(experts.get());
+    BundleExperts bx;
+    if (bundle) {
+      bx = attach_experts(*bundle, *model, o->placement);
+      (void)bx.dispatch()->new_routing(controls);  // a bad control fails before any work
     }
+    ExpertPool* const experts = bx.atmoe.get();
+    TrexPool* const trex = bx.trex.get();
     std::vector<GenerateRequest> reqs;
     for (size_t i = 0; i < prompts.size(); ++i) {
       GenerateRequest r;

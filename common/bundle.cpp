@@ -153,4 +153,38 @@ Bundle load_bundle_manifest(const std::string& dir) {
   return b;
 }
 
+namespace {
+void fnv(uint64_t& h, const std::string& s) {
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  h ^= 0xff;  // field separator
+  h *= 1099511628211ull;
+}
+std::string slurp_or_empty(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return f ? std::string(std::istreambuf_iterator<char>(f), {}) : std::string();
+}
+std::string size_or_none(const fs::path& p) {
+  std::error_code ec;
+  const auto n = fs::file_size(p, ec);
+  return ec ? std::string("none") : std::to_string(n);
+}
+}  // namespace
+
+std::string bundle_fingerprint(const Bundle& b) {
+  uint64_t h = 1469598103934665603ull;
+  fnv(h, slurp_or_empty(b.manifest));
+  auto expert = [&](const BundleExpert& e) {
+    fnv(h, e.name);
+    fnv(h, slurp_or_empty(fs::path(e.adapter_dir) / "adapter_config.json"));
+    fnv(h, size_or_none(fs::path(e.adapter_dir) / "adapter_model.safetensors"));
+  };
+  for (const auto& e : b.experts) expert(e);
+  if (b.general) expert(*b.general);
+  if (!b.router_file.empty()) fnv(h, size_or_none(b.router_file));
+  return fmt::format("{:016x}", h);
+}
+
 }  // namespace atmoe

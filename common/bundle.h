@@ -57,6 +57,9 @@ struct Bundle {
 };
 
 Bundle load_bundle_manifest(const std::string& dir);
+// A fingerprint of what a bundle's ranks must agree on: atmoe.json and every adapter's
+// adapter_config.json byte for byte, and the sizes of the weight files (hex, 16 digits).
+std::string bundle_fingerprint(const Bundle& b);
 // Joins a manifest path onto the bundle dir after checking it stays inside (InputError
 // naming the manifest and field otherwise).
 std::string bundle_path(const std::string& dir, const std::string& rel, const std::string& manifest,

@@ -16,6 +16,12 @@ const std::vector<EnvKnob>& env_knobs() {
       {"ATMOE_SPIN_US", "200", "microseconds an idle pool thread spins before it sleeps (0..1000000)", nullptr, true, 0, 1000000},
       {"ATMOE_PREFILL_GEMM", "simd", "GEMM for prompts of >= 32 tokens: simd (atmoe's kernel) or blas (OpenBLAS sgemm)",
        "simd|blas"},
+      {"ATMOE_WORKER_TIMEOUT", "60",
+       "seconds the coordinator waits for a worker rank's answer once loading is done; then it reports the rank and "
+       "host and ends the job (1..86400)",
+       nullptr, true, 1, 86400},
+      {"ATMOE_LOAD_TIMEOUT", "600", "seconds the coordinator waits for every worker rank to load its experts (1..86400)",
+       nullptr, true, 1, 86400},
       {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (unset: the best the CPU has)", "scalar|avx2|avx512"},
   };
   return k;

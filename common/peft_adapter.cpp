@@ -35,6 +35,10 @@ bool pattern_matches(const std::string& key, const std::string& module, const st
 
 const char* site_name(Site s) { return kSiteNames[int(s)]; }
 const char* site_module(Site s) { return kSiteModules[int(s)]; }
+const char* site_input_name(SiteInput in) {
+  constexpr const char* n[] = {"attn_in", "attn_out", "mlp_in", "mlp_act"};
+  return n[int(in)];
+}
 bool parse_site(const std::string& s, Site* out) {
   for (int i = 0; i < kNumSites; ++i)
     if (s == kSiteNames[i] || s == kSiteModules[i]) {

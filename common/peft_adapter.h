@@ -25,6 +25,25 @@ const char* site_name(Site s);       // "q", "k", ...
 const char* site_module(Site s);     // "q_proj", ...
 bool parse_site(const std::string& s, Site* out);  // accepts "q" or "q_proj"
 
+// The four distinct activations that feed the sites of a layer (DESIGN.md 1): attn_in
+// (q,k,v), attn_out (o), mlp_in (gate,up), mlp_act (down). The deltas of an input's sites
+// are laid side by side in site order, as the model fuses them: q|k|v, o, gate|up, down.
+enum class SiteInput : int { AttnIn = 0, AttnOut, MlpIn, MlpAct };
+constexpr int kNumSiteInputs = 4;
+const char* site_input_name(SiteInput in);  // "attn_in", ...
+inline SiteInput site_input(Site s) {
+  return s <= Site::V ? SiteInput::AttnIn : s == Site::O ? SiteInput::AttnOut : s == Site::Down ? SiteInput::MlpAct : SiteInput::MlpIn;
+}
+// Sites of an input: [first, first + count).
+inline Site input_first_site(SiteInput in) {
+  constexpr Site first[] = {Site::Q, Site::O, Site::Gate, Site::Down};
+  return first[int(in)];
+}
+inline int input_site_count(SiteInput in) {
+  constexpr int n[] = {3, 1, 2, 1};
+  return n[int(in)];
+}
+
 constexpr int kMaxLoraRank = 4096;
 
 // The LoRA scale: alpha / r, or alpha / sqrt(r) with rslora. The one place it is computed.

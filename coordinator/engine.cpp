@@ -5,7 +5,6 @@
 #include <random>
 
 #include "common/error.h"
-#include "coordinator/trex_pool.h"
 
 namespace atmoe {
 
@@ -48,9 +47,8 @@ std::vector<GenerateResult> Engine::run(const std::vector<GenerateRequest>& reqs
     s->rng.seed(r.seed);
     s->dec = std::make_unique<StreamDecoder>(tok);
     for (const auto& st : r.stop) s->holdback = std::max(s->holdback, st.empty() ? 0 : st.size() - 1);
-    if ((m_.experts() || m_.trex()) && r.use_experts) {
-      s->routing = std::shared_ptr<SeqRouting>(
-          (m_.experts() ? m_.experts()->new_routing(r.routing) : m_.trex()->new_routing(r.routing)).release());
+    if (m_.experts() && r.use_experts) {
+      s->routing = std::shared_ptr<SeqRouting>(m_.experts()->new_routing(r.routing).release());
       s->routing->trace_tokens = r.trace_tokens;
       out[i].routing = s->routing;
     }
@@ -109,8 +107,7 @@ std::vector<GenerateResult> Engine::run(const std::vector<GenerateRequest>& reqs
       s->cache = m_.new_cache();
       int64_t left = int64_t(s->req->prompt.size());
       // per_request routing needs the whole prompt in one forward (its mean is the router input).
-      const bool whole = s->routing && ((m_.experts() && m_.experts()->bundle().router_input == RouterInput::PerRequest) ||
-                                        (m_.trex() && m_.trex()->bundle().trex->intuition_from_hidden));
+      const bool whole = s->routing && m_.experts()->needs_whole_prompt();
       int64_t n = whole ? left : std::min(left, budget);
       items.push_back({s->cache.get(), s->req->prompt.data(), n, n == left ? LogitsMode::Last : LogitsMode::None,
                        s->routing.get()});

@@ -1,97 +1,154 @@
 #include "coordinator/experts.h"
 
+#include <algorithm>
+#include <numeric>
+
 #include "common/error.h"
 #include "common/log.h"
-#include "kernels/cpu/matmul.h"
+#include "coordinator/model.h"
+#include "kernels/thread_pool.h"
 
 namespace atmoe {
 
-SiteShapes site_shapes(const ModelConfig& c) {
-  SiteShapes s;
-  s.n_layers = c.n_layers;
-  const int64_t d = c.hidden, q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim, f = c.ffn;
-  s.d_in = {d, d, d, q, d, d, f};
-  s.d_out = {q, kv, kv, d, f, f, d};
-  return s;
+namespace {
+std::vector<int> all_groups(const Bundle& b) {
+  std::vector<int> g(b.groups.size());
+  std::iota(g.begin(), g.end(), 0);
+  return g;
+}
+}  // namespace
+
+LocalExperts::LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype)
+    : shard_(b, shard_spec(c, dtype, all_groups(b), b.general.has_value())) {}
+
+void LocalExperts::set_layer(int layer, const StepRouting& r) {
+  (void)layer;
+  // The shard's columns from the bundle's: a gather of [T, E + 1] into [T, shard columns].
+  const auto& ce = shard_.column_expert();
+  const size_t nc = ce.size();
+  coef_.resize(size_t(r.T) * nc);
+  for (int64_t t = 0; t < r.T; ++t)
+    for (size_t c = 0; c < nc; ++c) coef_[size_t(t) * nc + c] = r.coef[size_t(t * r.C + ce[c])];
 }
 
-ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
+void LocalExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) {
+  (void)layer;
+  (void)in;
+  (void)r;
+  x_ = x;
+  ldx_ = ldx;
+}
+
+void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) {
+  shard_.apply(layer, in, x_, ldx_, coef_.data(), int64_t(shard_.column_expert().size()), y, ldy, r.T,
+               ThreadPool::global());
+}
+
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype)
+    : ExpertPool(b, c, std::unique_ptr<ExpertBackend>()) {
   ATMOE_ASSERT(dtype == DType::F32 || dtype == DType::BF16);
-  const SiteShapes shapes = site_shapes(c);
-  for (const auto& e : b_.experts) adapters_.push_back(load_peft_adapter(e.adapter_dir, e.name, shapes));
-  if (b_.general) general_ = std::make_unique<PeftAdapter>(load_peft_adapter(b_.general->adapter_dir, b_.general->name, shapes));
+  backend_ = std::make_unique<LocalExperts>(b_, c, dtype);
+}
+
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend)
+    : b_(b), n_layers_(c.n_layers), hidden_(c.hidden), backend_(std::move(backend)) {
   router_ = std::make_unique<Router>(b_, c.n_layers, c.hidden);
-  const int E = int(b_.experts.size()), G = int(b_.groups.size());
-  stacks_.resize(size_t(c.n_layers) * kNumSites);
-  for (int l = 0; l < c.n_layers; ++l)
-    for (int si = 0; si < kNumSites; ++si) {
-      SiteStack& st = stacks_[size_t(l) * kNumSites + size_t(si)];
-      st.d_in = shapes.d_in[size_t(si)];
-      st.d_out = shapes.d_out[size_t(si)];
-      // Row plan: (expert index, LoraWeights*) per block.
-      std::vector<std::pair<int, const LoraWeights*>> rows_of;
-      std::vector<std::pair<int64_t, int64_t>> blocks;
-      int64_t R = 0;
-      auto add_block = [&](const std::vector<std::pair<int, const PeftAdapter*>>& members) {
-        int64_t start = R;
-        for (auto [e, ad] : members) {
-          auto it = ad->modules.find({l, Site(si)});
-          if (it == ad->modules.end()) continue;
-          rows_of.emplace_back(e, &it->second);
-          R += it->second.rank;
-        }
-        R = (R + cpu::kPanel - 1) / cpu::kPanel * cpu::kPanel;
-        blocks.emplace_back(start, R);
-      };
-      for (int g = 0; g < G; ++g) {
-        std::vector<std::pair<int, const PeftAdapter*>> m;
-        for (int e : b_.groups[size_t(g)].experts) m.emplace_back(e, &adapters_[size_t(e)]);
-        add_block(m);
-      }
-      if (general_) add_block({{E, general_.get()}});
-      else blocks.emplace_back(R, R);
-      st.R = R;
-      st.block = blocks;
-      st.block_experts.assign(blocks.size(), {});
-      for (auto [e, w] : rows_of) {
-        (void)w;
-        st.block_experts[e == E ? size_t(G) : size_t(b_.experts[size_t(e)].group)].push_back(e);
-      }
-      st.row_expert.assign(size_t(R), -1);
-      st.row_scale.assign(size_t(R), 0.f);
-      if (R == 0) continue;
-      // Row-major A [R, d_in] and B [d_out, R] in f32, then packed.
-      std::vector<float> A(size_t(R * st.d_in), 0.f), B(size_t(st.d_out * R), 0.f);
-      // Place each expert's rows at the next free row of its block.
-      std::vector<int64_t> next(blocks.size());
-      for (size_t k = 0; k < blocks.size(); ++k) next[k] = blocks[k].first;
-      // PEFT adapters are trained on the HF layout: on a GGUF llama base, lora_B's q/k rows
-      // follow the base's rope permutation.
-      const bool permute = c.rope_style == RopeStyle::Interleaved && (si == int(Site::Q) || si == int(Site::K));
-      auto out_row = [&](int64_t n) { return permute ? gguf_qk_row(n, c.head_dim) : n; };
-      for (auto [e, w] : rows_of) {
-        size_t blk = e == E ? size_t(G) : size_t(b_.experts[size_t(e)].group);
-        int64_t r0 = next[blk];
-        next[blk] += w->rank;
-        for (int64_t r = 0; r < w->rank; ++r) {
-          st.row_expert[size_t(r0 + r)] = e;
-          st.row_scale[size_t(r0 + r)] = float(w->scale);
-          std::memcpy(&A[size_t((r0 + r) * st.d_in)], w->A.data<float>() + r * st.d_in, size_t(st.d_in) * 4);
-          for (int64_t n = 0; n < st.d_out; ++n) B[size_t(out_row(n) * R + r0 + r)] = w->B.data<float>()[n * w->rank + r];
-        }
-      }
-      st.A = Tensor::empty(dtype, {int64_t(cpu::packed_elems(R, st.d_in))});
-      st.B = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st.d_out, R))});
-      cpu::pack_weights(A.data(), R, st.d_in, dtype, st.A.data<void>());
-      cpu::pack_weights(B.data(), st.d_out, R, dtype, st.B.data<void>());
-    }
-  ATMOE_LOG("coord")->info("bundle {}: {} groups, {} experts{}", b_.dir, G, E, general_ ? " + general" : "");
+  ATMOE_LOG("coord")->info("bundle {}: {} groups, {} experts{}", b_.dir, b_.groups.size(), b_.experts.size(),
+                           b_.general ? " + general" : "");
+}
+
+ExpertPool::~ExpertPool() = default;
+
+const ExpertShard* ExpertPool::local_shard() const {
+  auto* l = dynamic_cast<const LocalExperts*>(backend_.get());
+  return l ? &l->shard() : nullptr;
 }
 
 std::unique_ptr<SeqRouting> ExpertPool::new_routing(const RoutingControls& c) const {
   auto r = std::make_unique<SeqRouting>();
   r->ctl = resolve_routing(b_, c);
   return r;
+}
+
+// Routing weights of every token row for layer `layer`, from the router input h (the
+// normalised attention input). per_request: the mean of h over the prompt, computed once
+// (the first forward of a sequence holds its whole prompt) and reused while decoding.
+void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) {
+  const int E = n_experts(), G = int(b_.groups.size());
+  const int64_t d = hidden_;
+  const bool per_token = b_.router_input == RouterInput::PerToken;
+  const bool has_general = b_.general.has_value();
+  StepRouting& s = step_;
+  const int C = E + 1;
+  s.T = T;
+  s.C = C;
+  s.coef.assign(size_t(T * C), 0.f);
+  s.active = false;
+  ra_.resize(size_t(G));
+  rw_.resize(size_t(E));
+  umean_.resize(size_t(d));
+  int64_t t0 = 0;
+  for (const auto& it : items) {
+    SeqRouting* r = it.routing;
+    if (r && !r->ctl.off) {
+      s.active = true;
+      const float lam = float(r->ctl.lambda);
+      const float gen = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;
+      if (r->a.empty()) {
+        r->a.assign(size_t(n_layers_), std::vector<double>(size_t(G), 0.0));
+        r->w.assign(size_t(n_layers_), std::vector<double>(size_t(E), 0.0));
+      }
+      if (!per_token) {
+        if (!r->per_request_done) {
+          ATMOE_ASSERT(it.cache->len() == 0);  // the whole prompt is in this forward
+          std::fill(umean_.begin(), umean_.end(), 0.f);
+          for (int64_t j = 0; j < it.n; ++j)
+            for (int64_t i = 0; i < d; ++i) umean_[size_t(i)] += h[(t0 + j) * ldh + i];
+          for (auto& v : umean_) v /= float(it.n);
+          router_->route(layer, umean_.data(), r->ctl, r->a[size_t(layer)].data(), r->w[size_t(layer)].data());
+          if (layer == n_layers_ - 1) r->per_request_done = true;
+        }
+        for (int64_t j = 0; j < it.n; ++j) {
+          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * C + e)] = lam * float(r->w[size_t(layer)][size_t(e)]);
+          s.coef[size_t((t0 + j) * C + E)] = gen;
+        }
+      } else {
+        for (int64_t j = 0; j < it.n; ++j) {
+          router_->route(layer, h + (t0 + j) * ldh, r->ctl, ra_.data(), rw_.data());
+          for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * C + e)] = lam * float(rw_[size_t(e)]);
+          s.coef[size_t((t0 + j) * C + E)] = gen;
+          // Running mean over tokens for the request-level trace; per-token detail if asked.
+          const double k = double(r->n_token_steps + j);
+          for (int g = 0; g < G; ++g)
+            r->a[size_t(layer)][size_t(g)] += (ra_[size_t(g)] - r->a[size_t(layer)][size_t(g)]) / (k + 1);
+          for (int e = 0; e < E; ++e)
+            r->w[size_t(layer)][size_t(e)] += (rw_[size_t(e)] - r->w[size_t(layer)][size_t(e)]) / (k + 1);
+          if (r->trace_tokens) {
+            size_t tok = size_t(r->n_token_steps + j);
+            if (r->tokens.size() <= tok) {
+              r->tokens.resize(tok + 1, std::vector<std::vector<double>>(size_t(n_layers_)));
+              r->tokens_groups.resize(tok + 1, std::vector<std::vector<double>>(size_t(n_layers_)));
+            }
+            r->tokens[tok][size_t(layer)] = rw_;
+            r->tokens_groups[tok][size_t(layer)] = ra_;
+          }
+        }
+        if (layer == n_layers_ - 1) r->n_token_steps += it.n;
+      }
+    }
+    t0 += it.n;
+  }
+  if (s.active) backend_->set_layer(layer, s);
+}
+
+void ExpertPool::post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) {
+  ATMOE_ASSERT(T == step_.T);
+  if (step_.active) backend_->post(layer, in, x, ldx, step_);
+}
+
+void ExpertPool::wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) {
+  ATMOE_ASSERT(T == step_.T);
+  if (step_.active) backend_->wait(layer, in, y, ldy, step_);
 }
 
 }  // namespace atmoe

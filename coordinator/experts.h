@@ -1,12 +1,7 @@
-// The in-process expert pool of an AT-MoE bundle: every expert's LoRA weights stacked per
-// (layer, site) for the shrink -> mix -> expand kernel (kernels/cpu/lora.h), the router,
-// and the per-sequence routing state.
-//
-// Stack layout of one (layer, site): rows grouped by expert group, in manifest order;
-// inside a group, each expert that targets this module contributes its rank r_e rows
-// (heterogeneous ranks, no per-expert padding); each group's block is padded to a multiple
-// of kPanel rows so a group is a whole number of panels (top-k groups select panel
-// ranges). The general expert, when present, is one more block at the end.
+// The coordinator's side of an AT-MoE bundle (DESIGN.md 1.1, 3): the bundle, the grouped
+// router, the per-sequence routing state and, per layer, the step's routing
+// coefficients. Where the experts' LoRA banks live is an ExpertBackend: in this process
+// (one ExpertShard of every group, N = 1) or on worker ranks (coordinator/remote_experts.h).
 #pragma once
 #include <memory>
 #include <string>
@@ -15,19 +10,11 @@
 #include "common/bundle.h"
 #include "common/model_config.h"
 #include "common/peft_adapter.h"
+#include "coordinator/expert_dispatch.h"
 #include "coordinator/router.h"
+#include "worker/expert_shard.h"
 
 namespace atmoe {
-
-struct SiteStack {
-  int64_t R = 0;                  // rows incl. padding (multiple of kPanel)
-  int64_t d_in = 0, d_out = 0;
-  Tensor A, B;                    // packed, model dtype: A [R, d_in], B [d_out, R]
-  std::vector<int32_t> row_expert;  // [R]: expert index, E for the general expert, -1 padding
-  std::vector<float> row_scale;     // [R]: the expert's LoRA scale s_e for this module
-  std::vector<std::pair<int64_t, int64_t>> block;  // [G + 1]: row range of each group (+ general)
-  std::vector<std::vector<int32_t>> block_experts; // [G + 1]: the experts with rows in each block
-};
 
 // Routing state of one sequence: its controls, and the per-request weights once computed.
 struct SeqRouting {
@@ -37,33 +24,79 @@ struct SeqRouting {
   bool trace_tokens = false;
   std::vector<std::vector<std::vector<double>>> tokens;         // per_token: [token][L][E]
   std::vector<std::vector<std::vector<double>>> tokens_groups;  // per_token: [token][L][G]
-  int64_t n_token_steps = 0;                             // per_token: tokens accumulated into a/w
+  int64_t n_token_steps = 0;                                    // per_token: tokens accumulated into a/w
   // T-REX: the controls, and the cluster scores C e once known (empty until then).
   RoutingControls trex_ctl;
   bool trex_ready = false;
   std::vector<float> trex_ce;
 };
 
-class ExpertPool {
+// The routing of one layer for the batch's token rows.
+struct StepRouting {
+  int64_t T = 0;
+  int C = 0;                // E + 1
+  std::vector<float> coef;  // [T, C]: λ·w_l[e] for the experts in bundle order, (1 − λ) in column E
+  bool active = false;      // some row routes through the experts
+};
+
+// Where the experts run. Called in the order route -> post -> wait of ExpertDispatch.
+class ExpertBackend {
+ public:
+  virtual ~ExpertBackend() = default;
+  virtual void set_layer(int layer, const StepRouting& r) = 0;
+  virtual void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) = 0;
+  virtual void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) = 0;
+  virtual void end_step() {}
+};
+
+// In this process: one shard of every group (and the general expert).
+class LocalExperts : public ExpertBackend {
+ public:
+  LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype);
+  const ExpertShard& shard() const { return shard_; }
+  void set_layer(int layer, const StepRouting& r) override;
+  void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) override;
+  void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) override;
+
+ private:
+  ExpertShard shard_;
+  std::vector<float> coef_;  // [T, shard columns]
+  const float* x_ = nullptr;
+  int64_t ldx_ = 0;
+};
+
+class ExpertPool : public ExpertDispatch {
  public:
   // dtype: of the stacked LoRA weights (the model's: bf16 halves the bytes read per step).
+  // Experts in this process.
   ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32);
+  // Experts behind `backend` (worker ranks).
+  ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend);
+  ~ExpertPool() override;
+
   const Bundle& bundle() const { return b_; }
   const Router& router() const { return *router_; }
-  const SiteStack& stack(int layer, Site s) const { return stacks_[size_t(layer) * kNumSites + size_t(s)]; }
   int n_experts() const { return int(b_.experts.size()); }
-  const std::vector<PeftAdapter>& adapters() const { return adapters_; }   // manifest order
-  const PeftAdapter* general() const { return general_ ? general_.get() : nullptr; }
-  std::unique_ptr<SeqRouting> new_routing(const RoutingControls& c) const;
+  // The in-process shard, or nullptr when the experts are remote.
+  const ExpertShard* local_shard() const;
+  ExpertBackend& backend() { return *backend_; }
+
+  std::unique_ptr<SeqRouting> new_routing(const RoutingControls& c) const override;
+  bool needs_whole_prompt() const override { return b_.router_input == RouterInput::PerRequest; }
+  void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) override;
+  void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) override;
+  void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) override;
+  void end_step() override { backend_->end_step(); }
 
  private:
   Bundle b_;
-  std::vector<PeftAdapter> adapters_;
-  std::unique_ptr<PeftAdapter> general_;
+  int n_layers_ = 0;
+  int64_t hidden_ = 0;
   std::unique_ptr<Router> router_;
-  std::vector<SiteStack> stacks_;  // [L * kNumSites]
+  std::unique_ptr<ExpertBackend> backend_;
+  StepRouting step_;
+  std::vector<double> ra_, rw_;
+  std::vector<float> umean_;
 };
-
-SiteShapes site_shapes(const ModelConfig& c);
 
 }  // namespace atmoe

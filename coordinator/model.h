@@ -18,8 +18,7 @@
 namespace atmoe {
 
 class ThreadPool;
-class ExpertPool;
-class TrexPool;
+class ExpertDispatch;
 struct SeqRouting;
 
 struct Linear {
@@ -66,11 +65,10 @@ class Model {
   int64_t weight_bytes() const;  // bytes of weights read by one decode step
 
   std::unique_ptr<KvCache> new_cache() const;
-  // Attaches a bundle's experts (not owned; must outlive the model's use of it).
-  void set_experts(const ExpertPool* e) { experts_ = e; }
-  const ExpertPool* experts() const { return experts_; }
-  void set_trex(const TrexPool* t) { trex_ = t; }
-  const TrexPool* trex() const { return trex_; }
+  // Attaches a bundle's experts (not owned; must outlive the model's use of it): the
+  // model calls it per layer and site input (coordinator/expert_dispatch.h).
+  void set_experts(ExpertDispatch* e) { experts_ = e; }
+  ExpertDispatch* experts() const { return experts_; }
   // Mean over the tokens of the residual stream after `layer` (base model, no experts).
   std::vector<float> pooled_hidden(const int32_t* tokens, int64_t n, int layer);
   // Runs the items as one batch; appends the requested logits rows (item order, [rows, vocab])
@@ -89,13 +87,10 @@ class Model {
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
   ThreadPool* pool_ = nullptr;
-  const ExpertPool* experts_ = nullptr;
-  const TrexPool* trex_ = nullptr;
+  ExpertDispatch* experts_ = nullptr;
   int stop_after_layer_ = -1;              // pooled_hidden: stop here and
   std::vector<float>* pooled_out_ = nullptr;  // write the mean residual here
   struct Scratch;
-  void route_layer(int layer, const std::vector<ForwardItem>& items);
-  void apply_site(int layer, int site, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t T);
   std::unique_ptr<Scratch> s_;
 };
 

@@ -11,7 +11,10 @@
 #include "common/safetensors.h"
 #include "common/tensor_check.h"
 #include "coordinator/experts.h"
+#include "coordinator/model.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/trex.h"
+#include "kernels/thread_pool.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
@@ -70,6 +73,7 @@ static Tensor load_centroids(const std::string& path) {
 TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
   ATMOE_ASSERT(b.trex.has_value());
   const SiteShapes shapes = site_shapes(c);
+  shapes_ = shapes;
   ad_ = load_trex_adapter(b.trex->adapter_dir, shapes);
   C_ = load_centroids(b.trex->centroids_file);
   const int64_t K = C_.dim(0);
@@ -179,6 +183,92 @@ std::unique_ptr<SeqRouting> TrexPool::new_routing(const RoutingControls& c) cons
     r->trex_ready = true;
   }
   return r;  // hidden_state intuition: computed by the model at prefill
+}
+
+void TrexPool::begin_step(Model& m, const std::vector<ForwardItem>& items) {
+  // Intuitions that come from a base layer's pooled hidden state, before the forward uses
+  // the model's scratch buffers.
+  for (const auto& it : items)
+    if (it.routing && !it.routing->ctl.off && !it.routing->trex_ready) {
+      ATMOE_ASSERT(it.cache->len() == 0);  // the whole prompt is in this forward
+      auto e = m.pooled_hidden(it.tokens, it.n, b_.trex->hidden_layer);
+      it.routing->trex_ce = cluster_scores(e.data(), int64_t(e.size()));
+      it.routing->trex_ready = true;
+    }
+}
+
+void TrexPool::route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) {
+  (void)layer;
+  (void)h;
+  (void)ldh;
+  (void)T;
+  rows_.clear();
+  seq_.clear();
+  int64_t t0 = 0;
+  for (const auto& it : items) {
+    if (it.routing && !it.routing->ctl.off)
+      for (int64_t j = 0; j < it.n; ++j) {
+        rows_.push_back(int32_t(t0 + j));
+        seq_.push_back(it.routing);
+      }
+    t0 += it.n;
+  }
+}
+
+void TrexPool::post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) {
+  (void)layer;
+  (void)in;
+  (void)T;
+  x_ = x;
+  ldx_ = ldx;
+}
+
+void TrexPool::wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) {
+  (void)T;
+  if (rows_.empty()) return;
+  const int64_t n = int64_t(rows_.size()), E = ad_.E;
+  int64_t col = 0;
+  for (int i = 0; i < input_site_count(in); ++i) {
+    const Site site = Site(int(input_first_site(in)) + i);
+    const TrexSite* ts = this->site(layer, site);
+    if (ts) {
+      s_.resize(size_t(n * E));
+      omega_.resize(size_t(n));
+      tmp_.resize(size_t(E));
+      const SeqRouting* last = nullptr;
+      for (int64_t j = 0; j < n; ++j) {
+        const SeqRouting* r = seq_[size_t(j)];
+        if (r != last) module_intuition(*ts, r->trex_ce, tmp_.data());
+        last = r;
+        std::copy(tmp_.begin(), tmp_.end(), s_.begin() + j * E);
+        omega_[size_t(j)] = r->trex_ctl.omega ? float(*r->trex_ctl.omega) : ts->omega;
+      }
+      cpu::TrexParams p;
+      p.x = x_;
+      p.ldx = ldx_;
+      p.AW = ts->AW.raw();
+      p.B = ts->B.raw();
+      p.dtype = ts->AW.dtype();
+      p.R = ts->R;
+      p.T = n;
+      p.d_in = ts->d_in;
+      p.d_out = ts->d_out;
+      p.r1 = ad_.r1;
+      p.r2 = ad_.r2;
+      p.E = E;
+      p.diagonal = ad_.mode == "rank1";
+      p.rows = rows_.data();
+      p.s = s_.data();
+      p.omega = omega_.data();
+      p.gate = ts->gate;
+      if (ws_.size() < size_t(cpu::trex_workspace_floats(p))) ws_.resize(size_t(cpu::trex_workspace_floats(p)));
+      p.ws = ws_.data();
+      p.y = y + col;
+      p.ldy = ldy;
+      cpu::trex_apply(p, ThreadPool::global());
+    }
+    col += shapes_.d_out[size_t(site)];
+  }
 }
 
 }  // namespace atmoe

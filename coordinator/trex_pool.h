@@ -21,7 +21,9 @@ struct TrexSite {
   Tensor M;                        // f32 [E, K] or undefined
 };
 
-class TrexPool {
+// T-REX bundles run in the coordinator's process (one adapter of rank-1 experts: no
+// groups to shard; docs/deploy.md).
+class TrexPool : public ExpertDispatch {
  public:
   TrexPool(const Bundle& b, const ModelConfig& c, DType dtype);
   const Bundle& bundle() const { return b_; }
@@ -35,13 +37,27 @@ class TrexPool {
   // The intuition term s ([E]) of one module from the cluster scores ce ([K]).
   void module_intuition(const TrexSite& s, const std::vector<float>& ce, float* out) const;
   // Routing state of one request; InputError for AT-MoE-only controls or a missing embedding.
-  std::unique_ptr<SeqRouting> new_routing(const RoutingControls& c) const;
+  std::unique_ptr<SeqRouting> new_routing(const RoutingControls& c) const override;
+  // ExpertDispatch: T-REX routes inside each module (kernels/cpu/trex.h); route() collects
+  // the rows that use the experts, wait() runs every adapted site of the input.
+  bool needs_whole_prompt() const override { return b_.trex->intuition_from_hidden; }
+  void begin_step(Model& m, const std::vector<ForwardItem>& items) override;
+  void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) override;
+  void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) override;
+  void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) override;
 
  private:
   Bundle b_;
+  SiteShapes shapes_;
   TrexAdapter ad_;
   Tensor C_;  // f32 [K, d_e]
   std::vector<std::unique_ptr<TrexSite>> sites_;  // [L * kNumSites], null when not adapted
+  // Step scratch: rows that route, their sequences, per-row intuition and ω'.
+  std::vector<int32_t> rows_;
+  std::vector<SeqRouting*> seq_;
+  std::vector<float> s_, omega_, ws_, tmp_;
+  const float* x_ = nullptr;
+  int64_t ldx_ = 0;
 };
 
 }  // namespace atmoe

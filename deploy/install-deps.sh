@@ -7,7 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PKGS=(build-essential cmake pkg-config git python3 python3-pip unzip
       libopenmpi-dev openmpi-bin libboost-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
       libopenblas-dev libcli11-dev libpcre2-dev libutf8proc-dev libgtest-dev libgmock-dev libbenchmark-dev
-      clang libclang-rt-14-dev)
+      clang libclang-rt-14-dev
+      slurm-wlm munge)  # the local Slurm cluster of deploy/slurm-local.sh and the e2e_slurm test
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

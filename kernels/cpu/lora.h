@@ -1,17 +1,22 @@
-// Batched LoRA mixture on one site: shrink -> mix -> expand (DESIGN.md 1.3), SGMV-style:
-// one shrink and one expand for a whole batch whose tokens use different mixes.
-//   x:   [T, d_in] (stride ldx)                      y: [T, d_out] (stride ldy), y += Δ
-//   A:   all experts' lora_A stacked, [R, d_in], packed panels (matmul.h), f32 or bf16
-//   B:   all experts' lora_B side by side, [d_out, R], packed panels, same dtype
-//   row_expert [R], row_scale [R]: the expert (column of coef; -1 = padding) and LoRA
-//        scale s_e of each rank row
-//   coef [T, ldc]: the routing coefficient of each expert for each token (λ · w_t[e])
-//   blocks: [r0, r1) row ranges (multiples of kPanel: whole expert groups) with the tokens
-//        that use them; rows outside every block and tokens not listed cost nothing.
-//   u (workspace): [T, R]
-// Δ[t] = Σ_{blocks b ∋ t} Σ_{r in b} B[:, r] · coef[t, e(r)] · s_{e(r)} · (A[r, :] · x[t])
-// One parallel region: shrink+mix over (block, panel) items, a barrier, expand over
-// output panels.
+// Batched LoRA mixture on one *site input* (DESIGN.md 1.3): shrink -> mix -> expand for
+// every site fed by the same activations (q,k,v read attn_in; gate,up read mlp_in), SGMV-
+// style: one parallel region for a whole batch whose tokens use different mixes.
+//   x:    [T, d_in] (stride ldx), shared by the sites
+//   coef: [T, ldc]: the routing coefficient of each column (expert) for each token
+//   per site s:
+//     A_s [R_s, d_in], B_s [d_out_s, R_s]: the stacked lora_A / lora_B, packed panels
+//       (matmul.h), f32 or bf16
+//     row_col_s [R_s] (column of coef; -1 = padding), row_scale_s [R_s] (LoRA scale s_e)
+//     blocks_s: [r0, r1) row ranges (any boundaries, ascending, disjoint) with the tokens
+//       that use them; rows outside every block and tokens not listed cost nothing
+//     y_s: [T, d_out_s] (stride ldy_s), y_s += Δ_s
+//   u (workspace): [T, Σ_s R_s], site s at column offset Σ_{s' < s} R_s'
+// Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t])
+// A 32-row shrink panel may hold rows of several blocks (blocks are not padded, so memory
+// follows the adapters' bytes): it is computed once for the union of their tokens; the
+// expand of a token reads only the rows of its own blocks.
+// One parallel region: shrink+mix over (site, panel) items, a barrier, expand over
+// (site, output-panel chunk) items; items are claimed from shared counters.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -19,7 +24,9 @@
 
 #include "common/dtype.h"
 
-namespace atmoe { class ThreadPool; }
+namespace atmoe {
+class ThreadPool;
+}
 
 namespace atmoe::cpu {
 
@@ -28,26 +35,51 @@ struct LoraBlock {
   std::vector<int32_t> toks;  // tokens (rows of x, y, coef) that use this block
 };
 
+struct LoraSite {
+  const void* A = nullptr;
+  const void* B = nullptr;
+  int64_t R = 0, d_out = 0;
+  const int32_t* row_col = nullptr;
+  const float* row_scale = nullptr;
+  const LoraBlock* blocks = nullptr;
+  int64_t n_blocks = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+
+// Work lists of one call, rebuilt each time; kept by the caller so calls do not allocate.
+struct LoraPlan {
+  struct Shrink {
+    int32_t site;
+    int64_t panel, tok0, tok1;  // tokens [tok0, tok1) of `toks`
+  };
+  struct Expand {
+    int32_t site;
+    int64_t range0, range1, tok0, tok1;  // k ranges [range0, range1) of `ranges`, tokens of `toks`
+  };
+  std::vector<Shrink> shrink;
+  std::vector<Expand> expand;
+  std::vector<int32_t> toks;
+  std::vector<int64_t> ranges;  // [begin, end) pairs
+  std::vector<int64_t> mark;
+};
+
 struct LoraMixParams {
   const float* x = nullptr;
   int64_t ldx = 0;
-  const void* A = nullptr;
-  const void* B = nullptr;
+  int64_t T = 0, d_in = 0;
   DType dtype = DType::F32;
-  const int32_t* row_expert = nullptr;
-  const float* row_scale = nullptr;
   const float* coef = nullptr;
   int64_t ldc = 0;
-  float* u = nullptr;
-  float* y = nullptr;
-  int64_t ldy = 0;
-  int64_t T = 0, d_in = 0, d_out = 0, R = 0;
-  const LoraBlock* blocks = nullptr;
-  int64_t n_blocks = 0;
-  std::vector<std::pair<size_t, int64_t>>* items = nullptr;  // scratch for lora_mix_apply (reused)
+  const LoraSite* sites = nullptr;
+  int n_sites = 0;
+  float* u = nullptr;  // [T, Σ R_s]
+  LoraPlan* plan = nullptr;
 };
 
+// Floats of u for these sites and T tokens.
+int64_t lora_workspace_floats(const LoraMixParams& p);
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool);
-void lora_mix_apply_ref(const LoraMixParams& p);  // float64, single-threaded
+void lora_mix_apply_ref(const LoraMixParams& p);  // float64, single-threaded, no workspace
 
 }  // namespace atmoe::cpu

@@ -54,7 +54,7 @@ TEST(TrexParity, MatchesTorchTranscription) {
     auto m = Model::load(mo.out, DType::F32);
     Bundle b = load_bundle_manifest(work + "/" + name);
     TrexPool pool(b, m->config(), DType::F32);
-    m->set_trex(&pool);
+    m->set_experts(&pool);
     RoutingControls c;
     if (!b.trex->intuition_from_hidden) c.intuition_embedding = g["embedding"].get<std::vector<float>>();
     auto r = pool.new_routing(c);

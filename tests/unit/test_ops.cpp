@@ -190,123 +190,146 @@ TEST(Attention, PackedSequencesWithGqaMatchReference) {
 }
 
 TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
-  // Experts of ranks 3, 8, 5 | 16 | 7 in three groups; group blocks padded to 32 rows.
+  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30
+  // in five groups, stacked without padding so 32-row panels straddle groups. Group 2 has
+  // nonzero coefficients but is not listed for any token: it must not reach y; inside a
+  // block only the listed tokens are computed. u is poisoned: a row the expand reads but
+  // the shrink did not write would turn y into NaN.
   std::mt19937_64 rng(test_seed() + 8);
-  const int64_t T = 13, din = 70, dout = 45;
-  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}};
+  const int64_t T = 13, din = 70;
+  const std::vector<int64_t> douts{45, 70};
+  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}};
   struct Ex {
-    int64_t row0, r;
+    int64_t row0, r, group;
     std::vector<float> A, B;
   };
-  std::vector<Ex> ex;
-  std::vector<std::pair<int64_t, int64_t>> blocks;
-  int64_t R = 0;
-  for (const auto& g : groups) {
-    int64_t start = R;
-    for (int64_t r : g) {
-      ex.push_back({R, r, randn(size_t(r * din), rng), randn(size_t(dout * r), rng)});
-      R += r;
-    }
-    R = (R + cpu::kPanel - 1) / cpu::kPanel * cpu::kPanel;
-    blocks.emplace_back(start, R);
-  }
-  std::vector<float> A(size_t(R * din), 0.f), B(size_t(dout * R), 0.f);
-  for (const auto& e : ex)
-    for (int64_t i = 0; i < e.r; ++i) {
-      for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
-      for (int64_t n = 0; n < dout; ++n) B[size_t(n * R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
-    }
-  std::vector<float> Ap(cpu::packed_elems(R, din)), Bp(cpu::packed_elems(dout, R));
-  cpu::pack_weights(A.data(), R, din, DType::F32, Ap.data());
-  cpu::pack_weights(B.data(), dout, R, DType::F32, Bp.data());
-  // Per-token coefficient of each expert, some zero, and a LoRA scale per expert. The
-  // middle group (expert 3) is not among the blocks, so its nonzero coefficients must not
-  // reach y; inside a block only the listed tokens are computed.
-  const int64_t nE = int64_t(ex.size());
-  std::vector<float> coef(static_cast<size_t>(T * nE)), scale(static_cast<size_t>(nE));
+  struct SiteData {
+    std::vector<Ex> ex;
+    std::vector<cpu::LoraBlock> blk;
+    std::vector<int32_t> row_col;
+    std::vector<float> row_scale;
+    std::vector<float> Ap, Bp;
+    std::vector<uint16_t> Ab, Bb;
+    std::vector<float> y0, got, viaref, want, gb, rb;
+    int64_t R = 0;
+  };
+  int64_t n_ex = 0;
+  for (const auto& g : groups) n_ex += int64_t(g.size());
+  std::vector<float> coef(static_cast<size_t>(T * n_ex)), scale(static_cast<size_t>(n_ex));
   for (auto& v : scale) v = std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
   for (auto& v : coef) v = rng() % 4 == 0 ? 0.f : std::uniform_real_distribution<float>(-1, 1)(rng);
-  std::vector<int32_t> row_expert(size_t(R), -1);
-  std::vector<float> row_scale(size_t(R), 0.f);
-  for (size_t e = 0; e < ex.size(); ++e)
-    for (int64_t i = 0; i < ex[e].r; ++i) {
-      row_expert[size_t(ex[e].row0 + i)] = int32_t(e);
-      row_scale[size_t(ex[e].row0 + i)] = scale[e];
-    }
-  std::vector<cpu::LoraBlock> blk(2);
-  blk[0].r0 = blocks[0].first;
-  blk[0].r1 = blocks[0].second;
-  blk[1].r0 = blocks[2].first;
-  blk[1].r1 = blocks[2].second;
-  for (int64_t t = 0; t < T; ++t) {
-    if (coef[size_t(t * nE)] != 0 || coef[size_t(t * nE + 1)] != 0 || coef[size_t(t * nE + 2)] != 0) blk[0].toks.push_back(int32_t(t));
-    if (coef[size_t(t * nE + 4)] != 0) blk[1].toks.push_back(int32_t(t));
-  }
   auto x = randn(size_t(T * din), rng);
-  auto y0 = randn(size_t(T * dout), rng);
+  std::vector<SiteData> sd(douts.size());
+  std::vector<cpu::LoraSite> sites(douts.size());
+  for (size_t si = 0; si < douts.size(); ++si) {
+    SiteData& d = sd[si];
+    const int64_t dout = douts[si];
+    int64_t col = 0;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      cpu::LoraBlock b;
+      b.r0 = d.R;
+      const int64_t c0 = col;
+      for (int64_t r : groups[g]) {
+        d.ex.push_back({d.R, r, int64_t(g), randn(size_t(r * din), rng), randn(size_t(dout * r), rng)});
+        for (int64_t i = 0; i < r; ++i) {
+          d.row_col.push_back(int32_t(col));
+          d.row_scale.push_back(scale[size_t(col)]);
+        }
+        d.R += r;
+        ++col;
+      }
+      b.r1 = d.R;
+      if (g != 2)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t c = c0; c < col; ++c)
+            if (coef[size_t(t * n_ex + c)] != 0) {
+              b.toks.push_back(int32_t(t));
+              break;
+            }
+      d.blk.push_back(std::move(b));
+    }
+    std::vector<float> A(size_t(d.R * din)), B(size_t(dout * d.R));
+    for (const auto& e : d.ex)
+      for (int64_t i = 0; i < e.r; ++i) {
+        for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
+        for (int64_t n = 0; n < dout; ++n) B[size_t(n * d.R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
+      }
+    d.Ap.resize(cpu::packed_elems(d.R, din));
+    d.Bp.resize(cpu::packed_elems(dout, d.R));
+    cpu::pack_weights(A.data(), d.R, din, DType::F32, d.Ap.data());
+    cpu::pack_weights(B.data(), dout, d.R, DType::F32, d.Bp.data());
+    d.Ab.resize(cpu::packed_elems(d.R, din));
+    d.Bb.resize(cpu::packed_elems(dout, d.R));
+    cpu::pack_weights(A.data(), d.R, din, DType::BF16, d.Ab.data());
+    cpu::pack_weights(B.data(), dout, d.R, DType::BF16, d.Bb.data());
+    d.y0 = randn(size_t(T * dout), rng);
+    // Independent: per expert, in float64, from the unpacked matrices.
+    d.want.resize(d.y0.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < dout; ++n) {
+        double acc = d.y0[size_t(t * dout + n)];
+        int64_t c = 0;
+        for (const auto& e : d.ex) {
+          if (e.group != 2)
+            for (int64_t i = 0; i < e.r; ++i) {
+              double ax = 0;
+              for (int64_t k = 0; k < din; ++k) ax += double(e.A[size_t(i * din + k)]) * x[size_t(t * din + k)];
+              acc += double(coef[size_t(t * n_ex + c)]) * scale[size_t(c)] * double(e.B[size_t(n * e.r + i)]) * ax;
+            }
+          ++c;
+        }
+        d.want[size_t(t * dout + n)] = float(acc);
+      }
+    cpu::LoraSite& s = sites[si];
+    s.R = d.R;
+    s.d_out = dout;
+    s.row_col = d.row_col.data();
+    s.row_scale = d.row_scale.data();
+    s.blocks = d.blk.data();
+    s.n_blocks = int64_t(d.blk.size());
+    s.ldy = dout;
+  }
+  cpu::LoraPlan plan;
   cpu::LoraMixParams p;
   p.x = x.data();
   p.ldx = din;
-  p.A = Ap.data();
-  p.B = Bp.data();
-  p.dtype = DType::F32;
-  p.row_expert = row_expert.data();
-  p.row_scale = row_scale.data();
-  p.coef = coef.data();
-  p.ldc = nE;
-  std::vector<float> u = poisoned(size_t(T * R));
-  p.u = u.data();
-  p.ldy = dout;
   p.T = T;
   p.d_in = din;
-  p.d_out = dout;
-  p.R = R;
-  p.blocks = blk.data();
-  p.n_blocks = 2;
-  std::vector<std::pair<size_t, int64_t>> items;
-  p.items = &items;
-  auto got = y0, viaref = y0;
-  p.y = got.data();
-  cpu::lora_mix_apply(p, pool2());
-  p.y = viaref.data();
-  cpu::lora_mix_apply_ref(p);
-  // Independent: per expert, in float64, from the unpacked matrices.
-  std::vector<float> want(y0.size());
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = 0; n < dout; ++n) {
-      double acc = y0[size_t(t * dout + n)];
-      for (size_t e = 0; e < ex.size(); ++e) {
-        if (e == 3) continue;  // its group is inactive
-        for (int64_t i = 0; i < ex[e].r; ++i) {
-          double ax = 0;
-          for (int64_t k = 0; k < din; ++k) ax += double(ex[e].A[size_t(i * din + k)]) * x[size_t(t * din + k)];
-          acc += double(coef[size_t(t * nE) + e]) * scale[e] * double(ex[e].B[size_t(n * ex[e].r + i)]) * ax;
-        }
-      }
-      want[size_t(t * dout + n)] = float(acc);
+  p.coef = coef.data();
+  p.ldc = n_ex;
+  p.sites = sites.data();
+  p.n_sites = int(sites.size());
+  p.plan = &plan;
+  std::vector<float> u = poisoned(size_t(cpu::lora_workspace_floats(p)));
+  p.u = u.data();
+  auto run = [&](DType dt, std::vector<float> SiteData::*out, bool ref) {
+    p.dtype = dt;
+    for (size_t si = 0; si < sites.size(); ++si) {
+      sd[si].*out = sd[si].y0;
+      sites[si].A = dt == DType::F32 ? static_cast<const void*>(sd[si].Ap.data()) : sd[si].Ab.data();
+      sites[si].B = dt == DType::F32 ? static_cast<const void*>(sd[si].Bp.data()) : sd[si].Bb.data();
+      sites[si].y = (sd[si].*out).data();
     }
+    if (ref) cpu::lora_mix_apply_ref(p);
+    else cpu::lora_mix_apply(p, pool2());
+  };
+  run(DType::F32, &SiteData::got, false);
+  run(DType::F32, &SiteData::viaref, true);
+  run(DType::BF16, &SiteData::gb, false);
+  run(DType::BF16, &SiteData::rb, true);
   Tol tol{1e-4, 1e-5};
-  EXPECT_TRUE(all_close(got.data(), want.data(), want.size(), tol));
-  EXPECT_TRUE(all_close(viaref.data(), want.data(), want.size(), tol));
-  // bf16 stacks (bf16 models): the kernel against the reference on the same bf16 values.
-  std::vector<uint16_t> Ab(cpu::packed_elems(R, din)), Bb(cpu::packed_elems(dout, R));
-  cpu::pack_weights(A.data(), R, din, DType::BF16, Ab.data());
-  cpu::pack_weights(B.data(), dout, R, DType::BF16, Bb.data());
-  p.A = Ab.data();
-  p.B = Bb.data();
-  p.dtype = DType::BF16;
-  auto gb = y0, rb = y0;
-  p.y = gb.data();
-  cpu::lora_mix_apply(p, pool2());
-  p.y = rb.data();
-  cpu::lora_mix_apply_ref(p);
-  EXPECT_TRUE(all_close(gb.data(), rb.data(), rb.size(), tol));
-  double num = 0, den = 0;  // bf16 rounding of A and B: close to the f32 result as a whole
-  for (size_t i = 0; i < want.size(); ++i) {
-    num += (gb[i] - want[i]) * (gb[i] - want[i]);
-    den += (want[i] - y0[i]) * (want[i] - y0[i]);
+  for (auto& d : sd) {
+    EXPECT_TRUE(all_close(d.got.data(), d.want.data(), d.want.size(), tol));
+    EXPECT_TRUE(all_close(d.viaref.data(), d.want.data(), d.want.size(), tol));
+    // bf16 stacks (bf16 models): the kernel against the reference on the same bf16 values.
+    EXPECT_TRUE(all_close(d.gb.data(), d.rb.data(), d.rb.size(), tol));
+    double num = 0, den = 0;  // bf16 rounding of A and B: close to the f32 result as a whole
+    for (size_t i = 0; i < d.want.size(); ++i) {
+      num += (d.gb[i] - d.want[i]) * (d.gb[i] - d.want[i]);
+      den += (d.want[i] - d.y0[i]) * (d.want[i] - d.y0[i]);
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-2);
   }
-  EXPECT_LT(std::sqrt(num / den), 1e-2);
 }
 
 TEST(Trex, RankOneExpertsMatchFloat64Transcription) {

@@ -1,0 +1,49 @@
+// The seam between the model and its experts (DESIGN.md 3). The model calls it per layer
+// and per *site input* (attn_in -> q,k,v; attn_out -> o; mlp_in -> gate,up; mlp_act ->
+// down) in two halves, so the base GEMM of that input overlaps the experts' work:
+//
+//   route(layer, h)            the layer's routing, from the router input h
+//   post(layer, in, x)         before the base GEMM of `in`: hand over the activations
+//   base GEMM                  y = W0 x
+//   wait(layer, in, y)         after it: y += the experts' deltas of every site of `in`
+//
+// y is the input's fused output, the sites side by side: q|k|v, o, gate|up, down; x stays
+// valid and unchanged between post and wait. The model knows neither the method (AT-MoE,
+// T-REX) nor where the experts run (in-process, worker ranks).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/peft_adapter.h"
+
+namespace atmoe {
+
+class Model;
+struct ForwardItem;
+struct RoutingControls;
+struct SeqRouting;
+
+class ExpertDispatch {
+ public:
+  virtual ~ExpertDispatch() = default;
+  // Routing state of one request; InputError for controls the bundle refuses.
+  virtual std::unique_ptr<SeqRouting> new_routing(const RoutingControls& c) const = 0;
+  // True when a sequence's first forward must hold its whole prompt (per_request routing,
+  // intuitions from the prompt's hidden state).
+  virtual bool needs_whole_prompt() const = 0;
+  // Once per forward, before the first layer (T-REX: intuitions from a base layer's hidden state).
+  virtual void begin_step(Model& m, const std::vector<ForwardItem>& items) {
+    (void)m;
+    (void)items;
+  }
+  // The routing of layer `layer` for the T token rows of the batch (items in order), from the
+  // router input h [T, ldh] (the normalised attention input of the layer).
+  virtual void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) = 0;
+  virtual void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) = 0;
+  virtual void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) = 0;
+  // After the last layer of a forward.
+  virtual void end_step() {}
+};
+
+}  // namespace atmoe

@@ -1,0 +1,223 @@
+#include "coordinator/remote_experts.h"
+
+#include <cstring>
+
+#include "common/env.h"
+#include "common/log.h"
+#include "common/wire.h"
+#include "worker/expert_shard.h"
+
+namespace atmoe {
+
+using json = nlohmann::json;
+
+namespace {
+void send_ctrl(MpiSession& s, int rank, Msg kind, const json& j) {
+  auto m = wire_json_message(kind, j);
+  std::vector<Communicator::Request> rq{s.ctrl().isend(m.data(), m.size(), rank, kTagCtrl)};
+  s.ctrl().wait_all(rq, double(env_int("ATMOE_WORKER_TIMEOUT")));
+}
+bool g_workers_ended = false;
+}  // namespace
+
+void end_workers(MpiSession& s, int code) {
+  if (g_workers_ended) return;
+  g_workers_ended = true;
+  for (int r = 1; r < s.size(); ++r) {
+    auto m = wire_json_message(Msg::Shutdown, json{{"code", code}, {"final", true}});
+    std::vector<Communicator::Request> rq{s.ctrl().isend(m.data(), m.size(), r, kTagCtrl)};
+    try {
+      s.ctrl().wait_all(rq, 5.0);
+    } catch (const CommError&) {
+      // A worker that cannot take its shutdown is gone already; the launcher reaps it.
+    }
+  }
+}
+
+RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& c, DType dtype, const Placement& p)
+    : s_(s), shapes_(site_shapes(c)) {
+  ATMOE_ASSERT(s.rank() == 0 && p.n_workers() == s.size() - 1);
+  worker_timeout_ = double(env_int("ATMOE_WORKER_TIMEOUT"));
+  const double load_timeout = double(env_int("ATMOE_LOAD_TIMEOUT"));
+  const std::string fp = bundle_fingerprint(b);
+  json base;
+  base["build"] = build_id();
+  base["bundle"] = b.dir;
+  base["fingerprint"] = fp;
+  base["dtype"] = dtype == DType::BF16 ? "bf16" : "f32";
+  base["n_layers"] = c.n_layers;
+  base["d_in"] = std::vector<int64_t>(shapes_.d_in.begin(), shapes_.d_in.end());
+  base["d_out"] = std::vector<int64_t>(shapes_.d_out.begin(), shapes_.d_out.end());
+  base["head_dim"] = c.head_dim;
+  base["permute_qk"] = c.rope_style == RopeStyle::Interleaved;
+  const int nw = p.n_workers();
+  w_.resize(size_t(nw));
+  ready_.resize(size_t(nw));
+  sent_.assign(size_t(nw), 0);
+  for (int w = 0; w < nw; ++w) {
+    json h = base;
+    h["groups"] = p.groups[size_t(w)];
+    h["general"] = p.general_worker == w;
+    w_[size_t(w)].rank = w + 1;
+    send_ctrl(s, w + 1, Msg::Hello, h);
+  }
+  // Every Ready, in any order; the first failure is reported once, naming its rank.
+  std::string first_error;
+  int first_code = 0;
+  std::vector<uint8_t> m;
+  for (int k = 0; k < nw; ++k) {
+    int src;
+    try {
+      src = s.ctrl().recv(m, -1, kTagCtrl, load_timeout);
+    } catch (const PeerTimeout&) {
+      std::string missing;
+      for (int w = 0; w < nw; ++w)
+        if (ready_[size_t(w)].is_null()) missing += (missing.empty() ? "" : ", ") + s.ctrl().describe(w + 1);
+      throw PeerTimeout(fmt::format("{} did not finish loading its experts within {:g} s (ATMOE_LOAD_TIMEOUT)", missing,
+                                    load_timeout),
+                        -1);
+    }
+    const std::string who = s.ctrl().describe(src);
+    json r;
+    try {
+      const WireHeader h = wire_header(m, who);
+      ATMOE_ASSERT(h.kind == uint16_t(Msg::Ready));
+      r = wire_json(m, who);
+    } catch (const CommError& e) {
+      r = json{{"ok", false}, {"error", e.what()}, {"exit_code", 1}};
+    }
+    ready_[size_t(src - 1)] = r;
+    if (!r.value("ok", false)) {
+      if (first_error.empty()) {
+        first_error = fmt::format("{}: {}", who, r.value("error", std::string("failed")));
+        first_code = r.value("exit_code", 1);
+      }
+      continue;
+    }
+    Worker& wk = w_[size_t(src - 1)];
+    wk.columns = r.at("columns").get<std::vector<int>>();
+    const auto inputs = r.at("inputs").get<std::vector<int>>();
+    wk.inputs.assign(inputs.begin(), inputs.end());
+    ATMOE_LOG("coord")->info("{} holds {} experts, {:.1f} MiB, {} threads", who, wk.columns.size(),
+                             double(r.value("bytes", int64_t(0))) / (1 << 20), r.value("threads", 0));
+  }
+  if (!first_error.empty()) {
+    ended_ = true;
+    if (first_code == 2) throw InputError(first_error);
+    throw RuntimeError(first_error);
+  }
+}
+
+RemoteExperts::~RemoteExperts() {
+  if (ended_) return;
+  try {
+    for (const auto& wk : w_) send_ctrl(s_, wk.rank, Msg::Shutdown, json{{"code", 0}, {"final", false}});
+  } catch (const Error&) {
+  }
+}
+
+int64_t RemoteExperts::out_cols(SiteInput in) const {
+  int64_t n = 0;
+  for (int i = 0; i < input_site_count(in); ++i) n += shapes_.d_out[size_t(int(input_first_site(in)) + i)];
+  return n;
+}
+
+void RemoteExperts::set_layer(int layer, const StepRouting& r) {
+  (void)layer;
+  for (Worker& wk : w_) {
+    wk.toks.clear();
+    wk.coef.clear();
+    wk.coef_sent = false;
+    const size_t nc = wk.columns.size();
+    for (int64_t t = 0; t < r.T; ++t) {
+      const float* ct = r.coef.data() + t * r.C;
+      bool any = false;
+      for (int e : wk.columns)
+        if (ct[e] != 0.f) {
+          any = true;
+          break;
+        }
+      if (!any) continue;
+      wk.toks.push_back(int32_t(t));
+      for (size_t c = 0; c < nc; ++c) wk.coef.push_back(ct[wk.columns[c]]);
+    }
+  }
+}
+
+void RemoteExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) {
+  (void)r;
+  const int64_t din = d_in(in), out = out_cols(in);
+  reqs_.clear();
+  for (size_t w = 0; w < w_.size(); ++w) {
+    Worker& wk = w_[w];
+    wk.in_flight = false;
+    if (wk.toks.empty() || !wk.inputs[size_t(layer * kNumSiteInputs + int(in))]) continue;
+    const int64_t T = int64_t(wk.toks.size());
+    const int64_t C = wk.coef_sent ? 0 : int64_t(wk.columns.size());
+    WireHeader h;
+    h.kind = uint16_t(Msg::Work);
+    h.step = step_;
+    h.layer = layer;
+    h.input = int(in);
+    h.rows = int32_t(T);
+    h.cols = int32_t(C);
+    wk.msg.resize(sizeof h + size_t(T * (C + din)) * 4);
+    std::memcpy(wk.msg.data(), &h, sizeof h);
+    float* p = reinterpret_cast<float*>(wk.msg.data() + sizeof h);
+    if (C) {
+      std::memcpy(p, wk.coef.data(), size_t(T * C) * 4);
+      p += T * C;
+      wk.coef_sent = true;
+    }
+    for (int64_t j = 0; j < T; ++j) std::memcpy(p + j * din, x + int64_t(wk.toks[size_t(j)]) * ldx, size_t(din) * 4);
+    wk.result.resize(sizeof h + size_t(T * out) * 4);
+    reqs_.push_back(s_.data().irecv(wk.result.data(), wk.result.size(), wk.rank, kTagResult));
+    reqs_.push_back(s_.data().isend(wk.msg.data(), wk.msg.size(), wk.rank, kTagWork));
+    sent_[w] += int64_t(wk.msg.size());
+    wk.in_flight = true;
+  }
+}
+
+void RemoteExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) {
+  (void)r;
+  if (reqs_.empty()) return;
+  try {
+    s_.data().wait_all(reqs_, worker_timeout_);
+  } catch (const PeerTimeout& e) {
+    throw PeerTimeout(fmt::format("{} (ATMOE_WORKER_TIMEOUT) during layer {} {}", e.what(), layer, site_input_name(in)),
+                      e.peer());
+  }
+  const int64_t out = out_cols(in);
+  for (Worker& wk : w_) {
+    if (!wk.in_flight) continue;
+    wk.in_flight = false;
+    WireHeader h;
+    std::memcpy(&h, wk.result.data(), sizeof h);
+    if (h.magic != kWireMagic || h.kind != uint16_t(Msg::Result) || h.layer != layer || h.input != int(in) ||
+        h.rows != int32_t(wk.toks.size()) || h.cols != out)
+      throw CommError(fmt::format("{} answered layer {} {} with a mismatched result header",
+                                  s_.data().describe(wk.rank), layer, site_input_name(in)),
+                      wk.rank);
+    const float* p = reinterpret_cast<const float*>(wk.result.data() + sizeof h);
+    for (size_t j = 0; j < wk.toks.size(); ++j) {
+      float* yr = y + int64_t(wk.toks[j]) * ldy;
+      const float* pr = p + int64_t(j) * out;
+      for (int64_t c = 0; c < out; ++c) yr[c] += pr[c];
+    }
+  }
+}
+
+std::vector<json> RemoteExperts::worker_stats() {
+  std::vector<json> out;
+  std::vector<uint8_t> m;
+  for (const auto& wk : w_) {
+    send_ctrl(s_, wk.rank, Msg::Stats, json::object());
+    s_.ctrl().recv(m, wk.rank, kTagCtrl, worker_timeout_);
+    const WireHeader h = wire_header(m, s_.ctrl().describe(wk.rank));
+    ATMOE_ASSERT(h.kind == uint16_t(Msg::StatsReply));
+    out.push_back(wire_json(m, s_.ctrl().describe(wk.rank)));
+  }
+  return out;
+}
+
+}  // namespace atmoe

@@ -1,0 +1,237 @@
+#include "worker/expert_shard.h"
+
+#include <algorithm>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "common/model_config.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/thread_pool.h"
+
+namespace atmoe {
+
+SiteShapes site_shapes(const ModelConfig& c) {
+  SiteShapes s;
+  s.n_layers = c.n_layers;
+  const int64_t d = c.hidden, q = int64_t(c.n_heads) * c.head_dim, kv = int64_t(c.n_kv_heads) * c.head_dim, f = c.ffn;
+  s.d_in = {d, d, d, q, d, d, f};
+  s.d_out = {q, kv, kv, d, f, f, d};
+  return s;
+}
+
+ShardSpec shard_spec(const ModelConfig& c, DType dtype, std::vector<int> groups, bool general) {
+  ShardSpec s;
+  s.shapes = site_shapes(c);
+  s.head_dim = c.head_dim;
+  s.permute_qk = c.rope_style == RopeStyle::Interleaved;
+  s.dtype = dtype;
+  s.groups = std::move(groups);
+  s.general = general;
+  return s;
+}
+
+namespace {
+
+// Rows of one (layer, site) while loading: A row-major [R, d_in] and B transposed,
+// row-major [R, d_out], in the model dtype (W = float or uint16_t bf16 bits).
+template <class W>
+struct Stage {
+  std::vector<W> A, Bt;
+  std::vector<int32_t> row_col;
+  std::vector<float> row_scale;
+  std::vector<std::pair<int64_t, int64_t>> block;
+  int64_t rows() const { return int64_t(row_col.size()); }
+};
+
+template <class W>
+W to_w(float v) {
+  if constexpr (sizeof(W) == 4)
+    return v;
+  else
+    return f32_to_bf16(v);
+}
+
+// Staged rows -> packed panels (matmul.h): A[r][k] at ((r / 32) * K + k) * 32 + r % 32;
+// B[n][r] (= Bt[r][n]) at ((n / 32) * R + r) * 32 + n % 32. Padding stays zero.
+template <class W>
+void pack_stage(const Stage<W>& sg, ShardStack& st, DType dt) {
+  const int64_t R = st.R, din = st.d_in, dout = st.d_out, P = cpu::kPanel;
+  st.A = Tensor::empty(dt, {int64_t(cpu::packed_elems(R, din))});
+  st.B = Tensor::empty(dt, {int64_t(cpu::packed_elems(dout, R))});
+  W* A = st.A.template data<W>();
+  W* B = st.B.template data<W>();
+  for (int64_t r = 0; r < R; ++r) {
+    const W* a = sg.A.data() + r * din;
+    W* pa = A + (r / P) * din * P + r % P;
+    for (int64_t k = 0; k < din; ++k) pa[k * P] = a[k];
+    const W* b = sg.Bt.data() + r * dout;
+    for (int64_t n = 0; n < dout; ++n) B[((n / P) * R + r) * P + n % P] = b[n];
+  }
+}
+
+template <class W>
+void load_stacks(const Bundle& bundle, const ShardSpec& spec, const std::vector<std::vector<int>>& blocks,
+                 std::vector<ShardStack>& stacks) {
+  const int L = spec.shapes.n_layers;
+  const int E = int(bundle.experts.size());
+  std::vector<Stage<W>> stage(size_t(L) * kNumSites);
+  int col = 0;
+  for (const auto& blk : blocks) {
+    for (auto& sg : stage) sg.block.emplace_back(sg.rows(), sg.rows());
+    for (int e : blk) {
+      const BundleExpert& be = e == E ? *bundle.general : bundle.experts[size_t(e)];
+      PeftAdapter ad = load_peft_adapter(be.adapter_dir, be.name, spec.shapes);
+      for (auto& [key, w] : ad.modules) {
+        const auto [l, s] = key;
+        const int si = int(s);
+        Stage<W>& sg = stage[size_t(l) * kNumSites + size_t(si)];
+        const int64_t din = spec.shapes.d_in[size_t(si)], dout = spec.shapes.d_out[size_t(si)];
+        const bool permute = spec.permute_qk && (s == Site::Q || s == Site::K);
+        const float* A = w.A.template data<float>();
+        const float* B = w.B.template data<float>();
+        for (int64_t r = 0; r < w.rank; ++r) {
+          for (int64_t k = 0; k < din; ++k) sg.A.push_back(to_w<W>(A[r * din + k]));
+          const size_t at = sg.Bt.size();
+          sg.Bt.resize(at + size_t(dout));
+          for (int64_t n = 0; n < dout; ++n)
+            sg.Bt[at + size_t(permute ? gguf_qk_row(n, spec.head_dim) : n)] = to_w<W>(B[n * w.rank + r]);
+          sg.row_col.push_back(col);
+          sg.row_scale.push_back(float(w.scale));
+        }
+        sg.block.back().second = sg.rows();
+      }
+      ++col;
+    }
+  }
+  for (int l = 0; l < L; ++l)
+    for (int si = 0; si < kNumSites; ++si) {
+      const size_t i = size_t(l) * kNumSites + size_t(si);
+      Stage<W>& sg = stage[i];
+      ShardStack& st = stacks[i];
+      st.d_in = spec.shapes.d_in[size_t(si)];
+      st.d_out = spec.shapes.d_out[size_t(si)];
+      st.R = sg.rows();
+      st.block = std::move(sg.block);
+      st.row_col = std::move(sg.row_col);
+      st.row_scale = std::move(sg.row_scale);
+      if (st.R > 0) pack_stage(sg, st, spec.dtype);
+      sg = Stage<W>();  // the staged copy goes as soon as it is packed
+    }
+}
+
+}  // namespace
+
+ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec) : spec_(spec) {
+  ATMOE_ASSERT(spec.dtype == DType::F32 || spec.dtype == DType::BF16);
+  const int E = int(b.experts.size());
+  std::vector<std::vector<int>> blocks;
+  for (int g : spec.groups) {
+    ATMOE_ASSERT(g >= 0 && g < int(b.groups.size()));
+    blocks.push_back(b.groups[size_t(g)].experts);
+  }
+  if (spec.general) {
+    ATMOE_ASSERT(b.general.has_value());
+    blocks.push_back({E});
+  }
+  for (const auto& blk : blocks) {
+    const int c0 = int(column_expert_.size());
+    column_expert_.insert(column_expert_.end(), blk.begin(), blk.end());
+    block_cols_.emplace_back(c0, int(column_expert_.size()));
+  }
+  stacks_.resize(size_t(spec.shapes.n_layers) * kNumSites);
+  if (spec.dtype == DType::F32)
+    load_stacks<float>(b, spec, blocks, stacks_);
+  else
+    load_stacks<uint16_t>(b, spec, blocks, stacks_);
+  for (const auto& st : stacks_)
+    bytes_ += int64_t(st.A.nbytes() + st.B.nbytes() + st.row_col.size() * 4 + st.row_scale.size() * 4);
+  ATMOE_LOG("worker")->info("expert shard: {} groups{}, {} experts, {:.1f} MiB", spec.groups.size(),
+                            spec.general ? " + general" : "", column_expert_.size(), double(bytes_) / (1 << 20));
+}
+
+bool ExpertShard::has_input(int layer, SiteInput in) const {
+  for (int i = 0; i < input_site_count(in); ++i)
+    if (stack(layer, Site(int(input_first_site(in)) + i)).R > 0) return true;
+  return false;
+}
+
+int64_t ExpertShard::d_in(SiteInput in) const {
+  return spec_.shapes.d_in[size_t(input_first_site(in))];
+}
+
+int64_t ExpertShard::out_cols(SiteInput in) const {
+  int64_t n = 0;
+  for (int i = 0; i < input_site_count(in); ++i) n += spec_.shapes.d_out[size_t(int(input_first_site(in)) + i)];
+  return n;
+}
+
+void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
+                        int64_t ldy, int64_t T, ThreadPool& pool) const {
+  const size_t nb = block_cols_.size();
+  if (T <= 0 || nb == 0 || !has_input(layer, in)) return;
+  // uses[t * nb + b]: token t gives a block's experts a nonzero coefficient.
+  s_.uses.assign(size_t(T) * nb, 0);
+  int64_t used_rows = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* ct = coef + t * ldc;
+    bool any = false;
+    for (size_t b = 0; b < nb; ++b)
+      for (int c = block_cols_[b].first; c < block_cols_[b].second; ++c)
+        if (ct[c] != 0.f) {
+          s_.uses[size_t(t) * nb + b] = 1;
+          any = true;
+          break;
+        }
+    used_rows += any;
+  }
+  if (used_rows == 0) return;
+  cpu::LoraSite sites[3];
+  int n = 0;
+  int64_t col = 0;
+  for (int i = 0; i < input_site_count(in); ++i) {
+    const ShardStack& st = stack(layer, Site(int(input_first_site(in)) + i));
+    if (st.R > 0) {
+      auto& blks = s_.blocks[i];
+      blks.resize(nb);
+      for (size_t b = 0; b < nb; ++b) {
+        blks[b].r0 = st.block[b].first;
+        blks[b].r1 = st.block[b].second;
+        blks[b].toks.clear();
+        if (blks[b].r0 < blks[b].r1)
+          for (int64_t t = 0; t < T; ++t)
+            if (s_.uses[size_t(t) * nb + b]) blks[b].toks.push_back(int32_t(t));
+      }
+      cpu::LoraSite& s = sites[n++];
+      s.A = st.A.raw();
+      s.B = st.B.raw();
+      s.R = st.R;
+      s.d_out = st.d_out;
+      s.row_col = st.row_col.data();
+      s.row_scale = st.row_scale.data();
+      s.blocks = blks.data();
+      s.n_blocks = int64_t(nb);
+      s.y = y + col;
+      s.ldy = ldy;
+    }
+    col += st.d_out;
+  }
+  cpu::LoraMixParams p;
+  p.x = x;
+  p.ldx = ldx;
+  p.T = T;
+  p.d_in = d_in(in);
+  p.dtype = spec_.dtype;
+  p.coef = coef;
+  p.ldc = ldc;
+  p.sites = sites;
+  p.n_sites = n;
+  p.plan = &s_.plan;
+  const size_t need = size_t(cpu::lora_workspace_floats(p));
+  if (s_.u.size() < need) s_.u.resize(need);
+  p.u = s_.u.data();
+  cpu::lora_mix_apply(p, pool);
+  counters_.applies += 1;
+  counters_.token_rows += used_rows;
+}
+
+}  // namespace atmoe

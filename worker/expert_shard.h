@@ -1,0 +1,102 @@
+// The stacked LoRA banks of a subset of an AT-MoE bundle's expert groups (DESIGN.md 3):
+// what a worker rank holds, or the coordinator itself when it runs alone (N = 1). Nothing
+// else: no router, no routing state, no f32 copies of the adapters. Memory follows the
+// adapters' bytes in the model dtype, whatever the grouping.
+//
+// Columns: the shard numbers its experts 0..C-1 in block order (its groups in the order
+// given, each group's experts in manifest order, then the general expert when held).
+// Coefficient rows given to apply() are in that column order.
+//
+// Stack of one (layer, site): the rows of every block back to back (a block = one group,
+// or the general expert); each expert that adapts the module contributes its r_e rows
+// (heterogeneous ranks); no padding between blocks, only A's last 32-row panel is padded.
+//   A [R, d_in] and B [d_out, R]: packed panels (kernels/cpu/matmul.h), model dtype.
+//   row_col [R]: the column (expert) of each row; row_scale [R]: its LoRA scale.
+//   block [n_blocks]: row range of each block (empty when no expert of the block adapts it).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/bundle.h"
+#include "common/model_config.h"
+#include "common/peft_adapter.h"
+#include "common/tensor.h"
+#include "kernels/cpu/lora.h"
+
+namespace atmoe {
+
+class ThreadPool;
+
+struct ShardSpec {
+  SiteShapes shapes;
+  int64_t head_dim = 0;
+  bool permute_qk = false;  // GGUF llama base: lora_B rows of q/k follow the rope permutation
+  DType dtype = DType::F32;
+  std::vector<int> groups;  // bundle group indices held, in this order
+  bool general = false;     // also hold the bundle's general expert (the last block)
+};
+
+struct ShardStack {
+  int64_t R = 0, d_in = 0, d_out = 0;
+  Tensor A, B;
+  std::vector<int32_t> row_col;
+  std::vector<float> row_scale;
+  std::vector<std::pair<int64_t, int64_t>> block;
+};
+
+class ExpertShard {
+ public:
+  // Loads the experts of spec.groups (and the general expert): each adapter is read,
+  // checked, copied into the stacks and dropped before the next one is read.
+  ExpertShard(const Bundle& b, const ShardSpec& spec);
+
+  const ShardSpec& spec() const { return spec_; }
+  int n_columns() const { return int(column_expert_.size()); }
+  // [C]: the bundle expert index of each column; the bundle's expert count for the general expert.
+  const std::vector<int>& column_expert() const { return column_expert_; }
+  // [n_blocks]: the columns of each block, [c0, c1).
+  const std::vector<std::pair<int, int>>& block_columns() const { return block_cols_; }
+  const ShardStack& stack(int layer, Site s) const { return stacks_[size_t(layer) * kNumSites + size_t(s)]; }
+  // True when any site of `in` in `layer` has rows here.
+  bool has_input(int layer, SiteInput in) const;
+  int64_t d_in(SiteInput in) const;
+  int64_t out_cols(SiteInput in) const;     // Σ d_out of the input's sites
+  int64_t bytes() const { return bytes_; }  // the stacks' weights and row tables
+
+  // y[t, :] += Δ of every site of `in` for the T rows of x ([T, d_in(in)], stride ldx), with
+  // coef [T, ldc] in this shard's column order; y: [T, out_cols(in)] (stride ldy), the
+  // input's sites side by side. Blocks whose columns are all zero for a token cost nothing.
+  // Not thread-safe (one scratch per shard).
+  void apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
+             int64_t ldy, int64_t T, ThreadPool& pool) const;
+
+  // Work done since construction (tests and benchmarks).
+  struct Counters {
+    int64_t applies = 0;     // apply() calls that computed something
+    int64_t token_rows = 0;  // Σ over those calls of the tokens that used a block here
+  };
+  const Counters& counters() const { return counters_; }
+
+ private:
+  ShardSpec spec_;
+  std::vector<int> column_expert_;
+  std::vector<std::pair<int, int>> block_cols_;
+  std::vector<ShardStack> stacks_;  // [L * kNumSites]
+  int64_t bytes_ = 0;
+  struct Scratch {
+    std::vector<cpu::LoraBlock> blocks[3];
+    cpu::LoraPlan plan;
+    std::vector<float> u;
+    std::vector<uint8_t> uses;
+  };
+  mutable Scratch s_;
+  mutable Counters counters_;
+};
+
+// d_in / d_out of every site of a model config.
+SiteShapes site_shapes(const ModelConfig& c);
+// The shard spec of a model config: site shapes, head_dim and the q/k row permutation.
+ShardSpec shard_spec(const ModelConfig& c, DType dtype, std::vector<int> groups, bool general);
+
+}  // namespace atmoe
