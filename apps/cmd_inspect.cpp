@@ -7,6 +7,7 @@
 #include "common/error.h"
 #include "common/files.h"
 #include "coordinator/model.h"
+#include "coordinator/placement.h"
 #include "coordinator/synth_model.h"
 
 namespace atmoe::app {
@@ -18,7 +19,27 @@ Runner add_inspect(CLI::App& app) {
   app.add_option("path", *path, "A .gguf file, an HF model directory or a bundle directory")->required();
   app.add_option("--dtype", *dtype, "Precision to load in (bf16|f32)");
   app.add_flag("--check-tensors", *check, "Check every weight for NaN/Inf (base model and experts)");
-  return [path, dtype, check]() -> int {
+  auto ranks = std::make_shared<int>(0);
+  auto map = std::make_shared<std::string>();
+  app.add_option("--placement", *ranks,
+                 "Bundles: print the placement of the expert groups over N MPI ranks (N >= 2) and exit");
+  app.add_option("--placement-map", *map,
+                 "With --placement N: check and print this placement file instead of the automatic plan");
+  return [path, dtype, check, ranks, map]() -> int {
+    ATMOE_CHECK_INPUT(map->empty() || *ranks, "--placement-map needs --placement N (the job's rank count)");
+    if (*ranks) {
+      ATMOE_CHECK_INPUT(*ranks >= 2 && *ranks <= 65536,
+                        "--placement {}: a job of 2..65536 ranks (rank 0 coordinates, the rest hold experts)", *ranks);
+      ATMOE_CHECK_INPUT(path_kind(*path, "inspect") == PathKind::Directory &&
+                            path_exists((std::filesystem::path(*path) / "atmoe.json").string(), "bundle manifest"),
+                        "--placement: {} is not a bundle directory (atmoe.json)", *path);
+      const Bundle b = load_bundle_manifest(*path);
+      ATMOE_CHECK_INPUT(b.method == "at-moe",
+                        "--placement: {} is a {} bundle; its experts run on rank 0 (docs/deploy.md)", *path, b.method);
+      const Placement p = map->empty() ? plan_placement(b, *ranks - 1) : read_placement(*map, b, *ranks - 1);
+      std::cout << describe_placement(b, p);
+      return 0;
+    }
     if (path_kind(*path, "inspect") == PathKind::Directory &&
         path_exists((std::filesystem::path(*path) / "atmoe.json").string(), "bundle manifest"))
       return inspect_bundle(*path, *check);

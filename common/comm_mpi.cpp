@@ -3,8 +3,10 @@
 // The C API only (Open MPI and MPICH otherwise pull in their deprecated C++ bindings).
 #define OMPI_SKIP_MPICXX 1
 #define MPICH_SKIP_MPICXX 1
+#include <fcntl.h>
 #include <mpi.h>
 #include <sched.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -132,9 +134,13 @@ void MpiComm::wait_all(std::vector<Request>& reqs, double timeout_s) {
     }
     if (done) break;
     if (pace.expired(timeout_s)) {
+      // Testall is all-or-nothing: find the peer whose request is still pending one by one.
       int who = -1;
-      for (size_t i = 0; i < rs.size() && who < 0; ++i)
-        if (rs[i] != MPI_REQUEST_NULL) who = impl_->peer[size_t(reqs[i])];
+      for (size_t i = 0; i < rs.size() && who < 0; ++i) {
+        int flag = 0;
+        if (rs[i] != MPI_REQUEST_NULL && MPI_Test(&rs[i], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && !flag)
+          who = impl_->peer[size_t(reqs[i])];
+      }
       release();
       throw PeerTimeout(fmt::format("{} did not answer within {:g} s", describe(who), timeout_s), who);
     }
@@ -202,6 +208,70 @@ MpiSession& MpiSession::init(int* argc, char*** argv) {
 
 MpiSession* MpiSession::get() {
   return g_session;
+}
+
+namespace {
+// What the SIGTERM handler needs, prepared outside it (it may only call async-signal-safe
+// functions: open, read, write, close, raise).
+struct WatchedPeer {
+  int rank;
+  long pid;
+  char stat_path[48];
+  char line[256];  // "atmoe: error: worker rank R (host H, pid P) is gone; ...\n"
+  int line_len;
+};
+WatchedPeer g_watched[1024];
+int g_n_watched = 0;
+
+bool proc_gone(const char* stat_path) {
+  const int fd = ::open(stat_path, O_RDONLY);
+  if (fd < 0) return true;
+  char buf[512];
+  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return true;
+  // "pid (comm) S ...": the state follows the last ')'.
+  ssize_t i = n - 1;
+  while (i > 0 && buf[i] != ')') --i;
+  const char st = i + 2 < n ? buf[i + 2] : '?';
+  return st == 'Z' || st == 'X';
+}
+
+void on_sigterm(int sig) {
+  bool named = false;
+  for (int i = 0; i < g_n_watched && !named; ++i)
+    if (proc_gone(g_watched[i].stat_path)) {
+      (void)!::write(2, g_watched[i].line, size_t(g_watched[i].line_len));
+      named = true;
+    }
+  if (!named) {
+    static const char msg[] =
+        "atmoe: error: rank 0 was told to stop (SIGTERM) by the launcher: Ctrl-C, scancel, or a rank that ended\n";
+    (void)!::write(2, msg, sizeof msg - 1);
+  }
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+}  // namespace
+
+void MpiSession::watch_workers(const std::vector<std::pair<int, long>>& rank_pid) {
+  g_n_watched = 0;
+  for (const auto& [r, pid] : rank_pid) {
+    if (size_t(r) >= hosts_.size() || hosts_[size_t(r)] != host_ || pid <= 0 || g_n_watched >= 1024) continue;
+    WatchedPeer& w = g_watched[g_n_watched++];
+    w.rank = r;
+    w.pid = pid;
+    std::snprintf(w.stat_path, sizeof w.stat_path, "/proc/%ld/stat", pid);
+    w.line_len =
+        std::snprintf(w.line, sizeof w.line,
+                      "atmoe: error: worker rank %d (host %.64s, pid %ld) is gone; the launcher is ending the job\n", r,
+                      host_.c_str(), pid);
+    if (w.line_len < 0 || w.line_len >= int(sizeof w.line)) w.line_len = int(sizeof w.line) - 1;
+  }
+  struct sigaction sa {};
+  sa.sa_handler = on_sigterm;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
 }
 
 void MpiSession::finalize() {

@@ -37,6 +37,10 @@ class MpiSession {
   MpiComm& ctrl() { return *ctrl_; }
   // Host name of every rank (gathered at init).
   const std::vector<std::string>& hosts() const { return hosts_; }
+  // Rank 0: the process ids of the worker ranks (from their Ready). When the launcher ends
+  // the job with SIGTERM (mpirun does when a rank dies, before atmoe could notice), rank 0
+  // first prints one line naming a worker on this host that is gone, if any.
+  void watch_workers(const std::vector<std::pair<int, long>>& rank_pid);
   // MPI_Finalize (idempotent); MPI_Abort for ranks that cannot finish cleanly.
   void finalize();
   [[noreturn]] void abort(int code);

@@ -136,7 +136,7 @@ std::string describe_placement(const Bundle& b, const Placement& p) {
       experts += int(b.groups[size_t(g)].experts.size());
     }
     if (p.general_worker == w) {
-      names += (names.empty() ? "" : ", ") + b.general->name + " (general)";
+      names += (names.empty() ? "" : ", ") + ("general expert " + b.general->name);
       ++experts;
     }
     s += fmt::format("  rank {:<3} {:>4} groups {:>5} experts {:>10.2f} MiB   {}\n", w + 1, p.groups[size_t(w)].size(),

@@ -101,6 +101,9 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
     ATMOE_LOG("coord")->info("{} holds {} experts, {:.1f} MiB, {} threads", who, wk.columns.size(),
                              double(r.value("bytes", int64_t(0))) / (1 << 20), r.value("threads", 0));
   }
+  std::vector<std::pair<int, long>> pids;
+  for (int w = 0; w < nw; ++w) pids.emplace_back(w + 1, ready_[size_t(w)].value("pid", 0L));
+  s.watch_workers(pids);
   if (!first_error.empty()) {
     ended_ = true;
     if (first_code == 2) throw InputError(first_error);
