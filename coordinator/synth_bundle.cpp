@@ -131,8 +131,9 @@ static void synth_trex(const SynthBundleOptions& o, const ModelConfig& c, const 
 
 void synth_bundle(const SynthBundleOptions& o) {
   ATMOE_CHECK_INPUT(o.method == "at-moe" || o.method == "t-rex", "synth-bundle --method '{}': expected at-moe or t-rex", o.method);
-  ATMOE_CHECK_INPUT(o.groups >= 1 && o.groups <= 256 && o.per_group >= 1 && o.per_group <= 256,
-                    "synth-bundle: --groups and --experts-per-group must be in 1..256");
+  ATMOE_CHECK_INPUT(o.groups >= 1 && o.groups <= 4096 && o.per_group >= 1 && o.per_group <= 1024 &&
+                        int64_t(o.groups) * o.per_group <= 4096,
+                    "synth-bundle: --groups (1..4096) x --experts-per-group (1..1024) must give at most 4096 experts");
   ATMOE_CHECK_INPUT(o.input == "per_request" || o.input == "per_token", "--router-input '{}': expected per_request or per_token", o.input);
   ATMOE_CHECK_INPUT(std::isfinite(o.b_std) && o.b_std >= 0 && o.b_std <= 1e3, "--b-std {}: must be in [0, 1000]", o.b_std);
   ATMOE_CHECK_INPUT(std::isfinite(o.router_gain) && o.router_gain >= 0 && o.router_gain <= 1e3, "--router-gain {}: must be in [0, 1000]",

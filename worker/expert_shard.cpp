@@ -1,6 +1,7 @@
 #include "worker/expert_shard.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -51,19 +52,16 @@ W to_w(float v) {
     return f32_to_bf16(v);
 }
 
-// Staged rows -> packed panels (matmul.h): A[r][k] at ((r / 32) * K + k) * 32 + r % 32;
-// B[n][r] (= Bt[r][n]) at ((n / 32) * R + r) * 32 + n % 32. Padding stays zero.
+// Staged rows -> the kernel's layouts (kernels/cpu/lora.h): A stays row-major [R, d_in];
+// B [d_out, R] is packed: B[n][r] (= Bt[r][n]) at ((n / 32) * R + r) * 32 + n % 32.
 template <class W>
 void pack_stage(const Stage<W>& sg, ShardStack& st, DType dt) {
-  const int64_t R = st.R, din = st.d_in, dout = st.d_out, P = cpu::kPanel;
-  st.A = Tensor::empty(dt, {int64_t(cpu::packed_elems(R, din))});
+  const int64_t R = st.R, dout = st.d_out, P = cpu::kPanel;
+  st.A = Tensor::empty(dt, {R, st.d_in});
+  std::memcpy(st.A.template data<W>(), sg.A.data(), sg.A.size() * sizeof(W));
   st.B = Tensor::empty(dt, {int64_t(cpu::packed_elems(dout, R))});
-  W* A = st.A.template data<W>();
   W* B = st.B.template data<W>();
   for (int64_t r = 0; r < R; ++r) {
-    const W* a = sg.A.data() + r * din;
-    W* pa = A + (r / P) * din * P + r % P;
-    for (int64_t k = 0; k < din; ++k) pa[k * P] = a[k];
     const W* b = sg.Bt.data() + r * dout;
     for (int64_t n = 0; n < dout; ++n) B[((n / P) * R + r) * P + n % P] = b[n];
   }

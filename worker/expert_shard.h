@@ -9,8 +9,8 @@
 //
 // Stack of one (layer, site): the rows of every block back to back (a block = one group,
 // or the general expert); each expert that adapts the module contributes its r_e rows
-// (heterogeneous ranks); no padding between blocks, only A's last 32-row panel is padded.
-//   A [R, d_in] and B [d_out, R]: packed panels (kernels/cpu/matmul.h), model dtype.
+// (heterogeneous ranks); no padding anywhere.
+//   A [R, d_in] row-major and B [d_out, R] packed panels (kernels/cpu/lora.h), model dtype.
 //   row_col [R]: the column (expert) of each row; row_scale [R]: its LoRA scale.
 //   block [n_blocks]: row range of each block (empty when no expert of the block adapts it).
 #pragma once

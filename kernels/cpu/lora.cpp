@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <vector>
 
 #include "common/error.h"
@@ -21,16 +22,14 @@ int64_t lora_workspace_floats(const LoraMixParams& p) {
   return p.T * R;
 }
 
-// Shrink items: every packed panel of A overlapped by a block with tokens, with the union
-// of those blocks' tokens. Expand calls: per site, runs of consecutive blocks with the
-// same token list merged into one call over several k ranges.
+// Shrink items: every block with tokens, in pieces of at most 32 rows. Expand calls: per
+// site, runs of consecutive blocks with the same token list merged into one call over
+// several k ranges.
 static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
   pl.shrink.clear();
   pl.expand.clear();
   pl.toks.clear();
   pl.ranges.clear();
-  pl.mark.assign(size_t(p.T), -1);
-  int64_t stamp = 0;
   for (int si = 0; si < p.n_sites; ++si) {
     const LoraSite& s = p.sites[si];
     int64_t prev_end = 0;
@@ -38,35 +37,8 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
       const LoraBlock& blk = s.blocks[b];
       ATMOE_ASSERT(blk.r0 >= prev_end && blk.r0 <= blk.r1 && blk.r1 <= s.R);
       prev_end = blk.r1;
-    }
-    // Shrink: walk the panels that blocks with tokens touch.
-    int64_t first = 0;  // first block that may overlap the current panel
-    for (int64_t b = 0; b < s.n_blocks; ++b) {
-      const LoraBlock& blk = s.blocks[b];
       if (blk.toks.empty() || blk.r0 == blk.r1) continue;
-      for (int64_t pn = blk.r0 / kPanel; pn <= (blk.r1 - 1) / kPanel; ++pn) {
-        if (!pl.shrink.empty() && pl.shrink.back().site == si && pl.shrink.back().panel == pn) continue;  // done
-        const int64_t lo = pn * kPanel, hi = lo + kPanel;
-        LoraPlan::Shrink it{si, pn, int64_t(pl.toks.size()), 0};
-        ++stamp;
-        while (first < s.n_blocks && s.blocks[first].r1 <= lo) ++first;
-        for (int64_t c = first; c < s.n_blocks && s.blocks[c].r0 < hi; ++c) {
-          const LoraBlock& o = s.blocks[c];
-          if (o.r0 == o.r1) continue;
-          for (int32_t t : o.toks)
-            if (pl.mark[size_t(t)] != stamp) {
-              pl.mark[size_t(t)] = stamp;
-              pl.toks.push_back(t);
-            }
-        }
-        it.tok1 = int64_t(pl.toks.size());
-        pl.shrink.push_back(it);
-      }
-    }
-    // Expand calls.
-    for (int64_t b = 0; b < s.n_blocks; ++b) {
-      const LoraBlock& blk = s.blocks[b];
-      if (blk.toks.empty() || blk.r0 == blk.r1) continue;
+      for (int64_t r = blk.r0; r < blk.r1; r += kPanel) pl.shrink.push_back({si, b, r, std::min(blk.r1, r + kPanel)});
       bool merged = false;
       if (!pl.expand.empty() && pl.expand.back().site == si) {
         LoraPlan::Expand& e = pl.expand.back();
@@ -91,6 +63,32 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
         pl.expand.push_back(e);
       }
     }
+  }
+}
+
+// One rank row · one activation row, f32 accumulation (the shrink of blocks with few tokens).
+__attribute__((target_clones("avx512f", "avx2", "default"))) static float dot_row_f32(const float* a, const float* x,
+                                                                                      int64_t K) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += a[k] * x[k];
+  return s;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) static float dot_row_bf16(const uint16_t* a,
+                                                                                       const float* x, int64_t K) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += bf16_to_f32(a[k]) * x[k];
+  return s;
+}
+
+// Rows [r0, r0 + n) of a row-major [R, K] matrix -> one packed panel [K][32] (matmul.h).
+template <class W>
+static void pack_panel(const W* A, int64_t r0, int64_t n, int64_t K, W* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const W* a = A + (r0 + j) * K;
+    for (int64_t k = 0; k < K; ++k) out[k * kPanel + j] = a[k];
   }
 }
 
@@ -129,30 +127,57 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
   const int64_t n_shrink = int64_t(pl.shrink.size()), n_chunks = int64_t(chunks.size());
   std::atomic<int64_t> next_shrink{0}, next_chunk{0};
   std::atomic<int> arrived{0};
-  pool.run([&](int, int nt) {
-    // Shrink + mix: u[t, panel] = (A[panel] · x[t]) · coef(t, row) for the panel's tokens.
+  const size_t esize = dtype_size(p.dtype), ws_per = size_t(kPanel * p.d_in) * esize;
+  if (pl.panel_ws.size() < ws_per * size_t(pool.size())) pl.panel_ws.assign(ws_per * size_t(pool.size()), 0);
+  // Small work (decode of a few tokens through a few experts: microseconds) runs on the
+  // calling thread: a parallel region with a barrier costs more than it would save.
+  int64_t work = 0;
+  for (const auto& it : pl.shrink)
+    work += (it.r1 - it.r0) * int64_t(p.sites[it.site].blocks[it.block].toks.size()) * p.d_in;
+  for (const auto& e : pl.expand) {
+    int64_t k = 0;
+    for (int64_t r = e.range0; r < e.range1; r += 2) k += pl.ranges[size_t(r + 1)] - pl.ranges[size_t(r)];
+    work += k * (e.tok1 - e.tok0) * p.sites[e.site].d_out;
+  }
+  const std::function<void(int, int)> job = [&](int tid, int nt) {
+    // Shrink + mix: u[t, r] = (A[r, :] · x[t]) · coef(t, r) for the block's rows and tokens.
+    uint8_t* ws = pl.panel_ws.data() + ws_per * size_t(tid);
     for (int64_t i; (i = next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_shrink;) {
       const LoraPlan::Shrink& it = pl.shrink[size_t(i)];
       const LoraSite& s = p.sites[it.site];
-      const int32_t* toks = pl.toks.data() + it.tok0;
-      MatmulParams m;
-      m.x = p.x;
-      m.ldx = p.ldx;
-      m.w = s.A;
-      m.w_dtype = p.dtype;
-      m.y = p.u + u_off[it.site];
-      m.ldy = ldu;
-      m.T = it.tok1 - it.tok0;
-      m.N = s.R;
-      m.K = p.d_in;
-      m.x_rows = toks;
-      m.y_rows = toks;
-      kern(m, it.panel, it.panel + 1);
-      const int64_t r1 = std::min(s.R, (it.panel + 1) * kPanel);
-      for (int64_t j = 0; j < m.T; ++j) {
-        const int64_t t = toks[j];
-        float* u = p.u + t * ldu + u_off[it.site];
-        for (int64_t r = it.panel * kPanel; r < r1; ++r) u[r] *= row_coef(p, s, t, r);
+      const LoraBlock& blk = s.blocks[it.block];
+      const int64_t nt_blk = int64_t(blk.toks.size()), nrows = it.r1 - it.r0;
+      float* u0 = p.u + u_off[it.site];
+      if (nt_blk < kLoraPackMinTokens) {
+        for (int64_t r = it.r0; r < it.r1; ++r)
+          for (int32_t t : blk.toks) {
+            const float* x = p.x + int64_t(t) * p.ldx;
+            u0[int64_t(t) * ldu + r] = p.dtype == DType::BF16
+                                           ? dot_row_bf16(static_cast<const uint16_t*>(s.A) + r * p.d_in, x, p.d_in)
+                                           : dot_row_f32(static_cast<const float*>(s.A) + r * p.d_in, x, p.d_in);
+          }
+      } else {
+        if (p.dtype == DType::BF16)
+          pack_panel(static_cast<const uint16_t*>(s.A), it.r0, nrows, p.d_in, reinterpret_cast<uint16_t*>(ws));
+        else
+          pack_panel(static_cast<const float*>(s.A), it.r0, nrows, p.d_in, reinterpret_cast<float*>(ws));
+        MatmulParams m;
+        m.x = p.x;
+        m.ldx = p.ldx;
+        m.w = ws;
+        m.w_dtype = p.dtype;
+        m.y = u0 + it.r0;
+        m.ldy = ldu;
+        m.T = nt_blk;
+        m.N = nrows;
+        m.K = p.d_in;
+        m.x_rows = blk.toks.data();
+        m.y_rows = blk.toks.data();
+        kern(m, 0, 1);
+      }
+      for (int32_t t : blk.toks) {
+        float* u = u0 + int64_t(t) * ldu;
+        for (int64_t r = it.r0; r < it.r1; ++r) u[r] *= row_coef(p, s, t, r);
       }
     }
     ThreadPool::barrier(arrived, nt);
@@ -180,7 +205,11 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
         kern(m, ch.p0, ch.p1);
       }
     }
-  });
+  };
+  if (work < kLoraInlineMacs || pool.size() == 1)
+    job(0, 1);
+  else
+    pool.run(job);
 }
 
 void lora_mix_apply_ref(const LoraMixParams& p) {
@@ -192,8 +221,12 @@ void lora_mix_apply_ref(const LoraMixParams& p) {
         std::vector<double> u(static_cast<size_t>(blk.r1 - blk.r0), 0.0);
         for (int64_t r = blk.r0; r < blk.r1; ++r) {
           double acc = 0;
-          for (int64_t k = 0; k < p.d_in; ++k)
-            acc += double(p.x[t * p.ldx + k]) * packed_at(s.A, p.dtype, p.d_in, r, k);
+          for (int64_t k = 0; k < p.d_in; ++k) {  // A row-major
+            const size_t at = size_t(r * p.d_in + k);
+            const double a = p.dtype == DType::BF16 ? double(bf16_to_f32(static_cast<const uint16_t*>(s.A)[at]))
+                                                    : double(static_cast<const float*>(s.A)[at]);
+            acc += double(p.x[t * p.ldx + k]) * a;
+          }
           u[size_t(r - blk.r0)] = acc * double(row_coef(p, s, t, r));
         }
         for (int64_t n = 0; n < s.d_out; ++n) {

@@ -4,19 +4,22 @@
 //   x:    [T, d_in] (stride ldx), shared by the sites
 //   coef: [T, ldc]: the routing coefficient of each column (expert) for each token
 //   per site s:
-//     A_s [R_s, d_in], B_s [d_out_s, R_s]: the stacked lora_A / lora_B, packed panels
-//       (matmul.h), f32 or bf16
+//     A_s [R_s, d_in]: the stacked lora_A, row-major (a rank row contiguous), f32 or bf16
+//     B_s [d_out_s, R_s]: the stacked lora_B, packed panels (matmul.h), same dtype
 //     row_col_s [R_s] (column of coef; -1 = padding), row_scale_s [R_s] (LoRA scale s_e)
 //     blocks_s: [r0, r1) row ranges (any boundaries, ascending, disjoint) with the tokens
 //       that use them; rows outside every block and tokens not listed cost nothing
 //     y_s: [T, d_out_s] (stride ldy_s), y_s += Δ_s
 //   u (workspace): [T, Σ_s R_s], site s at column offset Σ_{s' < s} R_s'
 // Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t])
-// A 32-row shrink panel may hold rows of several blocks (blocks are not padded, so memory
-// follows the adapters' bytes): it is computed once for the union of their tokens; the
-// expand of a token reads only the rows of its own blocks.
-// One parallel region: shrink+mix over (site, panel) items, a barrier, expand over
-// (site, output-panel chunk) items; items are claimed from shared counters.
+// Blocks are not padded and A is row-major, so a step reads exactly the rank rows of the
+// blocks its tokens use (memory and bytes read follow the adapters' bytes). The shrink of a
+// block with few tokens is a dot product per (row, token); with kLoraPackMinTokens or more,
+// its rows are first packed into a 32-row panel in the thread's workspace and run through
+// the GEMM panel kernel. The expand of a token reads only the rank columns of its blocks.
+// One parallel region (or the calling thread alone below kLoraInlineMacs): shrink+mix over
+// (site, block, 32 rows) items, a barrier, expand over (site, output-panel chunk) items;
+// items are claimed from shared counters.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -48,10 +51,14 @@ struct LoraSite {
 };
 
 // Work lists of one call, rebuilt each time; kept by the caller so calls do not allocate.
+constexpr int64_t kLoraPackMinTokens = 8;
+// Below this many multiply-adds a call runs on the calling thread alone.
+constexpr int64_t kLoraInlineMacs = int64_t(1) << 18;
+
 struct LoraPlan {
   struct Shrink {
     int32_t site;
-    int64_t panel, tok0, tok1;  // tokens [tok0, tok1) of `toks`
+    int64_t block, r0, r1;  // rows [r0, r1) of the block (at most 32)
   };
   struct Expand {
     int32_t site;
@@ -60,8 +67,8 @@ struct LoraPlan {
   std::vector<Shrink> shrink;
   std::vector<Expand> expand;
   std::vector<int32_t> toks;
-  std::vector<int64_t> ranges;  // [begin, end) pairs
-  std::vector<int64_t> mark;
+  std::vector<int64_t> ranges;    // [begin, end) pairs
+  std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
 
 struct LoraMixParams {
@@ -77,7 +84,7 @@ struct LoraMixParams {
   LoraPlan* plan = nullptr;
 };
 
-// Floats of u for these sites and T tokens.
+// Floats of u for these sites and T tokens (the plan holds the rest of the workspace).
 int64_t lora_workspace_floats(const LoraMixParams& p);
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool);
 void lora_mix_apply_ref(const LoraMixParams& p);  // float64, single-threaded, no workspace

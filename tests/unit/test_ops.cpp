@@ -189,14 +189,15 @@ TEST(Attention, PackedSequencesWithGqaMatchReference) {
   EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
 }
 
-TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
+static void check_lora_mix(int64_t T, uint64_t salt) {
   // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30
   // in five groups, stacked without padding so 32-row panels straddle groups. Group 2 has
   // nonzero coefficients but is not listed for any token: it must not reach y; inside a
   // block only the listed tokens are computed. u is poisoned: a row the expand reads but
   // the shrink did not write would turn y into NaN.
-  std::mt19937_64 rng(test_seed() + 8);
-  const int64_t T = 13, din = 70;
+  SCOPED_TRACE("T = " + std::to_string(T));
+  std::mt19937_64 rng(test_seed() + 8 + salt);
+  const int64_t din = 70;
   const std::vector<int64_t> douts{45, 70};
   const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}};
   struct Ex {
@@ -254,13 +255,12 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
         for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
         for (int64_t n = 0; n < dout; ++n) B[size_t(n * d.R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
       }
-    d.Ap.resize(cpu::packed_elems(d.R, din));
+    d.Ap = A;  // A row-major, B packed panels (lora.h)
     d.Bp.resize(cpu::packed_elems(dout, d.R));
-    cpu::pack_weights(A.data(), d.R, din, DType::F32, d.Ap.data());
     cpu::pack_weights(B.data(), dout, d.R, DType::F32, d.Bp.data());
-    d.Ab.resize(cpu::packed_elems(d.R, din));
+    d.Ab.resize(A.size());
+    f32_to_bf16_n(A.data(), d.Ab.data(), A.size());
     d.Bb.resize(cpu::packed_elems(dout, d.R));
-    cpu::pack_weights(A.data(), d.R, din, DType::BF16, d.Ab.data());
     cpu::pack_weights(B.data(), dout, d.R, DType::BF16, d.Bb.data());
     d.y0 = randn(size_t(T * dout), rng);
     // Independent: per expert, in float64, from the unpacked matrices.
@@ -330,6 +330,16 @@ TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
     }
     EXPECT_LT(std::sqrt(num / den), 1e-2);
   }
+}
+
+TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
+  // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
+  // into a panel, the GEMM kernel); 13: the calling thread alone (below kLoraInlineMacs);
+  // 3 and 1: the dot-product path of blocks with few tokens.
+  check_lora_mix(200, 3);
+  check_lora_mix(13, 0);
+  check_lora_mix(3, 1);
+  check_lora_mix(1, 2);
 }
 
 TEST(Trex, RankOneExpertsMatchFloat64Transcription) {
