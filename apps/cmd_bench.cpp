@@ -5,18 +5,19 @@
 
 #include <chrono>
 #include <iostream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "apps/commands.h"
 #include "apps/launch.h"
 #include "apps/routing_flags.h"
-#include "coordinator/experts.h"
-#include "coordinator/trex_pool.h"
+#include "common/comm_mpi.h"
 #include "common/error.h"
 #include "common/files.h"
+#include "coordinator/experts.h"
 #include "coordinator/model.h"
+#include "coordinator/remote_experts.h"
+#include "coordinator/trex_pool.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/sampling.h"
 #include "kernels/thread_pool.h"
@@ -40,8 +41,14 @@ double measure_bandwidth(ThreadPool& pool) {
       size_t per = n / size_t(nt), b = per * size_t(i), e = i == nt - 1 ? n : b + per;
       float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
       for (size_t k = b; k + 8 <= e; k += 8) {
-        s0 += buf[k]; s1 += buf[k + 1]; s2 += buf[k + 2]; s3 += buf[k + 3];
-        s4 += buf[k + 4]; s5 += buf[k + 5]; s6 += buf[k + 6]; s7 += buf[k + 7];
+        s0 += buf[k];
+        s1 += buf[k + 1];
+        s2 += buf[k + 2];
+        s3 += buf[k + 3];
+        s4 += buf[k + 4];
+        s5 += buf[k + 5];
+        s6 += buf[k + 6];
+        s7 += buf[k + 7];
       }
       sink[size_t(i)] = s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
     });
@@ -52,7 +59,7 @@ double measure_bandwidth(ThreadPool& pool) {
 }
 
 double peak_rss_mib() {
-  struct rusage ru{};
+  struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
   return double(ru.ru_maxrss) / 1024.0;
 }
@@ -74,7 +81,8 @@ Runner add_bench(CLI::App& app) {
   app.add_option("--prompt-tokens", o->prompt, "Prefill prompt length");
   app.add_option("--decode-tokens", o->decode, "Decode steps timed");
   app.add_option("--batch", o->batch, "Sequences for the batched decode measurement");
-  app.add_option("--reps", o->reps, "Repetitions (best is reported)");
+  app.add_option("--reps", o->reps,
+                 "Repetitions, base and experts interleaved (the median is reported, with the range)");
   app.add_option("--json", o->json, "Also write the results as JSON to this file");
   app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
   return [o]() -> int {
@@ -90,11 +98,13 @@ Runner add_bench(CLI::App& app) {
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
-    auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
+    auto m =
+        Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
     const int ctx = m->config().max_position;
     ATMOE_CHECK_INPUT(o->prompt <= ctx, "--prompt-tokens {}: more than the model's context length {}", o->prompt, ctx);
-    ATMOE_CHECK_INPUT(32 + int64_t(o->decode) <= ctx, "--decode-tokens {}: 32 prompt tokens + {} exceed the context length {}",
-                      o->decode, o->decode, ctx);
+    ATMOE_CHECK_INPUT(32 + int64_t(o->decode) <= ctx,
+                      "--decode-tokens {}: 32 prompt tokens + {} exceed the context length {}", o->decode, o->decode,
+                      ctx);
     BundleExperts bx;
     if (bundle) {
       bx = attach_experts(*bundle, *m, o->placement);
@@ -102,9 +112,7 @@ Runner add_bench(CLI::App& app) {
     }
     ExpertPool* const experts = bx.atmoe.get();
     TrexPool* const trex = bx.trex.get();
-    auto new_routing = [&]() {
-      return experts ? experts->new_routing(controls) : trex->new_routing(controls);
-    };
+    auto new_routing = [&]() { return experts ? experts->new_routing(controls) : trex->new_routing(controls); };
     bool with_experts = false;  // decode_rate routes through the experts when set
     const int64_t V = m->config().vocab;
     ThreadPool& pool = ThreadPool::global();
@@ -127,47 +135,83 @@ Runner add_bench(CLI::App& app) {
     // Decode at batch B: prefill a 32-token prompt per sequence, then time greedy steps.
     // One timed run of B sequences; the callers interleave configurations rep by rep so the
     // shared machine's drift hits base and experts alike.
-    auto decode_rate = [&](int B) {
-      double best = 0;
-      for (int r = 0; r < 1; ++r) {
-        std::vector<std::unique_ptr<KvCache>> caches;
-        std::vector<std::vector<int32_t>> prompts;
-        std::vector<std::unique_ptr<SeqRouting>> routes;
-        std::vector<ForwardItem> items;
-        for (int b = 0; b < B; ++b) {
-          caches.push_back(m->new_cache());
-          prompts.push_back(rand_tokens(32));
-          // Each sequence its own routing state: random prompts give each a different mixture.
-          routes.push_back(with_experts ? new_routing() : nullptr);
-        }
-        for (int b = 0; b < B; ++b)
-          items.push_back({caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last, routes[size_t(b)].get()});
-        m->forward(items, logits);
-        std::vector<int32_t> next(static_cast<size_t>(B));
-        for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
-        double t0 = now_s();
-        for (int s = 0; s < o->decode; ++s) {
-          items.clear();
-          for (int b = 0; b < B; ++b)
-            items.push_back({caches[size_t(b)].get(), &next[size_t(b)], 1, LogitsMode::Last, routes[size_t(b)].get()});
-          m->forward(items, logits);
-          for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
-        }
-        best = std::max(best, double(B) * o->decode / (now_s() - t0));
-      }
-      return best;
+    // Where an experts step's time goes (the timed decode loops only): the dispatch's own
+    // timers on rank 0 and, with worker ranks, their compute.
+    struct Split {
+      double route = 0, post = 0, wait = 0, total = 0, worker_apply = 0;
+      int64_t steps = 0;
     };
-    double d1 = 0, dB = 0, e1 = 0, eB = 0;
+    RemoteExperts* remote = experts ? dynamic_cast<RemoteExperts*>(&experts->backend()) : nullptr;
+    auto worker_apply_s = [&]() {
+      double t = 0;
+      if (remote)
+        for (const auto& st : remote->worker_stats()) t += st.value("apply_s", 0.0);
+      return t;
+    };
+    auto decode_rate = [&](int B, Split* sp) {
+      std::vector<std::unique_ptr<KvCache>> caches;
+      std::vector<std::vector<int32_t>> prompts;
+      std::vector<std::unique_ptr<SeqRouting>> routes;
+      std::vector<ForwardItem> items;
+      for (int b = 0; b < B; ++b) {
+        caches.push_back(m->new_cache());
+        prompts.push_back(rand_tokens(32));
+        // Each sequence its own routing state: random prompts give each a different mixture.
+        routes.push_back(with_experts ? new_routing() : nullptr);
+      }
+      for (int b = 0; b < B; ++b)
+        items.push_back(
+            {caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last, routes[size_t(b)].get()});
+      m->forward(items, logits);
+      std::vector<int32_t> next(static_cast<size_t>(B));
+      for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
+      ExpertDispatch* ex = m->experts();
+      const double w0 = sp ? worker_apply_s() : 0;
+      if (sp && ex) ex->times() = {};
+      double t0 = now_s();
+      for (int s = 0; s < o->decode; ++s) {
+        items.clear();
+        for (int b = 0; b < B; ++b)
+          items.push_back({caches[size_t(b)].get(), &next[size_t(b)], 1, LogitsMode::Last, routes[size_t(b)].get()});
+        m->forward(items, logits);
+        for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
+      }
+      const double dt = now_s() - t0;
+      if (sp && ex) {
+        sp->route += ex->times().route_s;
+        sp->post += ex->times().post_s;
+        sp->wait += ex->times().wait_s;
+        sp->total += dt;
+        sp->steps += o->decode;
+        sp->worker_apply += worker_apply_s() - w0;
+      }
+      return double(B) * o->decode / dt;
+    };
+    // Base and experts interleaved rep by rep, so the shared machine's drift hits both;
+    // medians with their range.
+    std::vector<double> d1s, dBs, e1s, eBs;
+    Split sp1, spB;
     for (int r = 0; r < o->reps; ++r) {
       with_experts = false;
-      d1 = std::max(d1, decode_rate(1));
-      dB = std::max(dB, decode_rate(o->batch));
+      d1s.push_back(decode_rate(1, nullptr));
+      dBs.push_back(decode_rate(o->batch, nullptr));
       if (experts || trex) {
         with_experts = true;
-        e1 = std::max(e1, decode_rate(1));
-        eB = std::max(eB, decode_rate(o->batch));
+        e1s.push_back(decode_rate(1, &sp1));
+        eBs.push_back(decode_rate(o->batch, &spB));
       }
     }
+    auto median = [](std::vector<double> v) {
+      if (v.empty()) return 0.0;
+      std::sort(v.begin(), v.end());
+      return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+    };
+    auto range = [](const std::vector<double>& v) {
+      return v.empty() ? std::string()
+                       : fmt::format("{:.1f}-{:.1f}", *std::min_element(v.begin(), v.end()),
+                                     *std::max_element(v.begin(), v.end()));
+    };
+    const double d1 = median(d1s), dB = median(dBs), e1 = median(e1s), eB = median(eBs);
     double rss = peak_rss_mib();  // before the bandwidth probe's own 256 MiB buffer
     double bw = measure_bandwidth(pool);
     double wbytes = double(m->weight_bytes());
@@ -176,30 +220,69 @@ Runner add_bench(CLI::App& app) {
               << "dtype        " << dtype_name(m->dtype()) << "   threads " << pool.size() << "   isa "
               << cpu::isa_name(cpu::best_isa()) << "\n";
     std::cout << fmt::format("prefill      {:>9.1f} tok/s  ({}-token prompt)\n", prefill_best, o->prompt);
-    std::cout << fmt::format("decode b=1   {:>9.1f} tok/s\n", d1);
-    std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1)\n", o->batch, dB, dB / d1);
+    std::cout << fmt::format("decode b=1   {:>9.1f} tok/s  (median of {}, range {})\n", d1, d1s.size(), range(d1s));
+    std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1; range {})\n", o->batch, dB, dB / d1,
+                             range(dBs));
     if (experts || trex) {
-      std::cout << fmt::format("experts      {} ({})\n", o->bundle,
-                               experts ? fmt::format("{} experts in {} groups", experts->n_experts(), bundle->groups.size())
-                                       : fmt::format("t-rex {}, {} rank-1 experts per module", trex->adapter().mode, trex->adapter().E));
-      std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({:+.1f}% vs base)\n", e1, 100.0 * (d1 / e1 - 1));
-      std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({:+.1f}% vs base)\n", o->batch, eB, 100.0 * (dB / eB - 1));
+      std::cout << fmt::format(
+          "experts      {} ({})\n", o->bundle,
+          experts ? fmt::format("{} experts in {} groups", experts->n_experts(), bundle->groups.size())
+                  : fmt::format("t-rex {}, {} rank-1 experts per module", trex->adapter().mode, trex->adapter().E));
+      auto split = [&](const Split& sp) {
+        const double n = double(std::max<int64_t>(1, sp.steps)), ms = 1e3 / n;
+        return fmt::format("step {:.2f} ms: route {:.2f} + post {:.2f} + wait {:.2f} ms{}", sp.total * ms,
+                           sp.route * ms, sp.post * ms, sp.wait * ms,
+                           remote ? fmt::format(" (workers computed {:.2f} ms)", sp.worker_apply * ms) : std::string());
+      };
+      std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({:+.1f}% time vs base; range {})\n", e1,
+                               100.0 * (d1 / e1 - 1), range(e1s));
+      std::cout << fmt::format("               {}\n", split(sp1));
+      std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({:+.1f}% time vs base; range {})\n", o->batch, eB,
+                               100.0 * (dB / eB - 1), range(eBs));
+      std::cout << fmt::format("               {}\n", split(spB));
+      if (MpiSession* s = MpiSession::get(); s && s->size() > 1)
+        std::cout << fmt::format("ranks        {} (rank 0 + {} expert workers)\n", s->size(), s->size() - 1);
     }
     std::cout << fmt::format("bandwidth    {:>9.2f} GB/s (measured read)\n", bw);
     std::cout << fmt::format("weights/step {:>9.1f} MiB -> floor {:.1f} tok/s at batch 1; b=1 reaches {:.0f}% of it\n",
                              wbytes / (1 << 20), floor_tps, 100.0 * d1 / floor_tps);
     std::cout << fmt::format("peak RSS     {:>9.1f} MiB\n", rss);
     if (!o->json.empty()) {
-      nlohmann::json j = {{"model", o->model}, {"dtype", dtype_name(m->dtype())}, {"threads", pool.size()},
-                          {"isa", cpu::isa_name(cpu::best_isa())}, {"prefill_tok_s", prefill_best},
-                          {"prompt_tokens", o->prompt}, {"decode_b1_tok_s", d1}, {"batch", o->batch},
-                          {"decode_batch_tok_s", dB}, {"bandwidth_gb_s", bw}, {"weight_bytes", wbytes},
-                          {"floor_b1_tok_s", floor_tps}, {"peak_rss_mib", rss}};
+      nlohmann::json j = {{"model", o->model},
+                          {"dtype", dtype_name(m->dtype())},
+                          {"threads", pool.size()},
+                          {"isa", cpu::isa_name(cpu::best_isa())},
+                          {"prefill_tok_s", prefill_best},
+                          {"prompt_tokens", o->prompt},
+                          {"decode_b1_tok_s", d1},
+                          {"batch", o->batch},
+                          {"decode_batch_tok_s", dB},
+                          {"bandwidth_gb_s", bw},
+                          {"weight_bytes", wbytes},
+                          {"floor_b1_tok_s", floor_tps},
+                          {"peak_rss_mib", rss}};
       if (experts || trex) {
         j["bundle"] = o->bundle;
         j["n_experts"] = experts ? experts->n_experts() : trex->adapter().E;
         j["experts_decode_b1_tok_s"] = e1;
         j["experts_decode_batch_tok_s"] = eB;
+        j["samples"] = {{"decode_b1", d1s}, {"decode_batch", dBs}, {"experts_b1", e1s}, {"experts_batch", eBs}};
+        auto sj = [](const Split& sp) {
+          const double n = double(std::max<int64_t>(1, sp.steps));
+          return nlohmann::json{{"step_ms", sp.total * 1e3 / n},
+                                {"route_ms", sp.route * 1e3 / n},
+                                {"post_ms", sp.post * 1e3 / n},
+                                {"wait_ms", sp.wait * 1e3 / n},
+                                {"worker_apply_ms", sp.worker_apply * 1e3 / n}};
+        };
+        j["split_b1"] = sj(sp1);
+        j["split_batch"] = sj(spB);
+        if (remote) {
+          j["worker_stats"] = remote->worker_stats();
+          j["bytes_sent_to_workers"] = remote->bytes_sent();
+        }
+        MpiSession* s = MpiSession::get();
+        j["ranks"] = s ? s->size() : 1;
       }
       write_file(o->json, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n", "--json");
     }

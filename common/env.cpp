@@ -10,10 +10,17 @@ namespace atmoe {
 
 const std::vector<EnvKnob>& env_knobs() {
   static const std::vector<EnvKnob> k = {
-      {"ATMOE_THREADS", "0", "compute threads for CPU kernels (0 = all cores)", nullptr, true, 0, 1024},
+      {"ATMOE_THREADS", "0",
+       "compute threads for CPU kernels; more than the usable cores (affinity mask: taskset, cpusets) is clamped "
+       "with a warning. 0 = usable cores / MPI ranks on this node (OMPI_COMM_WORLD_LOCAL_SIZE, else "
+       "MPI_LOCALNRANKS, else PMI_LOCAL_SIZE; at least 1)",
+       nullptr, true, 0, 1024},
       {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|critical|off", "trace|debug|info|warn|error|critical|off"},
       {"ATMOE_CACHE", "", "cache directory for models fetched by deploy scripts (default <repo>/.cache)"},
-      {"ATMOE_SPIN_US", "200", "microseconds an idle pool thread spins before it sleeps (0..1000000)", nullptr, true, 0, 1000000},
+      {"ATMOE_SPIN_US", "200",
+       "microseconds a waiting pool thread (idle worker, the caller at the end of a parallel region, a barrier) "
+       "polls before it blocks on a futex: _mm_pause for the first 20 us, then sched_yield (0..1000000)",
+       nullptr, true, 0, 1000000},
       {"ATMOE_PREFILL_GEMM", "simd", "GEMM for prompts of >= 32 tokens: simd (atmoe's kernel) or blas (OpenBLAS sgemm)",
        "simd|blas"},
       {"ATMOE_WORKER_TIMEOUT", "60",

@@ -24,6 +24,15 @@ struct ForwardItem;
 struct RoutingControls;
 struct SeqRouting;
 
+// Time the model spent in the dispatch since the last reset (benchmarks: the per-step split).
+struct DispatchTimes {
+  double route_s = 0;  // routing (router GEMVs, coefficients)
+  double post_s = 0;   // handing over activations (in-process: nothing; remote: pack + send)
+  double wait_s = 0;   // after the base GEMM: in-process, the experts' compute; remote, the
+                       // exposed wait for the workers' partial sums and adding them
+  int64_t steps = 0;   // forwards
+};
+
 class ExpertDispatch {
  public:
   virtual ~ExpertDispatch() = default;
@@ -44,6 +53,10 @@ class ExpertDispatch {
   virtual void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) = 0;
   // After the last layer of a forward.
   virtual void end_step() {}
+  DispatchTimes& times() { return times_; }
+
+ protected:
+  DispatchTimes times_;
 };
 
 }  // namespace atmoe

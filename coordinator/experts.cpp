@@ -1,6 +1,7 @@
 #include "coordinator/experts.h"
 
 #include <algorithm>
+#include <chrono>
 #include <numeric>
 
 #include "common/error.h"
@@ -73,7 +74,14 @@ std::unique_ptr<SeqRouting> ExpertPool::new_routing(const RoutingControls& c) co
 // Routing weights of every token row for layer `layer`, from the router input h (the
 // normalised attention input). per_request: the mean of h over the prompt, computed once
 // (the first forward of a sequence holds its whole prompt) and reused while decoding.
+namespace {
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
 void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) {
+  const double t_start = now_s();
   const int E = n_experts(), G = int(b_.groups.size());
   const int64_t d = hidden_;
   const bool per_token = b_.router_input == RouterInput::PerToken;
@@ -139,16 +147,23 @@ void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const f
     t0 += it.n;
   }
   if (s.active) backend_->set_layer(layer, s);
+  times_.route_s += now_s() - t_start;
 }
 
 void ExpertPool::post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) {
   ATMOE_ASSERT(T == step_.T);
-  if (step_.active) backend_->post(layer, in, x, ldx, step_);
+  if (!step_.active) return;
+  const double t0 = now_s();
+  backend_->post(layer, in, x, ldx, step_);
+  times_.post_s += now_s() - t0;
 }
 
 void ExpertPool::wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) {
   ATMOE_ASSERT(T == step_.T);
-  if (step_.active) backend_->wait(layer, in, y, ldy, step_);
+  if (!step_.active) return;
+  const double t0 = now_s();
+  backend_->wait(layer, in, y, ldy, step_);
+  times_.wait_s += now_s() - t0;
 }
 
 }  // namespace atmoe

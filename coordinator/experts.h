@@ -86,7 +86,10 @@ class ExpertPool : public ExpertDispatch {
   void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) override;
   void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) override;
   void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) override;
-  void end_step() override { backend_->end_step(); }
+  void end_step() override {
+    backend_->end_step();
+    ++times_.steps;
+  }
 
  private:
   Bundle b_;

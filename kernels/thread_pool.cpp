@@ -1,32 +1,143 @@
 #include "kernels/thread_pool.h"
 
 #include <immintrin.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <utility>
 
 #include "common/env.h"
+#include "common/log.h"
 
 namespace atmoe {
+namespace {
 
-static int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+// The pause-spin part of a wait (the rest of ATMOE_SPIN_US is spent in sched_yield). Long
+// enough to catch the next parallel region of a decode step on an idle core, short enough
+// that a thread sharing its core with the peer it waits for gives the core up quickly.
+constexpr int64_t kSpinNs = 20'000;
+// parallel_for: chunks per thread, so that a thread that loses its core holds back at most
+// about 1/kChunksPerThread of its share while the others take the rest.
+constexpr int64_t kChunksPerThread = 4;
+constexpr uint64_t kClosed = uint64_t(1) << 31;  // seats_: the caller stopped admitting workers
+constexpr uint64_t kSeatCount = kClosed - 1;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Blocks while the 32-bit word at `addr` equals `expected` (or until a wake; callers re-check).
+template <class A>
+void futex_wait(A* addr, uint32_t expected) {
+  static_assert(sizeof(A) == sizeof(uint32_t) && A::is_always_lock_free);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+template <class A>
+void futex_wake(A* addr, int n) {
+  static_assert(sizeof(A) == sizeof(uint32_t) && A::is_always_lock_free);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE_PRIVATE, n, nullptr, nullptr, 0);
+}
+
+// Polls ready() for at most poll_ns: _mm_pause for the first spin_ns, then sched_yield.
+// shares_core() (checked now and then) ends the spin early: the thread we wait for last ran
+// on our CPU, so it cannot make progress while we spin. True once ready(); false when the
+// time is up and the caller should block.
+template <class Ready, class SharesCore>
+bool poll(Ready&& ready, int64_t spin_ns, int64_t poll_ns, SharesCore&& shares_core) {
+  if (ready()) return true;
+  const int64_t t0 = now_ns();
+  for (unsigned i = 1;; ++i) {
+    _mm_pause();
+    if (ready()) return true;
+    if ((i & 63) == 0 && (now_ns() - t0 >= spin_ns || shares_core())) break;
+  }
+  while (now_ns() - t0 < poll_ns) {
+    sched_yield();
+    if (ready()) return true;
+  }
+  return false;
+}
+
+int64_t env_poll_ns() {
+  return env_int("ATMOE_SPIN_US") * 1000;
+}
+
+int positive_env(const char* name) {
+  const char* s = std::getenv(name);
+  if (!s || !*s) return 0;
+  errno = 0;
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  return *end == '\0' && errno == 0 && v >= 1 && v <= (1 << 20) ? int(v) : 0;
+}
+
+std::mutex g_err_mu;  // guards ThreadPool::err_ writes from workers
+
+}  // namespace
+
+int ThreadPool::usable_cores() {
+  for (int ncpu = 1024; ncpu <= (1 << 18); ncpu *= 2) {
+    cpu_set_t* set = CPU_ALLOC(ncpu);
+    if (!set) break;
+    const size_t bytes = CPU_ALLOC_SIZE(ncpu);
+    CPU_ZERO_S(bytes, set);
+    const int rc = sched_getaffinity(0, bytes, set), err = errno;
+    const int n = rc == 0 ? CPU_COUNT_S(bytes, set) : 0;
+    CPU_FREE(set);
+    if (rc == 0) return std::max(1, n);
+    if (err != EINVAL) break;  // EINVAL: the kernel's mask is larger than ncpu bits
+  }
+  return int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+int ThreadPool::local_ranks() {
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"})
+    if (int n = positive_env(v)) return n;
+  return 1;
+}
+
+int ThreadPool::default_threads() {
+  return std::max(1, usable_cores() / local_ranks());
+}
+
+int ThreadPool::configured_threads() {
+  const int64_t want = env_int("ATMOE_THREADS");
+  if (want <= 0) return default_threads();
+  const int cores = usable_cores();
+  if (want <= cores) return int(want);
+  static std::once_flag warned;
+  std::call_once(warned, [&] {
+    ATMOE_LOG("kernel")->warn("ATMOE_THREADS={} is more than the {} usable cores (affinity mask); using {}", want,
+                              cores, cores);
+  });
+  return cores;
 }
 
 ThreadPool::ThreadPool(int n_threads) {
-  if (n_threads <= 0) n_threads = int(env_int("ATMOE_THREADS"));
-  if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  n_ = n_threads;
-  spin_ns_ = env_int("ATMOE_SPIN_US") * 1000;
+  n_ = n_threads > 0 ? n_threads : configured_threads();
+  poll_ns_ = env_poll_ns();
+  // Oversubscribed (more threads than cores): a spinning thread would only delay the one
+  // it waits for, so go straight to sched_yield.
+  spin_ns_ = n_ > usable_cores() ? 0 : std::min(poll_ns_, kSpinNs);
+  cpu_of_ = std::make_unique<std::atomic<int>[]>(size_t(n_));
+  for (int i = 0; i < n_; ++i) cpu_of_[size_t(i)].store(-1, std::memory_order_relaxed);
   for (int i = 1; i < n_; ++i) threads_.emplace_back([this, i] { worker(i); });
 }
 
 ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
-    gen_.fetch_add(1);
-  }
-  cv_.notify_all();
+  stop_.store(true, std::memory_order_release);
+  gen_.fetch_add(1);
+  futex_wake(&gen_, INT_MAX);
   for (auto& t : threads_) t.join();
 }
 
@@ -35,26 +146,81 @@ ThreadPool& ThreadPool::global() {
   return pool;
 }
 
+// Job protocol. The caller: job_, done_ = 0, seats_ = (g << 32), then gen_ = g (seq_cst),
+// and a futex wake when a worker sleeps. A worker that sees g takes a seat (try_join),
+// runs the job and counts itself in done_. run() waits for done_ == n - 1 (every worker
+// joins: nothing closes the seats). run_dynamic() closes the seats once its own share is
+// done (no work is left to claim) and waits only for the workers that had joined.
+// Sleep/wake pairs are Dekker-style on seq_cst operations: the sleeper announces itself
+// (sleepers_ / caller_blocked_ / the barrier's flag bit), then re-reads the word; the
+// waker changes the word, then reads the announcement.
 void ThreadPool::worker(int idx) {
-  uint64_t seen = 0;
+  uint32_t seen = 0;
   for (;;) {
-    int64_t t0 = now_ns();
-    uint64_t g;
-    unsigned spins = 0;
-    while ((g = gen_.load(std::memory_order_acquire)) == seen) {
-      _mm_pause();
-      if ((++spins & 255) == 0 && now_ns() - t0 > spin_ns_) {
-        std::unique_lock<std::mutex> lk(mu_);
+    uint32_t g = seen;
+    const auto new_job = [&] { return (g = gen_.load(std::memory_order_acquire)) != seen; };
+    const auto beside_caller = [&] { return cpu_of_[0].load(std::memory_order_relaxed) == sched_getcpu(); };
+    if (!poll(new_job, spin_ns_, poll_ns_, beside_caller)) {
+      for (;;) {
         sleepers_.fetch_add(1);
-        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        if (gen_.load() == seen) futex_wait(&gen_, seen);
         sleepers_.fetch_sub(1);
+        if ((g = gen_.load(std::memory_order_acquire)) != seen) break;
       }
     }
     seen = g;
-    if (stop_.load()) return;
-    (*job_)(idx, n_);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    if (stop_.load(std::memory_order_acquire)) return;
+    if (!try_join(g)) continue;
+    cpu_of_[size_t(idx)].store(sched_getcpu(), std::memory_order_relaxed);
+    try {
+      (*job_)(idx, n_);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(g_err_mu);
+      if (!err_) err_ = std::current_exception();
+    }
+    cpu_of_[size_t(idx)].store(-1, std::memory_order_relaxed);
+    done_.fetch_add(1);
+    if (caller_blocked_.load()) futex_wake(&done_, 1);
   }
+}
+
+bool ThreadPool::try_join(uint32_t gen) {
+  uint64_t s = seats_.load(std::memory_order_acquire);
+  for (;;) {
+    if (uint32_t(s >> 32) != gen || (s & kClosed)) return false;
+    if (seats_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
+  }
+}
+
+void ThreadPool::start(const std::function<void(int, int)>& fn) {
+  job_ = &fn;
+  err_ = nullptr;
+  cpu_of_[0].store(sched_getcpu(), std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  const uint32_t g = gen_.load(std::memory_order_relaxed) + 1;
+  seats_.store(uint64_t(g) << 32, std::memory_order_relaxed);
+  gen_.store(g);  // seq_cst: publishes the stores above to a worker that reads g
+  if (sleepers_.load() > 0) futex_wake(&gen_, INT_MAX);
+}
+
+void ThreadPool::wait_done(uint32_t target) {
+  const int me = sched_getcpu();
+  cpu_of_[0].store(me, std::memory_order_relaxed);
+  const auto all_done = [&] { return done_.load(std::memory_order_acquire) == target; };
+  const auto beside_a_worker = [&] {
+    for (int i = 1; i < n_; ++i)
+      if (cpu_of_[size_t(i)].load(std::memory_order_relaxed) == me) return true;
+    return false;
+  };
+  if (poll(all_done, spin_ns_, poll_ns_, beside_a_worker)) return;
+  caller_blocked_.store(1);
+  for (uint32_t d; (d = done_.load()) != target;) futex_wait(&done_, d);
+  caller_blocked_.store(0, std::memory_order_relaxed);
+}
+
+void ThreadPool::finish(std::exception_ptr own) {
+  if (own) std::rethrow_exception(own);
+  if (err_) std::rethrow_exception(std::exchange(err_, nullptr));
 }
 
 void ThreadPool::run(const std::function<void(int, int)>& fn) {
@@ -62,36 +228,66 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
     fn(0, 1);
     return;
   }
-  job_ = &fn;
-  pending_.store(n_ - 1, std::memory_order_release);
-  {
-    // Publish under the lock so a worker about to sleep cannot miss the new generation.
-    std::lock_guard<std::mutex> lk(mu_);
-    gen_.fetch_add(1, std::memory_order_acq_rel);
+  start(fn);
+  std::exception_ptr own;
+  try {
+    fn(0, n_);
+  } catch (...) {
+    own = std::current_exception();
   }
-  if (sleepers_.load() > 0) cv_.notify_all();
-  fn(0, n_);
-  while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  wait_done(uint32_t(n_ - 1));
+  finish(own);
 }
 
-void ThreadPool::barrier(std::atomic<int>& arrived, int n) {
-  arrived.fetch_add(1, std::memory_order_acq_rel);
-  while (arrived.load(std::memory_order_acquire) < n) _mm_pause();
+void ThreadPool::run_dynamic(const std::function<void(int, int)>& fn) {
+  if (n_ == 1) {
+    fn(0, 1);
+    return;
+  }
+  start(fn);
+  std::exception_ptr own;
+  try {
+    fn(0, n_);
+  } catch (...) {
+    own = std::current_exception();
+  }
+  const uint64_t s = seats_.fetch_or(kClosed, std::memory_order_acq_rel);
+  wait_done(uint32_t(s & kSeatCount));
+  finish(own);
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;
-  int64_t chunks = (n + grain - 1) / grain;
-  if (n_ == 1 || chunks == 1) {
+  const int64_t units = (n + grain - 1) / grain;
+  if (n_ == 1 || units == 1) {
     fn(0, n);
     return;
   }
-  run([&](int i, int nt) {
-    int64_t per = (chunks + nt - 1) / nt;
-    int64_t b = std::min(n, int64_t(i) * per * grain), e = std::min(n, int64_t(i + 1) * per * grain);
-    if (b < e) fn(b, e);
+  const int64_t chunk = std::max<int64_t>(1, units / (int64_t(n_) * kChunksPerThread)) * grain;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  alignas(64) std::atomic<int64_t> next{0};
+  run_dynamic([&](int, int) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      fn(c * chunk, std::min(n, (c + 1) * chunk));
   });
+}
+
+void ThreadPool::barrier(std::atomic<int>& arrived, int n) {
+  constexpr int kSleeping = 1 << 30, kCount = kSleeping - 1;  // flag: a thread blocks on the futex
+  const int v = arrived.fetch_add(1, std::memory_order_acq_rel) + 1;
+  if ((v & kCount) >= n) {
+    if (v & kSleeping) futex_wake(&arrived, INT_MAX);
+    return;
+  }
+  static const int64_t poll_ns = env_poll_ns(), spin_ns = std::min(poll_ns, kSpinNs);
+  const auto all_arrived = [&] { return (arrived.load(std::memory_order_acquire) & kCount) >= n; };
+  if (poll(all_arrived, spin_ns, poll_ns, [] { return false; })) return;
+  for (;;) {
+    const int s = arrived.fetch_or(kSleeping, std::memory_order_acq_rel) | kSleeping;
+    if ((s & kCount) >= n) return;
+    futex_wait(&arrived, uint32_t(s));
+  }
 }
 
 }  // namespace atmoe

@@ -36,6 +36,7 @@ struct Session {
   std::vector<float> coef;
   int coef_layer = -1, coef_cols = 0;
   int64_t work_messages = 0;
+  double apply_s = 0;  // time in ExpertShard::apply
   std::vector<uint8_t> result;
 };
 
@@ -93,6 +94,7 @@ json ready_json(const MpiSession& s, const ExpertShard* shard) {
 json stats_json(MpiSession& s, const Session& ss) {
   json r;
   r["work_messages"] = ss.work_messages;
+  r["apply_s"] = ss.apply_s;
   r["applies"] = ss.shard ? ss.shard->counters().applies : 0;
   r["token_rows"] = ss.shard ? ss.shard->counters().token_rows : 0;
   r["data_bytes_received"] = s.data().bytes_received();
@@ -140,7 +142,9 @@ void do_work(MpiSession& s, Session& ss, const std::vector<uint8_t>& m, const Wi
   rh.cols = int32_t(out);
   std::memcpy(ss.result.data(), &rh, sizeof rh);
   float* y = reinterpret_cast<float*>(ss.result.data() + sizeof(WireHeader));
+  const double t0 = now_s();
   sh.apply(h.layer, in, payload, din, ss.coef.data(), ss.coef_cols, y, out, T, ThreadPool::global());
+  ss.apply_s += now_s() - t0;
   ++ss.work_messages;
   std::vector<Communicator::Request> rq{s.data().isend(ss.result.data(), ss.result.size(), 0, kTagResult)};
   s.data().wait_all(rq, 0);

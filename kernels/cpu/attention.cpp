@@ -14,7 +14,8 @@ namespace atmoe::cpu {
 // One work item = (query row, KV head): the `group` query heads that share the KV head
 // are processed together so each K and V row is loaded once for all of them. Items are
 // handed out by an atomic counter, heaviest (latest positions) first: causal rows differ
-// in cost by the length of their context.
+// in cost by the length of their context. The counter runs under run_dynamic: a pool
+// thread that has lost its core is not waited for, the others take its items.
 template <int G>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void attend_item(const float* const* q, float* const* o, const float* k, const float* v, int64_t ldkv,
@@ -179,8 +180,8 @@ void attention(const AttentionParams& p, float* ws, ThreadPool& pool) {
                    [&](const Row& a, const Row& b) { return p.seqs[a.s].pos[a.t] > p.seqs[b.s].pos[b.t]; });
   const int64_t items = int64_t(rows.size()) * p.Hkv * nchunks;
   std::atomic<int64_t> next{0};
-  pool.run([&](int tid, int) {
-    float* sc = ws + int64_t(tid) * p.max_ctx * group;
+  pool.run_dynamic([&](int tid, int) {
+    float* sc = ws + int64_t(tid) * p.max_ctx * group;  // tid: unique among the running threads
     const float* qp[8];
     float* op[8];
     for (int64_t it; (it = next.fetch_add(1, std::memory_order_relaxed)) < items;) {

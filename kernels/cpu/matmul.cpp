@@ -122,6 +122,8 @@ PanelKernel panel_kernel() {
 void matmul_simd(const MatmulParams& p, ThreadPool& pool) {
   if (p.T == 0 || p.N == 0) return;
   auto kern = panel_kernel();
+  // Output panels in chunks claimed from a shared counter (a few per thread): a thread that
+  // loses its core to another process computes fewer panels instead of holding the others.
   pool.parallel_for((p.N + kPanel - 1) / kPanel, [&](int64_t b, int64_t e) { kern(p, b, e); });
 }
 
