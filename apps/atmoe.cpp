@@ -148,7 +148,7 @@ int main(int argc, char** argv) {
   const int rc = run_command(argc, argv);
   if (mpi) {
     if (g_comm_failed) mpi->abort(rc ? rc : 1);
-    end_workers(*mpi, rc);
+    if (!end_workers(*mpi, rc)) mpi->abort(rc ? rc : 1);
     mpi->finalize();
   }
   return rc;

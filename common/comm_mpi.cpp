@@ -183,6 +183,11 @@ MpiSession& MpiSession::init(int* argc, char*** argv) {
     std::fprintf(stderr, "atmoe: error: MPI_Init_thread failed: the MPI launcher's environment is broken\n");
     std::exit(1);
   }
+  if (provided < MPI_THREAD_FUNNELED) {
+    std::fprintf(stderr, "atmoe: error: this MPI library gives thread level %d; atmoe needs MPI_THREAD_FUNNELED\n",
+                 provided);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
   auto* s = new MpiSession();
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   MPI_Comm_rank(MPI_COMM_WORLD, &s->rank_);
@@ -221,7 +226,7 @@ struct WatchedPeer {
   int line_len;
 };
 WatchedPeer g_watched[1024];
-int g_n_watched = 0;
+volatile sig_atomic_t g_n_watched = 0;  // entries [0, n) are complete; published last
 
 bool proc_gone(const char* stat_path) {
   const int fd = ::open(stat_path, O_RDONLY);
@@ -255,10 +260,11 @@ void on_sigterm(int sig) {
 }  // namespace
 
 void MpiSession::watch_workers(const std::vector<std::pair<int, long>>& rank_pid) {
-  g_n_watched = 0;
+  g_n_watched = 0;  // the handler sees no entry while they are rewritten
+  int n = 0;
   for (const auto& [r, pid] : rank_pid) {
-    if (size_t(r) >= hosts_.size() || hosts_[size_t(r)] != host_ || pid <= 0 || g_n_watched >= 1024) continue;
-    WatchedPeer& w = g_watched[g_n_watched++];
+    if (size_t(r) >= hosts_.size() || hosts_[size_t(r)] != host_ || pid <= 0 || n >= 1024) continue;
+    WatchedPeer& w = g_watched[n++];
     w.rank = r;
     w.pid = pid;
     std::snprintf(w.stat_path, sizeof w.stat_path, "/proc/%ld/stat", pid);
@@ -268,6 +274,7 @@ void MpiSession::watch_workers(const std::vector<std::pair<int, long>>& rank_pid
                       host_.c_str(), pid);
     if (w.line_len < 0 || w.line_len >= int(sizeof w.line)) w.line_len = int(sizeof w.line) - 1;
   }
+  g_n_watched = n;
   struct sigaction sa {};
   sa.sa_handler = on_sigterm;
   sigemptyset(&sa.sa_mask);

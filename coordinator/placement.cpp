@@ -89,7 +89,8 @@ Placement read_placement(const std::string& path, const Bundle& b, int n_workers
   std::set<int> seen_ranks;
   for (const auto& [key, val] : j.items()) {
     int rank = -1;
-    const bool numeric = !key.empty() && key.size() <= 6 && std::all_of(key.begin(), key.end(), ::isdigit);
+    const bool numeric = !key.empty() && key.size() <= 6 &&
+                         std::all_of(key.begin(), key.end(), [](unsigned char ch) { return ch >= '0' && ch <= '9'; });
     if (numeric) rank = std::stoi(key);
     ATMOE_CHECK_INPUT(numeric && rank >= 1 && rank <= n_workers,
                       "{}: key \"{}\": expected a worker rank 1..{} (this job has {} ranks; rank 0 is the coordinator)",

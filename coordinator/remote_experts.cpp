@@ -1,5 +1,7 @@
 #include "coordinator/remote_experts.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "common/env.h"
@@ -20,18 +22,20 @@ void send_ctrl(MpiSession& s, int rank, Msg kind, const json& j) {
 bool g_workers_ended = false;
 }  // namespace
 
-void end_workers(MpiSession& s, int code) {
-  if (g_workers_ended) return;
+bool end_workers(MpiSession& s, int code) {
+  if (g_workers_ended) return true;
   g_workers_ended = true;
+  bool all = true;
   for (int r = 1; r < s.size(); ++r) {
     auto m = wire_json_message(Msg::Shutdown, json{{"code", code}, {"final", true}});
     std::vector<Communicator::Request> rq{s.ctrl().isend(m.data(), m.size(), r, kTagCtrl)};
     try {
       s.ctrl().wait_all(rq, 5.0);
     } catch (const CommError&) {
-      // A worker that cannot take its shutdown is gone already; the launcher reaps it.
+      all = false;  // a worker that cannot take its shutdown: MPI_Finalize would wait for it
     }
   }
+  return all;
 }
 
 RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& c, DType dtype, const Placement& p)
@@ -78,6 +82,8 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
                         -1);
     }
     const std::string who = s.ctrl().describe(src);
+    if (src < 1 || src > nw || !ready_[size_t(src - 1)].is_null())
+      throw CommError(fmt::format("{} sent an unexpected Ready", who), src);
     json r;
     try {
       const WireHeader h = wire_header(m, who);
@@ -95,9 +101,22 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
       continue;
     }
     Worker& wk = w_[size_t(src - 1)];
-    wk.columns = r.at("columns").get<std::vector<int>>();
-    const auto inputs = r.at("inputs").get<std::vector<int>>();
-    wk.inputs.assign(inputs.begin(), inputs.end());
+    try {
+      wk.columns = r.at("columns").get<std::vector<int>>();
+      const auto inputs = r.at("inputs").get<std::vector<int>>();
+      wk.inputs.assign(inputs.begin(), inputs.end());
+    } catch (const json::exception& e) {
+      throw CommError(fmt::format("{} sent a malformed Ready: {}", who, e.what()), src);
+    }
+    const int E = int(b.experts.size());
+    const bool general = p.general_worker == src - 1;
+    if (wk.inputs.size() != size_t(c.n_layers) * kNumSiteInputs)
+      throw CommError(fmt::format("{} reports {} (layer, input) entries, expected {}", who, wk.inputs.size(),
+                                  size_t(c.n_layers) * kNumSiteInputs),
+                      src);
+    for (int e : wk.columns)
+      if (e < 0 || e > E || (e == E && !general))
+        throw CommError(fmt::format("{} reports expert column {} outside 0..{}", who, e, general ? E : E - 1), src);
     ATMOE_LOG("coord")->info("{} holds {} experts, {:.1f} MiB, {} threads", who, wk.columns.size(),
                              double(r.value("bytes", int64_t(0))) / (1 << 20), r.value("threads", 0));
   }
@@ -106,12 +125,26 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
   s.watch_workers(pids);
   if (!first_error.empty()) {
     ended_ = true;
+    // The workers that did load are in a session: end it before reporting.
+    for (int w = 0; w < nw; ++w)
+      if (ready_[size_t(w)].value("ok", false)) {
+        try {
+          send_ctrl(s, w + 1, Msg::Shutdown, json{{"code", 0}, {"final", false}});
+        } catch (const CommError&) {
+        }
+      }
     if (first_code == 2) throw InputError(first_error);
     throw RuntimeError(first_error);
   }
 }
 
 RemoteExperts::~RemoteExperts() {
+  if (failed_) {
+    // Requests may still own w_'s buffers (a timed-out worker can answer late): the job is
+    // about to abort, so they are leaked, not freed under MPI's feet.
+    new std::vector<Worker>(std::move(w_));
+    return;
+  }
   if (ended_) return;
   try {
     for (const auto& wk : w_) send_ctrl(s_, wk.rank, Msg::Shutdown, json{{"code", 0}, {"final", false}});
@@ -150,7 +183,21 @@ void RemoteExperts::set_layer(int layer, const StepRouting& r) {
 void RemoteExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) {
   (void)r;
   const int64_t din = d_in(in), out = out_cols(in);
-  reqs_.clear();
+  if (!reqs_.empty()) {  // a wait that never ran (an exception between post and wait)
+    failed_ = true;
+    s_.data().wait_all(reqs_, worker_timeout_);
+    failed_ = false;
+  }
+  // Every message's size is checked before any is posted (MPI counts are int).
+  for (const Worker& wk : w_) {
+    const int64_t T = int64_t(wk.toks.size()), C = wk.coef_sent ? 0 : int64_t(wk.columns.size());
+    const int64_t bytes = int64_t(sizeof(WireHeader)) + T * std::max(C + din, out) * 4;
+    if (T > 0 && bytes > INT32_MAX)
+      throw InputError(
+          fmt::format("layer {} {}: {} tokens make a {}-byte message to {}, over MPI's 2 GiB: give fewer "
+                      "tokens per step (shorter prompts or a smaller batch)",
+                      layer, site_input_name(in), T, bytes, s_.data().describe(wk.rank)));
+  }
   for (size_t w = 0; w < w_.size(); ++w) {
     Worker& wk = w_[w];
     wk.in_flight = false;
@@ -187,6 +234,7 @@ void RemoteExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const S
   try {
     s_.data().wait_all(reqs_, worker_timeout_);
   } catch (const PeerTimeout& e) {
+    failed_ = true;
     throw PeerTimeout(fmt::format("{} (ATMOE_WORKER_TIMEOUT) during layer {} {}", e.what(), layer, site_input_name(in)),
                       e.peer());
   }
@@ -196,8 +244,8 @@ void RemoteExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const S
     wk.in_flight = false;
     WireHeader h;
     std::memcpy(&h, wk.result.data(), sizeof h);
-    if (h.magic != kWireMagic || h.kind != uint16_t(Msg::Result) || h.layer != layer || h.input != int(in) ||
-        h.rows != int32_t(wk.toks.size()) || h.cols != out)
+    if (h.magic != kWireMagic || h.version != kWireVersion || h.kind != uint16_t(Msg::Result) || h.step != step_ ||
+        h.layer != layer || h.input != int(in) || h.rows != int32_t(wk.toks.size()) || h.cols != out)
       throw CommError(fmt::format("{} answered layer {} {} with a mismatched result header",
                                   s_.data().describe(wk.rank), layer, site_input_name(in)),
                       wk.rank);

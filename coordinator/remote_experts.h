@@ -57,11 +57,13 @@ class RemoteExperts : public ExpertBackend {
   uint64_t step_ = 0;
   double worker_timeout_ = 60;
   bool ended_ = false;
+  bool failed_ = false;  // a wait failed: requests may still own the buffers
   int64_t d_in(SiteInput in) const { return shapes_.d_in[size_t(input_first_site(in))]; }
   int64_t out_cols(SiteInput in) const;
 };
 
-// Tells every worker rank the job is over (final shutdown with `code`); idempotent.
-void end_workers(MpiSession& s, int code);
+// Tells every worker rank the job is over (final shutdown with `code`); idempotent. False
+// when some worker could not take it (the caller aborts instead of MPI_Finalize).
+bool end_workers(MpiSession& s, int code);
 
 }  // namespace atmoe

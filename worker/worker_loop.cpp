@@ -35,6 +35,7 @@ struct Session {
   std::unique_ptr<ExpertShard> shard;
   std::vector<float> coef;
   int coef_layer = -1, coef_cols = 0;
+  uint64_t coef_step = 0;
   int64_t work_messages = 0;
   double apply_s = 0;  // time in ExpertShard::apply
   std::vector<uint8_t> result;
@@ -131,9 +132,10 @@ void do_work(MpiSession& s, Session& ss, const std::vector<uint8_t>& m, const Wi
           fmt::format("{} sent {} coefficient columns, this worker holds {} experts", from, h.cols, sh.n_columns()), 0);
     ss.coef.assign(payload, payload + T * h.cols);
     ss.coef_layer = h.layer;
+    ss.coef_step = h.step;
     ss.coef_cols = h.cols;
     payload += T * h.cols;
-  } else if (ss.coef_layer != h.layer || int64_t(ss.coef.size()) != T * ss.coef_cols) {
+  } else if (ss.coef_layer != h.layer || ss.coef_step != h.step || int64_t(ss.coef.size()) != T * ss.coef_cols) {
     throw CommError(fmt::format("{} sent work for layer {} without its coefficients", from, h.layer), 0);
   }
   ss.result.assign(sizeof(WireHeader) + size_t(T * out) * 4, 0);

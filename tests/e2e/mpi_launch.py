@@ -135,12 +135,15 @@ def main():
 
     # A worker killed with SIGKILL mid-run: atmoe's line names it; the job ends.
     long_gen = ["generate", "--bundle", bundle, "--temperature", "0", "--ignore-eos", "--max-tokens", "480"] + \
-               sum([["--prompt", p] for p in "abcdefgh"], [])
+               sum([["--prompt", p] for p in "abcdefghijklmnopqrstuvwxyzABCDEF"], [])
 
     def fault(sig, want, what, env=None, limit=20.0):
         p = subprocess.Popen(MPIRUN + ["-n", "3", ATMOE] + long_gen, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=env or ENV)
-        time.sleep(2.0)
+        t_start = time.time()  # wait until all 3 ranks run, then a little longer (loading)
+        while len(leftovers()) < 3 and time.time() - t_start < 20:
+            time.sleep(0.1)
+        time.sleep(1.0)
         pids = sorted(int(x) for x in leftovers())
         check(len(pids) == 3, f"{what}: 3 ranks running ({pids})")
         victim = pids[-1] if sig != signal.SIGTERM else p.pid
