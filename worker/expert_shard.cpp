@@ -56,15 +56,18 @@ W to_w(float v) {
 // B [d_out, R] is packed: B[n][r] (= Bt[r][n]) at ((n / 32) * R + r) * 32 + n % 32.
 template <class W>
 void pack_stage(const Stage<W>& sg, ShardStack& st, DType dt) {
-  const int64_t R = st.R, dout = st.d_out, P = cpu::kPanel;
+  const int64_t R = st.R, dout = st.d_out;
   st.A = Tensor::empty(dt, {R, st.d_in});
   std::memcpy(st.A.template data<W>(), sg.A.data(), sg.A.size() * sizeof(W));
   st.B = Tensor::empty(dt, {int64_t(cpu::packed_elems(dout, R))});
   W* B = st.B.template data<W>();
-  for (int64_t r = 0; r < R; ++r) {
-    const W* b = sg.Bt.data() + r * dout;
-    for (int64_t n = 0; n < dout; ++n) B[((n / P) * R + r) * P + n % P] = b[n];
-  }
+  // Block by block (lora.h): one block's rows are one contiguous run; padding rows are zero.
+  std::memset(static_cast<void*>(B), 0, st.B.nbytes());
+  for (const auto& [r0, r1] : st.block)
+    for (int64_t r = r0; r < r1; ++r) {
+      const W* b = sg.Bt.data() + r * dout;
+      for (int64_t n = 0; n < dout; ++n) B[cpu::lora_b_index(dout, r0, r1, n, r)] = b[n];
+    }
 }
 
 template <class W>
@@ -163,11 +166,8 @@ int64_t ExpertShard::out_cols(SiteInput in) const {
   return n;
 }
 
-void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
-                        int64_t ldy, int64_t T, ThreadPool& pool) const {
+int64_t ExpertShard::mark_uses(const float* coef, int64_t ldc, int64_t T) const {
   const size_t nb = block_cols_.size();
-  if (T <= 0 || nb == 0 || !has_input(layer, in)) return;
-  // uses[t * nb + b]: token t gives a block's experts a nonzero coefficient.
   s_.uses.assign(size_t(T) * nb, 0);
   int64_t used_rows = 0;
   for (int64_t t = 0; t < T; ++t) {
@@ -182,6 +182,14 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
         }
     used_rows += any;
   }
+  return used_rows;
+}
+
+void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
+                        int64_t ldy, int64_t T, ThreadPool& pool) const {
+  const size_t nb = block_cols_.size();
+  if (T <= 0 || nb == 0 || !has_input(layer, in)) return;
+  const int64_t used_rows = mark_uses(coef, ldc, T);
   if (used_rows == 0) return;
   cpu::LoraSite sites[3];
   int n = 0;

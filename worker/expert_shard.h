@@ -91,6 +91,9 @@ class ExpertShard {
     std::vector<uint8_t> uses;
   };
   mutable Scratch s_;
+  // s_.uses[t * n_blocks + b] = token t gives block b a nonzero coefficient; returns the
+  // number of tokens that use any block.
+  int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
   mutable Counters counters_;
 };
 

@@ -24,15 +24,18 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   __m256 acc[TB][4];
   for (int j = 0; j < TB; ++j)
     for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_setzero_ps();
-  const size_t base = size_t(panel * p.K) * kPanel;
   const float* xr[TB];
   for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
   const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
   for (int64_t ri = 0; ri < nranges; ++ri) {
     const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
+    // Weights of this range: the matrix's k rows, or (k_range_w) a packed matrix of its own.
+    const void* wr = p.k_range_w ? p.k_range_w[ri] : p.w;
+    const int64_t kb = p.k_range_w ? k0 : 0;
+    const size_t base = size_t(panel * (p.k_range_w ? k1 - k0 : p.K)) * kPanel;
     for (int64_t k = k0; k < k1; ++k) {
       __m256 w[4];
-      for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(p.w, base + size_t(k) * kPanel + size_t(8 * q));
+      for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(wr, base + size_t(k - kb) * kPanel + size_t(8 * q));
       for (int j = 0; j < TB; ++j) {
         const __m256 xb = _mm256_broadcast_ss(xr[j] + k);
         for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_fmadd_ps(w[q], xb, acc[j][q]);
@@ -40,6 +43,18 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
     }
   }
   const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);
+  if (rows == kPanel) {  // a whole panel: vector stores (a LoRA expand of rank 8 is mostly stores)
+    for (int j = 0; j < TB; ++j) {
+      float* y = p.y + y_row(p, t0 + j) * p.ldy + n0;
+      for (int q = 0; q < 4; ++q) {
+        __m256 v = acc[j][q];
+        if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0 + 8 * q));
+        if (p.accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(y + 8 * q));
+        _mm256_storeu_ps(y + 8 * q, v);
+      }
+    }
+    return;
+  }
   for (int j = 0; j < TB; ++j) {
     alignas(32) float out[kPanel];
     for (int q = 0; q < 4; ++q) _mm256_store_ps(out + 8 * q, acc[j][q]);

@@ -28,15 +28,18 @@ template <bool BF16, int TB>
 void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   __m512 acc[TB][2];
   for (int j = 0; j < TB; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-  const size_t base = size_t(panel * p.K) * kPanel;
   const float* xr[TB];
   for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
   const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
   for (int64_t ri = 0; ri < nranges; ++ri) {
     const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
+    // Weights of this range: the matrix's k rows, or (k_range_w) a packed matrix of its own.
+    const void* wr = p.k_range_w ? p.k_range_w[ri] : p.w;
+    const int64_t kb = p.k_range_w ? k0 : 0;
+    const size_t base = size_t(panel * (p.k_range_w ? k1 - k0 : p.K)) * kPanel;
     for (int64_t k = k0; k < k1; ++k) {
       __m512 w0, w1;
-      load32<BF16>(p.w, base + size_t(k) * kPanel, w0, w1);
+      load32<BF16>(wr, base + size_t(k - kb) * kPanel, w0, w1);
       for (int j = 0; j < TB; ++j) {
         const __m512 xb = _mm512_set1_ps(xr[j][k]);
         acc[j][0] = _mm512_fmadd_ps(w0, xb, acc[j][0]);

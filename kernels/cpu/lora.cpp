@@ -30,6 +30,8 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
   pl.expand.clear();
   pl.toks.clear();
   pl.ranges.clear();
+  pl.range_w.clear();
+  const size_t es = dtype_size(p.dtype);
   for (int si = 0; si < p.n_sites; ++si) {
     const LoraSite& s = p.sites[si];
     int64_t prev_end = 0;
@@ -39,18 +41,15 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
       prev_end = blk.r1;
       if (blk.toks.empty() || blk.r0 == blk.r1) continue;
       for (int64_t r = blk.r0; r < blk.r1; r += kPanel) pl.shrink.push_back({si, b, r, std::min(blk.r1, r + kPanel)});
+      pl.range_w.push_back(static_cast<const uint8_t*>(s.B) + size_t(lora_block_offset(s.d_out, blk.r0)) * es);
       bool merged = false;
       if (!pl.expand.empty() && pl.expand.back().site == si) {
         LoraPlan::Expand& e = pl.expand.back();
         const int64_t n = e.tok1 - e.tok0;
         if (n == int64_t(blk.toks.size()) && std::equal(blk.toks.begin(), blk.toks.end(), pl.toks.begin() + e.tok0)) {
-          if (pl.ranges.back() == blk.r0) {
-            pl.ranges.back() = blk.r1;
-          } else {
-            pl.ranges.push_back(blk.r0);
-            pl.ranges.push_back(blk.r1);
-            e.range1 += 2;
-          }
+          pl.ranges.push_back(blk.r0);
+          pl.ranges.push_back(blk.r1);
+          e.range1 += 2;
           merged = true;
         }
       }
@@ -81,6 +80,71 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) static float dot_ro
 #pragma omp simd reduction(+ : s)
   for (int64_t k = 0; k < K; ++k) s += bf16_to_f32(a[k]) * x[k];
   return s;
+}
+
+// One rank row · four activation rows: the row is read once for the four tokens.
+template <class W>
+static inline float wval(W a) {
+  if constexpr (sizeof(W) == 2) return bf16_to_f32(a);
+  else return a;
+}
+
+template <class W>
+__attribute__((always_inline)) static inline void dot_row4(const W* a, const float* x0, const float* x1,
+                                                           const float* x2, const float* x3, int64_t K, float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t k = 0; k < K; ++k) {
+    const float w = wval(a[k]);
+    s0 += w * x0[k];
+    s1 += w * x1[k];
+    s2 += w * x2[k];
+    s3 += w * x3[k];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void dot_row4_f32(
+    const float* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t K, float* out) {
+  dot_row4(a, x0, x1, x2, x3, K, out);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void dot_row4_bf16(
+    const uint16_t* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t K, float* out) {
+  dot_row4(a, x0, x1, x2, x3, K, out);
+}
+
+// Shrink of rows [r0, r1) of a block with few tokens: u[t, r] = A[r, :] · x[t], tokens four
+// at a time, then one at a time.
+static void shrink_dots(const LoraMixParams& p, const LoraSite& s, const LoraBlock& blk, int64_t r0, int64_t r1,
+                        float* u0, int64_t ldu) {
+  const int64_t nt = int64_t(blk.toks.size());
+  const bool bf16 = p.dtype == DType::BF16;
+  const int64_t row_bytes = p.d_in * int64_t(dtype_size(p.dtype));
+  for (int64_t r = r0; r < r1; ++r) {
+    const void* a = static_cast<const uint8_t*>(s.A) + r * row_bytes;
+    int64_t j = 0;
+    for (; j + 4 <= nt; j += 4) {
+      const int32_t* t = blk.toks.data() + j;
+      const float* x0 = p.x + int64_t(t[0]) * p.ldx;
+      const float* x1 = p.x + int64_t(t[1]) * p.ldx;
+      const float* x2 = p.x + int64_t(t[2]) * p.ldx;
+      const float* x3 = p.x + int64_t(t[3]) * p.ldx;
+      float o[4];
+      if (bf16) dot_row4_bf16(static_cast<const uint16_t*>(a), x0, x1, x2, x3, p.d_in, o);
+      else dot_row4_f32(static_cast<const float*>(a), x0, x1, x2, x3, p.d_in, o);
+      for (int i = 0; i < 4; ++i) u0[int64_t(t[i]) * ldu + r] = o[i];
+    }
+    for (; j < nt; ++j) {
+      const int32_t t = blk.toks[size_t(j)];
+      const float* x = p.x + int64_t(t) * p.ldx;
+      u0[int64_t(t) * ldu + r] = bf16 ? dot_row_bf16(static_cast<const uint16_t*>(a), x, p.d_in)
+                                      : dot_row_f32(static_cast<const float*>(a), x, p.d_in);
+    }
+  }
 }
 
 // Rows [r0, r0 + n) of a row-major [R, K] matrix -> one packed panel [K][32] (matmul.h).
@@ -149,13 +213,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
       const int64_t nt_blk = int64_t(blk.toks.size()), nrows = it.r1 - it.r0;
       float* u0 = p.u + u_off[it.site];
       if (nt_blk < kLoraPackMinTokens) {
-        for (int64_t r = it.r0; r < it.r1; ++r)
-          for (int32_t t : blk.toks) {
-            const float* x = p.x + int64_t(t) * p.ldx;
-            u0[int64_t(t) * ldu + r] = p.dtype == DType::BF16
-                                           ? dot_row_bf16(static_cast<const uint16_t*>(s.A) + r * p.d_in, x, p.d_in)
-                                           : dot_row_f32(static_cast<const float*>(s.A) + r * p.d_in, x, p.d_in);
-          }
+        shrink_dots(p, s, blk, it.r0, it.r1, u0, ldu);
       } else {
         if (p.dtype == DType::BF16)
           pack_panel(static_cast<const uint16_t*>(s.A), it.r0, nrows, p.d_in, reinterpret_cast<uint16_t*>(ws));
@@ -200,6 +258,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
         m.accumulate = true;
         m.k_ranges = pl.ranges.data() + e.range0;
         m.n_k_ranges = (e.range1 - e.range0) / 2;
+        m.k_range_w = pl.range_w.data() + e.range0 / 2;
         m.x_rows = pl.toks.data() + e.tok0;
         m.y_rows = m.x_rows;
         kern(m, ch.p0, ch.p1);
@@ -210,6 +269,11 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     job(0, 1);
   else
     pool.run(job);
+}
+
+static float lora_b_at(const void* B, DType dt, int64_t d_out, int64_t r0, int64_t r1, int64_t n, int64_t r) {
+  const size_t at = size_t(lora_b_index(d_out, r0, r1, n, r));
+  return dt == DType::F32 ? static_cast<const float*>(B)[at] : bf16_to_f32(static_cast<const uint16_t*>(B)[at]);
 }
 
 void lora_mix_apply_ref(const LoraMixParams& p) {
@@ -232,7 +296,7 @@ void lora_mix_apply_ref(const LoraMixParams& p) {
         for (int64_t n = 0; n < s.d_out; ++n) {
           double acc = 0;
           for (int64_t r = blk.r0; r < blk.r1; ++r)
-            acc += double(packed_at(s.B, p.dtype, s.R, n, r)) * u[size_t(r - blk.r0)];
+            acc += double(lora_b_at(s.B, p.dtype, s.d_out, blk.r0, blk.r1, n, r)) * u[size_t(r - blk.r0)];
           s.y[t * s.ldy + n] = float(double(s.y[t * s.ldy + n]) + acc);
         }
       }

@@ -5,7 +5,10 @@
 //   coef: [T, ldc]: the routing coefficient of each column (expert) for each token
 //   per site s:
 //     A_s [R_s, d_in]: the stacked lora_A, row-major (a rank row contiguous), f32 or bf16
-//     B_s [d_out_s, R_s]: the stacked lora_B, packed panels (matmul.h), same dtype
+//     B_s [d_out_s, R_s]: the stacked lora_B, same dtype, stored block by block: block
+//       [r0, r1) is a packed-panel matrix (matmul.h) [d_out_s, r1 - r0] of its own at
+//       element lora_block_offset(d_out_s, r0), so that one block's rows (one expert group's
+//       delta) are one contiguous run of memory (lora_b_index gives an element's place)
 //     row_col_s [R_s] (column of coef; -1 = padding), row_scale_s [R_s] (LoRA scale s_e)
 //     blocks_s: [r0, r1) row ranges (any boundaries, ascending, disjoint) with the tokens
 //       that use them; rows outside every block and tokens not listed cost nothing
@@ -14,7 +17,7 @@
 // Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t])
 // Blocks are not padded and A is row-major, so a step reads exactly the rank rows of the
 // blocks its tokens use (memory and bytes read follow the adapters' bytes). The shrink of a
-// block with few tokens is a dot product per (row, token); with kLoraPackMinTokens or more,
+// block with few tokens is dot products (a row read once per four tokens); with kLoraPackMinTokens or more,
 // its rows are first packed into a 32-row panel in the thread's workspace and run through
 // the GEMM panel kernel. The expand of a token reads only the rank columns of its blocks.
 // One parallel region (or the calling thread alone below kLoraInlineMacs): shrink+mix over
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "kernels/cpu/matmul.h"
 
 namespace atmoe {
 class ThreadPool;
@@ -50,10 +54,19 @@ struct LoraSite {
   int64_t ldy = 0;
 };
 
+// Where block [r0, r1)'s packed B starts in B_s, and where B_s[n][r] (r0 <= r < r1) lies.
+inline int64_t lora_block_offset(int64_t d_out, int64_t r0) { return packed_rows(d_out) * r0; }
+inline int64_t lora_b_index(int64_t d_out, int64_t r0, int64_t r1, int64_t n, int64_t r) {
+  return lora_block_offset(d_out, r0) + ((n / kPanel) * (r1 - r0) + (r - r0)) * kPanel + n % kPanel;
+}
+
 // Work lists of one call, rebuilt each time; kept by the caller so calls do not allocate.
 constexpr int64_t kLoraPackMinTokens = 8;
-// Below this many multiply-adds a call runs on the calling thread alone.
-constexpr int64_t kLoraInlineMacs = int64_t(1) << 18;
+// Below this many multiply-adds a call runs on the calling thread alone. Decode calls
+// (one token through one rank-8 expert: ~5e4 MACs, ~40 kB) go parallel: their reads are
+// short runs that wait on DRAM latency, and two threads keep twice as many misses in
+// flight; measured 2.1-2.4 -> 1.1-1.5 ms per SmolLM2 step (docs/performance.md).
+constexpr int64_t kLoraInlineMacs = int64_t(1) << 12;
 
 struct LoraPlan {
   struct Shrink {
@@ -67,7 +80,8 @@ struct LoraPlan {
   std::vector<Shrink> shrink;
   std::vector<Expand> expand;
   std::vector<int32_t> toks;
-  std::vector<int64_t> ranges;    // [begin, end) pairs
+  std::vector<int64_t> ranges;    // [begin, end) pairs (one per block: their B matrices are apart)
+  std::vector<const void*> range_w;  // the packed B of each range's block
   std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
 

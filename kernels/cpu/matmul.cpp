@@ -31,6 +31,11 @@ float packed_at(const void* w, DType dt, int64_t K, int64_t n, int64_t k) {
   return dt == DType::F32 ? static_cast<const float*>(w)[at] : bf16_to_f32(static_cast<const uint16_t*>(w)[at]);
 }
 
+float range_w_at(const MatmulParams& p, int64_t ri, int64_t k0, int64_t k1, int64_t n, int64_t k) {
+  if (p.k_range_w) return packed_at(p.k_range_w[ri], p.w_dtype, k1 - k0, n, k - k0);
+  return packed_at(p.w, p.w_dtype, p.K, n, k);
+}
+
 void matmul_ref(const MatmulParams& p) {
   for (int64_t t = 0; t < p.T; ++t)
     for (int64_t n = 0; n < p.N; ++n) {
@@ -39,7 +44,7 @@ void matmul_ref(const MatmulParams& p) {
       for (int64_t ri = 0; ri < nr; ++ri) {
         const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
         for (int64_t k = k0; k < k1; ++k)
-          acc += double(p.x[x_row(p, t) * p.ldx + k]) * double(packed_at(p.w, p.w_dtype, p.K, n, k));
+          acc += double(p.x[x_row(p, t) * p.ldx + k]) * double(range_w_at(p, ri, k0, k1, n, k));
       }
       float& y = p.y[y_row(p, t) * p.ldy + n];
       y = p.accumulate ? float(double(y) + acc) : float(acc);
@@ -54,7 +59,7 @@ void gemm_panels_scalar(const MatmulParams& p, int64_t p0, int64_t p1) {
       const int64_t nr = p.k_ranges ? p.n_k_ranges : 1;
       for (int64_t ri = 0; ri < nr; ++ri) {
         const int64_t k0 = p.k_ranges ? p.k_ranges[2 * ri] : 0, k1 = p.k_ranges ? p.k_ranges[2 * ri + 1] : p.K;
-        for (int64_t k = k0; k < k1; ++k) acc += x[k] * packed_at(p.w, p.w_dtype, p.K, n, k);
+        for (int64_t k = k0; k < k1; ++k) acc += x[k] * range_w_at(p, ri, k0, k1, n, k);
       }
       acc += p.bias ? p.bias[n] : 0.f;
       float& y = p.y[y_row(p, t) * p.ldy + n];

@@ -47,6 +47,10 @@ struct MatmulParams {
   // active experts' rank rows). SIMD path and reference only.
   const int64_t* k_ranges = nullptr;
   int64_t n_k_ranges = 0;
+  // Optional, with k_ranges: range i's weights are a packed matrix of their own,
+  // [N, k1 - k0] at k_range_w[i] (x is still read at columns k0..k1-1). LoRA banks are
+  // stored block by block so that one expert's rank rows are contiguous (lora.h).
+  const void* const* k_range_w = nullptr;
   // Optional gather/scatter (SIMD path and reference): token j reads x row x_rows[j] and
   // writes y row y_rows[j] (LoRA groups computed for the tokens that use them only).
   const int32_t* x_rows = nullptr;
@@ -54,6 +58,8 @@ struct MatmulParams {
 };
 
 inline int64_t x_row(const MatmulParams& p, int64_t t) { return p.x_rows ? p.x_rows[t] : t; }
+// W[n][k] for k in range ri = [k0, k1) (reference paths).
+float range_w_at(const MatmulParams& p, int64_t ri, int64_t k0, int64_t k1, int64_t n, int64_t k);
 inline int64_t y_row(const MatmulParams& p, int64_t t) { return p.y_rows ? p.y_rows[t] : t; }
 
 // True when matmul() sends T-token calls to OpenBLAS (ATMOE_PREFILL_GEMM=blas).

@@ -255,13 +255,19 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
         for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
         for (int64_t n = 0; n < dout; ++n) B[size_t(n * d.R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
       }
-    d.Ap = A;  // A row-major, B packed panels (lora.h)
-    d.Bp.resize(cpu::packed_elems(dout, d.R));
-    cpu::pack_weights(B.data(), dout, d.R, DType::F32, d.Bp.data());
+    d.Ap = A;  // A row-major, B packed panels block by block (lora.h)
+    d.Bp.assign(cpu::packed_elems(dout, d.R), 0.f);
+    d.Bb.assign(cpu::packed_elems(dout, d.R), 0);
+    for (const auto& b : d.blk) {
+      std::vector<float> Bblk(size_t(dout * (b.r1 - b.r0)));  // row-major [dout, r1 - r0]
+      for (int64_t n = 0; n < dout; ++n)
+        for (int64_t r = b.r0; r < b.r1; ++r) Bblk[size_t(n * (b.r1 - b.r0) + r - b.r0)] = B[size_t(n * d.R + r)];
+      const int64_t off = cpu::lora_block_offset(dout, b.r0);
+      cpu::pack_weights(Bblk.data(), dout, b.r1 - b.r0, DType::F32, d.Bp.data() + off);
+      cpu::pack_weights(Bblk.data(), dout, b.r1 - b.r0, DType::BF16, d.Bb.data() + off);
+    }
     d.Ab.resize(A.size());
     f32_to_bf16_n(A.data(), d.Ab.data(), A.size());
-    d.Bb.resize(cpu::packed_elems(dout, d.R));
-    cpu::pack_weights(B.data(), dout, d.R, DType::BF16, d.Bb.data());
     d.y0 = randn(size_t(T * dout), rng);
     // Independent: per expert, in float64, from the unpacked matrices.
     d.want.resize(d.y0.size());
@@ -335,9 +341,10 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
 TEST(LoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
   // into a panel, the GEMM kernel); 13: the calling thread alone (below kLoraInlineMacs);
-  // 3 and 1: the dot-product path of blocks with few tokens.
+  // 6, 3 and 1: the dot-product path of blocks with few tokens (four at a time, then one).
   check_lora_mix(200, 3);
   check_lora_mix(13, 0);
+  check_lora_mix(6, 4);
   check_lora_mix(3, 1);
   check_lora_mix(1, 2);
 }

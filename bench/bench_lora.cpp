@@ -1,0 +1,88 @@
+// The in-process expert path alone: ExpertShard::apply per site input of every layer, as
+// one decode step calls it, against the bytes that step reads (its floor). A benchmark, not
+// a test: numbers depend on the machine (bench/results, docs/performance.md).
+//
+// Usage: bench_lora BUNDLE_DIR [--tokens T] [--active K] [--steps S] [--evict KB]
+//   T tokens per step (1 = decode batch 1); each token routes to K experts (columns
+//   t..t+K-1, weight 1/K; K = 0: all). --evict: read KB of other memory before each call,
+//   untimed (in a model the base GEMM streams ~0.5-2 MB between two expert calls, so the
+//   rank rows come from DRAM). Prints µs per step (median, min), per call, and GB/s of the
+//   rank rows read.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/bundle.h"
+#include "common/gguf.h"
+#include "common/model_config.h"
+#include "kernels/thread_pool.h"
+#include "worker/expert_shard.h"
+
+using namespace atmoe;
+
+static double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s BUNDLE_DIR [--tokens T] [--active K] [--steps S]\n", argv[0]);
+    return 2;
+  }
+  int64_t T = 1;
+  int K = 1, S = 200, evict_kb = 0;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--tokens")) T = std::atoll(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--active")) K = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--steps")) S = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--evict")) evict_kb = std::atoi(argv[i + 1]);
+  }
+  try {
+    Bundle b = load_bundle_manifest(argv[1]);
+    GgufFile g(b.base_model);
+    const ModelConfig c = config_from_gguf(g);
+    std::vector<int> groups(b.groups.size());
+    for (size_t i = 0; i < groups.size(); ++i) groups[i] = int(i);
+    ExpertShard shard(b, shard_spec(c, DType::BF16, groups, b.general.has_value()));
+    const int64_t nc = int64_t(shard.column_expert().size());
+    if (K <= 0 || K > nc) K = int(nc);
+    std::vector<float> coef(size_t(T * nc), 0.f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int k = 0; k < K; ++k) coef[size_t(t * nc + (t + k) % nc)] = 1.f / float(K);
+    const int64_t din_max = std::max<int64_t>(c.hidden, c.ffn);
+    std::vector<float> x(size_t(T * din_max), 0.01f), y(size_t(T * 4 * din_max), 0.f);
+    ThreadPool& pool = ThreadPool::global();
+    const SiteInput ins[] = {SiteInput::AttnIn, SiteInput::AttnOut, SiteInput::MlpIn, SiteInput::MlpAct};
+    std::vector<float> junk(size_t(evict_kb) * 256, 1.f);
+    volatile float sink = 0.f;
+    auto step = [&] {
+      double t = 0;
+      for (int l = 0; l < c.n_layers; ++l)
+        for (SiteInput in : ins) {
+          float s = 0.f;
+          for (size_t i = 0; i < junk.size(); i += 16) s += junk[i];
+          sink = sink + s;
+          const double t0 = now_s();
+          shard.apply(l, in, x.data(), din_max, coef.data(), nc, y.data(), 4 * din_max, T, pool);
+          t += now_s() - t0;
+        }
+      return t;
+    };
+    for (int i = 0; i < 10; ++i) step();
+    std::vector<double> ts;
+    for (int i = 0; i < S; ++i) ts.push_back(step());
+    std::sort(ts.begin(), ts.end());
+    const double med = ts[ts.size() / 2];
+    // Bytes of the active rows: bf16 A and B of K experts' rows (every expert has the same rank here).
+    const double bytes = double(shard.bytes()) * double(K) / double(nc);
+    std::printf("experts %lld  tokens %lld  active %d  threads %d\n", (long long)nc, (long long)T, K, pool.size());
+    std::printf("step %.1f us (min %.1f)  per call %.2f us  reads ~%.2f MB -> %.2f GB/s\n", med * 1e6, ts[0] * 1e6,
+                med * 1e6 / (4.0 * c.n_layers), bytes / 1e6, bytes / med / 1e9);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_lora: %s\n", e.what());
+    return 2;
+  }
+}
