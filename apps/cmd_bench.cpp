@@ -69,7 +69,7 @@ Runner add_bench(CLI::App& app) {
   struct Opts {
     std::string model, bundle, dtype, json, placement;
     int prompt = 512, decode = 64, batch = 16, reps = 3;
-    bool check_tensors = false;
+    bool check_tensors = false, spread = false;
     RoutingFlags rf;
   };
   auto o = std::make_shared<Opts>();
@@ -85,6 +85,9 @@ Runner add_bench(CLI::App& app) {
                  "Repetitions, base and experts interleaved (the median is reported, with the range)");
   app.add_option("--json", o->json, "Also write the results as JSON to this file");
   app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
+  app.add_flag("--spread-groups", o->spread,
+               "AT-MoE: sequence b's group logits get +30 on group b mod G, so that with --top-k-groups the batch "
+               "spreads uniformly over the groups (the router still runs)");
   return [o]() -> int {
     ATMOE_CHECK_INPUT(o->prompt >= 1 && o->prompt <= (1 << 20), "--prompt-tokens {}: must be in 1..1048576", o->prompt);
     ATMOE_CHECK_INPUT(o->decode >= 1 && o->decode <= (1 << 20), "--decode-tokens {}: must be in 1..1048576", o->decode);
@@ -112,7 +115,14 @@ Runner add_bench(CLI::App& app) {
     }
     ExpertPool* const experts = bx.atmoe.get();
     TrexPool* const trex = bx.trex.get();
-    auto new_routing = [&]() { return experts ? experts->new_routing(controls) : trex->new_routing(controls); };
+    ATMOE_CHECK_INPUT(!o->spread || experts != nullptr, "--spread-groups needs an AT-MoE --bundle");
+    auto new_routing = [&](int b) {
+      if (trex) return trex->new_routing(controls);
+      if (!o->spread) return experts->new_routing(controls);
+      RoutingControls c = controls;
+      c.group_bias[bundle->groups[size_t(b) % bundle->groups.size()].name] += 30.0;
+      return experts->new_routing(c);
+    };
     bool with_experts = false;  // decode_rate routes through the experts when set
     const int64_t V = m->config().vocab;
     ThreadPool& pool = ThreadPool::global();
@@ -139,7 +149,7 @@ Runner add_bench(CLI::App& app) {
     // timers on rank 0 and, with worker ranks, their compute.
     struct Split {
       double route = 0, post = 0, wait = 0, total = 0, worker_apply = 0;
-      int64_t steps = 0;
+      int64_t steps = 0, bytes = 0;  // bytes: data plane, to and from the workers
     };
     RemoteExperts* remote = experts ? dynamic_cast<RemoteExperts*>(&experts->backend()) : nullptr;
     auto worker_apply_s = [&]() {
@@ -147,6 +157,14 @@ Runner add_bench(CLI::App& app) {
       if (remote)
         for (const auto& st : remote->worker_stats()) t += st.value("apply_s", 0.0);
       return t;
+    };
+    auto plane_bytes = [&]() {
+      int64_t n = 0;
+      if (remote) {
+        for (int64_t v : remote->bytes_sent()) n += v;
+        for (int64_t v : remote->bytes_received()) n += v;
+      }
+      return n;
     };
     auto decode_rate = [&](int B, Split* sp) {
       std::vector<std::unique_ptr<KvCache>> caches;
@@ -157,7 +175,7 @@ Runner add_bench(CLI::App& app) {
         caches.push_back(m->new_cache());
         prompts.push_back(rand_tokens(32));
         // Each sequence its own routing state: random prompts give each a different mixture.
-        routes.push_back(with_experts ? new_routing() : nullptr);
+        routes.push_back(with_experts ? new_routing(b) : nullptr);
       }
       for (int b = 0; b < B; ++b)
         items.push_back(
@@ -167,6 +185,7 @@ Runner add_bench(CLI::App& app) {
       for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
       ExpertDispatch* ex = m->experts();
       const double w0 = sp ? worker_apply_s() : 0;
+      const int64_t b0 = plane_bytes();
       if (sp && ex) ex->times() = {};
       double t0 = now_s();
       for (int s = 0; s < o->decode; ++s) {
@@ -184,6 +203,7 @@ Runner add_bench(CLI::App& app) {
         sp->total += dt;
         sp->steps += o->decode;
         sp->worker_apply += worker_apply_s() - w0;
+        sp->bytes += plane_bytes() - b0;
       }
       return double(B) * o->decode / dt;
     };
@@ -273,7 +293,8 @@ Runner add_bench(CLI::App& app) {
                                 {"route_ms", sp.route * 1e3 / n},
                                 {"post_ms", sp.post * 1e3 / n},
                                 {"wait_ms", sp.wait * 1e3 / n},
-                                {"worker_apply_ms", sp.worker_apply * 1e3 / n}};
+                                {"worker_apply_ms", sp.worker_apply * 1e3 / n},
+                                {"plane_bytes_per_step", double(sp.bytes) / n}};
         };
         j["split_b1"] = sj(sp1);
         j["split_batch"] = sj(spB);
@@ -283,6 +304,7 @@ Runner add_bench(CLI::App& app) {
         }
         MpiSession* s = MpiSession::get();
         j["ranks"] = s ? s->size() : 1;
+        j["spread_groups"] = o->spread;
       }
       write_file(o->json, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n", "--json");
     }

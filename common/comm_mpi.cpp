@@ -176,6 +176,18 @@ bool MpiComm::probe(int peer, int tag) {
   return flag != 0;
 }
 
+void MpiComm::progress(const std::vector<Request>& reqs) {
+  // In place: a completed request becomes MPI_REQUEST_NULL in the table, which wait_all
+  // counts as done. One pending request tested is one pass of the progress engine.
+  for (Request r : reqs) {
+    MPI_Request& q = impl_->reqs[size_t(r)];
+    if (q == MPI_REQUEST_NULL) continue;
+    int flag = 0;
+    ATMOE_MPI_CHECK(MPI_Test(&q, &flag, MPI_STATUS_IGNORE));
+    if (!flag) return;
+  }
+}
+
 MpiSession& MpiSession::init(int* argc, char*** argv) {
   if (g_session) return *g_session;
   int provided = 0;

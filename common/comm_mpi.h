@@ -67,6 +67,7 @@ class MpiComm : public Communicator {
   void wait_all(std::vector<Request>& reqs, double timeout_s) override;
   int recv(std::vector<uint8_t>& out, int peer, int tag, double timeout_s) override;
   bool probe(int peer, int tag) override;
+  void progress(const std::vector<Request>& reqs) override;
   // Bytes sent and received through this communicator since it was made.
   int64_t bytes_sent() const { return bytes_sent_; }
   int64_t bytes_received() const { return bytes_recv_; }

@@ -31,6 +31,7 @@ class NcclComm : public Communicator {
   void wait_all(std::vector<Request>& reqs, double timeout_s) override;
   int recv(std::vector<uint8_t>& out, int peer, int tag, double timeout_s) override;
   bool probe(int peer, int tag) override;
+  void progress(const std::vector<Request>&) override {}  // NCCL progresses on its stream
 
  private:
   struct Impl;

@@ -49,6 +49,10 @@ class Communicator {
   virtual int recv(std::vector<uint8_t>& out, int peer, int tag, double timeout_s) = 0;
   // True when a message from `peer` (-1: any) with `tag` is waiting.
   virtual bool probe(int peer, int tag) = 0;
+  // Advances these requests without waiting (Open MPI moves a rendezvous message only
+  // inside MPI calls: the coordinator calls this between GEMM chunks). They stay valid for
+  // wait_all, completed or not.
+  virtual void progress(const std::vector<Request>& reqs) = 0;
 };
 
 }  // namespace atmoe

@@ -17,6 +17,10 @@ const std::vector<EnvKnob>& env_knobs() {
        nullptr, true, 0, 1024},
       {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|critical|off", "trace|debug|info|warn|error|critical|off"},
       {"ATMOE_CACHE", "", "cache directory for models fetched by deploy scripts (default <repo>/.cache)"},
+      {"ATMOE_MPI_PROGRESS", "poll",
+       "coordinator under mpirun: poll = advance the in-flight expert messages between chunks of the base GEMM "
+       "(Open MPI moves a rendezvous message only inside MPI calls); none = only when waiting for them",
+       "poll|none"},
       {"ATMOE_SPIN_US", "200",
        "microseconds a waiting pool thread (idle worker, the caller at the end of a parallel region, a barrier) "
        "polls before it blocks on a futex: _mm_pause for the first 20 us, then sched_yield (0..1000000)",

@@ -7,6 +7,7 @@
 #include "common/env.h"
 #include "common/log.h"
 #include "common/wire.h"
+#include "kernels/thread_pool.h"
 #include "worker/expert_shard.h"
 
 namespace atmoe {
@@ -42,6 +43,7 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
     : s_(s), shapes_(site_shapes(c)) {
   ATMOE_ASSERT(s.rank() == 0 && p.n_workers() == s.size() - 1);
   worker_timeout_ = double(env_int("ATMOE_WORKER_TIMEOUT"));
+  poll_ = env_str("ATMOE_MPI_PROGRESS") == "poll";
   const double load_timeout = double(env_int("ATMOE_LOAD_TIMEOUT"));
   const std::string fp = bundle_fingerprint(b);
   json base;
@@ -58,6 +60,7 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
   w_.resize(size_t(nw));
   ready_.resize(size_t(nw));
   sent_.assign(size_t(nw), 0);
+  received_.assign(size_t(nw), 0);
   for (int w = 0; w < nw; ++w) {
     json h = base;
     h["groups"] = p.groups[size_t(w)];
@@ -139,6 +142,7 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
 }
 
 RemoteExperts::~RemoteExperts() {
+  ThreadPool::global().set_progress_hook(nullptr);
   if (failed_) {
     // Requests may still own w_'s buffers (a timed-out worker can answer late): the job is
     // about to abort, so they are leaked, not freed under MPI's feet.
@@ -226,10 +230,14 @@ void RemoteExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, c
     sent_[w] += int64_t(wk.msg.size());
     wk.in_flight = true;
   }
+  // The base GEMM runs next: its calling thread advances these messages between chunks
+  // (a result larger than the eager limit moves only inside MPI calls; docs/performance.md).
+  if (!reqs_.empty() && poll_) ThreadPool::global().set_progress_hook([this] { s_.data().progress(reqs_); });
 }
 
 void RemoteExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) {
   (void)r;
+  ThreadPool::global().set_progress_hook(nullptr);
   if (reqs_.empty()) return;
   try {
     s_.data().wait_all(reqs_, worker_timeout_);
@@ -249,6 +257,7 @@ void RemoteExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const S
       throw CommError(fmt::format("{} answered layer {} {} with a mismatched result header",
                                   s_.data().describe(wk.rank), layer, site_input_name(in)),
                       wk.rank);
+    received_[size_t(&wk - w_.data())] += int64_t(sizeof h) + int64_t(wk.toks.size()) * out * int64_t(sizeof(float));
     const float* p = reinterpret_cast<const float*>(wk.result.data() + sizeof h);
     for (size_t j = 0; j < wk.toks.size(); ++j) {
       float* yr = y + int64_t(wk.toks[j]) * ldy;

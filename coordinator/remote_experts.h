@@ -35,6 +35,8 @@ class RemoteExperts : public ExpertBackend {
   std::vector<nlohmann::json> worker_stats();
   // Bytes this coordinator sent to each worker on the data plane.
   const std::vector<int64_t>& bytes_sent() const { return sent_; }
+  // Bytes of partial sums received from each worker.
+  const std::vector<int64_t>& bytes_received() const { return received_; }
   const std::vector<nlohmann::json>& ready() const { return ready_; }
 
  private:
@@ -52,12 +54,13 @@ class RemoteExperts : public ExpertBackend {
   SiteShapes shapes_;
   std::vector<Worker> w_;
   std::vector<nlohmann::json> ready_;
-  std::vector<int64_t> sent_;
+  std::vector<int64_t> sent_, received_;
   std::vector<Communicator::Request> reqs_;
   uint64_t step_ = 0;
   double worker_timeout_ = 60;
   bool ended_ = false;
-  bool failed_ = false;  // a wait failed: requests may still own the buffers
+  bool failed_ = false;
+  bool poll_ = true;  // ATMOE_MPI_PROGRESS=poll: progress between the base GEMM's chunks  // a wait failed: requests may still own the buffers
   int64_t d_in(SiteInput in) const { return shapes_.d_in[size_t(input_first_site(in))]; }
   int64_t out_cols(SiteInput in) const;
 };

@@ -260,17 +260,28 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   if (n <= 0) return;
   if (grain < 1) grain = 1;
   const int64_t units = (n + grain - 1) / grain;
-  if (n_ == 1 || units == 1) {
+  if (units == 1 || (n_ == 1 && !progress_)) {
     fn(0, n);
+    return;
+  }
+  if (n_ == 1) {  // alone, with a progress hook: in chunks, the hook between them
+    const int64_t chunk = std::max<int64_t>(1, units / (2 * kChunksPerThread)) * grain;
+    for (int64_t b = 0; b < n; b += chunk) {
+      fn(b, std::min(n, b + chunk));
+      progress_();
+    }
     return;
   }
   const int64_t chunk = std::max<int64_t>(1, units / (int64_t(n_) * kChunksPerThread)) * grain;
   const int64_t chunks = (n + chunk - 1) / chunk;
   alignas(64) std::atomic<int64_t> next{0};
-  run_dynamic([&](int, int) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+  run_dynamic([&](int tid, int) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       fn(c * chunk, std::min(n, (c + 1) * chunk));
+      if (tid == 0 && progress_) progress_();  // the caller: the thread that owns MPI
+    }
   });
+  if (progress_) progress_();  // also when the workers took every chunk
 }
 
 void ThreadPool::barrier(std::atomic<int>& arrived, int n) {

@@ -53,6 +53,11 @@ class ThreadPool {
   // any thread: a few chunks per thread, each a multiple of `grain` (but the last),
   // claimed from a shared counter (run_dynamic).
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain = 1);
+  // While set, the calling thread runs hook() after each chunk it takes in parallel_for (a
+  // one-thread pool then runs the range in chunks too): the coordinator's MPI progress
+  // while the base GEMM runs (coordinator/remote_experts.cpp). Set and cleared by the
+  // pool's owner between parallel regions; empty: no hook.
+  void set_progress_hook(std::function<void()> hook) { progress_ = std::move(hook); }
 
   static ThreadPool& global();
 
@@ -73,6 +78,7 @@ class ThreadPool {
 
  private:
   void worker(int idx);
+  std::function<void()> progress_;
   void start(const std::function<void(int, int)>& fn);  // publish a job
   bool try_join(uint32_t gen);
   void wait_done(uint32_t target);

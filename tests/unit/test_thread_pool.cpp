@@ -189,6 +189,37 @@ TEST(ThreadPool, ParallelForCoversEveryIndexOnce) {
   }
 }
 
+TEST(ThreadPool, ProgressHookRunsOnTheCallerBetweenChunks) {
+  // The coordinator's MPI progress: the hook runs only on the calling thread (the one
+  // that owns MPI), at least once per parallel_for of several chunks, also on a one-thread
+  // pool (which then splits the range), and the work is still done exactly once.
+  Watchdog wd(std::chrono::seconds(300));
+  for (int nt : pool_sizes()) {
+    ThreadPool pool(nt);
+    const std::thread::id caller = std::this_thread::get_id();
+    int calls = 0;
+    bool off_caller = false;
+    pool.set_progress_hook([&] {
+      off_caller |= std::this_thread::get_id() != caller;
+      ++calls;  // a data race if it ever ran on a worker: off_caller fails the test first
+    });
+    const int64_t n = 1000;
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    pool.parallel_for(n, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[size_t(i)].fetch_add(1, std::memory_order_relaxed);
+    });
+    EXPECT_FALSE(off_caller) << "threads " << nt;
+    EXPECT_GE(calls, 1) << "threads " << nt;
+    int64_t wrong = 0;
+    for (auto& h : hits) wrong += h.load() != 1;
+    EXPECT_EQ(wrong, 0) << "threads " << nt;
+    pool.set_progress_hook(nullptr);
+    calls = 0;
+    pool.parallel_for(n, [&](int64_t, int64_t) {});
+    EXPECT_EQ(calls, 0) << "threads " << nt << ": a cleared hook still ran";
+  }
+}
+
 TEST(ThreadPool, ManyBackToBackRegionsOnMoreThreadsThanCores) {
   // The decode-step pattern: many small regions in a row, here on 64 threads, with enough
   // work per index (a few microseconds) that workers join while the caller still claims.
