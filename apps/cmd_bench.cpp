@@ -1,8 +1,6 @@
 // atmoe bench: prefill tokens/s (512-token prompt), decode tokens/s at batch 1 and 16,
 // peak resident memory, and the physical floor: weight bytes read per decode step ÷
 // measured memory bandwidth. Prints a table; --json writes the numbers.
-#include <sys/resource.h>
-
 #include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -11,6 +9,7 @@
 #include "apps/commands.h"
 #include "apps/launch.h"
 #include "apps/routing_flags.h"
+#include "common/clock.h"
 #include "common/comm_mpi.h"
 #include "common/error.h"
 #include "common/files.h"
@@ -25,10 +24,6 @@
 namespace atmoe::app {
 
 namespace {
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 // Read bandwidth (GB/s): every pool thread sums its slice of a buffer larger than the caches.
 double measure_bandwidth(ThreadPool& pool) {
   const size_t n = size_t(256) << 20 >> 2;  // 256 MiB of floats
@@ -58,11 +53,6 @@ double measure_bandwidth(ThreadPool& pool) {
   return best;
 }
 
-double peak_rss_mib() {
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return double(ru.ru_maxrss) / 1024.0;
-}
 }  // namespace
 
 Runner add_bench(CLI::App& app) {
@@ -232,7 +222,7 @@ Runner add_bench(CLI::App& app) {
                                      *std::max_element(v.begin(), v.end()));
     };
     const double d1 = median(d1s), dB = median(dBs), e1 = median(e1s), eB = median(eBs);
-    double rss = peak_rss_mib();  // before the bandwidth probe's own 256 MiB buffer
+    double rss = double(peak_rss_kib()) / 1024.0;  // before the bandwidth probe's own 256 MiB buffer
     double bw = measure_bandwidth(pool);
     double wbytes = double(m->weight_bytes());
     double floor_tps = bw * 1e9 / wbytes;

@@ -16,16 +16,13 @@
 #include <vector>
 
 #include "common/bundle.h"
+#include "common/clock.h"
 #include "common/gguf.h"
 #include "common/model_config.h"
 #include "kernels/thread_pool.h"
 #include "worker/expert_shard.h"
 
 using namespace atmoe;
-
-static double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 int main(int argc, char** argv) {
   if (argc < 2) {

@@ -1,4 +1,5 @@
 #include "common/comm_mpi.h"
+#include "common/clock.h"
 
 // The C API only (Open MPI and MPICH otherwise pull in their deprecated C++ bindings).
 #define OMPI_SKIP_MPICXX 1
@@ -40,10 +41,6 @@ bool launched_by_mpi() {
 
 namespace {
 MpiSession* g_session = nullptr;
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // Polling pace of a wait: spin for the first 100 µs (a round trip over shared memory takes
 // a few µs), then yield the core each poll, and after 20 ms sleep 50 µs between polls so

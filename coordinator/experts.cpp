@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "common/error.h"
+#include "common/clock.h"
 #include "common/log.h"
 #include "coordinator/model.h"
 #include "kernels/thread_pool.h"
@@ -74,12 +75,6 @@ std::unique_ptr<SeqRouting> ExpertPool::new_routing(const RoutingControls& c) co
 // Routing weights of every token row for layer `layer`, from the router input h (the
 // normalised attention input). per_request: the mean of h over the prompt, computed once
 // (the first forward of a sequence holds its whole prompt) and reused while decoding.
-namespace {
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-}  // namespace
-
 void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) {
   const double t_start = now_s();
   const int E = n_experts(), G = int(b_.groups.size());

@@ -1,7 +1,6 @@
 #include "worker/worker_loop.h"
 
 #include <sched.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -10,6 +9,7 @@
 #include <thread>
 
 #include "common/bundle.h"
+#include "common/clock.h"
 #include "common/comm_mpi.h"
 #include "common/log.h"
 #include "common/wire.h"
@@ -20,16 +20,6 @@ namespace atmoe {
 
 namespace {
 using json = nlohmann::json;
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-int64_t peak_rss_kib() {
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return int64_t(ru.ru_maxrss);
-}
 
 struct Session {
   std::unique_ptr<ExpertShard> shard;
