@@ -64,6 +64,12 @@ static int check_stdout(int rc) {
 // answer): main then aborts the job after its own line.
 static bool g_comm_failed = false;
 
+// Rank 0 under mpirun, about to print its one error line: the launcher's SIGTERM (sent
+// when a rank ends early) must neither add a second line nor cut the exit short.
+static void quiet_sigterm() {
+  if (atmoe::MpiSession::get()) std::signal(SIGTERM, SIG_IGN);
+}
+
 static int run_command(int argc, char** argv) {
   using namespace atmoe;
   CLI::App app{"atmoe: task-routed mixtures of LoRA experts on one frozen base LLM"};
@@ -81,6 +87,7 @@ static int run_command(int argc, char** argv) {
   reg("synth-model", "Write a deterministic tiny HF-format model", app::add_synth_model);
   reg("synth-bundle", "Write a deterministic bundle of random PEFT experts and routers", app::add_synth_bundle);
   reg("explain", "Draw a prompt's routing (layers x experts) as an SVG heatmap", app::add_explain);
+  reg("batch", "Run an OpenAI Batch API JSONL file (resumable; docs/batch.md)", app::add_batch);
   reg("bench", "Measure prefill/decode speed and the memory-bandwidth floor", app::add_bench);
   strict_options(app);
   try {
@@ -109,18 +116,23 @@ static int run_command(int argc, char** argv) {
     return check_stdout(0);
   } catch (const CommError& e) {
     g_comm_failed = true;
+    quiet_sigterm();
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return 1;
   } catch (const Error& e) {
+    quiet_sigterm();
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return e.exit_code();
   } catch (const std::filesystem::filesystem_error& e) {
+    quiet_sigterm();
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return 2;
   } catch (const std::bad_alloc&) {
+    quiet_sigterm();
     std::fprintf(stderr, "atmoe: error: out of memory\n");
     return 1;
   } catch (const std::exception& e) {
+    quiet_sigterm();
     std::fprintf(stderr, "atmoe: error: %s\n", app::one_line(e.what()).c_str());
     return 1;
   }

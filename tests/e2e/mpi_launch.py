@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 ATMOE, WORK = os.path.abspath(sys.argv[1]), sys.argv[2]
@@ -138,24 +139,36 @@ def main():
                sum([["--prompt", p] for p in "abcdefghijklmnopqrstuvwxyzABCDEF"], [])
 
     def fault(sig, want, what, env=None, limit=20.0):
+        # Rank 0 logs "rank N ... holds ..." for each worker once it has loaded (info level):
+        # the fault comes after both, mid-run, not during loading (a machine under load
+        # can take seconds to load).
         p = subprocess.Popen(MPIRUN + ["-n", "3", ATMOE] + long_gen, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=env or ENV)
-        t_start = time.time()  # wait until all 3 ranks run, then a little longer (loading)
-        while len(leftovers()) < 3 and time.time() - t_start < 20:
-            time.sleep(0.1)
-        time.sleep(1.0)
+                             stderr=subprocess.PIPE, text=True, env=dict(env or ENV, ATMOE_LOG_LEVEL="info"))
+        err_lines, ready = [], threading.Event()
+
+        def drain():
+            for l in p.stderr:
+                err_lines.append(l)
+                if sum(" holds " in x for x in err_lines) >= 2:
+                    ready.set()
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        check(ready.wait(60), f"{what}: both workers loaded")
+        time.sleep(0.5)
         pids = sorted(int(x) for x in leftovers())
         check(len(pids) == 3, f"{what}: 3 ranks running ({pids})")
         victim = pids[-1] if sig != signal.SIGTERM else p.pid
         t0 = time.time()
         os.kill(victim, sig)
         try:
-            _, err = p.communicate(timeout=limit + 30)
+            p.wait(timeout=limit + 30)
         except subprocess.TimeoutExpired:
             p.kill()
-            _, err = p.communicate()
+            p.wait()
             check(False, f"{what}: the job hung")
-            err = err or ""
+        reader.join(10)
+        err = "".join(err_lines)
         dt = time.time() - t0
         check(p.returncode != 0, f"{what}: non-zero exit ({p.returncode})")
         check(dt < limit, f"{what}: ended in {dt:.1f} s (< {limit:g})")
