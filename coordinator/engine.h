@@ -1,6 +1,6 @@
-// Generation engine: continuous batching over many sequences. Each step packs the
-// decode token of every running sequence plus prefill chunks of waiting prompts (up to a
-// token budget) into one Model::forward, samples, applies stop rules and streams text.
+// Generation requests and results, and Engine: a batch of requests run to completion by
+// the scheduler's continuous batching (each step packs the decode token of every running
+// sequence plus prefill chunks of waiting prompts into one Model::forward).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -30,19 +30,22 @@ struct GenerateRequest {
 struct GenerateResult {
   std::vector<int32_t> tokens;
   std::string text;
-  std::string finish_reason;  // "stop" | "length"
+  std::string finish_reason;  // "stop" | "length" | "cancelled"
   int64_t prompt_tokens = 0;
   std::shared_ptr<SeqRouting> routing;  // the routing weights used (bundles), for traces
 };
 
 struct EngineOptions {
-  int64_t max_batch_tokens = 512;  // tokens per forward step (prefill chunking)
-  int max_running = 64;            // sequences decoding at once
+  int64_t max_batch_tokens = 512;              // tokens per forward step (prefill chunking)
+  int max_running = 64;                        // sequences decoding at once
+  int64_t kv_budget_bytes = INT64_MAX;         // KV caches of the running sequences (no bound)
 };
 
+// A fixed list of requests run to completion on a Scheduler (coordinator/scheduler.h).
 class Engine {
  public:
   explicit Engine(Model& m, EngineOptions o = {}) : m_(m), o_(o) {}
+  // Validates every request first (InputError "request i: ..."), then runs them all.
   // Streams text deltas through on_text(request index, delta) when given.
   std::vector<GenerateResult> run(const std::vector<GenerateRequest>& reqs,
                                   const std::function<void(size_t, const std::string&)>& on_text = {});
