@@ -172,5 +172,94 @@ else
   show_log "$WORK/cancel.sbatch.err" "$WORK"/cancel-*.log
 fi
 
+# 4. atmoe batch as an array job (deploy/slurm/atmoe-batch-array.sbatch): 3 shards of 9
+# requests cover each custom_id once, with the single-process text; then scancel of a
+# running shard and a resubmission that resumes it: every id once, no torn line.
+BATCH_SCRIPT="$ROOT/deploy/slurm/atmoe-batch-array.sbatch"
+: >"$WORK/req.jsonl"
+for i in 0 1 2 3 4 5 6 7 8; do
+  printf '{"custom_id": "q%d", "method": "POST", "url": "/v1/completions", "body": {"model": "bun", "prompt": "Hello world", "max_tokens": 16, "temperature": 0, "ignore_eos": true}}\n' "$i" >>"$WORK/req.jsonl"
+done
+t1=$SECONDS
+msg=""
+jid=$(timeout 90 sbatch --parsable --wait --job-name="$TAG-batch" --array=0-2 --ntasks=1 --cpus-per-task=1 \
+  --output="$WORK/batch-%A_%a.log" \
+  --export="ALL,ATMOE_JOB_BIN=$BIN,ATMOE_JOB_BUNDLE=$WORK/bun,ATMOE_JOB_INPUT=$WORK/req.jsonl,ATMOE_JOB_OUTPUT_DIR=$WORK/bres" \
+  "$BATCH_SCRIPT" --max-running 1 2>"$WORK/batch.sbatch.err")
+rc=$?
+jid="${jid%%;*}"
+want_text=$(python3 -c 'import sys; print(open(sys.argv[1]).read()[:-1], end="")' "$WORK/ref0.txt")
+check_batch() {  # check_batch N FILES...: N lines in all, each id once, each the reference text
+  local n="$1"
+  shift
+  python3 - "$n" "$want_text" "$@" <<'PY'
+import json, sys
+n, want, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+ids, bad = [], []
+for f in files:
+    data = open(f, "rb").read()
+    if data and not data.endswith(b"\n"):
+        bad.append(f"{f}: torn last line")
+    for l in data.decode().splitlines():
+        j = json.loads(l)
+        ids.append(j["custom_id"])
+        if j["response"]["body"]["choices"][0]["text"] != want:
+            bad.append(f"{j['custom_id']}: text differs")
+if sorted(ids) != sorted(set(ids)) or len(ids) != n:
+    bad.append(f"{len(ids)} lines, {len(set(ids))} ids, want {n}")
+print("; ".join(bad))
+sys.exit(1 if bad else 0)
+PY
+}
+if [ $rc -eq 0 ] && msg=$(check_batch 9 "$WORK"/bres/results.shard*of3.jsonl); then
+  ok "batch array job $jid: 3 shards, 9 ids once, single-process text, in $((SECONDS - t1)) s"
+else
+  bad "batch array job '$jid': sbatch exit $rc; $msg"
+  show_log "$WORK/batch.sbatch.err" "$WORK"/batch-*.log
+fi
+# scancel mid-run, then the same submission resumes.
+for i in 0 1 2 3 4 5; do
+  printf '{"custom_id": "l%d", "method": "POST", "url": "/v1/completions", "body": {"model": "bun", "prompt": "Hello world", "max_tokens": 8000, "temperature": 0, "ignore_eos": true}}\n' "$i"
+done >"$WORK/long.jsonl"
+submit_long() {
+  timeout 150 sbatch --parsable --job-name="$TAG-blong" --array=0-0 --ntasks=1 --cpus-per-task=1 --output="$WORK/blong-%A_%a.log" \
+    --export="ALL,ATMOE_JOB_BIN=$BIN,ATMOE_JOB_BUNDLE=$WORK/bun,ATMOE_JOB_INPUT=$WORK/long.jsonl,ATMOE_JOB_OUTPUT_DIR=$WORK/lres" \
+    "$@" "$BATCH_SCRIPT" --model "$WORK/m_long" --max-running 1 2>>"$WORK/blong.sbatch.err"
+}
+lout="$WORK/lres/results.shard0of1.jsonl"
+jid=$(submit_long)
+jid="${jid%%;*}"
+for _ in $(seq 1 600); do
+  [ -s "$lout" ] && break
+  sleep 0.1
+done
+if [ -s "$lout" ]; then
+  scancel "$jid"
+  left="x"
+  for _ in $(seq 1 40); do  # the array's processes: SLURM_ARRAY_JOB_ID in their environment
+    left=$(grep -lzx "SLURM_ARRAY_JOB_ID=$jid" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | xargs)
+    [ -z "$left" ] && break
+    sleep 0.5
+  done
+  n1=$(grep -c '' "$lout")
+  if [ -z "$left" ]; then ok "scancel of a batch shard after $n1 of 6 lines: nothing left running"
+  else bad "scancel of a batch shard: processes left ($left)"; fi
+  jid=$(submit_long --wait)
+  rc=$?
+  if [ $rc -eq 0 ] && [ "$n1" -lt 6 ] && python3 - "$lout" <<'PY'
+import json, sys
+data = open(sys.argv[1], "rb").read()
+ids = [json.loads(l)["custom_id"] for l in data.decode().splitlines()]
+sys.exit(0 if data.endswith(b"\n") and sorted(ids) == [f"l{i}" for i in range(6)] else 1)
+PY
+  then ok "resubmitted shard resumed: 6 ids once ($n1 written before scancel)"
+  else bad "resubmitted shard: sbatch exit $rc, $n1 lines before scancel, output: $(wc -l <"$lout" 2>/dev/null)"
+    show_log "$WORK/blong.sbatch.err" "$WORK"/blong-*.log
+  fi
+else
+  bad "the long batch shard wrote no line in 60 s"
+  show_log "$WORK/blong.sbatch.err" "$WORK"/blong-*.log
+fi
+
 echo "e2e_slurm: $((SECONDS - t0)) s, $TASKS task(s) per job"
 exit $fail

@@ -1,0 +1,64 @@
+// OpenAI request bodies (/v1/completions, /v1/chat/completions) -> GenerateRequest, and
+// results -> response bodies: what `atmoe batch` reads and writes per line (and what the
+// server speaks). docs/batch.md lists the fields.
+//
+// Models: a request's "model" names the bundle (the routed mixture), the base model
+// (routing off) or one expert of the bundle (that expert alone at weight 1, as vLLM serves
+// a LoRA by name). Routing controls ride in the extension field "routing" (DESIGN 1.1,
+// the same names as the CLI flags with underscores).
+//
+// Fields that would change the output and are not implemented (logit_bias, penalties,
+// logprobs, n > 1, tools, response_format, ...) are refused naming the field, never
+// ignored; fields that do not (user, metadata, ...) are ignored, as vLLM does.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/bundle.h"
+#include "common/error.h"
+#include "coordinator/engine.h"
+
+namespace atmoe::app {
+
+// An unknown model or expert (HTTP 404; a batch error line with code "model_not_found").
+class NotFoundError : public InputError {
+ public:
+  using InputError::InputError;
+};
+
+enum class Endpoint { Completions, ChatCompletions };
+// "/v1/completions" / "/v1/chat/completions" -> Endpoint; InputError for anything else.
+Endpoint parse_endpoint(const std::string& url);
+
+struct ServedModels {
+  std::string bundle_id;  // the routed mixture ("" without a bundle)
+  std::string base_id;    // the base model alone
+  const Bundle* bundle = nullptr;
+};
+// Ids: the bundle directory's name, the base model file's name without .gguf.
+ServedModels served_models(const Model& m, const Bundle* b);
+
+// max_tokens of a chat request that gives none (capped by the context).
+constexpr int64_t kChatDefaultMaxTokens = 4096;
+
+struct OpenAiRequest {
+  Endpoint endpoint = Endpoint::Completions;
+  std::string model;    // as given
+  GenerateRequest gen;  // prompt tokens, sampling, stop, routing
+  bool routing_trace = false;
+};
+
+// InputError "body.<field>: <what was expected>" for a bad body (NotFoundError for an
+// unknown model). seed_default: the seed of a request that gives none.
+OpenAiRequest parse_openai_request(const nlohmann::json& body, Endpoint ep, const Model& m, const ServedModels& sm,
+                                   uint64_t seed_default);
+
+// The response body: chat.completion or text_completion with usage, plus "atmoe":
+// {"finish_reason", "routing": {group: mean weight}} (bundles) and "routing_trace" when asked.
+nlohmann::json openai_response(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
+                               const Model& m, const ServedModels& sm);
+
+}  // namespace atmoe::app
