@@ -64,8 +64,8 @@ def active_experts(layout, routing, E, batch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--atmoe", required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--atmoe", default="build/apps/atmoe")
+    ap.add_argument("--model", default=".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--experts", default="4,16,64,256")
     ap.add_argument("--ranks", default="1,2,3,4")
     ap.add_argument("--routing", default="top1", choices=["top1", "dense"])
@@ -211,6 +211,7 @@ def report(a):
                     ax.plot([p[0] for p in one], [p[1] for p in one], "k--", label="base only (N = 1)")
                     ax.plot([p[0] for p in one], [p[2] for p in one], "k:", label="bytes floor (N = 1)")
                 ax.set_xscale("log", base=2)
+                ax.set_ylim(bottom=0)
                 ax.set_xlabel("experts E")
                 ax.set_ylabel("decode tokens/s")
                 ax.set_title(f"{v}, {title}", fontsize=10)

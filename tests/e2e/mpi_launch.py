@@ -90,6 +90,25 @@ def main():
         check(a.returncode == 0 and b.stdout == a.stdout, f"--dtype {dtype} --top-k-groups 1: 4 ranks = 1 process")
     wait_no_leftovers("after the successful runs")
 
+    # atmoe batch on 3 ranks: the same lines (texts, finish reasons) as one process.
+    reqs = os.path.join(WORK, "batch_in.jsonl")
+    with open(reqs, "w") as f:
+        for i, prompt in enumerate(["hello-world", "a longer second prompt", "third"]):
+            f.write(json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "b", "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                         "routing": {"top_k_groups": 1} if i == 2 else {}}}) + "\n")
+
+    def batch_texts(prefix, out):
+        r = run(prefix + [ATMOE, "batch", "--bundle", bundle, "--input", reqs, "--output", out, "--max-running", "1"])
+        lines = [json.loads(l) for l in open(out)] if os.path.exists(out) else []
+        return r, {l["custom_id"]: (l["response"]["body"]["choices"][0]["text"],
+                                    l["response"]["body"]["choices"][0]["finish_reason"]) for l in lines}
+
+    r1, t1 = batch_texts([], os.path.join(WORK, "batch1.jsonl"))
+    r3, t3 = batch_texts(MPIRUN + ["-n", "3"], os.path.join(WORK, "batch3.jsonl"))
+    check(r1.returncode == 0 and len(t1) == 3, f"batch, 1 process: 3 lines ({r1.stderr[-300:]})")
+    check(r3.returncode == 0 and t3 == t1, f"batch under mpirun -n 3: the single-process lines ({r3.stderr[-300:]})")
+
     # inspect --placement N: the plan, without loading a model.
     r = run([ATMOE, "inspect", bundle, "--placement", "3"])
     check(r.returncode == 0 and "rank 1" in r.stdout and "rank 2" in r.stdout and "MiB" in r.stdout,
