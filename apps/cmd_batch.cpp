@@ -10,6 +10,7 @@
 // 128 + signal: a rerun resumes. --shard K/N takes every N-th line (Slurm array jobs).
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -77,12 +78,19 @@ std::pair<int, int> parse_shard(const std::string& s) {
 
 // Every line atmoe writes starts so (nlohmann's keys are sorted).
 bool ours(const std::string& line) { return line.rfind("{\"atmoe\":", 0) == 0 || line.rfind("{\"custom_id\":", 0) == 0; }
+// A torn last line: any prefix of such a line (a write cut short can leave a few bytes).
+bool ours_torn(const std::string& tail) {
+  static const std::string a = "{\"atmoe\":", c = "{\"custom_id\":";
+  auto prefix_of = [&](const std::string& p) { return tail.size() <= p.size() && p.compare(0, tail.size(), tail) == 0; };
+  return ours(tail) || prefix_of(a) || prefix_of(c);
+}
 
 // The output so far. Whole lines are checked first (a file that is not a batch output is
 // refused untouched); then a torn last line is cut, and error lines are dropped (their
 // requests run again): the file is rewritten with the successful lines only, through a
 // temporary file and a rename. Returns the custom_ids of those lines.
-std::unordered_set<std::string> resume_output(const std::string& path, size_t& lines_kept, bool& rewritten) {
+std::unordered_set<std::string> resume_output(const std::string& path, const std::unordered_map<std::string, size_t>& ids,
+                                              size_t& lines_kept, bool& rewritten) {
   std::unordered_set<std::string> done;
   lines_kept = 0;
   rewritten = false;
@@ -104,7 +112,12 @@ std::unordered_set<std::string> resume_output(const std::string& path, size_t& l
                       "--output {} line {}: not a batch output line: refusing to resume into it (another file?)", path,
                       no);
     const bool ok = j.contains("response") && j["response"].is_object() && j["response"].value("status_code", 0) == 200;
-    if (ok && j["custom_id"].is_string()) {
+    if (ok && j["custom_id"].is_string())
+      ATMOE_CHECK_INPUT(ids.count(j["custom_id"].get<std::string>()),
+                        "--output {} line {}: custom_id \"{}\" is not in --input: another job's output? (refusing to "
+                        "resume into it)",
+                        path, no, j["custom_id"].get<std::string>());
+    if (ok && j["custom_id"].is_string() && !done.count(j["custom_id"].get<std::string>())) {
       done.insert(j["custom_id"].get<std::string>());
       kept += line;
       kept += '\n';
@@ -115,7 +128,7 @@ std::unordered_set<std::string> resume_output(const std::string& path, size_t& l
   }
   const bool torn = keep < data.size();
   if (torn) {
-    ATMOE_CHECK_INPUT(ours(data.substr(keep)),
+    ATMOE_CHECK_INPUT(ours_torn(data.substr(keep)),
                       "--output {}: its last {} bytes are not a batch output line: refusing to resume into it "
                       "(another file?)",
                       path, data.size() - keep);
@@ -135,7 +148,11 @@ std::unordered_set<std::string> resume_output(const std::string& path, size_t& l
 // The output file, opened for appending and locked (flock) for the whole job.
 class Output {
  public:
-  explicit Output(const std::string& path) : path_(path) { fd_ = open_locked(); }
+  explicit Output(const std::string& path) : path_(path) {
+    std::error_code ec;
+    if (std::filesystem::exists(path_, ec)) require_regular_file(path_, "--output");  // not a FIFO: no blocking open
+    fd_ = open_locked();
+  }
   ~Output() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -166,6 +183,15 @@ class Output {
     if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
       ::close(fd);
       throw InputError(fmt::format("--output {}: another job is writing it (locked): one job per output file", path_));
+    }
+    // The file locked must still be the one at the path: a job resuming meanwhile may have
+    // renamed a rewritten file over it (then that job holds the new one's lock).
+    struct stat a {}, b {};
+    if (::fstat(fd, &a) != 0 || ::stat(path_.c_str(), &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
+      ::close(fd);
+      throw InputError(fmt::format("--output {}: another job is writing it (replaced while locking): one job per "
+                                   "output file",
+                                   path_));
     }
     return fd;
   }
@@ -229,11 +255,26 @@ Runner add_batch(CLI::App& app) {
                       "--kv-budget-mib {}: must be in 1..2^30", o->kv_budget_mib);
     const auto [shard_k, shard_n] = o->shard.empty() ? std::pair<int, int>{0, 1} : parse_shard(o->shard);
     const uint64_t seed_base = o->seed.empty() ? 0 : parse_u64_flag("--seed", o->seed);
+    // Graceful stop on SIGTERM/SIGINT, from here on (a signal during reading, loading or
+    // checking ends the job before its run, with the same summary). Under mpirun with workers rank 0 keeps the
+    // launcher's handling (it names a dead worker and ends the job at once); every line
+    // written stays whole either way.
+    MpiSession* mpi = MpiSession::get();
+    const bool graceful = !mpi || mpi->size() == 1;
+    struct sigaction sa {}, old_term {}, old_int {};
+    if (graceful) {
+      sa.sa_handler = on_stop;
+      sigemptyset(&sa.sa_mask);
+      sigaction(SIGTERM, &sa, &old_term);
+      sigaction(SIGINT, &sa, &old_int);
+    }
     {
       std::error_code ec;
       ATMOE_CHECK_INPUT(!std::filesystem::exists(o->output, ec) ||
                             !std::filesystem::equivalent(o->input, o->output, ec),
                         "--output {}: is the input file", o->output);
+      // A symlinked output: the resume's rewrite goes to the file it points to.
+      if (std::filesystem::is_symlink(o->output, ec)) o->output = std::filesystem::weakly_canonical(o->output, ec).string();
     }
     ATMOE_CHECK_INPUT(!o->trace || !o->bundle.empty(), "--trace needs --bundle");
     // 1. The input, structurally (before any weights load). custom_ids are read from every
@@ -265,6 +306,8 @@ Runner add_batch(CLI::App& app) {
       if (!mine) continue;
       if (text.size() > kMaxLineBytes) {
         l.error = fmt::format("{} bytes, over the {} MiB a line may hold", text.size(), kMaxLineBytes >> 20);
+      } else if (text.find('\0') != std::string::npos) {
+        l.error = "a NUL byte in the line (JSON text has none)";
       } else if (j.is_discarded() || !j.is_object()) {
         l.error = "not a JSON object (one request per line: {\"custom_id\", \"method\", \"url\", \"body\"})";
       } else if (!has_id) {
@@ -297,7 +340,7 @@ Runner add_batch(CLI::App& app) {
     Output out(o->output);  // locked first: no other job rewrites it meanwhile
     size_t kept = 0;
     bool rewritten = false;
-    const std::unordered_set<std::string> done = resume_output(o->output, kept, rewritten);
+    const std::unordered_set<std::string> done = resume_output(o->output, first_line, kept, rewritten);
     if (rewritten) out.reopen();
     if (kept) ATMOE_LOG("batch")->info("--output {}: {} lines already written: resuming", o->output, kept);
     // 3. The model, then every request's body (and its KV cache against the budget).
@@ -360,18 +403,6 @@ Runner add_batch(CLI::App& app) {
                  o->output.c_str(), n_bad, n_todo);
 
     // 4. Run: the scheduler's queue is fed as it drains; each finished request is one line.
-    // Graceful stop on SIGTERM/SIGINT. Under mpirun with workers rank 0 keeps the
-    // launcher's handling (it names a dead worker and ends the job at once); every line
-    // written stays whole either way.
-    MpiSession* mpi = MpiSession::get();
-    const bool graceful = !mpi || mpi->size() == 1;
-    struct sigaction sa {}, old_term {}, old_int {};
-    if (graceful) {
-      sa.sa_handler = on_stop;
-      sigemptyset(&sa.sa_mask);
-      sigaction(SIGTERM, &sa, &old_term);
-      sigaction(SIGINT, &sa, &old_int);
-    }
     std::mt19937_64 idrng(std::random_device{}());
     const int64_t created = int64_t(std::time(nullptr));
     size_t next = 0, n_ok = 0, n_fail = 0;

@@ -43,9 +43,12 @@ int64_t get_int(const json& v, const std::string& f, int64_t lo, int64_t hi) {
   if (!v.is_number_integer() && !(v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
     bad(f, fmt::format("must be an integer in [{}, {}]", lo, hi), v);
   const double d = v.get<double>();
-  if (!(d >= double(lo) && d <= double(hi)))
-    throw InputError(fmt::format("body.{}: {} is out of range [{}, {}]", f, v.dump(), lo, hi));
-  return v.is_number_unsigned() ? int64_t(v.get<uint64_t>()) : v.get<int64_t>();
+  // Exact for integers (an unsigned above INT64_MAX must not wrap); floats below 2^63.
+  const bool in_range = v.is_number_unsigned()   ? v.get<uint64_t>() <= uint64_t(hi)
+                        : v.is_number_integer() ? v.get<int64_t>() >= lo && v.get<int64_t>() <= hi
+                                                : d >= double(lo) && d <= double(hi) && d < 9223372036854775808.0;
+  if (!in_range) throw InputError(fmt::format("body.{}: {} is out of range [{}, {}]", f, v.dump(), lo, hi));
+  return v.is_number_unsigned() ? int64_t(v.get<uint64_t>()) : v.is_number_integer() ? v.get<int64_t>() : int64_t(d);
 }
 
 std::string get_string(const json& v, const std::string& f) {

@@ -14,7 +14,9 @@ int32_t argmax(const float* logits, int64_t V) {
 
 int32_t sample(const float* logits, int64_t V, const SamplingParams& sp, std::mt19937_64& rng,
                std::vector<std::pair<float, int32_t>>& c) {
-  if (sp.temperature <= 0.f || sp.top_k == 1) return argmax(logits, V);
+  // Below 1e-5 the division overflows logits to inf (a subnormal temperature gave NaN
+  // probabilities): that is greedy decoding anyway.
+  if (!(sp.temperature >= 1e-5f) || sp.top_k == 1) return argmax(logits, V);
   c.resize(size_t(V));
   for (int64_t i = 0; i < V; ++i) c[size_t(i)] = {logits[i] / sp.temperature, int32_t(i)};
   auto desc = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };

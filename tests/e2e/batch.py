@@ -160,6 +160,34 @@ def main():
     check(r.returncode == 2 and "not a batch output" in r.stderr and open(alien).read() == '{"hello": 1}\n{"partial',
           "resume into a foreign file: refused, file untouched")
 
+    # A torn tail of one byte (a write cut short) is still ours: cut, and its request rerun.
+    with open(out, "wb") as f:
+        f.write(data2 + b"{")
+    r = run(["batch", "--bundle", bundle, "--input", inp, "--output", out, "--max-running", "1"])
+    _, got3 = read_lines(out)
+    check(r.returncode == 0 and len(got3) == len(got2), f"a 1-byte torn tail is cut and resumed ({r.stderr[-200:]})")
+    # Another job's output (ids not in this input) is refused untouched.
+    other = os.path.join(WORK, "other.jsonl")
+    with open(other, "w") as f:
+        f.write(json.dumps({"custom_id": "zz-not-here", "response": {"status_code": 200, "body": {}}, "error": None},
+                           sort_keys=True) + "\n")
+    before = open(other).read()
+    r = run(["batch", "--bundle", bundle, "--input", inp, "--output", other])
+    check(r.returncode == 2 and "not in --input" in r.stderr and open(other).read() == before,
+          "an output holding another job's ids: refused untouched")
+    # A FIFO as the output: refused, not a blocking open.
+    fifo = os.path.join(WORK, "fifo")
+    os.mkfifo(fifo)
+    r = run(["batch", "--bundle", bundle, "--input", inp, "--output", fifo], timeout=30)
+    check(r.returncode == 2 and "FIFO" in r.stderr, "a FIFO as --output: exit 2, no hang")
+    # A subnormal temperature is greedy (it used to overflow the logits to NaN).
+    tiny = os.path.join(WORK, "tiny.jsonl")
+    write_jsonl(tiny, [line("t", {"model": bid, "prompt": "hello world", "max_tokens": 10, "temperature": 1e-40})])
+    r = run(["batch", "--bundle", bundle, "--input", tiny, "--output", os.path.join(WORK, "tiny_out.jsonl")])
+    t_out = read_lines(os.path.join(WORK, "tiny_out.jsonl"))[1]
+    check(r.returncode == 0 and t_out[0]["response"]["body"]["choices"][0]["text"] == text("c-plain"),
+          "temperature 1e-40 gives the greedy text")
+
     # kill -9 and SIGTERM mid-run, then rerun: every id exactly once.
     many = [line(f"r{i:03d}", {"model": bid, "prompt": f"request number {i}", "max_tokens": 48, "temperature": 0,
                                "ignore_eos": True}) for i in range(120)]
