@@ -61,8 +61,11 @@ struct Line {
 std::pair<int, int> parse_shard(const std::string& s) {
   const size_t slash = s.find('/');
   int k = -1, n = 0;
+  auto digits = [](const std::string& t) {
+    return !t.empty() && t.size() <= 9 && t.find_first_not_of("0123456789") == std::string::npos;
+  };
   try {
-    if (slash != std::string::npos) {
+    if (slash != std::string::npos && digits(s.substr(0, slash)) && digits(s.substr(slash + 1))) {
       size_t a = 0, b = 0;
       k = std::stoi(s.substr(0, slash), &a);
       n = std::stoi(s.substr(slash + 1), &b);
@@ -336,6 +339,10 @@ Runner add_batch(CLI::App& app) {
       lines.push_back(std::move(l));
     }
     ATMOE_CHECK_INPUT(!in.bad(), "--input {}: read error", o->input);
+    // Flags that fail before the output is touched: the dtype, the bundle's manifest.
+    const DType dtype = parse_dtype_flag(o->dtype);
+    std::unique_ptr<Bundle> bundle;
+    if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     // 2. The output so far (resume), and the output file checked writable before loading.
     Output out(o->output);  // locked first: no other job rewrites it meanwhile
     size_t kept = 0;
@@ -344,10 +351,7 @@ Runner add_batch(CLI::App& app) {
     if (rewritten) out.reopen();
     if (kept) ATMOE_LOG("batch")->info("--output {}: {} lines already written: resuming", o->output, kept);
     // 3. The model, then every request's body (and its KV cache against the budget).
-    std::unique_ptr<Bundle> bundle;
-    if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
-    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype),
-                             o->check_tensors);
+    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, dtype, o->check_tensors);
     BundleExperts bx;
     if (bundle) bx = attach_experts(*bundle, *model, o->placement);
     const ServedModels sm = served_models(*model, bundle.get());

@@ -231,10 +231,14 @@ def main():
     for args, want in [(["--input", inp, "--output", inp], "is the input file"),
                        (["--input", os.path.join(WORK, "absent.jsonl"), "--output", out], "--input: not found"),
                        (["--input", WORK, "--output", out], "is a directory"),
-                       (["--input", inp, "--output", out, "--shard", "3/3"], "--shard")]:
+                       (["--input", inp, "--output", out, "--shard", "3/3"], "--shard"),
+                       (["--input", inp, "--output", out, "--shard", " 0/2"], "--shard"),
+                       (["--input", inp, "--output", out, "--shard", "+0/2"], "--shard"),
+                       (["--input", inp, "--output", os.path.join(WORK, "never.jsonl"), "--dtype", "f16"], "--dtype")]:
         r = run(["batch", "--bundle", bundle] + args)
         lines_ = [l for l in r.stderr.splitlines() if l.startswith("atmoe: error:")]
         check(r.returncode == 2 and len(lines_) == 1 and want in lines_[0], f"batch {args[-1]}: exit 2, '{want}'")
+    check(not os.path.exists(os.path.join(WORK, "never.jsonl")), "a bad flag leaves no output file behind")
 
     if failures:
         print(f"{len(failures)} check(s) failed")
