@@ -37,9 +37,12 @@ std::string flag_names(const std::vector<std::string>& controls) {
   return o;
 }
 
+size_t prompt_bytes_cap(const Model& m) {
+  return size_t(m.config().max_position) * m.tokenizer().max_token_bytes() * (m.tokenizer().normalizes() ? 3 : 1);
+}
+
 void check_prompt_bytes(const Model& m, const std::string& text, size_t index) {
-  const size_t cap =
-      size_t(m.config().max_position) * m.tokenizer().max_token_bytes() * (m.tokenizer().normalizes() ? 3 : 1);
+  const size_t cap = prompt_bytes_cap(m);
   ATMOE_CHECK_INPUT(text.size() <= cap,
                     "prompt {}: {} bytes can never fit the context of {} tokens (at most {} bytes per token: {} bytes)",
                     index, text.size(), m.config().max_position, m.tokenizer().max_token_bytes(), cap);

@@ -33,6 +33,8 @@ std::string flag_names(const std::vector<std::string>& controls);
 // A prompt of more bytes than the context length times the longest token's bytes can never
 // fit: refused before tokenizing it (InputError naming the prompt).
 void check_prompt_bytes(const Model& m, const std::string& text, size_t index);
+// That bound in bytes (NFC-normalizing tokenizers: three times, since NFC can shrink text).
+size_t prompt_bytes_cap(const Model& m);
 constexpr size_t kMaxPromptFileBytes = size_t(64) << 20;
 // Newlines folded into "; ": every error is one line on stderr.
 std::string one_line(const std::string& s);

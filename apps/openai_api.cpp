@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <limits>
 
+#include "apps/commands.h"
 #include "common/chat_template.h"
 #include "common/utf8.h"
 #include "coordinator/trace.h"
@@ -141,9 +142,7 @@ std::vector<ChatMessage> parse_messages(const json& v) {
 // A text of more bytes than the context times the longest token can never fit: refused
 // before tokenizing it.
 void check_text_bytes(const Model& m, const std::string& text, const std::string& field) {
-  const size_t cap =
-      size_t(m.config().max_position) * m.tokenizer().max_token_bytes() * (m.tokenizer().normalizes() ? 3 : 1);
-  if (text.size() > cap)
+  if (text.size() > prompt_bytes_cap(m))
     throw InputError(fmt::format("body.{}: {} bytes can never fit the context of {} tokens", field, text.size(),
                                  m.config().max_position));
 }

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "common/log.h"
 
 namespace atmoe {
 
