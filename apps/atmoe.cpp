@@ -88,6 +88,7 @@ static int run_command(int argc, char** argv) {
   reg("synth-bundle", "Write a deterministic bundle of random PEFT experts and routers", app::add_synth_bundle);
   reg("explain", "Draw a prompt's routing (layers x experts) as an SVG heatmap", app::add_explain);
   reg("batch", "Run an OpenAI Batch API JSONL file (resumable; docs/batch.md)", app::add_batch);
+  reg("serve", "Serve the OpenAI-compatible HTTP API (docs/api.md)", app::add_serve);
   reg("bench", "Measure prefill/decode speed and the memory-bandwidth floor", app::add_bench);
   strict_options(app);
   try {

@@ -372,6 +372,7 @@ Runner add_batch(CLI::App& app) {
       if (l.error.empty()) {
         try {
           l.req = parse_openai_request(l.body, l.endpoint, *model, sm, seed_base + l.number);
+          if (l.req.stream) throw InputError("body.stream: must be false in a batch (one output line per request)");
           if (o->trace) {
             l.req.routing_trace = true;
             l.req.gen.trace_tokens = true;

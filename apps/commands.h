@@ -16,6 +16,7 @@ Runner add_inspect(CLI::App& app);
 Runner add_synth_model(CLI::App& app);
 Runner add_bench(CLI::App& app);
 Runner add_batch(CLI::App& app);
+Runner add_serve(CLI::App& app);
 Runner add_synth_bundle(CLI::App& app);
 int inspect_bundle(const std::string& dir, bool check_tensors);
 

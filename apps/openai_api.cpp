@@ -266,8 +266,23 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
   if (present(body, "min_p") && get_number(body["min_p"], "min_p", 0, 1) != 0)
     throw InputError("body.min_p: not supported by atmoe (only 0)");
   if (present(body, "n") && get_int(body["n"], "n", 1, 128) != 1) throw InputError("body.n: only 1 is supported");
-  if (present(body, "stream") && (!body["stream"].is_boolean() || body["stream"].get<bool>()))
-    throw InputError("body.stream: must be false here (batch output is one line per request)");
+  if (present(body, "stream")) {
+    if (!body["stream"].is_boolean()) bad("stream", "must be true or false", body["stream"]);
+    r.stream = body["stream"].get<bool>();
+  }
+  if (present(body, "stream_options")) {
+    const json& so = body["stream_options"];
+    if (!r.stream) throw InputError("body.stream_options: only allowed with \"stream\": true");
+    if (!so.is_object()) bad("stream_options", "must be an object", so);
+    for (const auto& [k, v] : so.items()) {
+      if (k == "include_usage") {
+        if (!v.is_boolean()) bad("stream_options.include_usage", "must be true or false", v);
+        r.include_usage = v.get<bool>();
+      } else if (k != "continuous_usage_stats" || (v.is_boolean() && v.get<bool>())) {
+        throw InputError(fmt::format("body.stream_options.{}: not supported by atmoe (include_usage only)", k));
+      }
+    }
+  }
   // Prompt.
   if (ep == Endpoint::ChatCompletions) {
     if (!present(body, "messages")) throw InputError("body.messages: missing");
@@ -337,10 +352,75 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
   return r;
 }
 
+namespace {
+
+json usage_json(const GenerateResult& g) {
+  const int64_t completion = int64_t(g.tokens.size());
+  return {{"prompt_tokens", g.prompt_tokens},
+          {"completion_tokens", completion},
+          {"total_tokens", g.prompt_tokens + completion}};
+}
+
+json atmoe_ext(const OpenAiRequest& r, const GenerateResult& g, const ServedModels& sm) {
+  json ext = {{"finish_reason", g.finish_reason}};
+  if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && r.gen.use_experts) {
+    json groups = json::object();
+    for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) groups[name] = w;
+    ext["routing"] = groups;
+  }
+  return ext;
+}
+
+json chunk_head(const OpenAiRequest& r, const std::string& id, int64_t created) {
+  return {{"id", id},
+          {"object", r.endpoint == Endpoint::ChatCompletions ? "chat.completion.chunk" : "text_completion"},
+          {"created", created},
+          {"model", r.model}};
+}
+
+std::string finish_name(const GenerateResult& g) { return g.finish_reason == "cancelled" ? "abort" : g.finish_reason; }
+
+}  // namespace
+
+json openai_first_chunk(const OpenAiRequest& r, const std::string& id, int64_t created) {
+  if (r.endpoint != Endpoint::ChatCompletions) return nullptr;
+  json c = chunk_head(r, id, created);
+  c["choices"] = json::array(
+      {{{"index", 0}, {"delta", {{"role", "assistant"}, {"content", ""}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
+  return c;
+}
+
+json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, const std::string& text) {
+  json c = chunk_head(r, id, created);
+  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+  if (r.endpoint == Endpoint::ChatCompletions) choice["delta"] = {{"content", text}};
+  else choice["text"] = text;
+  c["choices"] = json::array({choice});
+  return c;
+}
+
+json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
+                        const Model& m, const ServedModels& sm) {
+  (void)m;
+  json c = chunk_head(r, id, created);
+  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_name(g)}};
+  if (r.endpoint == Endpoint::ChatCompletions) choice["delta"] = json::object();
+  else choice["text"] = "";
+  c["choices"] = json::array({choice});
+  c["atmoe"] = atmoe_ext(r, g, sm);
+  return c;
+}
+
+json openai_usage_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created) {
+  json c = chunk_head(r, id, created);
+  c["choices"] = json::array();
+  c["usage"] = usage_json(g);
+  return c;
+}
+
 json openai_response(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
                      const Model& m, const ServedModels& sm) {
-  const int64_t completion = int64_t(g.tokens.size());
-  const std::string finish = g.finish_reason == "cancelled" ? "abort" : g.finish_reason;
+  const std::string finish = finish_name(g);
   json choice = {{"index", 0}, {"finish_reason", finish}, {"logprobs", nullptr}};
   json out;
   if (r.endpoint == Endpoint::ChatCompletions) {
@@ -353,16 +433,8 @@ json openai_response(const OpenAiRequest& r, const GenerateResult& g, const std:
   out["created"] = created;
   out["model"] = r.model;
   out["choices"] = json::array({choice});
-  out["usage"] = {{"prompt_tokens", g.prompt_tokens},
-                  {"completion_tokens", completion},
-                  {"total_tokens", g.prompt_tokens + completion}};
-  json ext = {{"finish_reason", g.finish_reason}};
-  if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && r.gen.use_experts) {
-    json groups = json::object();
-    for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) groups[name] = w;
-    ext["routing"] = groups;
-  }
-  out["atmoe"] = ext;
+  out["usage"] = usage_json(g);
+  out["atmoe"] = atmoe_ext(r, g, sm);
   if (r.routing_trace && g.routing) {
     std::vector<int32_t> fed = r.gen.prompt;
     fed.insert(fed.end(), g.tokens.begin(), g.tokens.end());

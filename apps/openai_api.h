@@ -49,6 +49,8 @@ struct OpenAiRequest {
   std::string model;    // as given
   GenerateRequest gen;  // prompt tokens, sampling, stop, routing
   bool routing_trace = false;
+  bool stream = false;         // SSE chunks (the server; a batch refuses it)
+  bool include_usage = false;  // stream_options.include_usage: a last chunk with usage
 };
 
 // InputError "body.<field>: <what was expected>" for a bad body (NotFoundError for an
@@ -60,5 +62,18 @@ OpenAiRequest parse_openai_request(const nlohmann::json& body, Endpoint ep, cons
 // {"finish_reason", "routing": {group: mean weight}} (bundles) and "routing_trace" when asked.
 nlohmann::json openai_response(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
                                const Model& m, const ServedModels& sm);
+
+// Streamed responses (SSE "data: <json>" events, OpenAI's chunk objects).
+// The first chunk: chat: delta {"role": "assistant", "content": ""}; completions: none (nullptr).
+nlohmann::json openai_first_chunk(const OpenAiRequest& r, const std::string& id, int64_t created);
+// A text delta.
+nlohmann::json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created,
+                                 const std::string& text);
+// The last choice chunk: empty delta, finish_reason, and "atmoe" as in openai_response.
+nlohmann::json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id,
+                                  int64_t created, const Model& m, const ServedModels& sm);
+// stream_options.include_usage: choices [] and usage.
+nlohmann::json openai_usage_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id,
+                                  int64_t created);
 
 }  // namespace atmoe::app

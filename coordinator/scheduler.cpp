@@ -192,6 +192,7 @@ bool Scheduler::step() {
       continue;
     }
     r.tokens.push_back(tk);
+    if (s.ev.on_token) s.ev.on_token(tk);
     const size_t before = r.text.size();
     r.text += s.dec->push(tk);
     // Stop strings: search only where a new match can start.

@@ -54,6 +54,8 @@ struct SchedulerOptions {
 using RequestId = uint64_t;
 
 struct RequestEvents {
+  // Each generated token (not an end-of-generation one), as it is sampled.
+  std::function<void(int32_t token)> on_token;
   // Text as it becomes final (stop strings held back until they cannot match).
   std::function<void(const std::string& delta)> on_text;
   // Once per request: finish_reason "stop", "length" or "cancelled".

@@ -1,0 +1,546 @@
+// atmoe serve: the OpenAI-compatible HTTP server (docs/api.md).
+//
+// Two threads on rank 0. The IO thread (apps/http_server.cpp) reads requests, checks the
+// key, parses and validates bodies (tokenizing prompts), answers what needs no model
+// (/health, /v1/models, /metrics, every 4xx), and hands each valid generation request to
+// the engine thread through an inbox. The engine thread (this process's main thread, the
+// only one that talks MPI) owns the Scheduler: it submits, steps, cancels requests whose
+// client went away, and sends text deltas and results back through the exchanges.
+//
+// SIGTERM/SIGINT drain: the listening socket closes, new requests on open connections get
+// 503, running and queued requests finish within --drain-timeout (then are cancelled),
+// then the process exits 0.
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <csignal>
+#include <ctime>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <random>
+
+#include "apps/commands.h"
+#include "apps/http_server.h"
+#include "apps/launch.h"
+#include "apps/openai_api.h"
+#include "common/clock.h"
+#include "common/comm_mpi.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "coordinator/remote_experts.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/trace.h"
+
+namespace atmoe::app {
+
+using json = nlohmann::json;
+
+namespace {
+
+volatile std::sig_atomic_t g_stop_signal = 0;
+void on_stop(int sig) { g_stop_signal = sig; }
+
+std::string error_body(int status, const std::string& msg) {
+  const char* type = status == 400   ? "BadRequestError"
+                     : status == 401 ? "AuthenticationError"
+                     : status == 404 ? "NotFoundError"
+                     : status == 405 ? "MethodNotAllowed"
+                     : status == 413 ? "RequestTooLarge"
+                     : status == 429 ? "RateLimitError"
+                     : status == 503 ? "ServiceUnavailable"
+                                     : "InternalServerError";
+  return json{{"error", {{"message", msg}, {"type", type}, {"param", nullptr}, {"code", status}}}}.dump();
+}
+
+// Prometheus histogram with fixed buckets (seconds).
+struct Histogram {
+  std::vector<double> le;
+  std::vector<uint64_t> counts;
+  double sum = 0;
+  uint64_t n = 0;
+  explicit Histogram(std::vector<double> b) : le(std::move(b)), counts(le.size(), 0) {}
+  void observe(double x) {
+    for (size_t i = 0; i < le.size(); ++i)
+      if (x <= le[i]) ++counts[i];
+    sum += x;
+    ++n;
+  }
+  void render(std::string& o, const char* name, const char* help) const {
+    o += fmt::format("# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
+    for (size_t i = 0; i < le.size(); ++i) o += fmt::format("{}_bucket{{le=\"{}\"}} {}\n", name, le[i], counts[i]);
+    o += fmt::format("{}_bucket{{le=\"+Inf\"}} {}\n{}_sum {}\n{}_count {}\n", name, n, name, sum, name, n);
+  }
+};
+
+struct Metrics {
+  std::mutex mu;
+  std::map<std::pair<std::string, int>, uint64_t> requests;  // (endpoint, status)
+  uint64_t prompt_tokens = 0, completion_tokens = 0;
+  Histogram ttft{{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}};
+  Histogram itl{{0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5}};
+  Histogram e2e{{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}};
+  std::map<std::string, std::pair<double, uint64_t>> group_weight;  // sum of request means, requests
+  // The engine's gauges, copied after each step.
+  size_t waiting = 0, running = 0;
+  int64_t kv_reserved = 0, step_tokens = 0;
+  uint64_t steps = 0;
+  double step_seconds = 0;
+  std::vector<json> workers;  // RemoteExperts::worker_stats, refreshed every few seconds
+
+  void count(const std::string& endpoint, int status) {
+    std::lock_guard<std::mutex> l(mu);
+    ++requests[{endpoint, status}];
+  }
+};
+
+// One HTTP generation request on its way through the engine.
+struct Job {
+  std::shared_ptr<HttpExchange> ex;
+  OpenAiRequest req;
+  std::string endpoint;  // /v1/completions | /v1/chat/completions
+  std::string id;        // chatcmpl-... / cmpl-...
+  HttpHeaders headers;   // X-Request-Id
+  int64_t created = 0;
+  double t_arrive = 0;
+  std::atomic<bool> client_gone{false};
+  // Engine thread only.
+  RequestId rid = 0;
+  bool cancel_sent = false, drain_cancelled = false, done = false;
+  double t_first = 0, t_last = 0;
+};
+
+struct Inbox {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::shared_ptr<Job>> jobs;
+  bool gone = false;          // some job's client went away: the engine looks
+  std::atomic<int> pending{0};  // submitted to the engine, not finished (the IO thread's 429 bound)
+};
+
+std::string hex_id(std::mt19937_64& rng) { return fmt::format("{:016x}{:016x}", rng(), rng()); }
+
+bool same_key(const std::string& a, const std::string& b) {  // constant time in the key's length
+  unsigned d = unsigned(a.size() != b.size());
+  for (size_t i = 0; i < b.size(); ++i) d |= unsigned(uint8_t(i < a.size() ? a[i] : 0) ^ uint8_t(b[i]));
+  return d == 0;
+}
+
+json models_json(const Model& m, const ServedModels& sm, int64_t created) {
+  json data = json::array();
+  const int64_t ctx = m.config().max_position;
+  auto entry = [&](const std::string& id, const std::string& root, const json& parent, json ext) {
+    return json{{"id", id},        {"object", "model"}, {"created", created}, {"owned_by", "atmoe"},
+                {"root", root},    {"parent", parent},  {"max_model_len", ctx}, {"atmoe", std::move(ext)}};
+  };
+  if (sm.bundle) {
+    const Bundle& b = *sm.bundle;
+    json groups = json::object();
+    for (const auto& g : b.groups) {
+      json names = json::array();
+      for (int e : g.experts) names.push_back(b.experts[size_t(e)].name);
+      groups[g.name] = names;
+    }
+    json ext = {{"kind", "bundle"}, {"method", b.method}, {"groups", groups}};
+    if (b.general) ext["general_expert"] = b.general->name;
+    data.push_back(entry(sm.bundle_id, b.dir, sm.base_id, ext));
+  }
+  data.push_back(entry(sm.base_id, m.info().path, nullptr, {{"kind", "base"}}));
+  if (sm.bundle)
+    for (const auto& e : sm.bundle->experts)
+      data.push_back(entry(e.name, e.adapter_dir, sm.base_id,
+                           {{"kind", "expert"}, {"group", sm.bundle->groups[size_t(e.group)].name}, {"routed", true}}));
+  return {{"object", "list"}, {"data", data}};
+}
+
+std::string sse(const json& j) { return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n"; }
+
+}  // namespace
+
+Runner add_serve(CLI::App& app) {
+  struct Opts {
+    std::string model, bundle, dtype, placement, host = "127.0.0.1", api_key;
+    int port = 8000, max_running = 64, max_connections = 1024;
+    int64_t max_batch_tokens = 512, kv_budget_mib = 4096, max_queue = 256, max_body_mib = 32;
+    double timeout = 30, drain_timeout = 30;
+    bool check_tensors = false;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--bundle", o->bundle, "Expert bundle directory (atmoe.json)");
+  app.add_option("--model", o->model, "Model: a .gguf file or an HF directory (overrides a bundle's base_model)");
+  app.add_option("--host", o->host, "Address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)");
+  app.add_option("--port", o->port, "TCP port (default 8000; 0: any free port, printed at start)");
+  app.add_option("--api-key", o->api_key,
+                 "Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $ATMOE_API_KEY)");
+  app.add_option("--max-batch-tokens", o->max_batch_tokens, "Tokens per forward step (prefill chunking)");
+  app.add_option("--max-running", o->max_running, "Requests decoding at once");
+  app.add_option("--kv-budget-mib", o->kv_budget_mib, "KV-cache memory for the running requests, MiB");
+  app.add_option("--max-queue", o->max_queue, "Requests accepted but not finished beyond --max-running (then 429)");
+  app.add_option("--max-body-mib", o->max_body_mib, "Largest request body, MiB (then 413)");
+  app.add_option("--max-connections", o->max_connections, "Open connections at once (then 503)");
+  app.add_option("--timeout", o->timeout, "Seconds an idle keep-alive connection, a request's upload or a write may take");
+  app.add_option("--drain-timeout", o->drain_timeout, "On SIGTERM: seconds the requests in flight get to finish");
+  app.add_option("--dtype", o->dtype, "Weight/compute precision: bf16 (default) or f32 (exact)");
+  add_placement_flag(app, o->placement);
+  app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
+  return [o]() -> int {
+    ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "serve: give --bundle DIR or --model PATH");
+    ATMOE_CHECK_INPUT(!o->bundle.empty() || o->placement.empty(), "--placement needs --bundle");
+    ATMOE_CHECK_INPUT(o->port >= 0 && o->port <= 65535, "--port {}: must be in 0..65535", o->port);
+    ATMOE_CHECK_INPUT(o->max_batch_tokens >= 1 && o->max_batch_tokens <= (1 << 20),
+                      "--max-batch-tokens {}: must be in 1..1048576", o->max_batch_tokens);
+    ATMOE_CHECK_INPUT(o->max_running >= 1 && o->max_running <= 4096, "--max-running {}: must be in 1..4096",
+                      o->max_running);
+    ATMOE_CHECK_INPUT(o->kv_budget_mib >= 1 && o->kv_budget_mib <= (int64_t(1) << 30),
+                      "--kv-budget-mib {}: must be in 1..2^30", o->kv_budget_mib);
+    ATMOE_CHECK_INPUT(o->max_queue >= 0 && o->max_queue <= (1 << 20), "--max-queue {}: must be in 0..1048576",
+                      o->max_queue);
+    ATMOE_CHECK_INPUT(o->max_body_mib >= 1 && o->max_body_mib <= 4096, "--max-body-mib {}: must be in 1..4096",
+                      o->max_body_mib);
+    ATMOE_CHECK_INPUT(o->max_connections >= 1 && o->max_connections <= (1 << 20),
+                      "--max-connections {}: must be in 1..1048576", o->max_connections);
+    ATMOE_CHECK_INPUT(std::isfinite(o->timeout) && o->timeout > 0 && o->timeout <= 86400,
+                      "--timeout {}: must be in (0, 86400] seconds", o->timeout);
+    ATMOE_CHECK_INPUT(std::isfinite(o->drain_timeout) && o->drain_timeout >= 0 && o->drain_timeout <= 86400,
+                      "--drain-timeout {}: must be in [0, 86400] seconds", o->drain_timeout);
+    if (o->api_key.empty())
+      if (const char* k = std::getenv("ATMOE_API_KEY")) o->api_key = k;
+
+    const DType dtype = parse_dtype_flag(o->dtype);
+    std::unique_ptr<Bundle> bundle;
+    if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
+    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, dtype, o->check_tensors);
+    BundleExperts bx;
+    if (bundle) bx = attach_experts(*bundle, *model, o->placement);
+    RemoteExperts* remote = bx.atmoe ? dynamic_cast<RemoteExperts*>(&bx.atmoe->backend()) : nullptr;
+    const ServedModels sm = served_models(*model, bundle.get());
+    SchedulerOptions so;
+    so.max_batch_tokens = o->max_batch_tokens;
+    so.max_running = o->max_running;
+    so.kv_budget_bytes = o->kv_budget_mib << 20;
+    so.max_queue = size_t(o->max_queue) + size_t(o->max_running);
+    Scheduler sched(*model, so);
+    const int64_t started = int64_t(std::time(nullptr));
+    const json models = models_json(*model, sm, started);
+
+    Metrics metrics;
+    Inbox inbox;
+    std::atomic<bool> draining{false};
+    std::mutex rng_mu;
+    std::mt19937_64 rng(std::random_device{}());
+    auto new_id = [&] {
+      std::lock_guard<std::mutex> l(rng_mu);
+      return hex_id(rng);
+    };
+    const size_t max_pending = size_t(o->max_queue) + size_t(o->max_running);
+
+    // ---- The IO thread's handler.
+    auto reply = [&](const std::shared_ptr<HttpExchange>& ex, const std::string& endpoint, int status,
+                     std::string body, HttpHeaders h) {
+      metrics.count(endpoint, status);
+      ex->respond(status, "application/json", std::move(body), std::move(h));
+    };
+    auto handler = [&](const std::shared_ptr<HttpExchange>& ex, HttpRequest& req) {
+      std::string path = req.target.substr(0, req.target.find('?'));
+      const std::string* xid = req.header("x-request-id");
+      HttpHeaders hdrs{{"X-Request-Id", xid && !xid->empty() && xid->size() <= 256 ? *xid : new_id()}};
+      const bool known = path == "/health" || path == "/v1/models" || path == "/metrics" ||
+                         path == "/v1/completions" || path == "/v1/chat/completions";
+      const std::string endpoint = known ? path : "other";
+      auto fail = [&](int status, const std::string& msg) { reply(ex, endpoint, status, error_body(status, msg), hdrs); };
+      if (path == "/health") {
+        if (req.method != "GET" && req.method != "HEAD") return fail(405, "/health: use GET");
+        metrics.count(endpoint, draining ? 503 : 200);
+        return ex->respond(draining ? 503 : 200, "application/json", draining ? error_body(503, "draining") : "{}", hdrs);
+      }
+      if (!o->api_key.empty()) {
+        const std::string* auth = req.header("authorization");
+        if (!auth || auth->rfind("Bearer ", 0) != 0 || !same_key(auth->substr(7), o->api_key))
+          return fail(401, "missing or wrong API key (send 'Authorization: Bearer <key>')");
+      }
+      if (path == "/v1/models") {
+        if (req.method != "GET") return fail(405, "/v1/models: use GET");
+        return reply(ex, endpoint, 200, models.dump(), hdrs);
+      }
+      if (path == "/metrics") {
+        if (req.method != "GET") return fail(405, "/metrics: use GET");
+        std::string text;
+        {
+          std::lock_guard<std::mutex> l(metrics.mu);
+          ++metrics.requests[{endpoint, 200}];
+          Metrics& M = metrics;
+          text += "# HELP atmoe_requests_total HTTP requests by endpoint and status.\n# TYPE atmoe_requests_total counter\n";
+          for (const auto& [k, n] : M.requests)
+            text += fmt::format("atmoe_requests_total{{endpoint=\"{}\",status=\"{}\"}} {}\n", k.first, k.second, n);
+          text += fmt::format(
+              "# HELP atmoe_prompt_tokens_total Prompt tokens of finished requests.\n# TYPE atmoe_prompt_tokens_total "
+              "counter\natmoe_prompt_tokens_total {}\n# HELP atmoe_completion_tokens_total Generated tokens.\n# TYPE "
+              "atmoe_completion_tokens_total counter\natmoe_completion_tokens_total {}\n",
+              M.prompt_tokens, M.completion_tokens);
+          M.ttft.render(text, "atmoe_time_to_first_token_seconds", "From the request's arrival to its first token.");
+          M.itl.render(text, "atmoe_inter_token_latency_seconds", "Between consecutive tokens of one request.");
+          M.e2e.render(text, "atmoe_request_latency_seconds", "From arrival to the finished reply.");
+          text += fmt::format(
+              "# HELP atmoe_queue_depth Requests waiting for admission.\n# TYPE atmoe_queue_depth gauge\n"
+              "atmoe_queue_depth {}\n# HELP atmoe_running_requests Requests in the running batch.\n# TYPE "
+              "atmoe_running_requests gauge\natmoe_running_requests {}\n# HELP atmoe_kv_cache_reserved_bytes KV cache "
+              "held by running requests.\n# TYPE atmoe_kv_cache_reserved_bytes gauge\natmoe_kv_cache_reserved_bytes {}\n"
+              "# HELP atmoe_step_tokens Tokens in the last forward step.\n# TYPE atmoe_step_tokens gauge\n"
+              "atmoe_step_tokens {}\n# HELP atmoe_steps_total Forward steps.\n# TYPE atmoe_steps_total counter\n"
+              "atmoe_steps_total {}\n# HELP atmoe_step_seconds_total Time in forward steps.\n# TYPE "
+              "atmoe_step_seconds_total counter\natmoe_step_seconds_total {}\n",
+              M.waiting + size_t(std::max(0, inbox.pending.load() - int(M.waiting + M.running))), M.running,
+              M.kv_reserved, M.step_tokens, M.steps, M.step_seconds);
+          if (!M.group_weight.empty()) {
+            text += "# HELP atmoe_routing_group_weight Mean routing weight per group over finished requests.\n# TYPE "
+                    "atmoe_routing_group_weight gauge\n";
+            for (const auto& [g, sw] : M.group_weight)
+              text += fmt::format("atmoe_routing_group_weight{{group=\"{}\"}} {}\n", g,
+                                  sw.second ? sw.first / double(sw.second) : 0.0);
+          }
+          if (!M.workers.empty()) {
+            text += "# HELP atmoe_worker_apply_seconds_total Time each worker spent computing expert deltas.\n# TYPE "
+                    "atmoe_worker_apply_seconds_total counter\n";
+            for (size_t w = 0; w < M.workers.size(); ++w)
+              text += fmt::format("atmoe_worker_apply_seconds_total{{rank=\"{}\"}} {}\n", w + 1,
+                                  M.workers[w].value("apply_s", 0.0));
+            text += "# HELP atmoe_worker_applies_total Expert applications (site inputs) per worker.\n# TYPE "
+                    "atmoe_worker_applies_total counter\n";
+            for (size_t w = 0; w < M.workers.size(); ++w)
+              text += fmt::format("atmoe_worker_applies_total{{rank=\"{}\"}} {}\n", w + 1,
+                                  M.workers[w].value("applies", int64_t(0)));
+          }
+        }
+        return ex->respond(200, "text/plain; version=0.0.4", std::move(text), hdrs);
+      }
+      if (path != "/v1/completions" && path != "/v1/chat/completions")
+        return fail(404, fmt::format("{}: no such endpoint (/v1/completions, /v1/chat/completions, /v1/models, "
+                                     "/health, /metrics)",
+                                     path));
+      if (req.method != "POST") return fail(405, path + ": use POST");
+      if (draining) return fail(503, "the server is shutting down");
+      json body;
+      try {
+        body = json::parse(req.body);
+      } catch (const json::parse_error& e) {
+        // "[json.exception.parse_error.101] parse error at line 1, column 5: <why>; last read: ..."
+        std::string why = e.what();
+        why = why.substr(0, why.find("; last read"));
+        if (const size_t c = why.find("] "); c != std::string::npos) why = why.substr(c + 2);
+        return fail(400, "body: not valid JSON: " + why);
+      }
+      auto job = std::make_shared<Job>();
+      try {
+        job->req = parse_openai_request(body, parse_endpoint(path), *model, sm, 0);
+        if (!body.contains("seed") || body["seed"].is_null()) {
+          std::lock_guard<std::mutex> l(rng_mu);
+          job->req.gen.seed = rng();
+        }
+        const int64_t total = int64_t(job->req.gen.prompt.size()) + job->req.gen.max_tokens;
+        if (sched.kv_bytes(total) > so.kv_budget_bytes)
+          throw InputError(fmt::format(
+              "prompt ({} tokens) + max_tokens ({}) need {:.0f} MiB of KV cache, over the server's --kv-budget-mib {}",
+              job->req.gen.prompt.size(), job->req.gen.max_tokens, double(sched.kv_bytes(total)) / (1 << 20),
+              o->kv_budget_mib));
+      } catch (const NotFoundError& e) {
+        return fail(404, e.what());
+      } catch (const InputError& e) {
+        return fail(400, e.what());
+      }
+      if (inbox.pending.load() >= int(max_pending))
+        return fail(429, fmt::format("the server is busy: {} requests in flight (--max-running {} + --max-queue {})",
+                                     inbox.pending.load(), o->max_running, o->max_queue));
+      job->ex = ex;
+      job->endpoint = path;
+      job->id = (path == "/v1/chat/completions" ? "chatcmpl-" : "cmpl-") + new_id();
+      job->headers = hdrs;
+      job->created = int64_t(std::time(nullptr));
+      job->t_arrive = now_s();
+      std::weak_ptr<Job> wj = job;
+      ex->on_client_gone([&inbox, wj] {
+        if (auto j = wj.lock()) {
+          j->client_gone = true;
+          std::lock_guard<std::mutex> l(inbox.mu);
+          inbox.gone = true;
+          inbox.cv.notify_one();
+        }
+      });
+      ++inbox.pending;
+      std::lock_guard<std::mutex> l(inbox.mu);
+      inbox.jobs.push_back(std::move(job));
+      inbox.cv.notify_one();
+    };
+
+    HttpServerOptions ho;
+    ho.host = o->host;
+    ho.port = o->port;
+    ho.body_limit = size_t(o->max_body_mib) << 20;
+    ho.timeout_s = o->timeout;
+    ho.max_connections = o->max_connections;
+    HttpServer server(ho, handler);
+
+    struct sigaction sa {}, old_term {}, old_int {};
+    sa.sa_handler = on_stop;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, &old_term);
+    sigaction(SIGINT, &sa, &old_int);
+    std::signal(SIGPIPE, SIG_IGN);
+    server.start();
+    ATMOE_LOG("serve")->info("listening on http://{}:{} (models: {}{}{}){}", o->host, server.port(),
+                             sm.bundle_id.empty() ? "" : sm.bundle_id + ", ", sm.base_id,
+                             sm.bundle ? fmt::format(", {} experts", sm.bundle->experts.size()) : "",
+                             o->api_key.empty() ? "" : "; API key required");
+    std::fprintf(stdout, "atmoe serve: listening on http://%s:%d\n", o->host.c_str(), server.port());
+    std::fflush(stdout);
+
+    // ---- The engine loop (this thread).
+    std::vector<std::shared_ptr<Job>> live;
+    auto settle = [&](Job& j, int status) {
+      j.done = true;
+      --inbox.pending;
+      metrics.count(j.endpoint, status);
+    };
+    auto finish_job = [&](const std::shared_ptr<Job>& jp, const GenerateResult& g) {
+      Job& j = *jp;
+      const double now = now_s();
+      if (j.client_gone) {
+        settle(j, 499);  // nginx's "client closed request"
+      } else if (j.drain_cancelled && !j.req.stream) {
+        j.ex->respond(503, "application/json",
+                      error_body(503, fmt::format("the server shut down before this request finished ({} tokens "
+                                                  "generated); retry",
+                                                  g.tokens.size())),
+                      j.headers);
+        settle(j, 503);
+      } else if (j.req.stream) {
+        j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, *model, sm)));
+        if (j.req.include_usage) j.ex->stream(sse(openai_usage_chunk(j.req, g, j.id, j.created)));
+        j.ex->stream("data: [DONE]\n\n");
+        j.ex->end_stream();
+        settle(j, 200);
+      } else {
+        json body = openai_response(j.req, g, j.id, j.created, *model, sm);
+        j.ex->respond(200, "application/json", body.dump(-1, ' ', false, json::error_handler_t::replace), j.headers);
+        settle(j, 200);
+      }
+      std::lock_guard<std::mutex> l(metrics.mu);
+      metrics.prompt_tokens += uint64_t(g.prompt_tokens);
+      metrics.completion_tokens += g.tokens.size();
+      if (!j.client_gone) metrics.e2e.observe(now - j.t_arrive);
+      if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && j.req.gen.use_experts)
+        for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) {
+          auto& sw = metrics.group_weight[name];
+          sw.first += w;
+          ++sw.second;
+        }
+    };
+    double drain_deadline = 0, last_worker_stats = 0;
+    int exit_signal = 0;
+    for (;;) {
+      std::deque<std::shared_ptr<Job>> fresh;
+      bool look = false;
+      {
+        std::unique_lock<std::mutex> l(inbox.mu);
+        if (sched.idle() && inbox.jobs.empty() && !inbox.gone && !g_stop_signal && !draining)
+          inbox.cv.wait_for(l, std::chrono::milliseconds(100));
+        fresh.swap(inbox.jobs);
+        look = inbox.gone;
+        inbox.gone = false;
+      }
+      for (auto& jp : fresh) {
+        Job& j = *jp;
+        if (j.client_gone) {
+          settle(j, 499);
+          continue;
+        }
+        RequestEvents ev;
+        ev.on_token = [&metrics, jp](int32_t) {
+          Job& x = *jp;
+          const double now = now_s();
+          std::lock_guard<std::mutex> l(metrics.mu);
+          if (x.t_first == 0) {
+            x.t_first = now;
+            metrics.ttft.observe(now - x.t_arrive);
+          } else {
+            metrics.itl.observe(now - x.t_last);
+          }
+          x.t_last = now;
+        };
+        if (j.req.stream)
+          ev.on_text = [jp](const std::string& delta) {
+            if (!delta.empty()) jp->ex->stream(sse(openai_text_chunk(jp->req, jp->id, jp->created, delta)));
+          };
+        ev.on_finish = [&finish_job, jp](const GenerateResult& g) { finish_job(jp, g); };
+        try {
+          if (j.req.stream) {
+            j.ex->start_stream(200, "text/event-stream", j.headers);
+            const json first = openai_first_chunk(j.req, j.id, j.created);
+            if (!first.is_null()) j.ex->stream(sse(first));
+          }
+          j.rid = sched.submit(j.req.gen, std::move(ev));
+          if (!j.done) live.push_back(jp);
+        } catch (const QueueFull& e) {
+          j.ex->respond(429, "application/json", error_body(429, e.what()), j.headers);
+          settle(j, 429);
+        } catch (const InputError& e) {
+          j.ex->respond(400, "application/json", error_body(400, e.what()), j.headers);
+          settle(j, 400);
+        }
+      }
+      if (look)
+        for (auto& jp : live)
+          if (jp->client_gone && !jp->cancel_sent) {
+            jp->cancel_sent = true;
+            sched.cancel(jp->rid);
+          }
+      if (g_stop_signal && !draining) {
+        exit_signal = g_stop_signal;
+        draining = true;
+        server.stop_accepting();
+        drain_deadline = now_s() + o->drain_timeout;
+        ATMOE_LOG("serve")->info("{}: draining {} requests (at most {} s), refusing new ones",
+                                 exit_signal == SIGINT ? "SIGINT" : "SIGTERM", live.size(), o->drain_timeout);
+      }
+      if (draining && now_s() >= drain_deadline)
+        for (auto& jp : live)
+          if (!jp->cancel_sent) {
+            jp->cancel_sent = jp->drain_cancelled = true;
+            sched.cancel(jp->rid);
+          }
+      if (sched.idle()) {
+        live.clear();
+        if (draining) {
+          std::lock_guard<std::mutex> l(inbox.mu);
+          if (inbox.jobs.empty()) break;
+        }
+        continue;
+      }
+      const double t0 = now_s();
+      sched.step();
+      const double t1 = now_s();
+      live.erase(std::remove_if(live.begin(), live.end(), [](auto& j) { return j->done; }), live.end());
+      std::vector<json> ws;
+      if (remote && t1 - last_worker_stats > 5) {
+        ws = remote->worker_stats();
+        last_worker_stats = t1;
+      }
+      std::lock_guard<std::mutex> l(metrics.mu);
+      metrics.waiting = sched.waiting();
+      metrics.running = sched.running();
+      metrics.kv_reserved = sched.kv_reserved_bytes();
+      metrics.step_tokens = sched.last_step_tokens();
+      ++metrics.steps;
+      metrics.step_seconds += t1 - t0;
+      if (!ws.empty()) metrics.workers = std::move(ws);
+    }
+    // Give the last replies a moment to leave, then close every connection.
+    for (int i = 0; i < 50 && server.connections() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    server.stop();
+    sigaction(SIGTERM, &old_term, nullptr);
+    sigaction(SIGINT, &old_int, nullptr);
+    ATMOE_LOG("serve")->info("stopped ({})", exit_signal == SIGINT ? "SIGINT" : "SIGTERM");
+    return 0;
+  };
+}
+
+}  // namespace atmoe::app
