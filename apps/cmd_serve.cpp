@@ -10,6 +10,8 @@
 // SIGTERM/SIGINT drain: the listening socket closes, new requests on open connections get
 // 503, running and queued requests finish within --drain-timeout (then are cancelled),
 // then the process exits 0.
+#include <unistd.h>
+
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -211,7 +213,7 @@ Runner add_serve(CLI::App& app) {
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, dtype, o->check_tensors);
     BundleExperts bx;
-    if (bundle) bx = attach_experts(*bundle, *model, o->placement);
+    if (bundle) bx = attach_experts(*bundle, *model, o->placement, /*drain_on_sigterm=*/true);
     RemoteExperts* remote = bx.atmoe ? dynamic_cast<RemoteExperts*>(&bx.atmoe->backend()) : nullptr;
     const ServedModels sm = served_models(*model, bundle.get());
     SchedulerOptions so;
@@ -390,12 +392,13 @@ Runner add_serve(CLI::App& app) {
                              sm.bundle_id.empty() ? "" : sm.bundle_id + ", ", sm.base_id,
                              sm.bundle ? fmt::format(", {} experts", sm.bundle->experts.size()) : "",
                              o->api_key.empty() ? "" : "; API key required");
-    std::fprintf(stdout, "atmoe serve: listening on http://%s:%d\n", o->host.c_str(), server.port());
+    std::fprintf(stdout, "atmoe serve: listening on http://%s:%d (pid %d)\n", o->host.c_str(), server.port(),
+                 int(::getpid()));
     std::fflush(stdout);
 
     // ---- The engine loop (this thread).
     std::vector<std::shared_ptr<Job>> live;
-    auto settle = [&](Job& j, int status) {
+    auto settle = [&](Job& j, int status) {  // before the reply leaves: /metrics after it sees the request done
       j.done = true;
       --inbox.pending;
       metrics.count(j.endpoint, status);
@@ -403,36 +406,38 @@ Runner add_serve(CLI::App& app) {
     auto finish_job = [&](const std::shared_ptr<Job>& jp, const GenerateResult& g) {
       Job& j = *jp;
       const double now = now_s();
+      {  // counted before the reply leaves
+        std::lock_guard<std::mutex> l(metrics.mu);
+        metrics.prompt_tokens += uint64_t(g.prompt_tokens);
+        metrics.completion_tokens += g.tokens.size();
+        if (!j.client_gone) metrics.e2e.observe(now - j.t_arrive);
+        if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && j.req.gen.use_experts)
+          for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) {
+            auto& sw = metrics.group_weight[name];
+            sw.first += w;
+            ++sw.second;
+          }
+      }
       if (j.client_gone) {
         settle(j, 499);  // nginx's "client closed request"
       } else if (j.drain_cancelled && !j.req.stream) {
+        settle(j, 503);
         j.ex->respond(503, "application/json",
                       error_body(503, fmt::format("the server shut down before this request finished ({} tokens "
                                                   "generated); retry",
                                                   g.tokens.size())),
                       j.headers);
-        settle(j, 503);
       } else if (j.req.stream) {
+        settle(j, 200);
         j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, *model, sm)));
         if (j.req.include_usage) j.ex->stream(sse(openai_usage_chunk(j.req, g, j.id, j.created)));
         j.ex->stream("data: [DONE]\n\n");
         j.ex->end_stream();
-        settle(j, 200);
       } else {
+        settle(j, 200);
         json body = openai_response(j.req, g, j.id, j.created, *model, sm);
         j.ex->respond(200, "application/json", body.dump(-1, ' ', false, json::error_handler_t::replace), j.headers);
-        settle(j, 200);
       }
-      std::lock_guard<std::mutex> l(metrics.mu);
-      metrics.prompt_tokens += uint64_t(g.prompt_tokens);
-      metrics.completion_tokens += g.tokens.size();
-      if (!j.client_gone) metrics.e2e.observe(now - j.t_arrive);
-      if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && j.req.gen.use_experts)
-        for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) {
-          auto& sw = metrics.group_weight[name];
-          sw.first += w;
-          ++sw.second;
-        }
     };
     double drain_deadline = 0, last_worker_stats = 0;
     int exit_signal = 0;

@@ -14,7 +14,7 @@ void add_placement_flag(CLI::App& app, std::string& file) {
       "Under mpirun -n N: a JSON map of worker rank -> expert groups (default: balanced by bytes; docs/deploy.md)");
 }
 
-BundleExperts attach_experts(const Bundle& b, Model& m, const std::string& placement_file) {
+BundleExperts attach_experts(const Bundle& b, Model& m, const std::string& placement_file, bool drain_on_sigterm) {
   MpiSession* s = MpiSession::get();
   const int n = s ? s->size() : 1;
   BundleExperts out;
@@ -32,7 +32,7 @@ BundleExperts attach_experts(const Bundle& b, Model& m, const std::string& place
   } else {
     const Placement p = placement_file.empty() ? plan_placement(b, n - 1) : read_placement(placement_file, b, n - 1);
     ATMOE_LOG("coord")->info("{}", describe_placement(b, p));
-    auto remote = std::make_unique<RemoteExperts>(*s, b, m.config(), m.dtype(), p);
+    auto remote = std::make_unique<RemoteExperts>(*s, b, m.config(), m.dtype(), p, drain_on_sigterm);
     out.atmoe = std::make_unique<ExpertPool>(b, m.config(), std::move(remote));
   }
   m.set_experts(out.dispatch());

@@ -22,6 +22,8 @@ struct BundleExperts {
 
 void add_placement_flag(CLI::App& app, std::string& file);
 // Loads the experts of `b` for `m` (the model's dtype) and attaches them to the model.
-BundleExperts attach_experts(const Bundle& b, Model& m, const std::string& placement_file);
+// drain_on_sigterm: the workers ignore SIGTERM (the command drains on it, then ends them).
+BundleExperts attach_experts(const Bundle& b, Model& m, const std::string& placement_file,
+                             bool drain_on_sigterm = false);
 
 }  // namespace atmoe::app

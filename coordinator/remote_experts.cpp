@@ -39,7 +39,8 @@ bool end_workers(MpiSession& s, int code) {
   return all;
 }
 
-RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& c, DType dtype, const Placement& p)
+RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& c, DType dtype, const Placement& p,
+                             bool workers_ignore_sigterm)
     : s_(s), shapes_(site_shapes(c)) {
   ATMOE_ASSERT(s.rank() == 0 && p.n_workers() == s.size() - 1);
   worker_timeout_ = double(env_int("ATMOE_WORKER_TIMEOUT"));
@@ -56,6 +57,7 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
   base["d_out"] = std::vector<int64_t>(shapes_.d_out.begin(), shapes_.d_out.end());
   base["head_dim"] = c.head_dim;
   base["permute_qk"] = c.rope_style == RopeStyle::Interleaved;
+  base["ignore_sigterm"] = workers_ignore_sigterm;
   const int nw = p.n_workers();
   w_.resize(size_t(nw));
   ready_.resize(size_t(nw));

@@ -23,7 +23,10 @@ namespace atmoe {
 
 class RemoteExperts : public ExpertBackend {
  public:
-  RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& c, DType dtype, const Placement& p);
+  // workers_ignore_sigterm: the session's workers ignore SIGTERM (a server drains on it:
+  // the coordinator ends them when it is done).
+  RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& c, DType dtype, const Placement& p,
+                bool workers_ignore_sigterm = false);
   ~RemoteExperts() override;
 
   void set_layer(int layer, const StepRouting& r) override;

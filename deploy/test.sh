@@ -9,6 +9,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
 "$ROOT/deploy/install-deps.sh"
 ATMOE_TEST_MODEL="$("$ROOT/deploy/fetch-model.sh")"
+# The openai package: e2e_serve uses it as a client (and fails without it here).
+ATMOE_TEST_PYTHON="$("$ROOT/deploy/python-deps.sh")"
+export ATMOE_TEST_PYTHON ATMOE_REQUIRE_OPENAI=1
 
 log "building (Release) in $BUILD"
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DATMOE_TEST_MODEL="$ATMOE_TEST_MODEL" >/dev/null

@@ -1,5 +1,7 @@
 #include "worker/worker_loop.h"
 
+#include <csignal>
+
 #include <sched.h>
 #include <unistd.h>
 
@@ -171,8 +173,14 @@ int run_worker(MpiSession& s) {
       continue;
     }
     if (h.kind != uint16_t(Msg::Hello)) continue;
+    bool ignore_term = false;
     try {
-      ss.shard = load_shard(wire_json(m, from));
+      const json hello = wire_json(m, from);
+      ss.shard = load_shard(hello);
+      // A server drains on SIGTERM (srun/scancel signal every task): its workers keep
+      // serving until the coordinator ends the session.
+      ignore_term = hello.value("ignore_sigterm", false);
+      if (ignore_term) std::signal(SIGTERM, SIG_IGN);
       send_ctrl(s, Msg::Ready, ready_json(s, ss.shard.get()));
     } catch (const Error& e) {
       json r = ready_json(s, nullptr);
@@ -223,6 +231,7 @@ int run_worker(MpiSession& s) {
         sched_yield();
       }
     }
+    if (ignore_term) std::signal(SIGTERM, SIG_DFL);
     log->debug("session ended: {} work messages", ss.work_messages);
     if (final) return code;
   }

@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+"""`atmoe serve` end to end (ctest e2e_serve, and e2e_serve_mpi with --mpi 3): the real
+binary on 127.0.0.1 sockets, synth model and bundle.
+
+  - /health, /v1/models (bundle, base, every expert with its group);
+  - completions and chat, greedy texts equal `atmoe generate`'s for the same prompt and
+    routing (routed, routing.pin, one expert by name, the base alone);
+  - streaming: SSE chunks that add up to the non-streamed text, [DONE], include_usage;
+  - concurrent requests with different routing: each equals the same request alone;
+  - every bad input answers its status with OpenAI's error JSON (400, 401, 404, 405, 413,
+    429), and the server keeps serving;
+  - a client that disconnects cancels its request (metrics: status 499, fewer tokens);
+  - /metrics: counters, histograms, gauges, group weights;
+  - SIGTERM drains: the running stream finishes, new requests get 503, exit 0;
+  - the `openai` Python package as the client (when importable: deploy/test.sh installs it).
+Usage: serve.py ATMOE WORKDIR [--mpi N]
+"""
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ATMOE, WORK = os.path.abspath(sys.argv[1]), sys.argv[2]
+MPI = int(sys.argv[sys.argv.index("--mpi") + 1]) if "--mpi" in sys.argv else 1
+ENV = dict(os.environ, ATMOE_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+failures = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+
+def run(args, timeout=300):
+    return subprocess.run([ATMOE] + args, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+class Server:
+    def __init__(self, args, mpi=1, log="serve.log"):
+        cmd = [ATMOE, "serve", "--port", "0"] + args
+        if mpi > 1:
+            cmd = ["mpirun", "-n", str(mpi), "--oversubscribe", "--bind-to", "none"] + cmd
+        self.log = open(os.path.join(WORK, log), "w")
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=ENV)
+        line = self.p.stdout.readline()
+        m = re.search(r"listening on http://[^:]+:(\d+) \(pid (\d+)\)", line)
+        assert m, f"no 'listening' line: {line!r} (see {self.log.name})"
+        self.port, self.pid = int(m.group(1)), int(m.group(2))
+
+    def conn(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def stop(self, sig=signal.SIGTERM, every_rank=False):
+        """SIGTERM to rank 0 (OpenMPI's mpirun kills the job on a signal of its own), or to
+        every rank at once, as srun/scancel do."""
+        if self.p.poll() is None:
+            pids = [self.pid]
+            if every_rank and MPI > 1:
+                pids = [int(x) for x in subprocess.run(["pgrep", "-P", str(self.p.pid)], capture_output=True,
+                                                        text=True).stdout.split()]
+                check(len(pids) == MPI and self.pid in pids, f"the job's {MPI} rank processes found ({pids})")
+            for pid in pids:
+                os.kill(pid, sig)
+        rc = self.p.wait(timeout=120)
+        self.log.close()
+        return rc
+
+
+def request(srv, method, path, body=None, headers=None, conn=None, raw=None):
+    c = conn or srv.conn()
+    h = {"Content-Type": "application/json"}
+    h.update(headers or {})
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    c.request(method, path, body=data, headers=h)
+    r = c.getresponse()
+    text = r.read().decode("utf-8", "replace")
+    if conn is None:
+        c.close()
+    try:
+        j = json.loads(text)
+    except ValueError:
+        j = None
+    return r.status, j, text, dict((k.lower(), v) for k, v in r.getheaders())
+
+
+def post(srv, path, body, **kw):
+    return request(srv, "POST", path, body, **kw)
+
+
+def stream(srv, path, body, close_after=None):
+    """SSE events of a streamed request (as parsed JSON, "[DONE]" as the string)."""
+    c = srv.conn()
+    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, (r.status, r.read())
+    assert r.getheader("Content-Type", "").startswith("text/event-stream")
+    events, buf = [], b""
+    while True:
+        chunk = r.read1(65536) if hasattr(r, "read1") else r.read(1)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            assert ev.startswith(b"data: "), ev
+            payload = ev[6:].decode()
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            if close_after is not None and len(events) >= close_after:
+                c.sock.shutdown(socket.SHUT_RDWR)
+                c.close()
+                return events
+    c.close()
+    return events
+
+
+def metric(text, name, labels=None):
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        m = re.match(r"([a-z_]+)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+            continue
+        total += float(m.group(3))
+        found = True
+    return total if found else None
+
+
+def main():
+    shutil.rmtree(WORK, ignore_errors=True)
+    os.makedirs(WORK)
+    model, bundle, big = os.path.join(WORK, "m"), os.path.join(WORK, "b"), os.path.join(WORK, "big")
+    r = run(["synth-model", "--out", model, "--seed", "3", "--layers", "4", "--hidden", "128", "--heads", "4",
+             "--kv-heads", "2", "--ffn", "256", "--vocab", "400"])
+    assert r.returncode == 0, r.stderr
+    r = run(["synth-bundle", "--base", model, "--out", bundle, "--groups", "3", "--experts-per-group", "2",
+             "--rank", "4", "--seed", "4", "--b-std", "0.5"])
+    assert r.returncode == 0, r.stderr
+    # A slower model (~10 ms a token) for the cancel, queue and drain checks.
+    r = run(["synth-model", "--out", big, "--seed", "5", "--layers", "8", "--hidden", "512", "--heads", "8",
+             "--kv-heads", "4", "--ffn", "2048", "--vocab", "2000"])
+    assert r.returncode == 0, r.stderr
+    manifest = json.load(open(os.path.join(bundle, "atmoe.json")))
+    groups = [g["name"] for g in manifest["groups"]]
+    experts = [e["name"] for g in manifest["groups"] for e in g["experts"]]
+    expert = manifest["groups"][1]["experts"][0]["name"]
+    bid, base_id = "b", "base"
+
+    srv = Server(["--bundle", bundle, "--dtype", "f32"], mpi=MPI)
+    try:
+        main_server(srv, bundle, groups, experts, expert, bid, base_id)
+    finally:
+        rc = srv.stop(every_rank=True)
+    check(rc == 0, f"SIGTERM to every rank of an idle server: exit 0 (got {rc})")
+    if MPI == 1:
+        limits_server(big)
+        drain(big)
+        openai_client(bundle, bid, groups, expert)
+    if failures:
+        print(f"{len(failures)} checks failed:", *failures, sep="\n  ")
+        sys.exit(1)
+    print("all serve checks passed")
+
+
+def main_server(srv, bundle, groups, experts, expert, bid, base_id):
+    st, j, _, _ = request(srv, "GET", "/health")
+    check(st == 200, "/health: 200")
+    st, j, _, _ = request(srv, "GET", "/v1/models")
+    ids = [m["id"] for m in j["data"]] if st == 200 else []
+    check(st == 200 and j["object"] == "list", "/v1/models: a list")
+    check(ids[:2] == [bid, base_id] and sorted(ids[2:]) == sorted(experts), f"/v1/models: bundle, base, experts ({ids})")
+    if st == 200:
+        b = j["data"][0]["atmoe"]
+        check(b["kind"] == "bundle" and sorted(b["groups"]) == sorted(groups), "/v1/models: the bundle's groups")
+        e = next(m for m in j["data"] if m["id"] == expert)
+        check(e["atmoe"]["group"] == groups[1] and e["parent"] == base_id, "/v1/models: an expert's group, parent")
+
+    # Greedy texts equal generate's (f32 on both sides).
+    def gen(*extra, prompt="hello world"):
+        g = run(["generate", "--bundle", bundle, "--prompt", prompt, "--max-tokens", "10", "--temperature", "0",
+                 "--dtype", "f32"] + list(extra))
+        assert g.returncode == 0, g.stderr
+        return g.stdout[:-1]
+
+    def comp(model, routing=None, prompt="hello world", **kw):
+        body = {"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        if routing:
+            body["routing"] = routing
+        body.update(kw)
+        st, j, text, h = post(srv, "/v1/completions", body)
+        assert st == 200, (st, text)
+        return j
+
+    plain = comp(bid)
+    check(plain["object"] == "text_completion" and plain["usage"]["completion_tokens"] <= 10, "completion: shape")
+    check(plain["choices"][0]["text"] == gen(), "routed completion = generate --bundle")
+    check(set(plain["atmoe"]["routing"]) == set(groups), "completion: mean weight per group in atmoe.routing")
+    check(comp(bid, {"pin": {groups[0]: 1.0}})["choices"][0]["text"] == gen("--pin", f"{groups[0]}=1"),
+          "routing.pin = generate --pin")
+    check(comp(expert)["choices"][0]["text"] == gen("--adapter", expert), "model=<expert> = generate --adapter")
+    check(comp(base_id)["choices"][0]["text"] == gen("--routing", "off"), "model=<base> = generate --routing off")
+    tr = comp(bid, routing_trace=True)
+    check("routing_trace" in tr, "routing_trace: true returns the trace")
+
+    # Chat, streamed and not: the same text; X-Request-Id echoed.
+    chat = {"model": bid, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 12,
+            "temperature": 0}
+    st, j, text, h = post(srv, "/v1/chat/completions", chat, headers={"X-Request-Id": "req-42"})
+    check(st == 200 and j["object"] == "chat.completion" and j["choices"][0]["message"]["role"] == "assistant",
+          "chat: a chat.completion")
+    check(h.get("x-request-id") == "req-42", "X-Request-Id echoed")
+    st2, _, _, h2 = request(srv, "GET", "/health")
+    check(len(h2.get("x-request-id", "")) >= 16, "an X-Request-Id is made when none is sent")
+    ev = stream(srv, "/v1/chat/completions", dict(chat, stream=True, stream_options={"include_usage": True}))
+    check(ev and ev[-1] == "[DONE]", "chat stream ends with data: [DONE]")
+    chunks = [e for e in ev if isinstance(e, dict)]
+    check(all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks),
+          "chat stream: chat.completion.chunk objects with one id")
+    check(chunks[0]["choices"][0]["delta"].get("role") == "assistant", "chat stream: the first delta has the role")
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    check(streamed == j["choices"][0]["message"]["content"], "chat stream: the deltas add up to the whole text")
+    fin = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    check(len(fin) == 1 and fin[0]["choices"][0]["finish_reason"] == j["choices"][0]["finish_reason"],
+          "chat stream: one finish_reason, as the non-streamed one")
+    check(chunks[-1]["choices"] == [] and chunks[-1]["usage"] == j["usage"], "include_usage: a last chunk with usage")
+    ev = stream(srv, "/v1/completions", {"model": bid, "prompt": "hello world", "max_tokens": 10, "temperature": 0,
+                                         "stream": True})
+    chunks = [e for e in ev if isinstance(e, dict)]
+    check("".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"] and "usage" not in chunks[-1],
+          "completion stream = the non-streamed text; no usage chunk unless asked")
+
+    # Concurrent requests with different routing: each as when sent alone.
+    variants = [(bid, None), (bid, {"pin": {groups[0]: 1.0}}), (bid, {"pin": {groups[2]: 1.0}}), (expert, None),
+                (base_id, None), (bid, {"top_k_groups": 1}), (bid, {"mask": [groups[1]]}), (bid, {"off": True})]
+    prompts = ["hello world", "the quick brown fox", "one two three four five"]
+    alone = {}
+    for i, (mdl, rt) in enumerate(variants):
+        alone[i] = comp(mdl, rt, prompt=prompts[i % 3], max_tokens=16)["choices"][0]["text"]
+    got, errs = {}, []
+
+    def worker(i):
+        try:
+            for _ in range(2):
+                mdl, rt = variants[i]
+                got.setdefault(i, []).append(comp(mdl, rt, prompt=prompts[i % 3], max_tokens=16)["choices"][0]["text"])
+        except Exception as e:  # noqa: BLE001
+            errs.append(repr(e))
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(len(variants))]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    check(not errs, f"{len(variants)} concurrent clients x 2 requests: no errors {errs[:2]}")
+    check(all(got.get(i) == [alone[i]] * 2 for i in alone), "concurrent, differently routed requests = each alone")
+    check(len(set(alone.values())) >= 4, "the routing variants give different texts")
+
+    # Bad inputs: status, OpenAI's error JSON naming the field; the server goes on.
+    longp = "word " * 2000
+    bad = [
+        ("/v1/completions", "{bad json", 400, "not valid JSON"),
+        ("/v1/completions", b'{"model": "b", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+        ("/v1/completions", {"model": bid}, 400, "body.prompt"),
+        ("/v1/completions", {"model": bid, "prompt": 5}, 400, "body.prompt"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "max_tokens": -5}, 400, "body.max_tokens"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "max_tokens": "ten"}, 400, "body.max_tokens"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "temperature": "hot"}, 400, "body.temperature"),
+        ("/v1/completions", '{"model": "b", "prompt": "a", "temperature": NaN}', 400, "not valid JSON"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "temperature": 1e308 * 10}, 400, "not valid JSON"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "top_p": 2}, 400, "body.top_p"),
+        ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "body.model"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "routing": {"pin": {"nope": 1}}}, 400, "nope"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "routing": {"mask": ["nope"]}}, 400, "nope"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "routing": {"bogus": 1}}, 400, "routing.bogus"),
+        ("/v1/completions", {"model": bid, "prompt": longp}, 400, "context"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "max_tokens": 100000}, 400, "body.max_tokens"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "logit_bias": {"1": 5}}, 400, "body.logit_bias"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "stream_options": {"include_usage": True}}, 400,
+         "body.stream_options"),
+        ("/v1/chat/completions", {"model": bid, "messages": []}, 400, "body.messages"),
+        ("/v1/chat/completions", {"model": bid, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+        ("/v1/chat/completions", {"model": bid, "messages": "hi"}, 400, "body.messages"),
+        ("/v1/embeddings", {"model": bid, "input": "a"}, 404, "no such endpoint"),
+    ]
+    for path, body, want, words in bad:
+        raw = body if isinstance(body, (str, bytes)) else None
+        st, j, text, _ = post(srv, path, None if raw is not None else body, raw=raw)
+        ok = st == want and j and j["error"]["code"] == want and words in j["error"]["message"]
+        check(ok, f"bad input -> {want} naming '{words}': {st} {text[:120]}")
+    st, _, _, _ = request(srv, "GET", "/v1/completions")
+    check(st == 405, "GET on a POST endpoint: 405")
+    st, j, _, _ = request(srv, "GET", "/health")
+    check(st == 200 and comp(bid)["choices"][0]["text"] == plain["choices"][0]["text"],
+          "after every bad input the server still serves the same text")
+    # Keep-alive: several requests on one connection.
+    c = srv.conn()
+    sts = [request(srv, "GET", "/health", conn=c)[0] for _ in range(3)]
+    sts.append(post(srv, "/v1/completions", {"model": bid, "prompt": "a", "max_tokens": 2}, conn=c)[0])
+    c.close()
+    check(sts == [200] * 4, f"keep-alive: four requests on one connection ({sts})")
+
+    st, _, m, _ = request(srv, "GET", "/metrics")
+    check(st == 200 and metric(m, "atmoe_requests_total", {"endpoint": "/v1/completions", "status": "200"}) >= 20,
+          "/metrics: requests by endpoint and status")
+    check(metric(m, "atmoe_requests_total", {"endpoint": "/v1/completions", "status": "400"}) >= 15,
+          "/metrics: the 400s counted")
+    check((metric(m, "atmoe_completion_tokens_total") or 0) > 100 and (metric(m, "atmoe_prompt_tokens_total") or 0) > 50,
+          "/metrics: token counters")
+    check((metric(m, "atmoe_time_to_first_token_seconds_count") or 0) >= 20 and
+          (metric(m, "atmoe_inter_token_latency_seconds_count") or 0) > 100, "/metrics: TTFT and ITL histograms")
+    for _ in range(100):  # the gauges follow the engine's step (the reply may leave before)
+        if metric(m, "atmoe_queue_depth") == 0 and metric(m, "atmoe_running_requests") == 0:
+            break
+        time.sleep(0.02)
+        m = request(srv, "GET", "/metrics")[2]
+    check(metric(m, "atmoe_queue_depth") == 0 and metric(m, "atmoe_running_requests") == 0, "/metrics: idle gauges")
+    gw = [metric(m, "atmoe_routing_group_weight", {"group": g}) for g in groups]
+    check(all(w is not None and 0 <= w <= 1 for w in gw), f"/metrics: mean routing weight per group {gw}")
+    if MPI > 1:
+        check(metric(m, "atmoe_worker_applies_total") is not None, "/metrics: per-worker expert time")
+
+
+def limits_server(big):
+    """--api-key, --max-body-mib 1, --max-running 1 --max-queue 0, on the slower model."""
+    srv = Server(["--model", big, "--api-key", "sekrit", "--max-body-mib", "1", "--max-running", "1", "--max-queue",
+                  "0"], log="limits.log")
+    auth = {"Authorization": "Bearer sekrit"}
+    mid = "big"
+    try:
+        st, _, _, _ = request(srv, "GET", "/health")
+        check(st == 200, "--api-key: /health needs no key")
+        for h, what in [({}, "no key"), ({"Authorization": "Bearer wrong"}, "a wrong key"),
+                        ({"Authorization": "sekrit"}, "no Bearer")]:
+            st, j, _, _ = post(srv, "/v1/completions", {"model": mid, "prompt": "a"}, headers=h)
+            check(st == 401 and j["error"]["code"] == 401, f"--api-key: {what} -> 401")
+        st, _, _, _ = request(srv, "GET", "/v1/models")
+        check(st == 401, "--api-key: /v1/models needs the key")
+        st, j, _, _ = request(srv, "GET", "/v1/models", headers=auth)
+        check(st == 200 and j["data"][0]["id"] == mid, "--api-key: the key opens /v1/models")
+        st, j, _, _ = post(srv, "/v1/completions", {"model": mid, "prompt": "x" * (2 << 20)}, headers=auth)
+        check(st == 413 and j["error"]["code"] == 413, f"a body over --max-body-mib: 413 ({st})")
+
+        # One running, none may queue: a second request while the first streams is 429.
+        c = srv.conn()
+        c.request("POST", "/v1/completions", body=json.dumps(
+            {"model": mid, "prompt": "a", "max_tokens": 300, "ignore_eos": True, "stream": True}),
+            headers=dict(auth, **{"Content-Type": "application/json"}))
+        r = c.getresponse()
+        first = r.read1(65536)
+        st, j, _, _ = post(srv, "/v1/completions", {"model": mid, "prompt": "b", "max_tokens": 2}, headers=auth)
+        check(st == 429 and "busy" in j["error"]["message"], f"--max-running 1 --max-queue 0: 429 while busy ({st})")
+        # The client goes away mid-stream: its request is cancelled.
+        c.sock.shutdown(socket.SHUT_RDWR)
+        c.close()
+        t0 = time.time()
+        while time.time() - t0 < 30:
+            st, _, m, _ = request(srv, "GET", "/metrics", headers=auth)
+            if metric(m, "atmoe_requests_total", {"status": "499"}) and metric(m, "atmoe_running_requests") == 0:
+                break
+            time.sleep(0.05)
+        check(metric(m, "atmoe_requests_total", {"status": "499"}) == 1, "a disconnected client's request: 499")
+        done = metric(m, "atmoe_completion_tokens_total")
+        check(done is not None and done < 300, f"... cancelled before its 300 tokens ({done})")
+        st, j, _, _ = post(srv, "/v1/completions", {"model": mid, "prompt": "b", "max_tokens": 2}, headers=auth)
+        check(st == 200, "after the cancel a new request runs")
+        # A raw socket that sends half a request and stalls is not waited on forever.
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        st, _, _, _ = request(srv, "GET", "/health")
+        check(st == 200, "a stalled upload does not block other clients")
+        s.close()
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"GARBAGE\r\n\r\n")
+        resp = s.recv(4096)
+        s.close()
+        check(resp.startswith(b"HTTP/1.1 400"), f"a malformed request line: 400 ({resp[:40]!r})")
+    finally:
+        rc = srv.stop()
+    check(rc == 0, "limits server: exit 0 on SIGTERM")
+
+
+def drain(big):
+    """SIGTERM while a stream runs: it finishes; new requests get 503; exit 0."""
+    srv = Server(["--model", big, "--drain-timeout", "60"], log="drain.log")
+    keep = srv.conn()
+    st, _, _, _ = request(srv, "GET", "/health", conn=keep)
+    res = {}
+
+    def long_stream():
+        res["ev"] = stream(srv, "/v1/completions", {"model": "big", "prompt": "a", "max_tokens": 200,
+                                                    "ignore_eos": True, "stream": True})
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    time.sleep(0.5)
+    srv.p.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    st, j, _, _ = post(srv, "/v1/completions", {"model": "big", "prompt": "a", "max_tokens": 2}, conn=keep)
+    check(st == 503 and j["error"]["code"] == 503, f"draining: a new request on an open connection is 503 ({st})")
+    t.join(timeout=120)
+    ev = res.get("ev", [])
+    fin = [e for e in ev if isinstance(e, dict) and e["choices"][0]["finish_reason"]]
+    check(ev and ev[-1] == "[DONE]" and fin and fin[0]["choices"][0]["finish_reason"] == "length",
+          "draining: the running stream finishes all its tokens")
+    rc = srv.p.wait(timeout=60)
+    srv.log.close()
+    check(rc == 0, f"draining: exit 0 ({rc})")
+    # A drain bound of 0: the running request is cut (finish_reason abort), exit 0 at once.
+    srv = Server(["--model", big, "--drain-timeout", "0"], log="drain0.log")
+    res.clear()
+    t = threading.Thread(target=long_stream)
+    t.start()
+    time.sleep(0.5)
+    srv.p.send_signal(signal.SIGTERM)
+    t.join(timeout=120)
+    ev = res.get("ev", [])
+    fin = [e for e in ev if isinstance(e, dict) and e["choices"][0]["finish_reason"]]
+    check(fin and fin[0]["choices"][0]["finish_reason"] == "abort" and ev[-1] == "[DONE]",
+          "--drain-timeout 0: the stream ends at once with finish_reason abort")
+    rc = srv.p.wait(timeout=60)
+    srv.log.close()
+    check(rc == 0, "--drain-timeout 0: exit 0")
+
+
+def openai_client(bundle, bid, groups, expert):
+    py = os.environ.get("ATMOE_TEST_PYTHON", sys.executable)
+    probe = subprocess.run([py, "-c", "import openai"], capture_output=True)
+    if probe.returncode != 0:
+        print("skip the openai package client: not importable by", py, "(deploy/test.sh installs it)")
+        if os.environ.get("ATMOE_REQUIRE_OPENAI"):
+            check(False, "the openai package is installed")
+        return
+    srv = Server(["--bundle", bundle, "--api-key", "k1"], log="openai.log")
+    script = f"""
+import openai, sys
+c = openai.OpenAI(base_url="http://127.0.0.1:{srv.port}/v1", api_key="k1", max_retries=0)
+ids = [m.id for m in c.models.list()]
+assert ids[0] == "{bid}" and "{expert}" in ids, ids
+r = c.completions.create(model="{bid}", prompt="hello world", max_tokens=8, temperature=0,
+                         extra_body={{"routing": {{"pin": {{"{groups[0]}": 1.0}}}}}})
+assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 8, r
+ch = c.chat.completions.create(model="{expert}", messages=[{{"role": "user", "content": "hi"}}], max_tokens=6,
+                               temperature=0)
+text = ch.choices[0].message.content
+parts = [k.choices[0].delta.content or "" for k in c.chat.completions.create(
+    model="{expert}", messages=[{{"role": "user", "content": "hi"}}], max_tokens=6, temperature=0, stream=True)
+    if k.choices]
+assert "".join(parts) == text, (parts, text)
+try:
+    c.completions.create(model="nope", prompt="a")
+    raise SystemExit("no error for an unknown model")
+except openai.NotFoundError as e:
+    assert "nope" in str(e), e
+try:
+    c.completions.create(model="{bid}", prompt="a", top_p=2)
+    raise SystemExit("no error for top_p 2")
+except openai.BadRequestError as e:
+    assert "top_p" in str(e), e
+bad = openai.OpenAI(base_url="http://127.0.0.1:{srv.port}/v1", api_key="wrong", max_retries=0)
+try:
+    bad.models.list()
+    raise SystemExit("no error for a wrong key")
+except openai.AuthenticationError:
+    pass
+print("openai client ok")
+"""
+    try:
+        r = subprocess.run([py, "-c", script], capture_output=True, text=True, timeout=120)
+        check(r.returncode == 0 and "openai client ok" in r.stdout,
+              f"the openai package as the client: models, completions, chat, stream, errors {r.stderr[-600:]}")
+    finally:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()
