@@ -359,7 +359,7 @@ Runner add_batch(CLI::App& app) {
     so.max_batch_tokens = o->max_batch_tokens;
     so.max_running = o->max_running;
     so.kv_budget_bytes = o->kv_budget_mib << 20;
-    so.max_queue = size_t(2 * o->max_running) + 1;  // fed as it drains (below)
+    so.max_queue = size_t(2 * o->max_running) + size_t(kMaxChoices);  // fed as it drains (below)
     Scheduler sched(*model, so);
     size_t n_bad = 0, n_skip = 0, n_todo = 0, n_bad_written = 0;
     std::vector<Line*> todo;
@@ -427,24 +427,34 @@ Runner add_batch(CLI::App& app) {
       else std::fprintf(stderr, "%s\n", msg.c_str());
     };
     while (g_stop_signal == 0) {
-      while (next < todo.size() && sched.waiting() < so.max_queue) {
+      while (next < todo.size() && sched.waiting() + size_t(kMaxChoices) <= so.max_queue) {
         Line* l = todo[next++];
-        RequestEvents ev;
-        ev.on_finish = [&, l](const GenerateResult& g) {
-          const std::string rid = fmt::format("{:016x}", idrng());
-          json body = openai_response(l->req, g, (l->endpoint == Endpoint::ChatCompletions ? "chatcmpl-" : "cmpl-") + rid,
-                                      created, *model, sm);
-          out.write_line({{"id", "atmoe-batch-" + rid},
-                          {"custom_id", l->custom_id},
-                          {"response", {{"status_code", 200}, {"request_id", rid}, {"body", std::move(body)}}},
-                          {"error", nullptr}});
-          ++n_ok;
-          toks_in += g.prompt_tokens;
-          toks_out += int64_t(g.tokens.size());
-        };
+        // One scheduler request per choice (n, seeds seed + i); the line is written when all are done.
+        auto results = std::make_shared<std::vector<GenerateResult>>(size_t(l->req.n));
+        auto left = std::make_shared<int>(l->req.n);
         try {
-          sched.submit(l->req.gen, std::move(ev));
-        } catch (const InputError& e) {  // e.g. over the KV budget: this request alone
+          for (int i = 0; i < l->req.n; ++i) {
+            RequestEvents ev;
+            ev.on_finish = [&, l, i, results, left](const GenerateResult& g) {
+              (*results)[size_t(i)] = g;
+              if (--*left > 0) return;
+              const std::string rid = fmt::format("{:016x}", idrng());
+              json body = openai_response(
+                  l->req, *results, (l->endpoint == Endpoint::ChatCompletions ? "chatcmpl-" : "cmpl-") + rid, created,
+                  *model, sm);
+              out.write_line({{"id", "atmoe-batch-" + rid},
+                              {"custom_id", l->custom_id},
+                              {"response", {{"status_code", 200}, {"request_id", rid}, {"body", std::move(body)}}},
+                              {"error", nullptr}});
+              ++n_ok;
+              toks_in += results->front().prompt_tokens;
+              for (const auto& r : *results) toks_out += int64_t(r.tokens.size());
+            };
+            GenerateRequest gr = l->req.gen;
+            gr.seed += uint64_t(i);
+            sched.submit(std::move(gr), std::move(ev));
+          }
+        } catch (const InputError& e) {  // e.g. over the KV budget: this request alone (its first choice)
           out.write_line(error_line(*l, "invalid_request", fmt::format("line {}: {}", l->number, e.what())));
           ++n_fail;
         }

@@ -106,10 +106,20 @@ struct Job {
   int64_t created = 0;
   double t_arrive = 0;
   std::atomic<bool> client_gone{false};
-  // Engine thread only.
-  RequestId rid = 0;
+  // Engine thread only. One scheduler request per choice (n).
+  std::vector<RequestId> rids;
+  std::vector<GenerateResult> results;
+  std::vector<std::vector<cpu::TokenLogprob>> unsent_lp;  // streamed: tokens not yet in a chunk
+  std::vector<int64_t> text_offset;                       // streamed completions: bytes sent per choice
+  std::vector<double> t_last;
+  int left = 0;
   bool cancel_sent = false, drain_cancelled = false, done = false;
-  double t_first = 0, t_last = 0;
+  double t_first = 0;
+
+  void cancel(Scheduler& s) {
+    cancel_sent = true;
+    for (RequestId id : rids) s.cancel(id);
+  }
 };
 
 struct Inbox {
@@ -403,16 +413,31 @@ Runner add_serve(CLI::App& app) {
       --inbox.pending;
       metrics.count(j.endpoint, status);
     };
-    auto finish_job = [&](const std::shared_ptr<Job>& jp, const GenerateResult& g) {
+    // Logprobs of a streamed choice's tokens not yet sent (null when not asked).
+    auto take_lp = [&](Job& j, int i) -> json {
+      if (j.req.gen.logprobs < 0) return nullptr;
+      auto& v = j.unsent_lp[size_t(i)];
+      json lp = openai_logprobs(j.req, *model, v.data(), v.size(), j.text_offset[size_t(i)]);
+      for (const auto& t : v) j.text_offset[size_t(i)] += int64_t(model->tokenizer().token_bytes(t.token).size());
+      v.clear();
+      return lp;
+    };
+    // One choice finished; the reply goes when every choice has.
+    auto finish_choice = [&](const std::shared_ptr<Job>& jp, int i, const GenerateResult& g) {
       Job& j = *jp;
+      j.results[size_t(i)] = g;
+      if (j.req.stream && !j.client_gone)
+        j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, i, take_lp(j, i), sm)));
+      if (--j.left > 0) return;
       const double now = now_s();
       {  // counted before the reply leaves
         std::lock_guard<std::mutex> l(metrics.mu);
         metrics.prompt_tokens += uint64_t(g.prompt_tokens);
-        metrics.completion_tokens += g.tokens.size();
+        for (const auto& r : j.results) metrics.completion_tokens += r.tokens.size();
         if (!j.client_gone) metrics.e2e.observe(now - j.t_arrive);
-        if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && j.req.gen.use_experts)
-          for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) {
+        const GenerateResult& g0 = j.results[0];
+        if (g0.routing && sm.bundle && sm.bundle->method == "at-moe" && j.req.gen.use_experts)
+          for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g0.routing)) {
             auto& sw = metrics.group_weight[name];
             sw.first += w;
             ++sw.second;
@@ -422,20 +447,21 @@ Runner add_serve(CLI::App& app) {
         settle(j, 499);  // nginx's "client closed request"
       } else if (j.drain_cancelled && !j.req.stream) {
         settle(j, 503);
+        int64_t toks = 0;
+        for (const auto& r : j.results) toks += int64_t(r.tokens.size());
         j.ex->respond(503, "application/json",
                       error_body(503, fmt::format("the server shut down before this request finished ({} tokens "
                                                   "generated); retry",
-                                                  g.tokens.size())),
+                                                  toks)),
                       j.headers);
       } else if (j.req.stream) {
         settle(j, 200);
-        j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, *model, sm)));
-        if (j.req.include_usage) j.ex->stream(sse(openai_usage_chunk(j.req, g, j.id, j.created)));
+        if (j.req.include_usage) j.ex->stream(sse(openai_usage_chunk(j.req, j.results, j.id, j.created)));
         j.ex->stream("data: [DONE]\n\n");
         j.ex->end_stream();
       } else {
         settle(j, 200);
-        json body = openai_response(j.req, g, j.id, j.created, *model, sm);
+        json body = openai_response(j.req, j.results, j.id, j.created, *model, sm);
         j.ex->respond(200, "application/json", body.dump(-1, ' ', false, json::error_handler_t::replace), j.headers);
       }
     };
@@ -458,46 +484,70 @@ Runner add_serve(CLI::App& app) {
           settle(j, 499);
           continue;
         }
-        RequestEvents ev;
-        ev.on_token = [&metrics, jp](int32_t) {
-          Job& x = *jp;
-          const double now = now_s();
-          std::lock_guard<std::mutex> l(metrics.mu);
-          if (x.t_first == 0) {
-            x.t_first = now;
-            metrics.ttft.observe(now - x.t_arrive);
-          } else {
-            metrics.itl.observe(now - x.t_last);
-          }
-          x.t_last = now;
-        };
-        if (j.req.stream)
-          ev.on_text = [jp](const std::string& delta) {
-            if (!delta.empty()) jp->ex->stream(sse(openai_text_chunk(jp->req, jp->id, jp->created, delta)));
-          };
-        ev.on_finish = [&finish_job, jp](const GenerateResult& g) { finish_job(jp, g); };
+        const int n = j.req.n;
+        j.results.resize(size_t(n));
+        j.unsent_lp.resize(size_t(n));
+        j.text_offset.assign(size_t(n), 0);
+        j.t_last.assign(size_t(n), 0);
+        j.left = n;
+        if (sched.waiting() + size_t(n) > so.max_queue) {
+          const std::string msg = fmt::format("the queue is full ({} requests waiting)", sched.waiting());
+          settle(j, 429);
+          j.ex->respond(429, "application/json", error_body(429, msg), j.headers);
+          continue;
+        }
         try {
           if (j.req.stream) {
             j.ex->start_stream(200, "text/event-stream", j.headers);
-            const json first = openai_first_chunk(j.req, j.id, j.created);
-            if (!first.is_null()) j.ex->stream(sse(first));
+            for (int i = 0; i < n; ++i) {
+              const json first = openai_first_chunk(j.req, j.id, j.created, i);
+              if (!first.is_null()) j.ex->stream(sse(first));
+            }
           }
-          j.rid = sched.submit(j.req.gen, std::move(ev));
+          for (int i = 0; i < n; ++i) {
+            RequestEvents ev;
+            ev.on_token = [&metrics, jp, i](int32_t, const cpu::TokenLogprob* lp) {
+              Job& x = *jp;
+              if (lp && x.req.stream) x.unsent_lp[size_t(i)].push_back(*lp);
+              const double now = now_s();
+              std::lock_guard<std::mutex> l(metrics.mu);
+              if (x.t_first == 0) {
+                x.t_first = now;
+                metrics.ttft.observe(now - x.t_arrive);
+              } else if (x.t_last[size_t(i)] > 0) {
+                metrics.itl.observe(now - x.t_last[size_t(i)]);
+              }
+              x.t_last[size_t(i)] = now;
+            };
+            if (j.req.stream)
+              ev.on_text = [&take_lp, jp, i](const std::string& delta) {
+                if (!delta.empty())
+                  jp->ex->stream(sse(openai_text_chunk(jp->req, jp->id, jp->created, i, delta, take_lp(*jp, i))));
+              };
+            ev.on_finish = [&finish_choice, jp, i](const GenerateResult& g) { finish_choice(jp, i, g); };
+            GenerateRequest gr = j.req.gen;
+            gr.seed += uint64_t(i);
+            j.rids.push_back(sched.submit(std::move(gr), std::move(ev)));
+          }
           if (!j.done) live.push_back(jp);
-        } catch (const QueueFull& e) {
-          j.ex->respond(429, "application/json", error_body(429, e.what()), j.headers);
-          settle(j, 429);
-        } catch (const InputError& e) {
-          j.ex->respond(400, "application/json", error_body(400, e.what()), j.headers);
-          settle(j, 400);
+        } catch (const Error& e) {  // QueueFull (429) or a request the scheduler refuses (400)
+          const int st = dynamic_cast<const QueueFull*>(&e) ? 429 : 400;
+          j.cancel(sched);  // choices already queued
+          if (!j.done) {
+            if (j.req.stream) {  // the headers are out: the error goes in the stream
+              j.ex->stream(sse(json::parse(error_body(st, e.what()))));
+              j.ex->stream("data: [DONE]\n\n");
+              j.ex->end_stream();
+            } else {
+              j.ex->respond(st, "application/json", error_body(st, e.what()), j.headers);
+            }
+            settle(j, st);
+          }
         }
       }
       if (look)
         for (auto& jp : live)
-          if (jp->client_gone && !jp->cancel_sent) {
-            jp->cancel_sent = true;
-            sched.cancel(jp->rid);
-          }
+          if (jp->client_gone && !jp->cancel_sent) jp->cancel(sched);
       if (g_stop_signal && !draining) {
         exit_signal = g_stop_signal;
         draining = true;
@@ -509,8 +559,8 @@ Runner add_serve(CLI::App& app) {
       if (draining && now_s() >= drain_deadline)
         for (auto& jp : live)
           if (!jp->cancel_sent) {
-            jp->cancel_sent = jp->drain_cancelled = true;
-            sched.cancel(jp->rid);
+            jp->drain_cancelled = true;
+            jp->cancel(sched);
           }
       if (sched.idle()) {
         live.clear();

@@ -1,6 +1,9 @@
 #include "apps/openai_api.h"
 
+#include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 
@@ -239,15 +242,15 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
     const bool f = v.is_boolean() && !v.get<bool>(), t = v.is_boolean() && v.get<bool>();
     auto num_is = [&](double x) { return v.is_number() && v.get<double>() == x; };
     bool refused = false;
-    if (k == "logit_bias" || k == "tools" || k == "functions" || k == "stop_token_ids" || k == "bad_words" ||
+    if (k == "tools" || k == "functions" || k == "stop_token_ids" || k == "bad_words" ||
         k == "allowed_token_ids" || k == "chat_template" || k == "chat_template_kwargs" || k == "guided_json" ||
         k == "guided_regex" || k == "guided_choice" || k == "guided_grammar" || k == "structured_outputs" ||
         k == "suffix" || k == "logits_processors")
       refused = !empty;
-    else if (k == "logprobs" || k == "echo" || k == "use_beam_search" || k == "include_stop_str_in_output" ||
+    else if (k == "echo" || k == "use_beam_search" || k == "include_stop_str_in_output" ||
              k == "continue_final_message")
-      refused = !(f || (k == "logprobs" && num_is(0)));
-    else if (k == "top_logprobs" || k == "prompt_logprobs" || k == "min_tokens" || k == "truncate_prompt_tokens")
+      refused = !f;
+    else if (k == "prompt_logprobs" || k == "min_tokens" || k == "truncate_prompt_tokens")
       refused = !num_is(0);
     else if (k == "best_of" || k == "length_penalty")
       refused = !num_is(1);
@@ -259,13 +262,7 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
       refused = !(v.is_object() && v.contains("type") && v["type"] == "text");
     if (refused) throw InputError(fmt::format("body.{}: not supported by atmoe", k));
   }
-  for (const char* f : {"presence_penalty", "frequency_penalty"})
-    if (present(body, f) && get_number(body[f], f, -2, 2) != 0) throw InputError(fmt::format("body.{}: not supported by atmoe (only 0)", f));
-  if (present(body, "repetition_penalty") && get_number(body["repetition_penalty"], "repetition_penalty", 0, 100) != 1)
-    throw InputError("body.repetition_penalty: not supported by atmoe (only 1)");
-  if (present(body, "min_p") && get_number(body["min_p"], "min_p", 0, 1) != 0)
-    throw InputError("body.min_p: not supported by atmoe (only 0)");
-  if (present(body, "n") && get_int(body["n"], "n", 1, 128) != 1) throw InputError("body.n: only 1 is supported");
+  if (present(body, "n")) r.n = int(get_int(body["n"], "n", 1, kMaxChoices));
   if (present(body, "stream")) {
     if (!body["stream"].is_boolean()) bad("stream", "must be true or false", body["stream"]);
     r.stream = body["stream"].get<bool>();
@@ -316,6 +313,42 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
   g.seed = present(body, "seed") ? uint64_t(get_int(body["seed"], "seed", std::numeric_limits<int64_t>::min(),
                                                     std::numeric_limits<int64_t>::max()))
                                  : seed_default;
+  if (present(body, "min_p")) g.sampling.min_p = float(get_number(body["min_p"], "min_p", 0, 1));
+  if (present(body, "presence_penalty"))
+    g.penalties.presence = float(get_number(body["presence_penalty"], "presence_penalty", -2, 2));
+  if (present(body, "frequency_penalty"))
+    g.penalties.frequency = float(get_number(body["frequency_penalty"], "frequency_penalty", -2, 2));
+  if (present(body, "repetition_penalty")) {
+    g.penalties.repetition = float(get_number(body["repetition_penalty"], "repetition_penalty", 0, 100));
+    if (g.penalties.repetition <= 0) throw InputError("body.repetition_penalty: 0 is out of range (0, 100]");
+  }
+  if (present(body, "logit_bias")) {
+    const json& lb = body["logit_bias"];
+    if (!lb.is_object()) bad("logit_bias", "must be an object {\"token id\": bias}", lb);
+    const int64_t V = m.config().vocab;
+    for (const auto& [k, v] : lb.items()) {
+      const std::string f = "logit_bias." + k;
+      char* end = nullptr;
+      errno = 0;
+      const long long id = k.empty() || !std::isdigit(static_cast<unsigned char>(k[0])) ? -1 : std::strtoll(k.c_str(), &end, 10);
+      if (id < 0 || errno || !end || *end || id >= V)
+        throw InputError(fmt::format("body.{}: not a token id in [0, {})", f, V));
+      g.logit_bias.emplace_back(int32_t(id), float(get_number(v, f, -100, 100)));
+    }
+  }
+  // Log-probabilities: chat: logprobs true (+ top_logprobs n); completions: logprobs n.
+  if (ep == Endpoint::ChatCompletions) {
+    bool want = false;
+    if (present(body, "logprobs")) {
+      if (!body["logprobs"].is_boolean()) bad("logprobs", "must be true or false", body["logprobs"]);
+      want = body["logprobs"].get<bool>();
+    }
+    const int top = present(body, "top_logprobs") ? int(get_int(body["top_logprobs"], "top_logprobs", 0, 20)) : 0;
+    if (top > 0 && !want) throw InputError("body.top_logprobs: needs \"logprobs\": true");
+    g.logprobs = want ? top : -1;
+  } else if (present(body, "logprobs")) {
+    g.logprobs = int(get_int(body["logprobs"], "logprobs", 0, 20));
+  }
   if (present(body, "stop")) {
     const json& s = body["stop"];
     if (s.is_string()) {
@@ -354,11 +387,11 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
 
 namespace {
 
-json usage_json(const GenerateResult& g) {
-  const int64_t completion = int64_t(g.tokens.size());
-  return {{"prompt_tokens", g.prompt_tokens},
-          {"completion_tokens", completion},
-          {"total_tokens", g.prompt_tokens + completion}};
+json usage_json(const std::vector<GenerateResult>& gs) {
+  int64_t completion = 0;
+  for (const auto& g : gs) completion += int64_t(g.tokens.size());
+  const int64_t prompt = gs.empty() ? 0 : gs[0].prompt_tokens;
+  return {{"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
 }
 
 json atmoe_ext(const OpenAiRequest& r, const GenerateResult& g, const ServedModels& sm) {
@@ -380,19 +413,61 @@ json chunk_head(const OpenAiRequest& r, const std::string& id, int64_t created) 
 
 std::string finish_name(const GenerateResult& g) { return g.finish_reason == "cancelled" ? "abort" : g.finish_reason; }
 
+json bytes_json(const std::string& b) {
+  json a = json::array();
+  for (unsigned char c : b) a.push_back(int(c));
+  return a;
+}
+
 }  // namespace
 
-json openai_first_chunk(const OpenAiRequest& r, const std::string& id, int64_t created) {
+json openai_logprobs(const OpenAiRequest& r, const Model& m, const cpu::TokenLogprob* lp, size_t n,
+                     int64_t text_offset) {
+  const Tokenizer& tok = m.tokenizer();
+  auto piece = [&](int32_t t) { return tok.token_bytes(t); };
+  if (r.endpoint == Endpoint::ChatCompletions) {
+    json content = json::array();
+    for (size_t i = 0; i < n; ++i) {
+      const std::string b = piece(lp[i].token);
+      json top = json::array();
+      for (const auto& [t, l] : lp[i].top) {
+        const std::string tb = piece(t);
+        top.push_back({{"token", utf8_sanitize(tb)}, {"logprob", l}, {"bytes", bytes_json(tb)}});
+      }
+      content.push_back(
+          {{"token", utf8_sanitize(b)}, {"logprob", lp[i].logprob}, {"bytes", bytes_json(b)}, {"top_logprobs", top}});
+    }
+    return {{"content", content}};
+  }
+  json tokens = json::array(), token_lp = json::array(), top = json::array(), offs = json::array();
+  for (size_t i = 0; i < n; ++i) {
+    const std::string b = piece(lp[i].token);
+    tokens.push_back(utf8_sanitize(b));
+    token_lp.push_back(lp[i].logprob);
+    json alt = json::object();
+    // Tokens whose text is the same (partial UTF-8 sequences) share a key: the most probable stays.
+    for (const auto& [t, l] : lp[i].top) alt.emplace(utf8_sanitize(piece(t)), l);
+    top.push_back(alt);
+    offs.push_back(text_offset);
+    text_offset += int64_t(b.size());
+  }
+  return {{"tokens", tokens}, {"token_logprobs", token_lp}, {"top_logprobs", top}, {"text_offset", offs}};
+}
+
+json openai_first_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, int index) {
   if (r.endpoint != Endpoint::ChatCompletions) return nullptr;
   json c = chunk_head(r, id, created);
-  c["choices"] = json::array(
-      {{{"index", 0}, {"delta", {{"role", "assistant"}, {"content", ""}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
+  c["choices"] = json::array({{{"index", index},
+                               {"delta", {{"role", "assistant"}, {"content", ""}}},
+                               {"logprobs", nullptr},
+                               {"finish_reason", nullptr}}});
   return c;
 }
 
-json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, const std::string& text) {
+json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, int index,
+                       const std::string& text, json logprobs) {
   json c = chunk_head(r, id, created);
-  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+  json choice = {{"index", index}, {"logprobs", std::move(logprobs)}, {"finish_reason", nullptr}};
   if (r.endpoint == Endpoint::ChatCompletions) choice["delta"] = {{"content", text}};
   else choice["text"] = text;
   c["choices"] = json::array({choice});
@@ -400,10 +475,9 @@ json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t cr
 }
 
 json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
-                        const Model& m, const ServedModels& sm) {
-  (void)m;
+                        int index, json logprobs, const ServedModels& sm) {
   json c = chunk_head(r, id, created);
-  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_name(g)}};
+  json choice = {{"index", index}, {"logprobs", std::move(logprobs)}, {"finish_reason", finish_name(g)}};
   if (r.endpoint == Endpoint::ChatCompletions) choice["delta"] = json::object();
   else choice["text"] = "";
   c["choices"] = json::array({choice});
@@ -411,29 +485,33 @@ json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const s
   return c;
 }
 
-json openai_usage_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created) {
+json openai_usage_chunk(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
+                        int64_t created) {
   json c = chunk_head(r, id, created);
   c["choices"] = json::array();
-  c["usage"] = usage_json(g);
+  c["usage"] = usage_json(gs);
   return c;
 }
 
-json openai_response(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
-                     const Model& m, const ServedModels& sm) {
-  const std::string finish = finish_name(g);
-  json choice = {{"index", 0}, {"finish_reason", finish}, {"logprobs", nullptr}};
+json openai_response(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
+                     int64_t created, const Model& m, const ServedModels& sm) {
+  ATMOE_ASSERT(!gs.empty());
   json out;
-  if (r.endpoint == Endpoint::ChatCompletions) {
-    choice["message"] = {{"role", "assistant"}, {"content", g.text}};
-    out = {{"id", id}, {"object", "chat.completion"}};
-  } else {
-    choice["text"] = g.text;
-    out = {{"id", id}, {"object", "text_completion"}};
-  }
+  out = {{"id", id}, {"object", r.endpoint == Endpoint::ChatCompletions ? "chat.completion" : "text_completion"}};
   out["created"] = created;
   out["model"] = r.model;
-  out["choices"] = json::array({choice});
-  out["usage"] = usage_json(g);
+  json choices = json::array();
+  for (size_t i = 0; i < gs.size(); ++i) {
+    const GenerateResult& g = gs[i];
+    json choice = {{"index", int(i)}, {"finish_reason", finish_name(g)}, {"logprobs", nullptr}};
+    if (r.gen.logprobs >= 0) choice["logprobs"] = openai_logprobs(r, m, g.logprobs.data(), g.logprobs.size(), 0);
+    if (r.endpoint == Endpoint::ChatCompletions) choice["message"] = {{"role", "assistant"}, {"content", g.text}};
+    else choice["text"] = g.text;
+    choices.push_back(std::move(choice));
+  }
+  out["choices"] = std::move(choices);
+  out["usage"] = usage_json(gs);
+  const GenerateResult& g = gs[0];
   out["atmoe"] = atmoe_ext(r, g, sm);
   if (r.routing_trace && g.routing) {
     std::vector<int32_t> fed = r.gen.prompt;

@@ -7,9 +7,9 @@
 // a LoRA by name). Routing controls ride in the extension field "routing" (DESIGN 1.1,
 // the same names as the CLI flags with underscores).
 //
-// Fields that would change the output and are not implemented (logit_bias, penalties,
-// logprobs, n > 1, tools, response_format, ...) are refused naming the field, never
-// ignored; fields that do not (user, metadata, ...) are ignored, as vLLM does.
+// Fields that would change the output and are not implemented (tools, response_format,
+// echo, best_of, guided decoding, ...) are refused naming the field, never ignored;
+// fields that do not (user, metadata, ...) are ignored, as vLLM does.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -41,6 +41,9 @@ struct ServedModels {
 // Ids: the bundle directory's name, the base model file's name without .gguf.
 ServedModels served_models(const Model& m, const Bundle* b);
 
+// n: choices per request, at most.
+constexpr int kMaxChoices = 8;
+
 // max_tokens of a chat request that gives none (capped by the context).
 constexpr int64_t kChatDefaultMaxTokens = 4096;
 
@@ -49,6 +52,7 @@ struct OpenAiRequest {
   std::string model;    // as given
   GenerateRequest gen;  // prompt tokens, sampling, stop, routing
   bool routing_trace = false;
+  int n = 1;                   // choices (each a request of its own, seed + i)
   bool stream = false;         // SSE chunks (the server; a batch refuses it)
   bool include_usage = false;  // stream_options.include_usage: a last chunk with usage
 };
@@ -58,22 +62,29 @@ struct OpenAiRequest {
 OpenAiRequest parse_openai_request(const nlohmann::json& body, Endpoint ep, const Model& m, const ServedModels& sm,
                                    uint64_t seed_default);
 
-// The response body: chat.completion or text_completion with usage, plus "atmoe":
-// {"finish_reason", "routing": {group: mean weight}} (bundles) and "routing_trace" when asked.
-nlohmann::json openai_response(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
-                               const Model& m, const ServedModels& sm);
+// The response body: chat.completion or text_completion with one choice per result (n),
+// usage (the prompt counted once), plus "atmoe": {"finish_reason", "routing": {group: mean
+// weight}} (bundles; of the first choice) and "routing_trace" when asked.
+nlohmann::json openai_response(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
+                               int64_t created, const Model& m, const ServedModels& sm);
 
-// Streamed responses (SSE "data: <json>" events, OpenAI's chunk objects).
+// A choice's "logprobs" for n tokens: chat: {"content": [{token, logprob, bytes,
+// top_logprobs}]}; completions: {tokens, token_logprobs, top_logprobs, text_offset} (byte
+// offsets into the choice's text, from text_offset).
+nlohmann::json openai_logprobs(const OpenAiRequest& r, const Model& m, const cpu::TokenLogprob* lp, size_t n,
+                               int64_t text_offset);
+
+// Streamed responses (SSE "data: <json>" events, OpenAI's chunk objects), per choice index.
 // The first chunk: chat: delta {"role": "assistant", "content": ""}; completions: none (nullptr).
-nlohmann::json openai_first_chunk(const OpenAiRequest& r, const std::string& id, int64_t created);
-// A text delta.
-nlohmann::json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created,
-                                 const std::string& text);
-// The last choice chunk: empty delta, finish_reason, and "atmoe" as in openai_response.
+nlohmann::json openai_first_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, int index);
+// A text delta (logprobs: of the tokens since the last chunk, or null).
+nlohmann::json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, int index,
+                                 const std::string& text, nlohmann::json logprobs);
+// A choice's last chunk: empty delta, finish_reason, and "atmoe" as in openai_response.
 nlohmann::json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id,
-                                  int64_t created, const Model& m, const ServedModels& sm);
+                                  int64_t created, int index, nlohmann::json logprobs, const ServedModels& sm);
 // stream_options.include_usage: choices [] and usage.
-nlohmann::json openai_usage_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id,
+nlohmann::json openai_usage_chunk(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
                                   int64_t created);
 
 }  // namespace atmoe::app

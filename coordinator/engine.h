@@ -16,6 +16,9 @@ namespace atmoe {
 struct GenerateRequest {
   std::vector<int32_t> prompt;
   cpu::SamplingParams sampling;
+  cpu::LogitPenalties penalties;
+  std::vector<std::pair<int32_t, float>> logit_bias;  // added to a token's logit before sampling
+  int logprobs = -1;  // >= 0: each token's log-probability and the top `logprobs` alternatives
   uint64_t seed = 0;
   int max_tokens = 128;
   std::vector<std::string> stop;  // stop strings (not included in the output)
@@ -31,6 +34,7 @@ struct GenerateResult {
   std::vector<int32_t> tokens;
   std::string text;
   std::string finish_reason;  // "stop" | "length" | "cancelled"
+  std::vector<cpu::TokenLogprob> logprobs;  // one per token when asked (request.logprobs >= 0)
   int64_t prompt_tokens = 0;
   std::shared_ptr<SeqRouting> routing;  // the routing weights used (bundles), for traces
 };

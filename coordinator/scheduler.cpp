@@ -17,6 +17,8 @@ struct Scheduler::Seq {
   std::mt19937_64 rng;
   std::unique_ptr<StreamDecoder> dec;
   std::shared_ptr<SeqRouting> routing;
+  std::vector<int32_t> counts;     // [V] output token counts (penalties only)
+  std::vector<uint8_t> in_prompt;  // [V] (repetition penalty only)
   size_t emitted = 0, holdback = 0;
   bool done = false, cancelled = false;
 };
@@ -47,6 +49,20 @@ RequestId Scheduler::submit(GenerateRequest r, RequestEvents ev) {
   ATMOE_CHECK_INPUT(std::isfinite(r.sampling.top_p) && r.sampling.top_p > 0 && r.sampling.top_p <= 1,
                     "top_p {}: must be in (0, 1]", r.sampling.top_p);
   ATMOE_CHECK_INPUT(r.sampling.top_k >= 0, "top_k {}: must be >= 0", r.sampling.top_k);
+  ATMOE_CHECK_INPUT(std::isfinite(r.sampling.min_p) && r.sampling.min_p >= 0 && r.sampling.min_p <= 1,
+                    "min_p {}: must be in [0, 1]", r.sampling.min_p);
+  const cpu::LogitPenalties& pen = r.penalties;
+  ATMOE_CHECK_INPUT(std::isfinite(pen.presence) && std::abs(pen.presence) <= 2, "presence_penalty {}: must be in [-2, 2]",
+                    pen.presence);
+  ATMOE_CHECK_INPUT(std::isfinite(pen.frequency) && std::abs(pen.frequency) <= 2,
+                    "frequency_penalty {}: must be in [-2, 2]", pen.frequency);
+  ATMOE_CHECK_INPUT(std::isfinite(pen.repetition) && pen.repetition > 0 && pen.repetition <= 100,
+                    "repetition_penalty {}: must be in (0, 100]", pen.repetition);
+  for (const auto& [t, b] : r.logit_bias) {
+    ATMOE_CHECK_INPUT(t >= 0 && t < c.vocab, "logit_bias: token id {} outside the vocabulary [0, {})", t, c.vocab);
+    ATMOE_CHECK_INPUT(std::isfinite(b) && std::abs(b) <= 100, "logit_bias[{}] {}: must be in [-100, 100]", t, b);
+  }
+  ATMOE_CHECK_INPUT(r.logprobs >= -1 && r.logprobs <= 20, "logprobs {}: must be in 0..20", r.logprobs);
   const int64_t total = int64_t(r.prompt.size()) + r.max_tokens;
   ATMOE_CHECK_INPUT(total <= c.max_position,
                     "prompt ({} tokens) + max_tokens ({}) exceeds the context length {}", r.prompt.size(),
@@ -70,6 +86,13 @@ RequestId Scheduler::submit(GenerateRequest r, RequestEvents ev) {
     s->out.routing = s->routing;
   }
   s->out.prompt_tokens = int64_t(r.prompt.size());
+  if (r.penalties.active()) {
+    s->counts.assign(size_t(c.vocab), 0);
+    if (r.penalties.repetition != 1.f) {
+      s->in_prompt.assign(size_t(c.vocab), 0);
+      for (int32_t t : r.prompt) s->in_prompt[size_t(t)] = 1;
+    }
+  }
   s->req = std::move(r);
   s->ev = std::move(ev);
   const RequestId id = s->id;
@@ -185,14 +208,30 @@ bool Scheduler::step() {
     const float* lg = logits_.data() + row * size_t(V);
     ++row;
     if (s.cancelled) continue;  // settled at the next step
-    const int32_t tk = cpu::sample(lg, V, s.req.sampling, s.rng, scratch_);
+    const float* sl = lg;  // the row the sampler sees: biased and penalised when asked
+    if (!s.req.logit_bias.empty() || s.req.penalties.active()) {
+      row_.assign(lg, lg + V);
+      for (const auto& [t, b] : s.req.logit_bias) row_[size_t(t)] += b;
+      if (s.req.penalties.active())
+        cpu::apply_penalties(row_.data(), V, s.req.penalties, s.counts.data(),
+                             s.in_prompt.empty() ? nullptr : s.in_prompt.data());
+      sl = row_.data();
+    }
+    const int32_t tk = cpu::sample(sl, V, s.req.sampling, s.rng, scratch_);
     GenerateResult& r = s.out;
     if (!s.req.ignore_eos && tok.is_eog(tk)) {
       finish(s, "stop");
       continue;
     }
     r.tokens.push_back(tk);
-    if (s.ev.on_token) s.ev.on_token(tk);
+    if (!s.counts.empty()) ++s.counts[size_t(tk)];
+    const cpu::TokenLogprob* lp = nullptr;
+    if (s.req.logprobs >= 0) {
+      r.logprobs.emplace_back();
+      cpu::logprobs(lg, V, tk, s.req.logprobs, r.logprobs.back(), scratch_);
+      lp = &r.logprobs.back();
+    }
+    if (s.ev.on_token) s.ev.on_token(tk, lp);
     const size_t before = r.text.size();
     r.text += s.dec->push(tk);
     // Stop strings: search only where a new match can start.

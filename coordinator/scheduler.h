@@ -35,6 +35,7 @@
 
 #include "common/error.h"
 #include "coordinator/engine.h"
+#include "kernels/cpu/sampling.h"
 
 namespace atmoe {
 
@@ -54,8 +55,9 @@ struct SchedulerOptions {
 using RequestId = uint64_t;
 
 struct RequestEvents {
-  // Each generated token (not an end-of-generation one), as it is sampled.
-  std::function<void(int32_t token)> on_token;
+  // Each generated token (not an end-of-generation one), as it is sampled; lp: its
+  // log-probabilities when the request asks for them, else nullptr.
+  std::function<void(int32_t token, const cpu::TokenLogprob* lp)> on_token;
   // Text as it becomes final (stop strings held back until they cannot match).
   std::function<void(const std::string& delta)> on_text;
   // Once per request: finish_reason "stop", "length" or "cancelled".
@@ -102,7 +104,7 @@ class Scheduler {
   int64_t last_step_tokens_ = 0;
   std::vector<ForwardItem> items_;
   std::vector<Seq*> owners_;
-  std::vector<float> logits_;
+  std::vector<float> logits_, row_;
   std::vector<std::pair<float, int32_t>> scratch_;
 };
 

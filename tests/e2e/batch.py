@@ -75,6 +75,8 @@ def main():
                         "routing": {"top_k_groups": 1}}),
         line("c-expert", {"model": expert, "prompt": "hello world", "max_tokens": 10, "temperature": 0}),
         line("c-base", {"model": base_id, "prompt": "hello world", "max_tokens": 10, "temperature": 0}),
+        line("c-n2", {"model": bid, "prompt": "hello world", "max_tokens": 10, "temperature": 0, "n": 2,
+                      "logprobs": 1}),
         line("chat-1", {"model": bid, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 10,
                         "temperature": 0}, "/v1/chat/completions"),
         line("c-sampled", {"model": bid, "prompt": "seeded", "max_tokens": 10, "temperature": 0.9, "seed": 7}),
@@ -89,7 +91,8 @@ def main():
         (json.dumps(line("bad-top-p", {"model": bid, "prompt": "x", "top_p": 2})), "body.top_p"),
         (json.dumps(line("bad-model", {"model": "nope", "prompt": "x"})), "body.model"),
         (json.dumps(line("bad-group", {"model": bid, "prompt": "x", "routing": {"pin": {"nope": 1}}})), "nope"),
-        (json.dumps(line("bad-bias", {"model": bid, "prompt": "x", "logit_bias": {"5": 3}})), "body.logit_bias"),
+        (json.dumps(line("bad-format", {"model": bid, "prompt": "x", "response_format": {"type": "json_object"}})),
+         "body.response_format"),
         (json.dumps(line("bad-ctl", {"model": bid, "prompt": "x", "routing": {"bogus": 1}})), "body.routing.bogus"),
     ]
     inp, out = os.path.join(WORK, "in.jsonl"), os.path.join(WORK, "out.jsonl")
@@ -108,7 +111,8 @@ def main():
         check(ok, f"{g['custom_id']}: a 200 response")
         if ok:
             body = o["response"]["body"]
-            check(body["usage"]["completion_tokens"] == 10 or body["choices"][0]["finish_reason"] == "stop",
+            n = g["body"].get("n", 1)
+            check(body["usage"]["completion_tokens"] == 10 * n or body["choices"][0]["finish_reason"] == "stop",
                   f"{g['custom_id']}: 10 tokens or a stop")
             check(body["model"] == g["body"]["model"], f"{g['custom_id']}: model echoed")
     errs = [g for g in got if g.get("error")]
@@ -135,6 +139,9 @@ def main():
     check(text("c-expert") == gen("--adapter", expert), "model=<expert> = generate --adapter")
     check(text("c-base") == gen("--routing", "off"), "model=<base> = generate --routing off")
     check(text("c-plain") != text("c-base"), "the experts change the text")
+    n2 = by_id["c-n2"]["response"]["body"]["choices"]
+    check(len(n2) == 2 and all(c["text"] == text("c-plain") for c in n2) and
+          all(len(c["logprobs"]["tokens"]) == 10 for c in n2), "n=2 with logprobs: two greedy choices, 10 logprobs each")
 
     # Resume from a planted torn line: the last two whole lines go, half of one is left.
     full = data

@@ -239,6 +239,57 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
     check("".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"] and "usage" not in chunks[-1],
           "completion stream = the non-streamed text; no usage chunk unless asked")
 
+    # Sampling parameters: n choices, logprobs, logit_bias, penalties, min_p.
+    j = comp(bid, n=3, temperature=0)
+    check(len(j["choices"]) == 3 and len({c["text"] for c in j["choices"]}) == 1 and
+          [c["index"] for c in j["choices"]] == [0, 1, 2], "n=3 greedy: three equal choices, indexed")
+    check(j["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] and
+          j["usage"]["completion_tokens"] == sum(3 * [plain["usage"]["completion_tokens"]]),
+          "n=3: the prompt counted once, completions summed")
+    a = comp(bid, n=4, temperature=1.0, seed=7, max_tokens=12)
+    b2 = comp(bid, n=4, temperature=1.0, seed=7, max_tokens=12)
+    check([c["text"] for c in a["choices"]] == [c["text"] for c in b2["choices"]], "n=4 with a seed: reproducible")
+    check(len({c["text"] for c in a["choices"]}) > 1, "n=4 sampled: the choices differ")
+    lpj = comp(bid, logprobs=3)
+    lp = lpj["choices"][0]["logprobs"]
+    check(lpj["choices"][0]["text"] == plain["choices"][0]["text"], "logprobs do not change the text")
+    # (alternatives whose text is the same, partial UTF-8 pieces, share one key)
+    check(lp and len(lp["tokens"]) == lpj["usage"]["completion_tokens"] == len(lp["token_logprobs"]) and
+          all(1 <= len(t) <= 3 for t in lp["top_logprobs"]) and sum(len(t) for t in lp["top_logprobs"]) > len(lp["tokens"]),
+          "completions logprobs: a token, a logprob and 3 alternatives per token")
+    check(all(l <= 0 and abs(l - max(t.values())) < 1e-5 for l, t in zip(lp["token_logprobs"], lp["top_logprobs"])),
+          "greedy: each token's logprob is the best of its alternatives")
+    check(lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"]), "text_offset ascending from 0")
+    st, cj, _, _ = post(srv, "/v1/chat/completions", dict(chat, logprobs=True, top_logprobs=2))
+    cl = cj["choices"][0]["logprobs"]["content"] if st == 200 else []
+    check(st == 200 and len(cl) == cj["usage"]["completion_tokens"] and
+          all(len(x["top_logprobs"]) == 2 and isinstance(x["bytes"], list) for x in cl),
+          "chat logprobs: content entries with bytes and top_logprobs")
+    ev = stream(srv, "/v1/chat/completions", dict(chat, stream=True, logprobs=True))
+    sl = [x for e in ev if isinstance(e, dict) and e["choices"] and e["choices"][0].get("logprobs")
+          for x in e["choices"][0]["logprobs"]["content"]]
+    check([x["token"] for x in sl] == [x["token"] for x in cl] and
+          all(abs(x["logprob"] - y["logprob"]) < 1e-5 for x, y in zip(sl, cl)),
+          "streamed chat logprobs = the non-streamed ones")
+    ev = stream(srv, "/v1/completions", {"model": bid, "prompt": "hello world", "max_tokens": 6, "temperature": 0.9,
+                                         "seed": 3, "n": 2, "stream": True})
+    by_index = {}
+    for e in ev:
+        if isinstance(e, dict) and e["choices"]:
+            by_index[e["choices"][0]["index"]] = by_index.get(e["choices"][0]["index"], "") + e["choices"][0]["text"]
+    nj = comp(bid, n=2, temperature=0.9, seed=3, max_tokens=6)
+    check(by_index == {i: c["text"] for i, c in enumerate(nj["choices"])}, "streamed n=2: each index's text = non-streamed")
+    forced = comp(bid, logit_bias={"65": 100}, ignore_eos=True, logprobs=0)
+    check(set(forced["choices"][0]["logprobs"]["tokens"]) == {forced["choices"][0]["logprobs"]["tokens"][0]} and
+          forced["usage"]["completion_tokens"] == 10, "logit_bias +100: that token every time")
+    pen = comp(bid, max_tokens=30, frequency_penalty=2, presence_penalty=2, repetition_penalty=1.5, ignore_eos=True,
+               logprobs=0)
+    rep = comp(bid, max_tokens=30, ignore_eos=True, logprobs=0)
+    dup = lambda j: len(j["choices"][0]["logprobs"]["tokens"]) - len(set(j["choices"][0]["logprobs"]["tokens"]))
+    check(dup(pen) < dup(rep), f"penalties: fewer repeated tokens ({dup(pen)} vs {dup(rep)})")
+    check(comp(bid, min_p=0.05, top_k=40, top_p=0.9, temperature=0.7, seed=1)["usage"]["completion_tokens"] > 0,
+          "min_p, top_k, top_p together")
+
     # Concurrent requests with different routing: each as when sent alone.
     variants = [(bid, None), (bid, {"pin": {groups[0]: 1.0}}), (bid, {"pin": {groups[2]: 1.0}}), (expert, None),
                 (base_id, None), (bid, {"top_k_groups": 1}), (bid, {"mask": [groups[1]]}), (bid, {"off": True})]
@@ -282,7 +333,21 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
         ("/v1/completions", {"model": bid, "prompt": "a", "routing": {"bogus": 1}}, 400, "routing.bogus"),
         ("/v1/completions", {"model": bid, "prompt": longp}, 400, "context"),
         ("/v1/completions", {"model": bid, "prompt": "a", "max_tokens": 100000}, 400, "body.max_tokens"),
-        ("/v1/completions", {"model": bid, "prompt": "a", "logit_bias": {"1": 5}}, 400, "body.logit_bias"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "response_format": {"type": "json_object"}}, 400,
+         "body.response_format"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "echo": True}, 400, "body.echo"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "logit_bias": {"abc": 5}}, 400, "body.logit_bias.abc"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "logit_bias": {"400": 5}}, 400, "body.logit_bias.400"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "logit_bias": {"3": 101}}, 400, "body.logit_bias.3"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "n": 9}, 400, "body.n"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "logprobs": 21}, 400, "body.logprobs"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "presence_penalty": 3}, 400, "body.presence_penalty"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "repetition_penalty": 0}, 400, "body.repetition_penalty"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "min_p": -0.1}, 400, "body.min_p"),
+        ("/v1/chat/completions", {"model": bid, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+         400, "body.top_logprobs"),
+        ("/v1/chat/completions", {"model": bid, "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                  "top_logprobs": 21}, 400, "body.top_logprobs"),
         ("/v1/completions", {"model": bid, "prompt": "a", "stream_options": {"include_usage": True}}, 400,
          "body.stream_options"),
         ("/v1/chat/completions", {"model": bid, "messages": []}, 400, "body.messages"),

@@ -478,5 +478,96 @@ TEST(Sampling, GreedyTopKTopPAndDistribution) {
   }
 }
 
+// min_p keeps tokens with p >= min_p * p_max (after temperature), then the draw follows the
+// renormalised softmax over them.
+TEST(Sampling, MinPAgainstFloat64) {
+  std::mt19937_64 rng(test_seed() + 11);
+  std::vector<std::pair<float, int32_t>> scratch;
+  std::vector<float> lg{0.0f, 1.0f, 2.0f, 2.2f, -3.f, 1.9f};
+  const float T = 0.8f, min_p = 0.5f;
+  std::vector<double> p(lg.size());
+  double pmax = 0, z = 0;
+  for (size_t i = 0; i < lg.size(); ++i) pmax = std::max(pmax, p[i] = std::exp(double(lg[i]) / T));
+  for (size_t i = 0; i < lg.size(); ++i) {
+    if (p[i] < min_p * pmax) p[i] = 0;
+    z += p[i];
+  }
+  for (auto& v : p) v /= z;
+  ASSERT_EQ(p[0], 0.0);
+  ASSERT_GT(p[5], 0.0);
+  std::vector<int> cnt(lg.size());
+  const int n = 40000;
+  cpu::SamplingParams sp{T, 0, 1.f, min_p};
+  for (int i = 0; i < n; ++i) cnt[size_t(cpu::sample(lg.data(), int64_t(lg.size()), sp, rng, scratch))]++;
+  for (size_t i = 0; i < lg.size(); ++i)
+    EXPECT_NEAR(cnt[i] / double(n), p[i], 5 * std::sqrt(p[i] / n) + 1e-3) << i;
+  // With top_k 2 after min_p: ids 3 and 2 only.
+  sp.top_k = 2;
+  for (int i = 0; i < 300; ++i) {
+    const int32_t t = cpu::sample(lg.data(), int64_t(lg.size()), sp, rng, scratch);
+    EXPECT_TRUE(t == 2 || t == 3) << t;
+  }
+}
+
+// OpenAI's presence/frequency penalties on output tokens, the HF repetition penalty on
+// prompt and output tokens, against the formulas in float64 on fresh random logits.
+TEST(Sampling, PenaltiesMatchTheirDefinitions) {
+  std::mt19937_64 rng(test_seed() + 12);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  const int64_t V = 257;
+  std::vector<float> lg(static_cast<size_t>(V));
+  for (auto& x : lg) x = nd(rng);
+  std::vector<int32_t> counts(static_cast<size_t>(V), 0);
+  std::vector<uint8_t> in_prompt(size_t(V), 0);
+  for (int i = 0; i < 60; ++i) counts[size_t(rng() % uint64_t(V))] += 1 + int(rng() % 3);
+  for (int i = 0; i < 40; ++i) in_prompt[size_t(rng() % uint64_t(V))] = 1;
+  const cpu::LogitPenalties pen{0.4f, 0.3f, 1.3f};
+  std::vector<float> got = lg;
+  cpu::apply_penalties(got.data(), V, pen, counts.data(), in_prompt.data());
+  int changed = 0;
+  for (int64_t t = 0; t < V; ++t) {
+    double x = lg[size_t(t)];
+    const int c = counts[size_t(t)];
+    if (c > 0 || in_prompt[size_t(t)]) x = x > 0 ? x / 1.3 : x * 1.3;
+    if (c > 0) x -= 0.3 * c + 0.4;
+    EXPECT_NEAR(got[size_t(t)], x, 1e-5 * (1 + std::abs(x))) << t;
+    changed += got[size_t(t)] != lg[size_t(t)];
+  }
+  EXPECT_GT(changed, 50);
+  // No penalty: the logits stay bit for bit.
+  std::vector<float> same = lg;
+  cpu::apply_penalties(same.data(), V, cpu::LogitPenalties{}, counts.data(), in_prompt.data());
+  EXPECT_EQ(same, lg);
+}
+
+// Log-probabilities: log softmax of the raw logits (float64 reference), top-n descending.
+TEST(Sampling, LogprobsAgainstFloat64) {
+  std::mt19937_64 rng(test_seed() + 13);
+  std::normal_distribution<float> nd(0.f, 4.f);
+  const int64_t V = 1000;
+  std::vector<float> lg(static_cast<size_t>(V));
+  for (auto& x : lg) x = nd(rng) + 20.f;  // a large offset: the max subtraction matters
+  double m = -1e300, z = 0;
+  for (float x : lg) m = std::max(m, double(x));
+  for (float x : lg) z += std::exp(double(x) - m);
+  const double lse = m + std::log(z);
+  std::vector<std::pair<float, int32_t>> scratch;
+  cpu::TokenLogprob out;
+  const int32_t tok = int32_t(rng() % uint64_t(V));
+  cpu::logprobs(lg.data(), V, tok, 5, out, scratch);
+  EXPECT_EQ(out.token, tok);
+  EXPECT_NEAR(out.logprob, double(lg[size_t(tok)]) - lse, 1e-4);
+  ASSERT_EQ(out.top.size(), 5u);
+  std::vector<int32_t> order(static_cast<size_t>(V));
+  for (int32_t i = 0; i < V; ++i) order[size_t(i)] = i;
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return lg[size_t(a)] > lg[size_t(b)]; });
+  for (size_t i = 0; i < 5; ++i) {
+    EXPECT_EQ(out.top[i].first, order[i]);
+    EXPECT_NEAR(out.top[i].second, double(lg[size_t(order[i])]) - lse, 1e-4);
+  }
+  cpu::logprobs(lg.data(), V, tok, 0, out, scratch);
+  EXPECT_TRUE(out.top.empty());
+}
+
 }  // namespace
 }  // namespace atmoe::test

@@ -9,6 +9,7 @@
 #include <limits>
 #include <map>
 #include <random>
+#include <set>
 
 #include "common/error.h"
 #include "coordinator/model.h"
@@ -222,6 +223,24 @@ TEST(Scheduler, BadRequestsAreRefusedAloneAtSubmit) {
   expect_refused(r, "top_k");
   r = req(250, 1, 10);  // context 256
   expect_refused(r, "context length");
+  r = req(5, 1, 4);
+  r.sampling.min_p = 1.5f;
+  expect_refused(r, "min_p");
+  r = req(5, 1, 4);
+  r.penalties.presence = 3;
+  expect_refused(r, "presence_penalty");
+  r = req(5, 1, 4);
+  r.penalties.repetition = 0;
+  expect_refused(r, "repetition_penalty");
+  r = req(5, 1, 4);
+  r.logit_bias = {{300, 1.f}};
+  expect_refused(r, "logit_bias");
+  r = req(5, 1, 4);
+  r.logit_bias = {{3, std::numeric_limits<float>::infinity()}};
+  expect_refused(r, "logit_bias");
+  r = req(5, 1, 4);
+  r.logprobs = 21;
+  expect_refused(r, "logprobs");
   EXPECT_EQ(s.waiting(), 0u);
   // max_tokens 0 finishes inside submit; a good request still runs.
   submit(s, req(5, 1, 0), d);
@@ -232,6 +251,59 @@ TEST(Scheduler, BadRequestsAreRefusedAloneAtSubmit) {
   while (s.step()) {
   }
   EXPECT_EQ(d.results.at(id).tokens.size(), 4u);
+}
+
+// logit_bias, the penalties and logprobs act on what a request generates (greedy, so each
+// effect is exact): a +100 bias forces its token; a frequency penalty breaks the repeats of
+// the unpenalised run; each token's logprob is the top-1 of its top-k under greedy.
+TEST(Scheduler, LogitBiasPenaltiesAndLogprobs) {
+  const GenerateRequest base = req(6, 21, 24);
+  const std::vector<int32_t> plain = solo(base);
+  GenerateRequest biased = base;
+  biased.logit_bias = {{123, 100.f}};
+  EXPECT_EQ(solo(biased), std::vector<int32_t>(24, 123));
+  // The unpenalised greedy run repeats tokens; a strong frequency penalty makes a token
+  // that already occurred lose to one that has not, so the repeats fall.
+  auto repeats = [](const std::vector<int32_t>& t) {
+    return int(t.size()) - int(std::set<int32_t>(t.begin(), t.end()).size());
+  };
+  ASSERT_GT(repeats(plain), 0) << "the synthetic model's greedy run has no repeats to penalise";
+  GenerateRequest pen = base;
+  pen.penalties.frequency = 2.f;
+  pen.penalties.presence = 2.f;
+  const std::vector<int32_t> penalised = solo(pen);
+  EXPECT_LT(repeats(penalised), repeats(plain));
+  // Repetition penalty 1 and zero penalties: bit-identical to no processing at all.
+  GenerateRequest neutral = base;
+  neutral.penalties = cpu::LogitPenalties{0.f, 0.f, 1.f};
+  EXPECT_EQ(solo(neutral), plain);
+  // Logprobs: greedy picks the most probable token, so it heads its own top list.
+  GenerateRequest lp = base;
+  lp.logprobs = 3;
+  Scheduler s(model());
+  Done d;
+  int streamed_lp = 0;
+  RequestEvents ev;
+  ev.on_token = [&](int32_t, const cpu::TokenLogprob* p) { streamed_lp += p != nullptr; };
+  ev.on_finish = [&](const GenerateResult& g) { d.results[1] = g; };
+  s.submit(lp, std::move(ev));
+  while (s.step()) {
+  }
+  const GenerateResult& g = d.results[1];
+  EXPECT_EQ(g.tokens, plain);
+  ASSERT_EQ(g.logprobs.size(), g.tokens.size());
+  EXPECT_EQ(streamed_lp, int(g.tokens.size()));
+  for (size_t i = 0; i < g.tokens.size(); ++i) {
+    const auto& t = g.logprobs[i];
+    ASSERT_EQ(t.top.size(), 3u);
+    EXPECT_EQ(t.token, g.tokens[i]);
+    EXPECT_EQ(t.top[0].first, g.tokens[i]);
+    EXPECT_FLOAT_EQ(t.logprob, t.top[0].second);
+    EXPECT_LE(t.top[0].second, 0.f);
+    EXPECT_GE(t.top[0].second, t.top[1].second);
+    EXPECT_GE(t.top[1].second, t.top[2].second);
+    EXPECT_LE(std::exp(t.top[0].second) + std::exp(t.top[1].second) + std::exp(t.top[2].second), 1.0 + 1e-5);
+  }
 }
 
 }  // namespace
