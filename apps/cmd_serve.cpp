@@ -427,7 +427,7 @@ Runner add_serve(CLI::App& app) {
       Job& j = *jp;
       j.results[size_t(i)] = g;
       if (j.req.stream && !j.client_gone)
-        j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, i, take_lp(j, i), sm)));
+        j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, i, take_lp(j, i), *model, sm)));
       if (--j.left > 0) return;
       const double now = now_s();
       {  // counted before the reply leaves

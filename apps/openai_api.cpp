@@ -413,6 +413,16 @@ json chunk_head(const OpenAiRequest& r, const std::string& id, int64_t created) 
 
 std::string finish_name(const GenerateResult& g) { return g.finish_reason == "cancelled" ? "abort" : g.finish_reason; }
 
+// The full routing trace of a result (routing_trace: true), or null.
+json trace_json(const OpenAiRequest& r, const GenerateResult& g, const Model& m, const ServedModels& sm) {
+  if (!r.routing_trace || !g.routing) return nullptr;
+  std::vector<int32_t> fed = r.gen.prompt;
+  fed.insert(fed.end(), g.tokens.begin(), g.tokens.end());
+  if (const auto* t = dynamic_cast<const TrexPool*>(m.experts())) return trex_trace(*t, *g.routing);
+  if (sm.bundle) return routing_trace(*sm.bundle, *g.routing, fed);
+  return nullptr;
+}
+
 json bytes_json(const std::string& b) {
   json a = json::array();
   for (unsigned char c : b) a.push_back(int(c));
@@ -475,13 +485,14 @@ json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t cr
 }
 
 json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id, int64_t created,
-                        int index, json logprobs, const ServedModels& sm) {
+                        int index, json logprobs, const Model& m, const ServedModels& sm) {
   json c = chunk_head(r, id, created);
   json choice = {{"index", index}, {"logprobs", std::move(logprobs)}, {"finish_reason", finish_name(g)}};
   if (r.endpoint == Endpoint::ChatCompletions) choice["delta"] = json::object();
   else choice["text"] = "";
   c["choices"] = json::array({choice});
   c["atmoe"] = atmoe_ext(r, g, sm);
+  if (json t = trace_json(r, g, m, sm); !t.is_null()) c["routing_trace"] = std::move(t);
   return c;
 }
 
@@ -513,14 +524,7 @@ json openai_response(const OpenAiRequest& r, const std::vector<GenerateResult>& 
   out["usage"] = usage_json(gs);
   const GenerateResult& g = gs[0];
   out["atmoe"] = atmoe_ext(r, g, sm);
-  if (r.routing_trace && g.routing) {
-    std::vector<int32_t> fed = r.gen.prompt;
-    fed.insert(fed.end(), g.tokens.begin(), g.tokens.end());
-    if (const auto* t = dynamic_cast<const TrexPool*>(m.experts()))
-      out["routing_trace"] = trex_trace(*t, *g.routing);
-    else if (sm.bundle)
-      out["routing_trace"] = routing_trace(*sm.bundle, *g.routing, fed);
-  }
+  if (json t = trace_json(r, g, m, sm); !t.is_null()) out["routing_trace"] = std::move(t);
   return out;
 }
 

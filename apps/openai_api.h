@@ -80,9 +80,11 @@ nlohmann::json openai_first_chunk(const OpenAiRequest& r, const std::string& id,
 // A text delta (logprobs: of the tokens since the last chunk, or null).
 nlohmann::json openai_text_chunk(const OpenAiRequest& r, const std::string& id, int64_t created, int index,
                                  const std::string& text, nlohmann::json logprobs);
-// A choice's last chunk: empty delta, finish_reason, and "atmoe" as in openai_response.
+// A choice's last chunk: empty delta, finish_reason, "atmoe" and "routing_trace" (when
+// asked) as in openai_response.
 nlohmann::json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& g, const std::string& id,
-                                  int64_t created, int index, nlohmann::json logprobs, const ServedModels& sm);
+                                  int64_t created, int index, nlohmann::json logprobs, const Model& m,
+                                  const ServedModels& sm);
 // stream_options.include_usage: choices [] and usage.
 nlohmann::json openai_usage_chunk(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
                                   int64_t created);

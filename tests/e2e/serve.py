@@ -163,6 +163,7 @@ def main():
         rc = srv.stop(every_rank=True)
     check(rc == 0, f"SIGTERM to every rank of an idle server: exit 0 (got {rc})")
     if MPI == 1:
+        trex_server(model)
         limits_server(big)
         drain(big)
         openai_client(bundle, bid, groups, expert)
@@ -211,6 +212,10 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
     check(comp(base_id)["choices"][0]["text"] == gen("--routing", "off"), "model=<base> = generate --routing off")
     tr = comp(bid, routing_trace=True)
     check("routing_trace" in tr, "routing_trace: true returns the trace")
+    ev = stream(srv, "/v1/completions", {"model": bid, "prompt": "hello world", "max_tokens": 10, "temperature": 0,
+                                         "stream": True, "routing_trace": True})
+    fin = [e for e in ev if isinstance(e, dict) and e["choices"] and e["choices"][0]["finish_reason"]]
+    check(fin and fin[0].get("routing_trace") == tr["routing_trace"], "streamed: the trace in the last chunk, the same")
 
     # Chat, streamed and not: the same text; X-Request-Id echoed.
     chat = {"model": bid, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 12,
@@ -391,6 +396,28 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
     check(all(w is not None and 0 <= w <= 1 for w in gw), f"/metrics: mean routing weight per group {gw}")
     if MPI > 1:
         check(metric(m, "atmoe_worker_applies_total") is not None, "/metrics: per-worker expert time")
+
+
+def trex_server(model):
+    """A T-REX bundle: served, routed per token, controls and traces as for generate."""
+    t = os.path.join(WORK, "t")
+    r = run(["synth-bundle", "--base", model, "--out", t, "--method", "t-rex", "--seed", "3"])
+    assert r.returncode == 0, r.stderr
+    srv = Server(["--bundle", t, "--dtype", "f32"], log="trex.log")
+    try:
+        st, j, _, _ = request(srv, "GET", "/v1/models")
+        check(st == 200 and j["data"][0]["atmoe"]["method"] == "t-rex", "t-rex bundle: listed with its method")
+        for rt, flags in [(None, []), ({"pin_cluster": 1}, ["--pin-cluster", "1"])]:
+            body = {"model": "t", "prompt": "hello world", "max_tokens": 10, "temperature": 0, "routing_trace": True}
+            if rt:
+                body["routing"] = rt
+            st, j, text, _ = post(srv, "/v1/completions", body)
+            g = run(["generate", "--bundle", t, "--prompt", "hello world", "--max-tokens", "10", "--temperature", "0",
+                     "--dtype", "f32"] + flags)
+            check(st == 200 and j["choices"][0]["text"] == g.stdout[:-1] and "routing_trace" in j,
+                  f"t-rex: routing {rt} = generate {' '.join(flags)}, with a trace")
+    finally:
+        srv.stop()
 
 
 def limits_server(big):
