@@ -20,6 +20,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <filesystem>
 #include <random>
 
 #include "apps/commands.h"
@@ -30,6 +31,7 @@
 #include "common/comm_mpi.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "common/utf8.h"
 #include "coordinator/remote_experts.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/trace.h"
@@ -40,8 +42,33 @@ using json = nlohmann::json;
 
 namespace {
 
-volatile std::sig_atomic_t g_stop_signal = 0;
-void on_stop(int sig) { g_stop_signal = sig; }
+volatile std::sig_atomic_t g_stop_signal = 0, g_stop_count = 0;
+void on_stop(int sig) {
+  g_stop_signal = sig;
+  g_stop_count = g_stop_count + 1;
+}
+
+// A Prometheus label value: backslash, double quote and newline escaped.
+std::string label(const std::string& v) {
+  std::string o;
+  for (char c : v) {
+    if (c == '\\' || c == '"') o += '\\';
+    if (c == '\n') {
+      o += "\\n";
+      continue;
+    }
+    o += c;
+  }
+  return o;
+}
+
+bool same_key_ct(const std::string& a, const std::string& b);
+bool bearer_ok(const std::string* auth, const std::string& key) {
+  if (!auth || auth->size() < 7) return false;
+  std::string scheme = auth->substr(0, 7);
+  for (char& c : scheme) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return scheme == "bearer " && same_key_ct(auth->substr(7), key);
+}
 
 std::string error_body(int status, const std::string& msg) {
   const char* type = status == 400   ? "BadRequestError"
@@ -126,13 +153,14 @@ struct Inbox {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::shared_ptr<Job>> jobs;
+  std::deque<std::function<void()>> admin;  // load/unload adapters, between steps
   bool gone = false;          // some job's client went away: the engine looks
   std::atomic<int> pending{0};  // submitted to the engine, not finished (the IO thread's 429 bound)
 };
 
 std::string hex_id(std::mt19937_64& rng) { return fmt::format("{:016x}{:016x}", rng(), rng()); }
 
-bool same_key(const std::string& a, const std::string& b) {  // constant time in the key's length
+bool same_key_ct(const std::string& a, const std::string& b) {  // constant time in the key's length
   unsigned d = unsigned(a.size() != b.size());
   for (size_t i = 0; i < b.size(); ++i) d |= unsigned(uint8_t(i < a.size() ? a[i] : 0) ^ uint8_t(b[i]));
   return d == 0;
@@ -171,8 +199,8 @@ std::string sse(const json& j) { return "data: " + j.dump(-1, ' ', false, json::
 
 Runner add_serve(CLI::App& app) {
   struct Opts {
-    std::string model, bundle, dtype, placement, host = "127.0.0.1", api_key;
-    int port = 8000, max_running = 64, max_connections = 1024;
+    std::string model, bundle, dtype, placement, host = "127.0.0.1", api_key, adapter_root;
+    int port = 8000, max_running = 64, max_connections = 1024, max_loras = 8;
     int64_t max_batch_tokens = 512, kv_budget_mib = 4096, max_queue = 256, max_body_mib = 32;
     double timeout = 30, drain_timeout = 30;
     bool check_tensors = false;
@@ -192,11 +220,22 @@ Runner add_serve(CLI::App& app) {
   app.add_option("--max-connections", o->max_connections, "Open connections at once (then 503)");
   app.add_option("--timeout", o->timeout, "Seconds an idle keep-alive connection, a request's upload or a write may take");
   app.add_option("--drain-timeout", o->drain_timeout, "On SIGTERM: seconds the requests in flight get to finish");
+  app.add_option("--adapter-root", o->adapter_root,
+                 "Enable /v1/load_lora_adapter for PEFT adapters inside DIR (relative lora_path: from DIR)");
+  app.add_option("--max-loras", o->max_loras, "Run-time adapters loaded at once (default 8)");
   app.add_option("--dtype", o->dtype, "Weight/compute precision: bf16 (default) or f32 (exact)");
   add_placement_flag(app, o->placement);
   app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
   return [o]() -> int {
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "serve: give --bundle DIR or --model PATH");
+    ATMOE_CHECK_INPUT(o->max_loras >= 0 && o->max_loras <= 1024, "--max-loras {}: must be in 0..1024", o->max_loras);
+    std::string adapter_root;
+    if (!o->adapter_root.empty()) {
+      std::error_code ec;
+      adapter_root = std::filesystem::canonical(o->adapter_root, ec).string();
+      ATMOE_CHECK_INPUT(!ec && std::filesystem::is_directory(adapter_root), "--adapter-root {}: not a directory",
+                        o->adapter_root);
+    }
     ATMOE_CHECK_INPUT(!o->bundle.empty() || o->placement.empty(), "--placement needs --bundle");
     ATMOE_CHECK_INPUT(o->port >= 0 && o->port <= 65535, "--port {}: must be in 0..65535", o->port);
     ATMOE_CHECK_INPUT(o->max_batch_tokens >= 1 && o->max_batch_tokens <= (1 << 20),
@@ -225,6 +264,10 @@ Runner add_serve(CLI::App& app) {
     BundleExperts bx;
     if (bundle) bx = attach_experts(*bundle, *model, o->placement, /*drain_on_sigterm=*/true);
     RemoteExperts* remote = bx.atmoe ? dynamic_cast<RemoteExperts*>(&bx.atmoe->backend()) : nullptr;
+    ExpertPool* pool = bx.atmoe.get();
+    if (pool) pool->set_max_adapters(o->max_loras);
+    ATMOE_CHECK_INPUT(adapter_root.empty() || pool,
+                      "--adapter-root: run-time adapters need an AT-MoE bundle (--bundle; not t-rex, not --model alone)");
     const ServedModels sm = served_models(*model, bundle.get());
     SchedulerOptions so;
     so.max_batch_tokens = o->max_batch_tokens;
@@ -256,8 +299,10 @@ Runner add_serve(CLI::App& app) {
       std::string path = req.target.substr(0, req.target.find('?'));
       const std::string* xid = req.header("x-request-id");
       HttpHeaders hdrs{{"X-Request-Id", xid && !xid->empty() && xid->size() <= 256 ? *xid : new_id()}};
-      const bool known = path == "/health" || path == "/v1/models" || path == "/metrics" ||
-                         path == "/v1/completions" || path == "/v1/chat/completions";
+      const bool known = path == "/health" || path == "/v1/models" || path.rfind("/v1/models/", 0) == 0 ||
+                         path == "/metrics" ||
+                         path == "/v1/completions" || path == "/v1/chat/completions" ||
+                         path == "/v1/load_lora_adapter" || path == "/v1/unload_lora_adapter";
       const std::string endpoint = known ? path : "other";
       auto fail = [&](int status, const std::string& msg) { reply(ex, endpoint, status, error_body(status, msg), hdrs); };
       if (path == "/health") {
@@ -265,14 +310,86 @@ Runner add_serve(CLI::App& app) {
         metrics.count(endpoint, draining ? 503 : 200);
         return ex->respond(draining ? 503 : 200, "application/json", draining ? error_body(503, "draining") : "{}", hdrs);
       }
-      if (!o->api_key.empty()) {
-        const std::string* auth = req.header("authorization");
-        if (!auth || auth->rfind("Bearer ", 0) != 0 || !same_key(auth->substr(7), o->api_key))
-          return fail(401, "missing or wrong API key (send 'Authorization: Bearer <key>')");
-      }
-      if (path == "/v1/models") {
+      if (!o->api_key.empty() && !bearer_ok(req.header("authorization"), o->api_key))
+        return fail(401, "missing or wrong API key (send 'Authorization: Bearer <key>')");
+      if (path == "/v1/models" || path.rfind("/v1/models/", 0) == 0) {
         if (req.method != "GET") return fail(405, "/v1/models: use GET");
-        return reply(ex, endpoint, 200, models.dump(), hdrs);
+        json ms = models;
+        if (pool)
+          for (const auto& a : pool->adapters())
+            ms["data"].push_back({{"id", a.name},
+                                  {"object", "model"},
+                                  {"created", started},
+                                  {"owned_by", "atmoe"},
+                                  {"root", a.dir},
+                                  {"parent", sm.base_id},
+                                  {"max_model_len", model->config().max_position},
+                                  {"atmoe", {{"kind", "adapter"}, {"routed", false}, {"where", a.where}}}});
+        if (path != "/v1/models") {  // GET /v1/models/{id}: one entry (the openai client's models.retrieve)
+          const std::string id = path.substr(11);
+          for (const auto& e : ms["data"])
+            if (e["id"] == id) return reply(ex, endpoint, 200, e.dump(), hdrs);
+          return fail(404, fmt::format("model \"{}\" is not served here", id));
+        }
+        return reply(ex, endpoint, 200, ms.dump(), hdrs);
+      }
+      if (path == "/v1/load_lora_adapter" || path == "/v1/unload_lora_adapter") {
+        const bool load = path == "/v1/load_lora_adapter";
+        if (adapter_root.empty())
+          return fail(404, path + ": run-time adapters are off (start the server with --adapter-root DIR)");
+        if (req.method != "POST") return fail(405, path + ": use POST");
+        if (draining) return fail(503, "the server is shutting down");
+        const json body = json::parse(req.body, nullptr, false);
+        if (!body.is_object()) return fail(400, "body: not a JSON object");
+        if (!body.contains("lora_name") || !body["lora_name"].is_string() || body["lora_name"].get<std::string>().empty())
+          return fail(400, "body.lora_name: missing or not a non-empty string");
+        const std::string name = body["lora_name"].get<std::string>();
+        if (name.size() > 256 || name.find_first_of(std::string("\0\r\n\t", 4)) != std::string::npos ||
+            utf8_sanitize(name) != name)
+          return fail(400, "body.lora_name: at most 256 bytes of UTF-8 text, no control characters");
+        std::string dir;
+        if (load) {
+          if (!body.contains("lora_path") || !body["lora_path"].is_string() || body["lora_path"].get<std::string>().empty())
+            return fail(400, "body.lora_path: missing or not a non-empty string");
+          namespace fs = std::filesystem;
+          fs::path p = body["lora_path"].get<std::string>();
+          if (p.is_relative()) p = fs::path(adapter_root) / p;
+          std::error_code ec;
+          const fs::path c = fs::canonical(p, ec);
+          const std::string cs = c.string();
+          if (ec || (cs != adapter_root && cs.rfind(adapter_root + "/", 0) != 0))
+            return fail(400, fmt::format("body.lora_path: {}: {} (adapters load from inside --adapter-root {})",
+                                         body["lora_path"].get<std::string>(),
+                                         ec ? "no such directory" : "outside the adapter root", adapter_root));
+          if (!fs::is_directory(c, ec) || !fs::exists(c / "adapter_config.json", ec))
+            return fail(400, fmt::format("body.lora_path: {}: not a PEFT adapter directory (no adapter_config.json)",
+                                         body["lora_path"].get<std::string>()));
+          dir = cs;
+        }
+        auto run = [&, ex, hdrs, endpoint, name, dir, load] {
+          try {
+            if (load) {
+              pool->load_adapter(name, dir);
+              metrics.count(endpoint, 200);
+              ex->respond(200, "text/plain", fmt::format("Success: LoRA adapter '{}' added successfully.", name), hdrs);
+            } else if (pool->unload_adapter(name)) {
+              metrics.count(endpoint, 200);
+              ex->respond(200, "text/plain", fmt::format("Success: LoRA adapter '{}' removed successfully.", name),
+                          hdrs);
+            } else {
+              metrics.count(endpoint, 404);
+              ex->respond(404, "application/json",
+                          error_body(404, fmt::format("body.lora_name: the adapter '{}' is not loaded", name)), hdrs);
+            }
+          } catch (const InputError& e) {
+            metrics.count(endpoint, 400);
+            ex->respond(400, "application/json", error_body(400, e.what()), hdrs);
+          }
+        };
+        std::lock_guard<std::mutex> l(inbox.mu);
+        inbox.admin.push_back(std::move(run));
+        inbox.cv.notify_one();
+        return;
       }
       if (path == "/metrics") {
         if (req.method != "GET") return fail(405, "/metrics: use GET");
@@ -283,7 +400,7 @@ Runner add_serve(CLI::App& app) {
           Metrics& M = metrics;
           text += "# HELP atmoe_requests_total HTTP requests by endpoint and status.\n# TYPE atmoe_requests_total counter\n";
           for (const auto& [k, n] : M.requests)
-            text += fmt::format("atmoe_requests_total{{endpoint=\"{}\",status=\"{}\"}} {}\n", k.first, k.second, n);
+            text += fmt::format("atmoe_requests_total{{endpoint=\"{}\",status=\"{}\"}} {}\n", label(k.first), k.second, n);
           text += fmt::format(
               "# HELP atmoe_prompt_tokens_total Prompt tokens of finished requests.\n# TYPE atmoe_prompt_tokens_total "
               "counter\natmoe_prompt_tokens_total {}\n# HELP atmoe_completion_tokens_total Generated tokens.\n# TYPE "
@@ -307,7 +424,7 @@ Runner add_serve(CLI::App& app) {
             text += "# HELP atmoe_routing_group_weight Mean routing weight per group over finished requests.\n# TYPE "
                     "atmoe_routing_group_weight gauge\n";
             for (const auto& [g, sw] : M.group_weight)
-              text += fmt::format("atmoe_routing_group_weight{{group=\"{}\"}} {}\n", g,
+              text += fmt::format("atmoe_routing_group_weight{{group=\"{}\"}} {}\n", label(g),
                                   sw.second ? sw.first / double(sw.second) : 0.0);
           }
           if (!M.workers.empty()) {
@@ -334,7 +451,7 @@ Runner add_serve(CLI::App& app) {
       json body;
       try {
         body = json::parse(req.body);
-      } catch (const json::parse_error& e) {
+      } catch (const json::exception& e) {  // syntax, invalid UTF-8, a number beyond double
         // "[json.exception.parse_error.101] parse error at line 1, column 5: <why>; last read: ..."
         std::string why = e.what();
         why = why.substr(0, why.find("; last read"));
@@ -389,6 +506,29 @@ Runner add_serve(CLI::App& app) {
     ho.body_limit = size_t(o->max_body_mib) << 20;
     ho.timeout_s = o->timeout;
     ho.max_connections = o->max_connections;
+    ho.error_body = error_body;
+    ho.on_transport_reply = [&](int status) { metrics.count("other", status); };
+    // Before a body is read: the key, the path and the method.
+    ho.check_head = [&](const HttpRequest& h, std::string& body) -> int {
+      const std::string path = h.target.substr(0, h.target.find('?'));
+      if (path == "/health") return 0;
+      int st = 0;
+      std::string msg;
+      if (!o->api_key.empty() && !bearer_ok(h.header("authorization"), o->api_key)) {
+        st = 401;
+        msg = "missing or wrong API key (send 'Authorization: Bearer <key>')";
+      } else if ((path == "/v1/completions" || path == "/v1/chat/completions" || path == "/v1/load_lora_adapter" ||
+                  path == "/v1/unload_lora_adapter") &&
+                 h.method != "POST") {
+        st = 405;
+        msg = path + ": use POST";
+      }
+      if (st) {
+        metrics.count(path == "/v1/completions" || path == "/v1/chat/completions" ? path : "other", st);
+        body = error_body(st, msg);
+      }
+      return st;
+    };
     HttpServer server(ho, handler);
 
     struct sigaction sa {}, old_term {}, old_int {};
@@ -436,7 +576,8 @@ Runner add_serve(CLI::App& app) {
         for (const auto& r : j.results) metrics.completion_tokens += r.tokens.size();
         if (!j.client_gone) metrics.e2e.observe(now - j.t_arrive);
         const GenerateResult& g0 = j.results[0];
-        if (g0.routing && sm.bundle && sm.bundle->method == "at-moe" && j.req.gen.use_experts)
+        if (g0.routing && g0.routing->adapter_slot < 0 && sm.bundle && sm.bundle->method == "at-moe" &&
+            j.req.gen.use_experts)
           for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g0.routing)) {
             auto& sw = metrics.group_weight[name];
             sw.first += w;
@@ -469,15 +610,19 @@ Runner add_serve(CLI::App& app) {
     int exit_signal = 0;
     for (;;) {
       std::deque<std::shared_ptr<Job>> fresh;
+      std::deque<std::function<void()>> admin;
       bool look = false;
       {
         std::unique_lock<std::mutex> l(inbox.mu);
-        if (sched.idle() && inbox.jobs.empty() && !inbox.gone && !g_stop_signal && !draining)
+        if (sched.idle() && inbox.jobs.empty() && inbox.admin.empty() && !inbox.gone && !g_stop_signal && !draining)
           inbox.cv.wait_for(l, std::chrono::milliseconds(100));
         fresh.swap(inbox.jobs);
+        admin.swap(inbox.admin);
         look = inbox.gone;
         inbox.gone = false;
       }
+      for (auto& f : admin) f();  // adapters load and unload between steps (workers answer at once)
+      if (pool) pool->collect_adapters();
       for (auto& jp : fresh) {
         Job& j = *jp;
         if (j.client_gone) {
@@ -550,13 +695,12 @@ Runner add_serve(CLI::App& app) {
           if (jp->client_gone && !jp->cancel_sent) jp->cancel(sched);
       if (g_stop_signal && !draining) {
         exit_signal = g_stop_signal;
-        draining = true;
-        server.stop_accepting();
+        draining = true;  // still accepting: /health answers 503 to probes, new requests 503
         drain_deadline = now_s() + o->drain_timeout;
         ATMOE_LOG("serve")->info("{}: draining {} requests (at most {} s), refusing new ones",
                                  exit_signal == SIGINT ? "SIGINT" : "SIGTERM", live.size(), o->drain_timeout);
       }
-      if (draining && now_s() >= drain_deadline)
+      if (draining && (now_s() >= drain_deadline || g_stop_count > 1))  // a second signal: at once
         for (auto& jp : live)
           if (!jp->cancel_sent) {
             jp->drain_cancelled = true;

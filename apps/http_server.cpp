@@ -7,6 +7,8 @@
 #include <optional>
 #include <thread>
 
+#include <sys/resource.h>
+
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -34,10 +36,6 @@ constexpr size_t kHeaderLimit = size_t(64) << 10;
 constexpr size_t kPipelinedLimit = size_t(64) << 10;  // bytes read ahead while a reply is pending
 constexpr double kLingerS = 2;                        // draining an unread body after an error reply
 
-std::string error_json(int status, const std::string& msg) {
-  const char* type = status == 413 ? "request_too_large" : status == 503 ? "service_unavailable" : "invalid_request_error";
-  return nlohmann::json{{"error", {{"message", msg}, {"type", type}, {"param", nullptr}, {"code", status}}}}.dump();
-}
 
 std::string lower(boost::beast::string_view s) {
   std::string r(s.data(), s.size());
@@ -60,8 +58,14 @@ struct HttpServer::Impl {
   std::vector<std::weak_ptr<Session>> sessions;  // IO thread only
   bool stopping = false;                          // IO thread only
   int port = 0;
+  net::steady_timer backoff{io};  // accept() out of file descriptors: retry later
+  double last_emfile_log = -1e9;
 
   void accept();
+  std::string error_json(int status, const std::string& msg) const {
+    if (o.error_body) return o.error_body(status, msg);
+    return nlohmann::json{{"error", {{"message", msg}, {"type", "error"}, {"param", nullptr}, {"code", status}}}}.dump();
+  }
 };
 
 struct Session : std::enable_shared_from_this<Session> {
@@ -72,7 +76,7 @@ struct Session : std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::string_body>> parser;
   std::string peer;
   uint64_t seq = 0;  // the current exchange
-  bool busy = false, keep_alive = true, http10 = false, headers_sent = false, reply_ended = false;
+  bool busy = false, keep_alive = true, http10 = false, head_only = false, headers_sent = false, reply_ended = false;
   bool watching = false, resume_read = false, closing = false, lingering = false;
   std::deque<std::string> out;
   bool writing = false;
@@ -146,10 +150,12 @@ struct Session : std::enable_shared_from_this<Session> {
   }
 
   // Transport-level refusals (before any handler): an OpenAI-shaped error, then close.
-  void reject(int status, const std::string& msg) {
+  void reject(int status, const std::string& msg) { reject_body(status, srv.error_json(status, msg), true); }
+  void reject_body(int status, std::string body, bool count) {
     begin_exchange();
     keep_alive = false;
-    respond(status, "application/json", error_json(status, msg), {});
+    if (count && srv.o.on_transport_reply) srv.o.on_transport_reply(status);
+    respond(status, "application/json", std::move(body), {});
   }
 
   bool read_failed(beast::error_code ec) {
@@ -170,6 +176,20 @@ struct Session : std::enable_shared_from_this<Session> {
   void on_header(beast::error_code ec) {
     if (closing || read_failed(ec)) return;
     auto& m = parser->get();
+    if (srv.o.check_head) {  // before the body: a refused request is not buffered
+      HttpRequest h;
+      h.method = std::string(m.method_string());
+      h.target = std::string(m.target());
+      h.peer = peer;
+      for (const auto& f : m) h.headers.emplace_back(lower(f.name_string()), std::string(f.value()));
+      std::string body;
+      if (const int st = srv.o.check_head(h, body)) {
+        disarm();
+        head_only = h.method == "HEAD";
+        http10 = m.version() < 11;
+        return reject_body(st, std::move(body), false);
+      }
+    }
     if (lower(m[http::field::expect]) == "100-continue" && !parser->is_done()) {
       beast::error_code wec;  // 25 bytes on an idle socket: written at once
       net::write(sock, net::buffer(std::string_view("HTTP/1.1 100 Continue\r\n\r\n")), wec);
@@ -198,13 +218,15 @@ struct Session : std::enable_shared_from_this<Session> {
     for (const auto& f : m) r.headers.emplace_back(lower(f.name_string()), std::string(f.value()));
     keep_alive = m.keep_alive();
     http10 = m.version() < 11;
+    head_only = r.method == "HEAD";
     begin_exchange();
     auto ex = make_exchange();
     try {
       srv.handler(ex, r);
     } catch (const std::exception& e) {
       ATMOE_LOG("serve")->error("{} {}: {}", r.method, r.target, e.what());
-      if (!headers_sent) respond(500, "application/json", error_json(500, e.what()), {});
+      if (srv.o.on_transport_reply) srv.o.on_transport_reply(500);
+      if (!headers_sent) respond(500, "application/json", srv.error_json(500, e.what()), {});
     }
     start_watch();
   }
@@ -279,6 +301,7 @@ struct Session : std::enable_shared_from_this<Session> {
     if (length >= 0) h += "Content-Length: " + std::to_string(length) + "\r\n";
     else if (!http10) h += "Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n";
     if (!keep_alive || srv.stopping) h += "Connection: close\r\n";
+    else if (http10) h += "Connection: keep-alive\r\n";
     for (const auto& [k, v] : extra) {
       // Header values come from clients too (X-Request-Id): no line breaks.
       if (k.find_first_of("\r\n") != std::string::npos || v.find_first_of("\r\n") != std::string::npos) continue;
@@ -291,7 +314,7 @@ struct Session : std::enable_shared_from_this<Session> {
     if (headers_sent || closing) return;
     headers_sent = true;
     std::string msg = head(status, ct, extra, int64_t(body.size()));
-    msg += body;
+    if (!head_only) msg += body;  // HEAD: the headers of the GET reply, no body
     send(std::move(msg), true);
   }
   void start_stream(int status, std::string ct, const HttpHeaders& extra) {
@@ -363,8 +386,18 @@ void HttpServer::Impl::accept() {
   acc.async_accept([this](beast::error_code ec, tcp::socket sock) {
     if (ec) {
       if (ec == net::error::operation_aborted || !acc.is_open()) return;
-      ATMOE_LOG("serve")->warn("accept: {}", ec.message());  // EMFILE and the like: go on
-      return accept();
+      // Out of file descriptors (EMFILE/ENFILE) and the like: the pending connection stays
+      // in the backlog; retry in 50 ms instead of spinning, and say so once a minute.
+      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+      if (t - last_emfile_log > 60) {
+        ATMOE_LOG("serve")->warn("accept: {} ({} connections open); retrying", ec.message(), conns.load());
+        last_emfile_log = t;
+      }
+      backoff.expires_after(std::chrono::milliseconds(50));
+      backoff.async_wait([this](beast::error_code e) {
+        if (!e && acc.is_open()) accept();
+      });
+      return;
     }
     sock.set_option(tcp::no_delay(true), ec);  // SSE chunks leave at once
     auto s = std::make_shared<Session>(*this, std::move(sock));
@@ -394,6 +427,22 @@ HttpServer::HttpServer(const HttpServerOptions& o, HttpHandler h) : impl_(std::m
   if (!ec) acc.listen(net::socket_base::max_listen_connections, ec);
   ATMOE_CHECK_INPUT(!ec, "--host {} --port {}: cannot listen: {}", o.host, o.port, ec.message());
   impl_->port = acc.local_endpoint().port();
+  // Connections need file descriptors: raise the soft limit to the hard one, and keep
+  // --max-connections below it (with room for the model files, logs and MPI).
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    if (rl.rlim_cur < rl.rlim_max) {
+      rl.rlim_cur = rl.rlim_max;
+      ::setrlimit(RLIMIT_NOFILE, &rl);
+      ::getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    const int64_t room = rl.rlim_cur == RLIM_INFINITY ? INT64_MAX : int64_t(rl.rlim_cur) - 64;
+    if (int64_t(impl_->o.max_connections) > room) {
+      impl_->o.max_connections = int(std::max<int64_t>(1, room));
+      ATMOE_LOG("serve")->warn("--max-connections lowered to {}: the file descriptor limit is {} (ulimit -n)",
+                               impl_->o.max_connections, int64_t(rl.rlim_cur));
+    }
+  }
 }
 
 HttpServer::~HttpServer() {

@@ -30,7 +30,15 @@ struct HttpServerOptions {
   int port = 8000;                    // 0: any free port (port() tells which)
   size_t body_limit = size_t(32) << 20;
   double timeout_s = 30;              // reading a request (idle keep-alive included), one write
-  int max_connections = 1024;         // beyond: 503 and close
+  int max_connections = 1024;         // beyond: 503 and close (lowered to fit the fd limit)
+  // Called with a request's head (method, target, headers; no body yet), on the IO thread:
+  // a non-zero status refuses it before its body is read (a wrong key must not make the
+  // server buffer 32 MiB). The body: the reply's JSON.
+  std::function<int(const HttpRequest& head, std::string& body)> check_head;
+  // The error body of the transport's own replies (400, 413, 431, 503, 500).
+  std::function<std::string(int status, const std::string& msg)> error_body;
+  // Each reply the transport makes itself (for metrics).
+  std::function<void(int status)> on_transport_reply;
 };
 
 class HttpExchange {

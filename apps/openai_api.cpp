@@ -10,6 +10,7 @@
 #include "apps/commands.h"
 #include "common/chat_template.h"
 #include "common/utf8.h"
+#include "coordinator/experts.h"
 #include "coordinator/trace.h"
 #include "coordinator/trex_pool.h"
 
@@ -48,7 +49,7 @@ int64_t get_int(const json& v, const std::string& f, int64_t lo, int64_t hi) {
     bad(f, fmt::format("must be an integer in [{}, {}]", lo, hi), v);
   const double d = v.get<double>();
   // Exact for integers (an unsigned above INT64_MAX must not wrap); floats below 2^63.
-  const bool in_range = v.is_number_unsigned()   ? v.get<uint64_t>() <= uint64_t(hi)
+  const bool in_range = v.is_number_unsigned()   ? v.get<uint64_t>() <= uint64_t(hi) && (lo <= 0 || v.get<uint64_t>() >= uint64_t(lo))
                         : v.is_number_integer() ? v.get<int64_t>() >= lo && v.get<int64_t>() <= hi
                                                 : d >= double(lo) && d <= double(hi) && d < 9223372036854775808.0;
   if (!in_range) throw InputError(fmt::format("body.{}: {} is out of range [{}, {}]", f, v.dump(), lo, hi));
@@ -227,6 +228,8 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
     g.use_experts = false;
   } else if (sm.bundle && sm.bundle->expert_index(r.model) >= 0) {
     g.routing.adapter = r.model;
+  } else if (const auto* pool = dynamic_cast<const ExpertPool*>(m.experts()); pool && pool->has_adapter(r.model)) {
+    g.routing.adapter = r.model;  // a run-time adapter (the server's load_lora_adapter)
   } else {
     std::string known = sm.bundle_id.empty()
                             ? sm.base_id
@@ -245,22 +248,40 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
     if (k == "tools" || k == "functions" || k == "stop_token_ids" || k == "bad_words" ||
         k == "allowed_token_ids" || k == "chat_template" || k == "chat_template_kwargs" || k == "guided_json" ||
         k == "guided_regex" || k == "guided_choice" || k == "guided_grammar" || k == "structured_outputs" ||
-        k == "suffix" || k == "logits_processors")
+        k == "suffix" || k == "logits_processors" || k == "documents" || k == "audio" || k == "grammar" ||
+        k == "json_schema" || k == "prediction")
       refused = !empty;
-    else if (k == "echo" || k == "use_beam_search" || k == "include_stop_str_in_output" ||
+    else if (k == "modalities")
+      refused = !(v.is_array() && (v.empty() || (v.size() == 1 && v[0] == "text")));
+    // llama.cpp's and TGI's own names: refused with a hint rather than ignored.
+    else if (k == "n_predict" || k == "max_new_tokens" || k == "repeat_penalty" || k == "do_sample" ||
+             k == "n_probs" || k == "samplers")
+      refused = true;
+    else if (k == "typical_p" || k == "tfs_z" || k == "tfs")
+      refused = !num_is(1);
+    else if (k == "mirostat" || k == "dynatemp_range" || k == "xtc_probability" || k == "dry_multiplier")
+      refused = !num_is(0);
+    else if (k == "return_tokens_as_token_ids" || k == "echo" || k == "use_beam_search" || k == "include_stop_str_in_output" ||
              k == "continue_final_message")
       refused = !f;
     else if (k == "prompt_logprobs" || k == "min_tokens" || k == "truncate_prompt_tokens")
       refused = !num_is(0);
     else if (k == "best_of" || k == "length_penalty")
       refused = !num_is(1);
-    else if (k == "skip_special_tokens" || k == "add_generation_prompt" || k == "spaces_between_special_tokens")
+    else if (k == "skip_special_tokens" || k == "add_generation_prompt" || k == "spaces_between_special_tokens" ||
+             k == "add_special_tokens")
       refused = !t;
     else if (k == "tool_choice" || k == "function_call")
       refused = !(v.is_string() && (v == "none" || v == "auto"));
     else if (k == "response_format")
       refused = !(v.is_object() && v.contains("type") && v["type"] == "text");
-    if (refused) throw InputError(fmt::format("body.{}: not supported by atmoe", k));
+    if (refused)
+      throw InputError(fmt::format("body.{}: not supported by atmoe{}", k,
+                                   k == "n_predict" || k == "max_new_tokens" ? " (use max_tokens)"
+                                   : k == "repeat_penalty"                   ? " (use repetition_penalty)"
+                                   : k == "do_sample"                        ? " (temperature 0 is greedy)"
+                                   : k == "n_probs"                          ? " (use logprobs)"
+                                                                             : ""));
   }
   if (present(body, "n")) r.n = int(get_int(body["n"], "n", 1, kMaxChoices));
   if (present(body, "stream")) {
@@ -379,6 +400,9 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
   }
   if ((r.routing_trace || !g.routing.atmoe_set().empty() || !g.routing.trex_set().empty()) && !m.experts())
     throw InputError("body.routing: this server has no expert bundle");
+  if (r.routing_trace && !g.use_experts)
+    throw InputError(fmt::format("body.routing_trace: model \"{}\" is the base alone: there is no routing to trace",
+                                 r.model));
   g.trace_tokens = r.routing_trace;
   // A control the bundle refuses fails here, alone (the scheduler's submit checks it too).
   if (g.use_experts && m.experts()) (void)m.experts()->new_routing(g.routing);
@@ -396,7 +420,7 @@ json usage_json(const std::vector<GenerateResult>& gs) {
 
 json atmoe_ext(const OpenAiRequest& r, const GenerateResult& g, const ServedModels& sm) {
   json ext = {{"finish_reason", g.finish_reason}};
-  if (g.routing && sm.bundle && sm.bundle->method == "at-moe" && r.gen.use_experts) {
+  if (g.routing && g.routing->adapter_slot < 0 && sm.bundle && sm.bundle->method == "at-moe" && r.gen.use_experts) {
     json groups = json::object();
     for (const auto& [name, w] : heaviest_groups(*sm.bundle, *g.routing)) groups[name] = w;
     ext["routing"] = groups;

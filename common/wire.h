@@ -27,10 +27,16 @@
 namespace atmoe {
 
 constexpr uint32_t kWireMagic = 0x454f4d41;  // "AMOE"
-constexpr uint16_t kWireVersion = 1;
+constexpr uint16_t kWireVersion = 2;  // 2: run-time adapters
 constexpr int kTagCtrl = 1, kTagWork = 2, kTagResult = 3;
 
-enum class Msg : uint16_t { Hello = 1, Ready = 2, Stats = 3, StatsReply = 4, Shutdown = 5, Work = 16, Result = 17 };
+// LoadAdapter {col, name, dir} / UnloadAdapter {col} -> AdapterReply {ok, error, inputs, bytes}:
+// a run-time adapter (the server's load_lora_adapter) as coefficient column col.
+enum class Msg : uint16_t {
+  Hello = 1, Ready = 2, Stats = 3, StatsReply = 4, Shutdown = 5,
+  LoadAdapter = 6, UnloadAdapter = 7, AdapterReply = 8,
+  Work = 16, Result = 17
+};
 
 struct WireHeader {
   uint32_t magic = kWireMagic;

@@ -25,12 +25,26 @@ LocalExperts::LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype)
 
 void LocalExperts::set_layer(int layer, const StepRouting& r) {
   (void)layer;
-  // The shard's columns from the bundle's: a gather of [T, E + 1] into [T, shard columns].
+  // The shard's columns from the bundle's, then the run-time adapters': a gather of [T, C]
+  // into [T, shard columns + adapters].
   const auto& ce = shard_.column_expert();
-  const size_t nc = ce.size();
-  coef_.resize(size_t(r.T) * nc);
-  for (int64_t t = 0; t < r.T; ++t)
-    for (size_t c = 0; c < nc; ++c) coef_[size_t(t) * nc + c] = r.coef[size_t(t * r.C + ce[c])];
+  const size_t nc = ce.size(), ld = nc + adapters_.size();
+  coef_.resize(size_t(r.T) * ld);
+  for (int64_t t = 0; t < r.T; ++t) {
+    for (size_t c = 0; c < nc; ++c) coef_[size_t(t) * ld + c] = r.coef[size_t(t * r.C + ce[c])];
+    for (size_t k = 0; k < adapters_.size(); ++k)
+      coef_[size_t(t) * ld + nc + k] = r.coef[size_t(t * r.C + adapters_[k].first)];
+  }
+}
+
+std::string LocalExperts::load_adapter(int col, const std::string& name, const std::string& dir) {
+  adapters_.emplace_back(col, adapter_shard(shard_.spec(), name, dir));
+  return "rank 0";
+}
+
+void LocalExperts::unload_adapter(int col) {
+  adapters_.erase(std::remove_if(adapters_.begin(), adapters_.end(), [&](const auto& a) { return a.first == col; }),
+                  adapters_.end());
 }
 
 void LocalExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) {
@@ -42,8 +56,11 @@ void LocalExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, co
 }
 
 void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) {
-  shard_.apply(layer, in, x_, ldx_, coef_.data(), int64_t(shard_.column_expert().size()), y, ldy, r.T,
-               ThreadPool::global());
+  const int64_t nc = int64_t(shard_.column_expert().size()), ld = nc + int64_t(adapters_.size());
+  shard_.apply(layer, in, x_, ldx_, coef_.data(), ld, y, ldy, r.T, ThreadPool::global());
+  for (size_t k = 0; k < adapters_.size(); ++k)
+    adapters_[k].second->apply(layer, in, x_, ldx_, coef_.data() + nc + int64_t(k), ld, y, ldy, r.T,
+                               ThreadPool::global());
 }
 
 ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype)
@@ -68,8 +85,92 @@ const ExpertShard* ExpertPool::local_shard() const {
 
 std::unique_ptr<SeqRouting> ExpertPool::new_routing(const RoutingControls& c) const {
   auto r = std::make_unique<SeqRouting>();
+  if (!c.adapter.empty() && b_.expert_index(c.adapter) < 0) {
+    std::lock_guard<std::mutex> l(slots_mu_);
+    for (size_t k = 0; k < slots_.size(); ++k)
+      if (slots_[k].live && slots_[k].info.name == c.adapter) {
+        ATMOE_CHECK_INPUT(c.atmoe_set().size() == 1 && c.trex_set().empty() && !c.off,
+                          "routing: adapter '{}' is served alone at weight 1; it cannot be combined with other "
+                          "routing controls",
+                          c.adapter);
+        r->adapter_slot = int(k);
+        r->adapter_lease = slots_[k].lease;
+        r->ctl.lambda = 1;
+        return r;
+      }
+  }
   r->ctl = resolve_routing(b_, c);
   return r;
+}
+
+void ExpertPool::set_max_adapters(int n) {
+  ATMOE_CHECK_INPUT(n >= 0 && n <= 1024, "max adapters {}: must be in 0..1024", n);
+  std::lock_guard<std::mutex> l(slots_mu_);
+  ATMOE_ASSERT(std::none_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.loaded; }));
+  slots_.assign(size_t(n), Slot{});
+}
+
+ExpertPool::AdapterInfo ExpertPool::load_adapter(const std::string& name, const std::string& dir) {
+  collect_adapters();
+  size_t free = slots_.size();
+  {
+    std::lock_guard<std::mutex> l(slots_mu_);
+    ATMOE_CHECK_INPUT(b_.expert_index(name) < 0, "adapter '{}': an expert of the bundle has that name", name);
+    for (size_t k = 0; k < slots_.size(); ++k) {
+      ATMOE_CHECK_INPUT(!(slots_[k].live && slots_[k].info.name == name), "adapter '{}' is already loaded", name);
+      if (!slots_[k].loaded && free == slots_.size()) free = k;
+    }
+    ATMOE_CHECK_INPUT(free < slots_.size(),
+                      "adapter '{}': every one of the {} adapter slots is in use (unload one, or raise --max-loras)",
+                      name, slots_.size());
+  }
+  const int col = int(b_.experts.size()) + 1 + int(free);
+  const std::string where = backend_->load_adapter(col, name, dir);
+  std::lock_guard<std::mutex> l(slots_mu_);
+  Slot& s = slots_[free];
+  s.info = {name, dir, where};
+  s.live = s.loaded = true;
+  s.lease = std::make_shared<int>(0);
+  ATMOE_LOG("coord")->info("adapter '{}' loaded from {} on {} (slot {})", name, dir, where, free);
+  return s.info;
+}
+
+bool ExpertPool::unload_adapter(const std::string& name) {
+  {
+    std::lock_guard<std::mutex> l(slots_mu_);
+    auto it = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.live && s.info.name == name; });
+    if (it == slots_.end()) return false;
+    it->live = false;  // no new request gets it
+  }
+  collect_adapters();
+  return true;
+}
+
+void ExpertPool::collect_adapters() {
+  for (size_t k = 0; k < slots_.size(); ++k) {
+    {
+      std::lock_guard<std::mutex> l(slots_mu_);
+      Slot& s = slots_[k];
+      if (s.live || !s.loaded || s.lease.use_count() > 1) continue;
+    }
+    backend_->unload_adapter(int(b_.experts.size()) + 1 + int(k));
+    std::lock_guard<std::mutex> l(slots_mu_);
+    ATMOE_LOG("coord")->info("adapter '{}' unloaded (slot {})", slots_[k].info.name, k);
+    slots_[k] = Slot{};
+  }
+}
+
+bool ExpertPool::has_adapter(const std::string& name) const {
+  std::lock_guard<std::mutex> l(slots_mu_);
+  return std::any_of(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.live && s.info.name == name; });
+}
+
+std::vector<ExpertPool::AdapterInfo> ExpertPool::adapters() const {
+  std::lock_guard<std::mutex> l(slots_mu_);
+  std::vector<AdapterInfo> out;
+  for (const Slot& s : slots_)
+    if (s.live) out.push_back(s.info);
+  return out;
 }
 
 // Routing weights of every token row for layer `layer`, from the router input h (the
@@ -82,7 +183,7 @@ void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const f
   const bool per_token = b_.router_input == RouterInput::PerToken;
   const bool has_general = b_.general.has_value();
   StepRouting& s = step_;
-  const int C = E + 1;
+  const int C = E + 1 + int(slots_.size());
   s.T = T;
   s.C = C;
   s.coef.assign(size_t(T * C), 0.f);
@@ -93,7 +194,10 @@ void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const f
   int64_t t0 = 0;
   for (const auto& it : items) {
     SeqRouting* r = it.routing;
-    if (r && !r->ctl.off) {
+    if (r && r->adapter_slot >= 0) {  // a run-time adapter alone at weight 1
+      s.active = true;
+      for (int64_t j = 0; j < it.n; ++j) s.coef[size_t((t0 + j) * C + E + 1 + r->adapter_slot)] = 1.f;
+    } else if (r && !r->ctl.off) {
       s.active = true;
       const float lam = float(r->ctl.lambda);
       const float gen = has_general && r->ctl.adapter < 0 ? 1.f - lam : 0.f;

@@ -4,6 +4,7 @@
 // (one ExpertShard of every group, N = 1) or on worker ranks (coordinator/remote_experts.h).
 #pragma once
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -29,13 +30,18 @@ struct SeqRouting {
   RoutingControls trex_ctl;
   bool trex_ready = false;
   std::vector<float> trex_ce;
+  // A run-time adapter served alone (the server's load_lora_adapter): its slot, and a lease
+  // that keeps its weights while this request lives.
+  int adapter_slot = -1;
+  std::shared_ptr<const void> adapter_lease;
 };
 
 // The routing of one layer for the batch's token rows.
 struct StepRouting {
   int64_t T = 0;
-  int C = 0;                // E + 1
-  std::vector<float> coef;  // [T, C]: λ·w_l[e] for the experts in bundle order, (1 − λ) in column E
+  int C = 0;                // E + 1 + adapter slots
+  std::vector<float> coef;  // [T, C]: λ·w_l[e] for the experts in bundle order, (1 − λ) in column E,
+                            // then one column per run-time adapter slot (1 for its requests' rows)
   bool active = false;      // some row routes through the experts
 };
 
@@ -47,7 +53,12 @@ class ExpertBackend {
   virtual void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) = 0;
   virtual void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) = 0;
   virtual void end_step() {}
+  // Run-time adapters: the PEFT adapter in `dir` becomes coefficient column `col`. Returns
+  // where it landed ("rank 0", "rank 2"); InputError when it does not fit the model.
+  virtual std::string load_adapter(int col, const std::string& name, const std::string& dir) = 0;
+  virtual void unload_adapter(int col) = 0;
 };
+
 
 // In this process: one shard of every group (and the general expert).
 class LocalExperts : public ExpertBackend {
@@ -57,10 +68,13 @@ class LocalExperts : public ExpertBackend {
   void set_layer(int layer, const StepRouting& r) override;
   void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) override;
   void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) override;
+  std::string load_adapter(int col, const std::string& name, const std::string& dir) override;
+  void unload_adapter(int col) override;
 
  private:
   ExpertShard shard_;
-  std::vector<float> coef_;  // [T, shard columns]
+  std::vector<std::pair<int, std::unique_ptr<ExpertShard>>> adapters_;  // (column, shard)
+  std::vector<float> coef_;  // [T, shard columns + adapters]
   const float* x_ = nullptr;
   int64_t ldx_ = 0;
 };
@@ -91,7 +105,32 @@ class ExpertPool : public ExpertDispatch {
     ++times_.steps;
   }
 
+  // Run-time adapters (the server's /v1/load_lora_adapter): served by name, alone at weight
+  // 1, never routed (the router knows only the bundle's experts). load: InputError when the
+  // name is taken (a bundle expert or a loaded adapter), every slot is used, or the adapter
+  // does not fit the model. unload: false for an unknown name; the adapter stops being
+  // served at once, its weights go at the first collect() that finds no request holding it.
+  // Engine thread only, between steps; the lookups below may run on any thread.
+  struct AdapterInfo {
+    std::string name, dir, where;
+  };
+  void set_max_adapters(int n);
+  int max_adapters() const { return int(slots_.size()); }
+  AdapterInfo load_adapter(const std::string& name, const std::string& dir);
+  bool unload_adapter(const std::string& name);
+  void collect_adapters();
+  bool has_adapter(const std::string& name) const;
+  std::vector<AdapterInfo> adapters() const;
+
  private:
+  struct Slot {
+    AdapterInfo info;
+    bool live = false;    // served by name
+    bool loaded = false;  // weights held by the backend
+    std::shared_ptr<const void> lease;
+  };
+  mutable std::mutex slots_mu_;
+  std::vector<Slot> slots_;
   Bundle b_;
   int n_layers_ = 0;
   int64_t hidden_ = 0;

@@ -46,6 +46,7 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
   worker_timeout_ = double(env_int("ATMOE_WORKER_TIMEOUT"));
   poll_ = env_str("ATMOE_MPI_PROGRESS") == "poll";
   const double load_timeout = double(env_int("ATMOE_LOAD_TIMEOUT"));
+  load_timeout_ = load_timeout;
   const std::string fp = bundle_fingerprint(b);
   json base;
   base["build"] = build_id();
@@ -110,6 +111,8 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
       wk.columns = r.at("columns").get<std::vector<int>>();
       const auto inputs = r.at("inputs").get<std::vector<int>>();
       wk.inputs.assign(inputs.begin(), inputs.end());
+      wk.base_inputs = wk.inputs;
+      wk.bytes = r.value("bytes", int64_t(0));
     } catch (const json::exception& e) {
       throw CommError(fmt::format("{} sent a malformed Ready: {}", who, e.what()), src);
     }
@@ -266,6 +269,56 @@ void RemoteExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const S
       const float* pr = p + int64_t(j) * out;
       for (int64_t c = 0; c < out; ++c) yr[c] += pr[c];
     }
+  }
+}
+
+json RemoteExperts::adapter_call(Worker& wk, Msg kind, const json& j) {
+  send_ctrl(s_, wk.rank, kind, j);
+  std::vector<uint8_t> m;
+  s_.ctrl().recv(m, wk.rank, kTagCtrl, load_timeout_);
+  const std::string who = s_.ctrl().describe(wk.rank);
+  const WireHeader h = wire_header(m, who);
+  if (h.kind != uint16_t(Msg::AdapterReply))
+    throw CommError(fmt::format("{} answered an adapter message with kind {}", who, h.kind), wk.rank);
+  return wire_json(m, who);
+}
+
+void RemoteExperts::refresh_inputs(Worker& wk) {
+  wk.inputs = wk.base_inputs;
+  for (const auto& [col, in] : wk.adapters)
+    for (size_t i = 0; i < wk.inputs.size() && i < in.size(); ++i) wk.inputs[i] = uint8_t(wk.inputs[i] | in[i]);
+}
+
+std::string RemoteExperts::load_adapter(int col, const std::string& name, const std::string& dir) {
+  Worker* best = &w_[0];
+  for (Worker& wk : w_)
+    if (wk.bytes < best->bytes) best = &wk;
+  Worker& wk = *best;
+  const json r = adapter_call(wk, Msg::LoadAdapter, json{{"col", col}, {"name", name}, {"dir", dir}});
+  const std::string who = s_.ctrl().describe(wk.rank);
+  if (!r.value("ok", false)) throw InputError(fmt::format("{}: {}", who, r.value("error", std::string("failed"))));
+  std::vector<uint8_t> in;
+  try {
+    for (int v : r.at("inputs").get<std::vector<int>>()) in.push_back(uint8_t(v != 0));
+  } catch (const json::exception& e) {
+    throw CommError(fmt::format("{} sent a malformed adapter reply: {}", who, e.what()), wk.rank);
+  }
+  wk.adapters.emplace_back(col, std::move(in));
+  wk.columns.push_back(col);
+  wk.bytes += r.value("bytes", int64_t(0));
+  refresh_inputs(wk);
+  return fmt::format("rank {}", wk.rank);
+}
+
+void RemoteExperts::unload_adapter(int col) {
+  for (Worker& wk : w_) {
+    auto it = std::find_if(wk.adapters.begin(), wk.adapters.end(), [&](const auto& a) { return a.first == col; });
+    if (it == wk.adapters.end()) continue;
+    const json r = adapter_call(wk, Msg::UnloadAdapter, json{{"col", col}});
+    wk.bytes -= r.value("bytes", int64_t(0));
+    wk.adapters.erase(it);
+    wk.columns.erase(std::find(wk.columns.begin(), wk.columns.end(), col));
+    refresh_inputs(wk);
   }
 }
 

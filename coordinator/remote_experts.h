@@ -15,6 +15,7 @@
 
 #include "common/bundle.h"
 #include "common/comm_mpi.h"
+#include "common/wire.h"
 #include "common/model_config.h"
 #include "coordinator/experts.h"
 #include "coordinator/placement.h"
@@ -33,6 +34,9 @@ class RemoteExperts : public ExpertBackend {
   void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) override;
   void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) override;
   void end_step() override { ++step_; }
+  // On the worker that holds the fewest bytes; InputError naming the worker when it fails there.
+  std::string load_adapter(int col, const std::string& name, const std::string& dir) override;
+  void unload_adapter(int col) override;
 
   // Each worker's counters (Stats round trip), index = worker (rank - 1).
   std::vector<nlohmann::json> worker_stats();
@@ -47,6 +51,9 @@ class RemoteExperts : public ExpertBackend {
     int rank = 0;
     std::vector<int> columns;     // bundle expert index per column (E: the general expert)
     std::vector<uint8_t> inputs;  // [L * 4]: the worker has rows for (layer, input)
+    std::vector<uint8_t> base_inputs;                          // the bundle shard's
+    std::vector<std::pair<int, std::vector<uint8_t>>> adapters;  // run-time adapters: (column, inputs)
+    int64_t bytes = 0;
     std::vector<int32_t> toks;    // this layer: token rows that use the worker's experts
     std::vector<float> coef;      // this layer: [toks, columns]
     bool coef_sent = false;
@@ -60,7 +67,9 @@ class RemoteExperts : public ExpertBackend {
   std::vector<int64_t> sent_, received_;
   std::vector<Communicator::Request> reqs_;
   uint64_t step_ = 0;
-  double worker_timeout_ = 60;
+  double worker_timeout_ = 60, load_timeout_ = 600;
+  nlohmann::json adapter_call(Worker& wk, Msg kind, const nlohmann::json& j);
+  void refresh_inputs(Worker& wk);
   bool ended_ = false;
   bool failed_ = false;
   bool poll_ = true;  // ATMOE_MPI_PROGRESS=poll: progress between the base GEMM's chunks  // a wait failed: requests may still own the buffers

@@ -106,7 +106,9 @@ RequestId Scheduler::submit(GenerateRequest r, RequestEvents ev) {
 
 void Scheduler::emit(Seq& s, bool final) {
   const std::string& text = s.out.text;
-  const size_t safe = final ? text.size() : (text.size() > s.holdback ? text.size() - s.holdback : 0);
+  size_t safe = final ? text.size() : (text.size() > s.holdback ? text.size() - s.holdback : 0);
+  // Never inside a UTF-8 character: a piece ends before a continuation byte.
+  while (safe > s.emitted && safe < text.size() && (static_cast<unsigned char>(text[safe]) & 0xC0) == 0x80) --safe;
   if (safe > s.emitted) {
     if (s.ev.on_text) s.ev.on_text(text.substr(s.emitted, safe - s.emitted));
     s.emitted = safe;
@@ -234,18 +236,18 @@ bool Scheduler::step() {
     if (s.ev.on_token) s.ev.on_token(tk, lp);
     const size_t before = r.text.size();
     r.text += s.dec->push(tk);
-    // Stop strings: search only where a new match can start.
-    bool stopped = false;
+    // Stop strings: search only where a new match can start; the earliest match in the
+    // text wins (a token may complete two).
+    size_t cut = std::string::npos;
     for (const auto& st : s.req.stop) {
       if (st.empty()) continue;
       const size_t from = before >= st.size() ? before - st.size() + 1 : 0;
-      const size_t at = r.text.find(st, from);
-      if (at != std::string::npos) {
-        r.text.resize(at);
-        s.emitted = std::min(s.emitted, at);
-        stopped = true;
-        break;
-      }
+      cut = std::min(cut, r.text.find(st, from));
+    }
+    const bool stopped = cut != std::string::npos;
+    if (stopped) {
+      r.text.resize(cut);
+      s.emitted = std::min(s.emitted, cut);
     }
     if (stopped) {
       s.dec.reset();  // the rest of the decoder's bytes lie past the stop string

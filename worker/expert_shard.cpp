@@ -1,5 +1,7 @@
 #include "worker/expert_shard.h"
 
+#include <memory>
+
 #include <algorithm>
 #include <cstring>
 
@@ -238,6 +240,19 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
   cpu::lora_mix_apply(p, pool);
   counters_.applies += 1;
   counters_.token_rows += used_rows;
+}
+
+std::unique_ptr<ExpertShard> adapter_shard(const ShardSpec& base, const std::string& name, const std::string& dir) {
+  Bundle b;
+  b.dir = dir;
+  b.manifest = dir;
+  b.method = "at-moe";
+  b.groups.push_back({name, {0}});
+  b.experts.push_back({name, dir, 0});
+  ShardSpec spec = base;
+  spec.groups = {0};
+  spec.general = false;
+  return std::make_unique<ExpertShard>(b, spec);
 }
 
 }  // namespace atmoe

@@ -15,6 +15,7 @@
 //   block [n_blocks]: row range of each block (empty when no expert of the block adapts it).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,10 @@ class ExpertShard {
   int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
   mutable Counters counters_;
 };
+
+// One PEFT adapter alone as a shard (one group of one expert, column 0) on the shapes,
+// dtype and row layout of `base`: a run-time adapter (the server's load_lora_adapter).
+std::unique_ptr<ExpertShard> adapter_shard(const ShardSpec& base, const std::string& name, const std::string& dir);
 
 // d_in / d_out of every site of a model config.
 SiteShapes site_shapes(const ModelConfig& c);

@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -31,7 +32,17 @@ struct Session {
   int64_t work_messages = 0;
   double apply_s = 0;  // time in ExpertShard::apply
   std::vector<uint8_t> result;
+  // Run-time adapters (coefficient columns after the shard's, in this order).
+  std::vector<std::pair<int, std::unique_ptr<ExpertShard>>> adapters;
 };
+
+json inputs_json(const ExpertShard& sh) {
+  const int L = sh.spec().shapes.n_layers;
+  std::vector<int> inputs(size_t(L) * kNumSiteInputs);
+  for (int l = 0; l < L; ++l)
+    for (int i = 0; i < kNumSiteInputs; ++i) inputs[size_t(l * kNumSiteInputs + i)] = sh.has_input(l, SiteInput(i));
+  return inputs;
+}
 
 // Loads the shard a Hello describes; throws InputError/CommError for the coordinator to report.
 std::unique_ptr<ExpertShard> load_shard(const json& j) {
@@ -74,12 +85,32 @@ json ready_json(const MpiSession& s, const ExpertShard* shard) {
   if (shard) {
     r["bytes"] = shard->bytes();
     r["columns"] = shard->column_expert();
-    const int L = shard->spec().shapes.n_layers;
-    std::vector<int> inputs(size_t(L) * kNumSiteInputs);
-    for (int l = 0; l < L; ++l)
-      for (int i = 0; i < kNumSiteInputs; ++i)
-        inputs[size_t(l * kNumSiteInputs + i)] = shard->has_input(l, SiteInput(i));
-    r["inputs"] = inputs;
+    r["inputs"] = inputs_json(*shard);
+  }
+  return r;
+}
+
+// A run-time adapter loaded (as the shard's next coefficient column) or dropped; the
+// reply says whether, and the (layer, input)s the adapter has rows for.
+json adapter_message(Session& ss, const WireHeader& h, const json& j) {
+  json r{{"ok", false}};
+  try {
+    const int col = j.at("col").get<int>();
+    if (h.kind == uint16_t(Msg::LoadAdapter)) {
+      auto sh = adapter_shard(ss.shard->spec(), j.at("name").get<std::string>(), j.at("dir").get<std::string>());
+      r["inputs"] = inputs_json(*sh);
+      r["bytes"] = sh->bytes();
+      ss.adapters.emplace_back(col, std::move(sh));
+    } else {
+      auto it = std::find_if(ss.adapters.begin(), ss.adapters.end(), [&](const auto& a) { return a.first == col; });
+      if (it != ss.adapters.end()) {
+        r["bytes"] = it->second->bytes();
+        ss.adapters.erase(it);
+      }
+    }
+    r["ok"] = true;
+  } catch (const std::exception& e) {
+    r["error"] = e.what();
   }
   return r;
 }
@@ -119,9 +150,10 @@ void do_work(MpiSession& s, Session& ss, const std::vector<uint8_t>& m, const Wi
     throw CommError(fmt::format("{} sent {} bytes of work, expected {} for {} rows", from, m.size(), want, T), 0);
   const float* payload = reinterpret_cast<const float*>(m.data() + sizeof(WireHeader));
   if (h.cols > 0) {
-    if (h.cols != sh.n_columns())
-      throw CommError(
-          fmt::format("{} sent {} coefficient columns, this worker holds {} experts", from, h.cols, sh.n_columns()), 0);
+    const int cols = sh.n_columns() + int(ss.adapters.size());
+    if (h.cols != cols)
+      throw CommError(fmt::format("{} sent {} coefficient columns, this worker holds {} experts", from, h.cols, cols),
+                      0);
     ss.coef.assign(payload, payload + T * h.cols);
     ss.coef_layer = h.layer;
     ss.coef_step = h.step;
@@ -138,6 +170,9 @@ void do_work(MpiSession& s, Session& ss, const std::vector<uint8_t>& m, const Wi
   float* y = reinterpret_cast<float*>(ss.result.data() + sizeof(WireHeader));
   const double t0 = now_s();
   sh.apply(h.layer, in, payload, din, ss.coef.data(), ss.coef_cols, y, out, T, ThreadPool::global());
+  for (size_t k = 0; k < ss.adapters.size(); ++k)
+    ss.adapters[k].second->apply(h.layer, in, payload, din, ss.coef.data() + sh.n_columns() + int64_t(k), ss.coef_cols,
+                                 y, out, T, ThreadPool::global());
   ss.apply_s += now_s() - t0;
   ++ss.work_messages;
   std::vector<Communicator::Request> rq{s.data().isend(ss.result.data(), ss.result.size(), 0, kTagResult)};
@@ -212,6 +247,8 @@ int run_worker(MpiSession& s) {
         const WireHeader ch = wire_header(m, from);
         if (ch.kind == uint16_t(Msg::Stats)) {
           send_ctrl(s, Msg::StatsReply, stats_json(s, ss));
+        } else if (ch.kind == uint16_t(Msg::LoadAdapter) || ch.kind == uint16_t(Msg::UnloadAdapter)) {
+          send_ctrl(s, Msg::AdapterReply, adapter_message(ss, ch, wire_json(m, from)));
         } else if (ch.kind == uint16_t(Msg::Shutdown)) {
           const json j = wire_json(m, from);
           final = j.value("final", true);

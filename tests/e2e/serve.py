@@ -156,9 +156,13 @@ def main():
     expert = manifest["groups"][1]["experts"][0]["name"]
     bid, base_id = "b", "base"
 
-    srv = Server(["--bundle", bundle, "--dtype", "f32"], mpi=MPI)
+    root = os.path.join(WORK, "adapters")
+    os.makedirs(root)
+    shutil.copytree(os.path.join(bundle, "experts", expert), os.path.join(root, "copy-of-expert"))
+    srv = Server(["--bundle", bundle, "--dtype", "f32", "--adapter-root", root, "--max-loras", "2"], mpi=MPI)
     try:
         main_server(srv, bundle, groups, experts, expert, bid, base_id)
+        adapters(srv, bundle, expert, bid, root)
     finally:
         rc = srv.stop(every_rank=True)
     check(rc == 0, f"SIGTERM to every rank of an idle server: exit 0 (got {rc})")
@@ -355,6 +359,12 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
                                   "top_logprobs": 21}, 400, "body.top_logprobs"),
         ("/v1/completions", {"model": bid, "prompt": "a", "stream_options": {"include_usage": True}}, 400,
          "body.stream_options"),
+        ("/v1/completions", '{"model": "b", "prompt": "a", "user": 1e400}', 400, "not valid JSON"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "max_tokens": 0}, 400, "body.max_tokens"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "n_predict": 5}, 400, "max_tokens"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "repeat_penalty": 1.1}, 400, "repetition_penalty"),
+        ("/v1/completions", {"model": bid, "prompt": "a", "add_special_tokens": False}, 400, "add_special_tokens"),
+        ("/v1/completions", {"model": base_id, "prompt": "a", "routing_trace": True}, 400, "body.routing_trace"),
         ("/v1/chat/completions", {"model": bid, "messages": []}, 400, "body.messages"),
         ("/v1/chat/completions", {"model": bid, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
         ("/v1/chat/completions", {"model": bid, "messages": "hi"}, 400, "body.messages"),
@@ -367,6 +377,22 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
         check(ok, f"bad input -> {want} naming '{words}': {st} {text[:120]}")
     st, _, _, _ = request(srv, "GET", "/v1/completions")
     check(st == 405, "GET on a POST endpoint: 405")
+    # HEAD: the headers only (a body would corrupt the next reply on a kept-alive connection).
+    c = srv.conn()
+    c.request("HEAD", "/health")
+    r = c.getresponse()
+    r.read()
+    st2, _, _, _ = request(srv, "GET", "/health", conn=c)
+    c.close()
+    check(r.status == 200 and st2 == 200, "HEAD /health, then GET on the same connection")
+    # Streamed text is cut only between UTF-8 characters (stop strings hold bytes back).
+    for k in range(4):
+        body = {"model": bid, "prompt": f"hello {k}", "max_tokens": 24, "temperature": 1.0, "seed": k,
+                "stop": ["ab", "b"]}
+        whole = comp(bid, **{x: v for x, v in body.items() if x != "model"})["choices"][0]["text"]
+        ev = stream(srv, "/v1/completions", dict(body, stream=True))
+        parts = "".join(e["choices"][0]["text"] for e in ev if isinstance(e, dict) and e["choices"])
+        check(parts == whole, f"stream with stop strings = the whole text (seed {k})")
     st, j, _, _ = request(srv, "GET", "/health")
     check(st == 200 and comp(bid)["choices"][0]["text"] == plain["choices"][0]["text"],
           "after every bad input the server still serves the same text")
@@ -396,6 +422,60 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
     check(all(w is not None and 0 <= w <= 1 for w in gw), f"/metrics: mean routing weight per group {gw}")
     if MPI > 1:
         check(metric(m, "atmoe_worker_applies_total") is not None, "/metrics: per-worker expert time")
+
+
+def adapters(srv, bundle, expert, bid, root):
+    """/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's shapes): a copy of a bundle
+    expert loaded at run time is served by name with that expert's exact text, unrouted;
+    the bundle's routing is unchanged; unload ends it; paths stay inside --adapter-root."""
+    def comp(model, **kw):
+        body = {"model": model, "prompt": "the quick brown", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        body.update(kw)
+        return post(srv, "/v1/completions", body)
+
+    before = comp(bid)[1]["choices"][0]["text"]
+    st, _, text, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "copy-of-expert"})
+    check(st == 200 and "added successfully" in text, f"load_lora_adapter: 200 ({st} {text[:100]})")
+    st, j, _, _ = request(srv, "GET", "/v1/models")
+    e = [m for m in j["data"] if m["id"] == "mine"]
+    check(e and e[0]["atmoe"]["kind"] == "adapter" and e[0]["atmoe"]["routed"] is False,
+          f"/v1/models: the loaded adapter, marked unrouted ({e[0]['atmoe'] if e else None})")
+    if MPI > 1:
+        check(e and e[0]["atmoe"]["where"].startswith("rank ") and e[0]["atmoe"]["where"] != "rank 0",
+              "under mpirun the adapter lands on a worker")
+    st, j, _, _ = request(srv, "GET", "/v1/models/mine")
+    check(st == 200 and j["id"] == "mine", "GET /v1/models/{id}")
+    st, j, _, _ = comp("mine")
+    want = comp(expert)[1]["choices"][0]["text"]
+    check(st == 200 and j["choices"][0]["text"] == want, "the loaded copy of an expert = that expert by name")
+    check(comp(bid)[1]["choices"][0]["text"] == before, "loading an adapter leaves the routed mixture unchanged")
+    st, j, _, _ = comp("mine", routing={"top_k_groups": 1})
+    check(st == 400 and "alone" in j["error"]["message"], "a loaded adapter takes no routing controls: 400")
+    bad = [({"lora_name": "mine", "lora_path": "copy-of-expert"}, 400, "already loaded"),
+           ({"lora_name": expert, "lora_path": "copy-of-expert"}, 400, "expert of the bundle"),
+           ({"lora_name": "x", "lora_path": os.path.join(bundle, "experts", expert)}, 400, "outside the adapter root"),
+           ({"lora_name": "x", "lora_path": "../adapters/../b"}, 400, "outside the adapter root"),
+           ({"lora_name": "x", "lora_path": "nope"}, 400, "no such directory"),
+           ({"lora_name": "x", "lora_path": "."}, 400, "not a PEFT adapter"),
+           ({"lora_path": "copy-of-expert"}, 400, "body.lora_name"),
+           ({"lora_name": "x"}, 400, "body.lora_path")]
+    for body, want_st, words in bad:
+        st, j, _, _ = post(srv, "/v1/load_lora_adapter", body)
+        check(st == want_st and words in j["error"]["message"], f"load {body}: {want_st} naming '{words}' ({st})")
+    st, _, text, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "second", "lora_path": "copy-of-expert"})
+    st3, j3, _, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "third", "lora_path": "copy-of-expert"})
+    check(st == 200 and st3 == 400 and "slots" in j3["error"]["message"], "--max-loras 2: a third adapter is 400")
+    st, _, text, _ = post(srv, "/v1/unload_lora_adapter", {"lora_name": "mine"})
+    check(st == 200 and "removed successfully" in text, "unload_lora_adapter: 200")
+    st, j, _, _ = comp("mine")
+    check(st == 404, "an unloaded adapter is 404")
+    st, j, _, _ = post(srv, "/v1/unload_lora_adapter", {"lora_name": "mine"})
+    check(st == 404, "unloading it again: 404")
+    st, _, _, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": "copy-of-expert"})
+    st2, j, _, _ = comp("again")
+    check(st == 200 and st2 == 200 and j["choices"][0]["text"] == want, "a freed slot takes a new adapter")
+    for n in ("again", "second"):
+        post(srv, "/v1/unload_lora_adapter", {"lora_name": n})
 
 
 def trex_server(model):
@@ -469,6 +549,15 @@ def limits_server(big):
         st, _, _, _ = request(srv, "GET", "/health")
         check(st == 200, "a stalled upload does not block other clients")
         s.close()
+        # A request without the key is refused from its headers: its body is never read.
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.settimeout(10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
+        resp = s.recv(4096)
+        s.close()
+        check(resp.startswith(b"HTTP/1.1 401"), f"no key: 401 before the body is sent ({resp[:30]!r})")
+        st, _, _, _ = request(srv, "GET", "/v1/models", headers={"Authorization": "bearer sekrit"})
+        check(st == 200, "the Bearer scheme is case-insensitive")
         s = socket.create_connection(("127.0.0.1", srv.port))
         s.sendall(b"GARBAGE\r\n\r\n")
         resp = s.recv(4096)
@@ -497,6 +586,8 @@ def drain(big):
     time.sleep(0.3)
     st, j, _, _ = post(srv, "/v1/completions", {"model": "big", "prompt": "a", "max_tokens": 2}, conn=keep)
     check(st == 503 and j["error"]["code"] == 503, f"draining: a new request on an open connection is 503 ({st})")
+    st, _, _, _ = request(srv, "GET", "/health")
+    check(st == 503, f"draining: a fresh connection's /health probe is 503 ({st})")
     t.join(timeout=120)
     ev = res.get("ev", [])
     fin = [e for e in ev if isinstance(e, dict) and e["choices"][0]["finish_reason"]]
