@@ -21,6 +21,7 @@
 #include <map>
 #include <mutex>
 #include <filesystem>
+#include <optional>
 #include <random>
 
 #include "apps/commands.h"
@@ -30,6 +31,7 @@
 #include "common/clock.h"
 #include "common/comm_mpi.h"
 #include "common/error.h"
+#include "common/env.h"
 #include "common/log.h"
 #include "common/utf8.h"
 #include "coordinator/remote_experts.h"
@@ -42,10 +44,12 @@ using json = nlohmann::json;
 
 namespace {
 
-volatile std::sig_atomic_t g_stop_signal = 0, g_stop_count = 0;
+// Set by the handler on whichever thread takes the signal, read by the engine loop.
+std::atomic<int> g_stop_signal{0}, g_stop_count{0};
+static_assert(std::atomic<int>::is_always_lock_free, "signal handlers need lock-free atomics");
 void on_stop(int sig) {
   g_stop_signal = sig;
-  g_stop_count = g_stop_count + 1;
+  ++g_stop_count;
 }
 
 // A Prometheus label value: backslash, double quote and newline escaped.
@@ -140,7 +144,7 @@ struct Job {
   std::vector<int64_t> text_offset;                       // streamed completions: bytes sent per choice
   std::vector<double> t_last;
   int left = 0;
-  bool cancel_sent = false, drain_cancelled = false, done = false;
+  bool cancel_sent = false, drain_cancelled = false, done = false, failed = false;
   double t_first = 0;
 
   void cancel(Scheduler& s) {
@@ -166,12 +170,17 @@ bool same_key_ct(const std::string& a, const std::string& b) {  // constant time
   return d == 0;
 }
 
+// One /v1/models entry, OpenAI's fields plus atmoe's.
+json model_entry(const Model& m, const std::string& id, const std::string& root, const json& parent, int64_t created,
+                 json ext) {
+  return json{{"id", id},     {"object", "model"}, {"created", created}, {"owned_by", "atmoe"}, {"root", root},
+              {"parent", parent}, {"max_model_len", m.config().max_position}, {"atmoe", std::move(ext)}};
+}
+
 json models_json(const Model& m, const ServedModels& sm, int64_t created) {
   json data = json::array();
-  const int64_t ctx = m.config().max_position;
   auto entry = [&](const std::string& id, const std::string& root, const json& parent, json ext) {
-    return json{{"id", id},        {"object", "model"}, {"created", created}, {"owned_by", "atmoe"},
-                {"root", root},    {"parent", parent},  {"max_model_len", ctx}, {"atmoe", std::move(ext)}};
+    return model_entry(m, id, root, parent, created, std::move(ext));
   };
   if (sm.bundle) {
     const Bundle& b = *sm.bundle;
@@ -255,7 +264,7 @@ Runner add_serve(CLI::App& app) {
     ATMOE_CHECK_INPUT(std::isfinite(o->drain_timeout) && o->drain_timeout >= 0 && o->drain_timeout <= 86400,
                       "--drain-timeout {}: must be in [0, 86400] seconds", o->drain_timeout);
     if (o->api_key.empty())
-      if (const char* k = std::getenv("ATMOE_API_KEY")) o->api_key = k;
+      o->api_key = env_str("ATMOE_API_KEY");
 
     const DType dtype = parse_dtype_flag(o->dtype);
     std::unique_ptr<Bundle> bundle;
@@ -274,7 +283,11 @@ Runner add_serve(CLI::App& app) {
     so.max_running = o->max_running;
     so.kv_budget_bytes = o->kv_budget_mib << 20;
     so.max_queue = size_t(o->max_queue) + size_t(o->max_running);
-    Scheduler sched(*model, so);
+    // Held in an optional: the teardown below ends it (and the replies its requests hold)
+    // while the HTTP server's io_context still exists.
+    std::optional<Scheduler> sched_holder;
+    sched_holder.emplace(*model, so);
+    Scheduler& sched = *sched_holder;
     const int64_t started = int64_t(std::time(nullptr));
     const json models = models_json(*model, sm, started);
 
@@ -310,21 +323,16 @@ Runner add_serve(CLI::App& app) {
         metrics.count(endpoint, draining ? 503 : 200);
         return ex->respond(draining ? 503 : 200, "application/json", draining ? error_body(503, "draining") : "{}", hdrs);
       }
-      if (!o->api_key.empty() && !bearer_ok(req.header("authorization"), o->api_key))
-        return fail(401, "missing or wrong API key (send 'Authorization: Bearer <key>')");
+      // The key, and POST on the generation and admin paths, were checked from the headers (check_head).
       if (path == "/v1/models" || path.rfind("/v1/models/", 0) == 0) {
         if (req.method != "GET") return fail(405, "/v1/models: use GET");
         json ms = models;
         if (pool)
-          for (const auto& a : pool->adapters())
-            ms["data"].push_back({{"id", a.name},
-                                  {"object", "model"},
-                                  {"created", started},
-                                  {"owned_by", "atmoe"},
-                                  {"root", a.dir},
-                                  {"parent", sm.base_id},
-                                  {"max_model_len", model->config().max_position},
-                                  {"atmoe", {{"kind", "adapter"}, {"routed", false}, {"where", a.where}}}});
+          for (const auto& a : pool->adapters()) {
+            json ext = {{"kind", "adapter"}, {"routed", false}, {"where", a.where}};
+            if (!a.group.empty()) ext["group"] = a.group;
+            ms["data"].push_back(model_entry(*model, a.name, a.dir, sm.base_id, started, std::move(ext)));
+          }
         if (path != "/v1/models") {  // GET /v1/models/{id}: one entry (the openai client's models.retrieve)
           const std::string id = path.substr(11);
           for (const auto& e : ms["data"])
@@ -337,7 +345,6 @@ Runner add_serve(CLI::App& app) {
         const bool load = path == "/v1/load_lora_adapter";
         if (adapter_root.empty())
           return fail(404, path + ": run-time adapters are off (start the server with --adapter-root DIR)");
-        if (req.method != "POST") return fail(405, path + ": use POST");
         if (draining) return fail(503, "the server is shutting down");
         const json body = json::parse(req.body, nullptr, false);
         if (!body.is_object()) return fail(400, "body: not a JSON object");
@@ -347,6 +354,13 @@ Runner add_serve(CLI::App& app) {
         if (name.size() > 256 || name.find_first_of(std::string("\0\r\n\t", 4)) != std::string::npos ||
             utf8_sanitize(name) != name)
           return fail(400, "body.lora_name: at most 256 bytes of UTF-8 text, no control characters");
+        if (name == sm.bundle_id || name == sm.base_id)
+          return fail(400, fmt::format("body.lora_name: '{}' is the id of a served model", name));
+        std::string group;
+        if (body.contains("group") && !body["group"].is_null()) {  // atmoe: the adapter's target group
+          if (!body["group"].is_string()) return fail(400, "body.group: must be a group name (a string)");
+          group = body["group"].get<std::string>();
+        }
         std::string dir;
         if (load) {
           if (!body.contains("lora_path") || !body["lora_path"].is_string() || body["lora_path"].get<std::string>().empty())
@@ -366,10 +380,10 @@ Runner add_serve(CLI::App& app) {
                                          body["lora_path"].get<std::string>()));
           dir = cs;
         }
-        auto run = [&, ex, hdrs, endpoint, name, dir, load] {
+        auto run = [&, ex, hdrs, endpoint, name, dir, group, load] {
           try {
             if (load) {
-              pool->load_adapter(name, dir);
+              pool->load_adapter(name, dir, group);
               metrics.count(endpoint, 200);
               ex->respond(200, "text/plain", fmt::format("Success: LoRA adapter '{}' added successfully.", name), hdrs);
             } else if (pool->unload_adapter(name)) {
@@ -384,6 +398,12 @@ Runner add_serve(CLI::App& app) {
           } catch (const InputError& e) {
             metrics.count(endpoint, 400);
             ex->respond(400, "application/json", error_body(400, e.what()), hdrs);
+          } catch (const CommError&) {
+            throw;  // a lost worker ends the job (its one line, then the teardown)
+          } catch (const std::exception& e) {  // e.g. out of memory reading the adapter
+            metrics.count(endpoint, 500);
+            ex->respond(500, "application/json", error_body(500, std::string("loading the adapter failed: ") + e.what()),
+                        hdrs);
           }
         };
         std::lock_guard<std::mutex> l(inbox.mu);
@@ -446,7 +466,6 @@ Runner add_serve(CLI::App& app) {
         return fail(404, fmt::format("{}: no such endpoint (/v1/completions, /v1/chat/completions, /v1/models, "
                                      "/health, /metrics)",
                                      path));
-      if (req.method != "POST") return fail(405, path + ": use POST");
       if (draining) return fail(503, "the server is shutting down");
       json body;
       try {
@@ -530,15 +549,38 @@ Runner add_serve(CLI::App& app) {
       return st;
     };
     HttpServer server(ho, handler);
+    // However this function ends (a drain, a worker lost mid-step), the IO thread stops
+    // first, then every request and reply it could reach goes, then the server object.
+    struct Teardown {
+      std::function<void()> f;
+      ~Teardown() { f(); }
+    } teardown{[&] {
+      server.stop();
+      {
+        std::lock_guard<std::mutex> l(inbox.mu);
+        inbox.jobs.clear();
+        inbox.admin.clear();
+      }
+      sched_holder.reset();
+    }};
 
     struct sigaction sa {}, old_term {}, old_int {};
     sa.sa_handler = on_stop;
+    sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, &old_term);
     sigaction(SIGINT, &sa, &old_int);
     std::signal(SIGPIPE, SIG_IGN);
-    server.start();
-    ATMOE_LOG("serve")->info("listening on http://{}:{} (models: {}{}{}){}", o->host, server.port(),
+    {  // the IO thread starts with SIGTERM/SIGINT blocked: they reach this (the engine's) thread
+      sigset_t block, old;
+      sigemptyset(&block);
+      sigaddset(&block, SIGTERM);
+      sigaddset(&block, SIGINT);
+      pthread_sigmask(SIG_BLOCK, &block, &old);
+      server.start();
+      pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    }
+    ATMOE_LOG("http")->info("listening on http://{}:{} (models: {}{}{}){}", o->host, server.port(),
                              sm.bundle_id.empty() ? "" : sm.bundle_id + ", ", sm.base_id,
                              sm.bundle ? fmt::format(", {} experts", sm.bundle->experts.size()) : "",
                              o->api_key.empty() ? "" : "; API key required");
@@ -566,7 +608,7 @@ Runner add_serve(CLI::App& app) {
     auto finish_choice = [&](const std::shared_ptr<Job>& jp, int i, const GenerateResult& g) {
       Job& j = *jp;
       j.results[size_t(i)] = g;
-      if (j.req.stream && !j.client_gone)
+      if (j.req.stream && !j.client_gone && !j.failed)
         j.ex->stream(sse(openai_final_chunk(j.req, g, j.id, j.created, i, take_lp(j, i), *model, sm)));
       if (--j.left > 0) return;
       const double now = now_s();
@@ -677,6 +719,7 @@ Runner add_serve(CLI::App& app) {
           if (!j.done) live.push_back(jp);
         } catch (const Error& e) {  // QueueFull (429) or a request the scheduler refuses (400)
           const int st = dynamic_cast<const QueueFull*>(&e) ? 429 : 400;
+          j.failed = true;
           j.cancel(sched);  // choices already queued
           if (!j.done) {
             if (j.req.stream) {  // the headers are out: the error goes in the stream
@@ -697,7 +740,7 @@ Runner add_serve(CLI::App& app) {
         exit_signal = g_stop_signal;
         draining = true;  // still accepting: /health answers 503 to probes, new requests 503
         drain_deadline = now_s() + o->drain_timeout;
-        ATMOE_LOG("serve")->info("{}: draining {} requests (at most {} s), refusing new ones",
+        ATMOE_LOG("http")->info("{}: draining {} requests (at most {} s), refusing new ones",
                                  exit_signal == SIGINT ? "SIGINT" : "SIGTERM", live.size(), o->drain_timeout);
       }
       if (draining && (now_s() >= drain_deadline || g_stop_count > 1))  // a second signal: at once
@@ -710,7 +753,7 @@ Runner add_serve(CLI::App& app) {
         live.clear();
         if (draining) {
           std::lock_guard<std::mutex> l(inbox.mu);
-          if (inbox.jobs.empty()) break;
+          if (inbox.jobs.empty() && inbox.admin.empty()) break;
         }
         continue;
       }
@@ -737,7 +780,7 @@ Runner add_serve(CLI::App& app) {
     server.stop();
     sigaction(SIGTERM, &old_term, nullptr);
     sigaction(SIGINT, &old_int, nullptr);
-    ATMOE_LOG("serve")->info("stopped ({})", exit_signal == SIGINT ? "SIGINT" : "SIGTERM");
+    ATMOE_LOG("http")->info("stopped ({})", exit_signal == SIGINT ? "SIGINT" : "SIGTERM");
     return 0;
   };
 }

@@ -224,7 +224,7 @@ struct Session : std::enable_shared_from_this<Session> {
     try {
       srv.handler(ex, r);
     } catch (const std::exception& e) {
-      ATMOE_LOG("serve")->error("{} {}: {}", r.method, r.target, e.what());
+      ATMOE_LOG("http")->error("{} {}: {}", r.method, r.target, e.what());
       if (srv.o.on_transport_reply) srv.o.on_transport_reply(500);
       if (!headers_sent) respond(500, "application/json", srv.error_json(500, e.what()), {});
     }
@@ -390,7 +390,7 @@ void HttpServer::Impl::accept() {
       // in the backlog; retry in 50 ms instead of spinning, and say so once a minute.
       const double t = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
       if (t - last_emfile_log > 60) {
-        ATMOE_LOG("serve")->warn("accept: {} ({} connections open); retrying", ec.message(), conns.load());
+        ATMOE_LOG("http")->warn("accept: {} ({} connections open); retrying", ec.message(), conns.load());
         last_emfile_log = t;
       }
       backoff.expires_after(std::chrono::milliseconds(50));
@@ -439,7 +439,7 @@ HttpServer::HttpServer(const HttpServerOptions& o, HttpHandler h) : impl_(std::m
     const int64_t room = rl.rlim_cur == RLIM_INFINITY ? INT64_MAX : int64_t(rl.rlim_cur) - 64;
     if (int64_t(impl_->o.max_connections) > room) {
       impl_->o.max_connections = int(std::max<int64_t>(1, room));
-      ATMOE_LOG("serve")->warn("--max-connections lowered to {}: the file descriptor limit is {} (ulimit -n)",
+      ATMOE_LOG("http")->warn("--max-connections lowered to {}: the file descriptor limit is {} (ulimit -n)",
                                impl_->o.max_connections, int64_t(rl.rlim_cur));
     }
   }
@@ -455,13 +455,6 @@ int HttpServer::connections() const { return impl_->conns; }
 void HttpServer::start() {
   impl_->accept();
   impl_->th = std::thread([this] { impl_->io.run(); });
-}
-
-void HttpServer::stop_accepting() {
-  net::post(impl_->io, [this] {
-    beast::error_code ec;
-    impl_->acc.close(ec);
-  });
 }
 
 void HttpServer::stop() {

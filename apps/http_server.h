@@ -63,7 +63,6 @@ class HttpServer {
   ~HttpServer();
   int port() const;
   void start();           // the IO thread
-  void stop_accepting();  // any thread: the listening socket closes
   void stop();            // any thread but the IO thread: every connection closes; joins
   int connections() const;
 

@@ -220,6 +220,7 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
   r.endpoint = ep;
   GenerateRequest& g = r.gen;
   // Model: the bundle, the base alone, or one expert alone.
+  bool runtime_adapter = false;
   if (!present(body, "model")) throw InputError("body.model: missing");
   r.model = get_string(body["model"], "model");
   if (!sm.bundle_id.empty() && r.model == sm.bundle_id) {
@@ -230,6 +231,7 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
     g.routing.adapter = r.model;
   } else if (const auto* pool = dynamic_cast<const ExpertPool*>(m.experts()); pool && pool->has_adapter(r.model)) {
     g.routing.adapter = r.model;  // a run-time adapter (the server's load_lora_adapter)
+    runtime_adapter = true;
   } else {
     std::string known = sm.bundle_id.empty()
                             ? sm.base_id
@@ -400,6 +402,8 @@ OpenAiRequest parse_openai_request(const json& body, Endpoint ep, const Model& m
   }
   if ((r.routing_trace || !g.routing.atmoe_set().empty() || !g.routing.trex_set().empty()) && !m.experts())
     throw InputError("body.routing: this server has no expert bundle");
+  if (r.routing_trace && runtime_adapter)
+    throw InputError(fmt::format("body.routing_trace: model \"{}\" is a run-time adapter: it is not routed", r.model));
   if (r.routing_trace && !g.use_experts)
     throw InputError(fmt::format("body.routing_trace: model \"{}\" is the base alone: there is no routing to trace",
                                  r.model));

@@ -16,9 +16,9 @@ Dependencies:
     * the ``gguf`` package from llama.cpp's source tree (gguf-py/). If it cannot be imported,
       the script looks for it under $LLAMA_CPP_DIR/gguf-py and then under
       .cache/llama/llama_cpp_python-*/vendor/llama.cpp/gguf-py in this repository.
-      gguf-py itself imports numpy, pyyaml and tqdm (tqdm only for progress bars).
+      gguf-py needs pyyaml at import time (tqdm/requests are not needed here).
     * no torch and no ``safetensors`` package: the safetensors file is parsed by hand.
-    For example:  python3 -m venv /tmp/venv && /tmp/venv/bin/pip install numpy pyyaml tqdm
+    For example:  python3 -m venv /tmp/venv && /tmp/venv/bin/pip install numpy pyyaml
 
 What the conversion does (mirrors convert_lora_to_gguf.py + convert_hf_to_gguf.py):
     * ``...layers.N.self_attn.q_proj.lora_A.weight`` -> ``blk.N.attn_q.weight.lora_a`` etc.

@@ -33,6 +33,8 @@ const std::vector<EnvKnob>& env_knobs() {
        nullptr, true, 1, 86400},
       {"ATMOE_LOAD_TIMEOUT", "600", "seconds the coordinator waits for every worker rank to load its experts (1..86400)",
        nullptr, true, 1, 86400},
+      {"ATMOE_API_KEY", "", "atmoe serve: the API key when --api-key is not given (every endpoint but /health needs it)",
+       nullptr},
       {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (unset: the best the CPU has)", "scalar|avx2|avx512"},
   };
   return k;

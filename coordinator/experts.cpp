@@ -37,7 +37,8 @@ void LocalExperts::set_layer(int layer, const StepRouting& r) {
   }
 }
 
-std::string LocalExperts::load_adapter(int col, const std::string& name, const std::string& dir) {
+std::string LocalExperts::load_adapter(int col, const std::string& name, const std::string& dir, int group) {
+  (void)group;
   adapters_.emplace_back(col, adapter_shard(shard_.spec(), name, dir));
   return "rank 0";
 }
@@ -104,14 +105,16 @@ std::unique_ptr<SeqRouting> ExpertPool::new_routing(const RoutingControls& c) co
 }
 
 void ExpertPool::set_max_adapters(int n) {
-  ATMOE_CHECK_INPUT(n >= 0 && n <= 1024, "max adapters {}: must be in 0..1024", n);
+  ATMOE_CHECK_INPUT(n >= 0 && n <= 1024, "--max-loras {}: must be in 0..1024", n);
   std::lock_guard<std::mutex> l(slots_mu_);
   ATMOE_ASSERT(std::none_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.loaded; }));
   slots_.assign(size_t(n), Slot{});
 }
 
-ExpertPool::AdapterInfo ExpertPool::load_adapter(const std::string& name, const std::string& dir) {
+void ExpertPool::load_adapter(const std::string& name, const std::string& dir, const std::string& group) {
   collect_adapters();
+  const int g = group.empty() ? -1 : b_.group_index(group);
+  ATMOE_CHECK_INPUT(group.empty() || g >= 0, "group '{}': not a group of this bundle", group);
   size_t free = slots_.size();
   {
     std::lock_guard<std::mutex> l(slots_mu_);
@@ -125,14 +128,13 @@ ExpertPool::AdapterInfo ExpertPool::load_adapter(const std::string& name, const 
                       name, slots_.size());
   }
   const int col = int(b_.experts.size()) + 1 + int(free);
-  const std::string where = backend_->load_adapter(col, name, dir);
+  const std::string where = backend_->load_adapter(col, name, dir, g);
   std::lock_guard<std::mutex> l(slots_mu_);
   Slot& s = slots_[free];
-  s.info = {name, dir, where};
+  s.info = {name, dir, group, where};
   s.live = s.loaded = true;
   s.lease = std::make_shared<int>(0);
   ATMOE_LOG("coord")->info("adapter '{}' loaded from {} on {} (slot {})", name, dir, where, free);
-  return s.info;
 }
 
 bool ExpertPool::unload_adapter(const std::string& name) {

@@ -53,9 +53,10 @@ class ExpertBackend {
   virtual void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) = 0;
   virtual void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) = 0;
   virtual void end_step() {}
-  // Run-time adapters: the PEFT adapter in `dir` becomes coefficient column `col`. Returns
-  // where it landed ("rank 0", "rank 2"); InputError when it does not fit the model.
-  virtual std::string load_adapter(int col, const std::string& name, const std::string& dir) = 0;
+  // Run-time adapters: the PEFT adapter in `dir` becomes coefficient column `col`, beside
+  // bundle group `group` (its target group for a later router fit; -1: none). Returns where
+  // it landed ("rank 0", "rank 2"); InputError when it does not fit the model.
+  virtual std::string load_adapter(int col, const std::string& name, const std::string& dir, int group) = 0;
   virtual void unload_adapter(int col) = 0;
 };
 
@@ -68,7 +69,7 @@ class LocalExperts : public ExpertBackend {
   void set_layer(int layer, const StepRouting& r) override;
   void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) override;
   void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) override;
-  std::string load_adapter(int col, const std::string& name, const std::string& dir) override;
+  std::string load_adapter(int col, const std::string& name, const std::string& dir, int group) override;
   void unload_adapter(int col) override;
 
  private:
@@ -112,11 +113,11 @@ class ExpertPool : public ExpertDispatch {
   // served at once, its weights go at the first collect() that finds no request holding it.
   // Engine thread only, between steps; the lookups below may run on any thread.
   struct AdapterInfo {
-    std::string name, dir, where;
+    std::string name, dir, group, where;  // group: the target group ("" for none)
   };
   void set_max_adapters(int n);
-  int max_adapters() const { return int(slots_.size()); }
-  AdapterInfo load_adapter(const std::string& name, const std::string& dir);
+  // group: a bundle group name or "" (InputError naming it when unknown).
+  void load_adapter(const std::string& name, const std::string& dir, const std::string& group);
   bool unload_adapter(const std::string& name);
   void collect_adapters();
   bool has_adapter(const std::string& name) const;

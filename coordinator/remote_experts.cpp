@@ -69,6 +69,7 @@ RemoteExperts::RemoteExperts(MpiSession& s, const Bundle& b, const ModelConfig& 
     h["groups"] = p.groups[size_t(w)];
     h["general"] = p.general_worker == w;
     w_[size_t(w)].rank = w + 1;
+    w_[size_t(w)].groups = p.groups[size_t(w)];
     send_ctrl(s, w + 1, Msg::Hello, h);
   }
   // Every Ready, in any order; the first failure is reported once, naming its rank.
@@ -289,10 +290,12 @@ void RemoteExperts::refresh_inputs(Worker& wk) {
     for (size_t i = 0; i < wk.inputs.size() && i < in.size(); ++i) wk.inputs[i] = uint8_t(wk.inputs[i] | in[i]);
 }
 
-std::string RemoteExperts::load_adapter(int col, const std::string& name, const std::string& dir) {
+std::string RemoteExperts::load_adapter(int col, const std::string& name, const std::string& dir, int group) {
   Worker* best = &w_[0];
   for (Worker& wk : w_)
     if (wk.bytes < best->bytes) best = &wk;
+  for (Worker& wk : w_)
+    if (std::find(wk.groups.begin(), wk.groups.end(), group) != wk.groups.end()) best = &wk;
   Worker& wk = *best;
   const json r = adapter_call(wk, Msg::LoadAdapter, json{{"col", col}, {"name", name}, {"dir", dir}});
   const std::string who = s_.ctrl().describe(wk.rank);

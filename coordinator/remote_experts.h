@@ -35,7 +35,8 @@ class RemoteExperts : public ExpertBackend {
   void wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) override;
   void end_step() override { ++step_; }
   // On the worker that holds the fewest bytes; InputError naming the worker when it fails there.
-  std::string load_adapter(int col, const std::string& name, const std::string& dir) override;
+  // On the worker that holds `group` (the target group), else the one with the fewest bytes.
+  std::string load_adapter(int col, const std::string& name, const std::string& dir, int group) override;
   void unload_adapter(int col) override;
 
   // Each worker's counters (Stats round trip), index = worker (rank - 1).
@@ -54,6 +55,7 @@ class RemoteExperts : public ExpertBackend {
     std::vector<uint8_t> base_inputs;                          // the bundle shard's
     std::vector<std::pair<int, std::vector<uint8_t>>> adapters;  // run-time adapters: (column, inputs)
     int64_t bytes = 0;
+    std::vector<int> groups;  // bundle groups it holds
     std::vector<int32_t> toks;    // this layer: token rows that use the worker's experts
     std::vector<float> coef;      // this layer: [toks, columns]
     bool coef_sent = false;

@@ -1,8 +1,8 @@
 // Token sampling from one row of logits [V]:
 //   temperature <= 0 -> greedy (argmax, lowest id on ties);
-//   else logits / T, keep the top_k largest (0 = all), softmax, keep the smallest prefix
-//   (by descending probability) whose mass reaches top_p, drop tokens below min_p times
-//   the most probable one's probability, renormalise, draw with rng.
+//   else logits / T, softmax; drop tokens below min_p times the most probable one's
+//   probability; of the rest keep the top_k largest (0 = all), then the smallest prefix (by
+//   descending probability) whose mass reaches top_p; renormalise, draw with rng.
 // Logit processors that run before it (vLLM's order): logit_bias, then the penalties.
 // Log-probabilities reported to clients are those of the raw logits (vLLM's default).
 #pragma once

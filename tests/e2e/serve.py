@@ -162,7 +162,7 @@ def main():
     srv = Server(["--bundle", bundle, "--dtype", "f32", "--adapter-root", root, "--max-loras", "2"], mpi=MPI)
     try:
         main_server(srv, bundle, groups, experts, expert, bid, base_id)
-        adapters(srv, bundle, expert, bid, root)
+        adapters(srv, bundle, expert, bid, root, groups[0])
     finally:
         rc = srv.stop(every_rank=True)
     check(rc == 0, f"SIGTERM to every rank of an idle server: exit 0 (got {rc})")
@@ -424,7 +424,7 @@ def main_server(srv, bundle, groups, experts, expert, bid, base_id):
         check(metric(m, "atmoe_worker_applies_total") is not None, "/metrics: per-worker expert time")
 
 
-def adapters(srv, bundle, expert, bid, root):
+def adapters(srv, bundle, expert, bid, root, grp):
     """/v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's shapes): a copy of a bundle
     expert loaded at run time is served by name with that expert's exact text, unrouted;
     the bundle's routing is unchanged; unload ends it; paths stay inside --adapter-root."""
@@ -458,11 +458,16 @@ def adapters(srv, bundle, expert, bid, root):
            ({"lora_name": "x", "lora_path": "nope"}, 400, "no such directory"),
            ({"lora_name": "x", "lora_path": "."}, 400, "not a PEFT adapter"),
            ({"lora_path": "copy-of-expert"}, 400, "body.lora_name"),
+           ({"lora_name": bid, "lora_path": "copy-of-expert"}, 400, "id of a served model"),
+           ({"lora_name": "x", "lora_path": "copy-of-expert", "group": "nope"}, 400, "group 'nope'"),
            ({"lora_name": "x"}, 400, "body.lora_path")]
     for body, want_st, words in bad:
         st, j, _, _ = post(srv, "/v1/load_lora_adapter", body)
         check(st == want_st and words in j["error"]["message"], f"load {body}: {want_st} naming '{words}' ({st})")
-    st, _, text, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "second", "lora_path": "copy-of-expert"})
+    st, _, text, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "second", "lora_path": "copy-of-expert",
+                                                         "group": grp})
+    st2, j, _, _ = request(srv, "GET", "/v1/models/second")
+    check(st == 200 and j["atmoe"].get("group") == grp, "load with a target group: listed with it")
     st3, j3, _, _ = post(srv, "/v1/load_lora_adapter", {"lora_name": "third", "lora_path": "copy-of-expert"})
     check(st == 200 and st3 == 400 and "slots" in j3["error"]["message"], "--max-loras 2: a third adapter is 400")
     st, _, text, _ = post(srv, "/v1/unload_lora_adapter", {"lora_name": "mine"})
