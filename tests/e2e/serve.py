@@ -163,6 +163,16 @@ def main():
     try:
         main_server(srv, bundle, groups, experts, expert, bid, base_id)
         adapters(srv, bundle, expert, bid, root, groups[0])
+        if MPI == 1:  # bad flags: exit 2 with one line naming the flag
+            for args, words in [(["--port", str(srv.port)], "cannot listen"),
+                                (["--port", "70000"], "--port"),
+                                (["--adapter-root", os.path.join(WORK, "nope")], "--adapter-root"),
+                                (["--max-loras", "-1"], "--max-loras"),
+                                (["--timeout", "0"], "--timeout")]:
+                r = run(["serve", "--bundle", bundle] + args, timeout=60)
+                err = [l for l in r.stderr.splitlines() if l.startswith("atmoe: error:")]
+                check(r.returncode == 2 and len(err) == 1 and words in err[0],
+                      f"serve {' '.join(args)}: exit 2 naming '{words}' ({r.returncode}: {err[:1]})")
     finally:
         rc = srv.stop(every_rank=True)
     check(rc == 0, f"SIGTERM to every rank of an idle server: exit 0 (got {rc})")
