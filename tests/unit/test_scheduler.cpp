@@ -15,6 +15,7 @@
 #include "coordinator/model.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/synth_model.h"
+#include "tests/unit/check.h"
 
 namespace atmoe::test {
 namespace {
@@ -303,6 +304,44 @@ TEST(Scheduler, LogitBiasPenaltiesAndLogprobs) {
     EXPECT_GE(t.top[0].second, t.top[1].second);
     EXPECT_GE(t.top[1].second, t.top[2].second);
     EXPECT_LE(std::exp(t.top[0].second) + std::exp(t.top[1].second) + std::exp(t.top[2].second), 1.0 + 1e-5);
+  }
+}
+
+// Stop strings: generation stops at the first token that completes any of them, and the
+// text ends right before the earliest match among those that token completes (a token may
+// complete two; the list's order does not matter). Random pairs of substrings of the
+// unstopped greedy text, checked against that rule computed from its token boundaries.
+TEST(Scheduler, TheEarliestStopStringEndsTheText) {
+  GenerateRequest base = req(5, 77, 40);
+  auto run_one = [](const GenerateRequest& r) {
+    Scheduler s(model());
+    Done d;
+    submit(s, r, d);
+    while (s.step()) {
+    }
+    return d.results.begin()->second;
+  };
+  const GenerateResult plain = run_one(base);
+  const std::string& text = plain.text;
+  std::vector<size_t> ends;  // byte offset of the end of each token's text
+  for (int32_t t : plain.tokens) ends.push_back((ends.empty() ? 0 : ends.back()) + model().tokenizer().token_bytes(t).size());
+  ASSERT_EQ(ends.back(), text.size()) << "the synthetic vocabulary decodes token by token";
+  std::mt19937_64 rng(test_seed() + 41);
+  for (int i = 0; i < 60; ++i) {
+    GenerateRequest r = base;
+    for (int k = 0; k < 2; ++k) {
+      const size_t len = 1 + rng() % 4, pos = rng() % (text.size() - len);
+      r.stop.push_back(text.substr(pos, len));
+    }
+    size_t first_end = std::string::npos;
+    for (const auto& st : r.stop) first_end = std::min(first_end, text.find(st) + st.size());
+    const size_t token_end = *std::lower_bound(ends.begin(), ends.end(), first_end);
+    size_t cut = std::string::npos;
+    for (const auto& st : r.stop)
+      if (text.find(st) + st.size() <= token_end) cut = std::min(cut, text.find(st));
+    const GenerateResult g = run_one(r);
+    EXPECT_EQ(g.text, text.substr(0, cut)) << "stop [" << r.stop[0] << "], [" << r.stop[1] << "]";
+    EXPECT_EQ(g.finish_reason, "stop");
   }
 }
 
