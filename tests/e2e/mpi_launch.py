@@ -44,6 +44,18 @@ def leftovers():
     return [p for p in out if p.strip()]
 
 
+def rank_of(pid):
+    """The MPI rank of an atmoe process under mpirun (OMPI_COMM_WORLD_RANK), or None."""
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"OMPI_COMM_WORLD_RANK="):
+            return int(kv.split(b"=", 1)[1])
+    return None
+
+
 def wait_no_leftovers(what, limit=10.0):
     t0 = time.time()
     while leftovers() and time.time() - t0 < limit:
@@ -177,7 +189,8 @@ def main():
         time.sleep(0.5)
         pids = sorted(int(x) for x in leftovers())
         check(len(pids) == 3, f"{what}: 3 ranks running ({pids})")
-        victim = pids[-1] if sig != signal.SIGTERM else p.pid
+        # A worker: the rank read from its environment (pid order need not follow rank order).
+        victim = next((q for q in pids if rank_of(q) not in (None, 0)), pids[-1]) if sig != signal.SIGTERM else p.pid
         t0 = time.time()
         os.kill(victim, sig)
         try:
