@@ -70,4 +70,33 @@ std::string one_line(const std::string& s) {
   return o;
 }
 
+void add_scheduler_flags(CLI::App& app, SchedulerFlags& f) {
+  app.add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per forward step (prefill chunking)");
+  app.add_option("--max-running", f.max_running, "Requests decoding at once");
+  app.add_option("--kv-budget-mib", f.kv_budget_mib, "KV-cache memory for the running requests, MiB");
+}
+
+SchedulerOptions scheduler_options(const SchedulerFlags& f) {
+  ATMOE_CHECK_INPUT(f.max_batch_tokens >= 1 && f.max_batch_tokens <= (1 << 20),
+                    "--max-batch-tokens {}: must be in 1..1048576", f.max_batch_tokens);
+  ATMOE_CHECK_INPUT(f.max_running >= 1 && f.max_running <= 4096, "--max-running {}: must be in 1..4096",
+                    f.max_running);
+  ATMOE_CHECK_INPUT(f.kv_budget_mib >= 1 && f.kv_budget_mib <= (int64_t(1) << 30),
+                    "--kv-budget-mib {}: must be in 1..2^30", f.kv_budget_mib);
+  SchedulerOptions so;
+  so.max_batch_tokens = f.max_batch_tokens;
+  so.max_running = f.max_running;
+  so.kv_budget_bytes = f.kv_budget_mib << 20;
+  return so;
+}
+
+void check_kv_budget(const Scheduler& s, const GenerateRequest& r, int64_t kv_budget_mib) {
+  const int64_t total = int64_t(r.prompt.size()) + r.max_tokens;
+  if (s.kv_bytes(total) > kv_budget_mib << 20)
+    throw InputError(fmt::format(
+        "prompt ({} tokens) + max_tokens ({}) need {:.0f} MiB of KV cache, over --kv-budget-mib {}: lower max_tokens "
+        "or raise the budget",
+        r.prompt.size(), r.max_tokens, double(s.kv_bytes(total)) / (1 << 20), kv_budget_mib));
+}
+
 }  // namespace atmoe::app

@@ -230,8 +230,7 @@ Runner add_batch(CLI::App& app) {
   struct Opts {
     std::string model, bundle, input, output, shard, dtype, placement, seed;
     bool trace = false, check_tensors = false;
-    int64_t max_batch_tokens = 512, kv_budget_mib = 4096;
-    int max_running = 64;
+    SchedulerFlags sf;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--bundle", o->bundle, "Expert bundle directory (atmoe.json)");
@@ -240,9 +239,7 @@ Runner add_batch(CLI::App& app) {
   app.add_option("--output", o->output, "Output JSONL (appended to: a rerun resumes)")->required();
   app.add_option("--shard", o->shard, "K/N: only every N-th input line, from line K (0-based; SLURM_ARRAY_TASK_ID)");
   app.add_flag("--trace", o->trace, "Write each request's full routing trace into its output line");
-  app.add_option("--max-batch-tokens", o->max_batch_tokens, "Tokens per forward step (prefill chunking)");
-  app.add_option("--max-running", o->max_running, "Requests decoding at once");
-  app.add_option("--kv-budget-mib", o->kv_budget_mib, "KV-cache memory for the running requests, MiB");
+  add_scheduler_flags(app, o->sf);
   app.add_option("--seed", o->seed, "Seed of requests that give none (default: each line's number)");
   app.add_option("--dtype", o->dtype, "Weight/compute precision: bf16 (default) or f32 (exact)");
   add_placement_flag(app, o->placement);
@@ -250,12 +247,8 @@ Runner add_batch(CLI::App& app) {
   return [o]() -> int {
     ATMOE_CHECK_INPUT(!o->model.empty() || !o->bundle.empty(), "batch: give --bundle DIR or --model PATH");
     ATMOE_CHECK_INPUT(!o->bundle.empty() || o->placement.empty(), "--placement needs --bundle");
-    ATMOE_CHECK_INPUT(o->max_batch_tokens >= 1 && o->max_batch_tokens <= (1 << 20),
-                      "--max-batch-tokens {}: must be in 1..1048576", o->max_batch_tokens);
-    ATMOE_CHECK_INPUT(o->max_running >= 1 && o->max_running <= 4096, "--max-running {}: must be in 1..4096",
-                      o->max_running);
-    ATMOE_CHECK_INPUT(o->kv_budget_mib >= 1 && o->kv_budget_mib <= (int64_t(1) << 30),
-                      "--kv-budget-mib {}: must be in 1..2^30", o->kv_budget_mib);
+    SchedulerOptions so = scheduler_options(o->sf);
+    so.max_queue = size_t(2 * o->sf.max_running) + size_t(kMaxChoices);  // fed as it drains (below)
     const auto [shard_k, shard_n] = o->shard.empty() ? std::pair<int, int>{0, 1} : parse_shard(o->shard);
     const uint64_t seed_base = o->seed.empty() ? 0 : parse_u64_flag("--seed", o->seed);
     // Graceful stop on SIGTERM/SIGINT, from here on (a signal during reading, loading or
@@ -355,11 +348,6 @@ Runner add_batch(CLI::App& app) {
     BundleExperts bx;
     if (bundle) bx = attach_experts(*bundle, *model, o->placement);
     const ServedModels sm = served_models(*model, bundle.get());
-    SchedulerOptions so;
-    so.max_batch_tokens = o->max_batch_tokens;
-    so.max_running = o->max_running;
-    so.kv_budget_bytes = o->kv_budget_mib << 20;
-    so.max_queue = size_t(2 * o->max_running) + size_t(kMaxChoices);  // fed as it drains (below)
     Scheduler sched(*model, so);
     size_t n_bad = 0, n_skip = 0, n_todo = 0, n_bad_written = 0;
     std::vector<Line*> todo;
@@ -377,13 +365,7 @@ Runner add_batch(CLI::App& app) {
             l.req.routing_trace = true;
             l.req.gen.trace_tokens = true;
           }
-          const int64_t total = int64_t(l.req.gen.prompt.size()) + l.req.gen.max_tokens;
-          if (sched.kv_bytes(total) > so.kv_budget_bytes)
-            throw InputError(fmt::format(
-                "prompt ({} tokens) + max_tokens ({}) need {:.0f} MiB of KV cache, over --kv-budget-mib {}: lower "
-                "max_tokens or raise the budget",
-                l.req.gen.prompt.size(), l.req.gen.max_tokens, double(sched.kv_bytes(total)) / (1 << 20),
-                o->kv_budget_mib));
+          check_kv_budget(sched, l.req.gen, o->sf.kv_budget_mib);
         } catch (const NotFoundError& e) {
           l.error = e.what();
           l.error_code = "model_not_found";
@@ -429,11 +411,12 @@ Runner add_batch(CLI::App& app) {
     while (g_stop_signal == 0) {
       while (next < todo.size() && sched.waiting() + size_t(kMaxChoices) <= so.max_queue) {
         Line* l = todo[next++];
-        // One scheduler request per choice (n, seeds seed + i); the line is written when all are done.
+        // One scheduler request per choice (n); the line is written when all are done.
         auto results = std::make_shared<std::vector<GenerateResult>>(size_t(l->req.n));
         auto left = std::make_shared<int>(l->req.n);
+        std::vector<RequestId> ids;
         try {
-          for (int i = 0; i < l->req.n; ++i) {
+          submit_choices(sched, l->req, [&, l, results, left](int i) {
             RequestEvents ev;
             ev.on_finish = [&, l, i, results, left](const GenerateResult& g) {
               (*results)[size_t(i)] = g;
@@ -450,11 +433,10 @@ Runner add_batch(CLI::App& app) {
               toks_in += results->front().prompt_tokens;
               for (const auto& r : *results) toks_out += int64_t(r.tokens.size());
             };
-            GenerateRequest gr = l->req.gen;
-            gr.seed += uint64_t(i);
-            sched.submit(std::move(gr), std::move(ev));
-          }
+            return ev;
+          }, ids);
         } catch (const InputError& e) {  // e.g. over the KV budget: this request alone (its first choice)
+          for (RequestId id : ids) sched.cancel(id);  // choices already queued (their line is never written)
           out.write_line(error_line(*l, "invalid_request", fmt::format("line {}: {}", l->number, e.what())));
           ++n_fail;
         }

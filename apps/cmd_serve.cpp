@@ -162,6 +162,21 @@ struct Inbox {
   std::atomic<int> pending{0};  // submitted to the engine, not finished (the IO thread's 429 bound)
 };
 
+// The paths this server answers (the label of /metrics' request counter; others are 404).
+bool served_path(const std::string& path) {
+  return path == "/health" || path == "/metrics" || path == "/v1/models" || path.rfind("/v1/models/", 0) == 0 ||
+         path == "/v1/completions" || path == "/v1/chat/completions" || path == "/v1/load_lora_adapter" ||
+         path == "/v1/unload_lora_adapter";
+}
+// The endpoint label of a path in /metrics: a bounded set (one label for every model id).
+std::string endpoint_label(const std::string& path) {
+  if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
+  return served_path(path) ? path : "other";
+}
+constexpr const char* kNoSuchEndpoint =
+    "no such endpoint (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
+    "/v1/load_lora_adapter, /v1/unload_lora_adapter)";
+
 std::string hex_id(std::mt19937_64& rng) { return fmt::format("{:016x}{:016x}", rng(), rng()); }
 
 bool same_key_ct(const std::string& a, const std::string& b) {  // constant time in the key's length
@@ -209,8 +224,9 @@ std::string sse(const json& j) { return "data: " + j.dump(-1, ' ', false, json::
 Runner add_serve(CLI::App& app) {
   struct Opts {
     std::string model, bundle, dtype, placement, host = "127.0.0.1", api_key, adapter_root;
-    int port = 8000, max_running = 64, max_connections = 1024, max_loras = 8;
-    int64_t max_batch_tokens = 512, kv_budget_mib = 4096, max_queue = 256, max_body_mib = 32;
+    int port = 8000, max_connections = 1024, max_loras = 8;
+    int64_t max_queue = 256, max_body_mib = 32;
+    SchedulerFlags sf;
     double timeout = 30, drain_timeout = 30;
     bool check_tensors = false;
   };
@@ -221,9 +237,7 @@ Runner add_serve(CLI::App& app) {
   app.add_option("--port", o->port, "TCP port (default 8000; 0: any free port, printed at start)");
   app.add_option("--api-key", o->api_key,
                  "Require 'Authorization: Bearer KEY' on every endpoint but /health (default: $ATMOE_API_KEY)");
-  app.add_option("--max-batch-tokens", o->max_batch_tokens, "Tokens per forward step (prefill chunking)");
-  app.add_option("--max-running", o->max_running, "Requests decoding at once");
-  app.add_option("--kv-budget-mib", o->kv_budget_mib, "KV-cache memory for the running requests, MiB");
+  add_scheduler_flags(app, o->sf);
   app.add_option("--max-queue", o->max_queue, "Requests accepted but not finished beyond --max-running (then 429)");
   app.add_option("--max-body-mib", o->max_body_mib, "Largest request body, MiB (then 413)");
   app.add_option("--max-connections", o->max_connections, "Open connections at once (then 503)");
@@ -247,12 +261,7 @@ Runner add_serve(CLI::App& app) {
     }
     ATMOE_CHECK_INPUT(!o->bundle.empty() || o->placement.empty(), "--placement needs --bundle");
     ATMOE_CHECK_INPUT(o->port >= 0 && o->port <= 65535, "--port {}: must be in 0..65535", o->port);
-    ATMOE_CHECK_INPUT(o->max_batch_tokens >= 1 && o->max_batch_tokens <= (1 << 20),
-                      "--max-batch-tokens {}: must be in 1..1048576", o->max_batch_tokens);
-    ATMOE_CHECK_INPUT(o->max_running >= 1 && o->max_running <= 4096, "--max-running {}: must be in 1..4096",
-                      o->max_running);
-    ATMOE_CHECK_INPUT(o->kv_budget_mib >= 1 && o->kv_budget_mib <= (int64_t(1) << 30),
-                      "--kv-budget-mib {}: must be in 1..2^30", o->kv_budget_mib);
+    SchedulerOptions so = scheduler_options(o->sf);
     ATMOE_CHECK_INPUT(o->max_queue >= 0 && o->max_queue <= (1 << 20), "--max-queue {}: must be in 0..1048576",
                       o->max_queue);
     ATMOE_CHECK_INPUT(o->max_body_mib >= 1 && o->max_body_mib <= 4096, "--max-body-mib {}: must be in 1..4096",
@@ -278,11 +287,7 @@ Runner add_serve(CLI::App& app) {
     ATMOE_CHECK_INPUT(adapter_root.empty() || pool,
                       "--adapter-root: run-time adapters need an AT-MoE bundle (--bundle; not t-rex, not --model alone)");
     const ServedModels sm = served_models(*model, bundle.get());
-    SchedulerOptions so;
-    so.max_batch_tokens = o->max_batch_tokens;
-    so.max_running = o->max_running;
-    so.kv_budget_bytes = o->kv_budget_mib << 20;
-    so.max_queue = size_t(o->max_queue) + size_t(o->max_running);
+    so.max_queue = size_t(o->max_queue) + size_t(o->sf.max_running);
     // Held in an optional: the teardown below ends it (and the replies its requests hold)
     // while the HTTP server's io_context still exists.
     std::optional<Scheduler> sched_holder;
@@ -300,7 +305,7 @@ Runner add_serve(CLI::App& app) {
       std::lock_guard<std::mutex> l(rng_mu);
       return hex_id(rng);
     };
-    const size_t max_pending = size_t(o->max_queue) + size_t(o->max_running);
+    const size_t max_pending = size_t(o->max_queue) + size_t(o->sf.max_running);
 
     // ---- The IO thread's handler.
     auto reply = [&](const std::shared_ptr<HttpExchange>& ex, const std::string& endpoint, int status,
@@ -312,11 +317,7 @@ Runner add_serve(CLI::App& app) {
       std::string path = req.target.substr(0, req.target.find('?'));
       const std::string* xid = req.header("x-request-id");
       HttpHeaders hdrs{{"X-Request-Id", xid && !xid->empty() && xid->size() <= 256 ? *xid : new_id()}};
-      const bool known = path == "/health" || path == "/v1/models" || path.rfind("/v1/models/", 0) == 0 ||
-                         path == "/metrics" ||
-                         path == "/v1/completions" || path == "/v1/chat/completions" ||
-                         path == "/v1/load_lora_adapter" || path == "/v1/unload_lora_adapter";
-      const std::string endpoint = known ? path : "other";
+      const std::string endpoint = endpoint_label(path);
       auto fail = [&](int status, const std::string& msg) { reply(ex, endpoint, status, error_body(status, msg), hdrs); };
       if (path == "/health") {
         if (req.method != "GET" && req.method != "HEAD") return fail(405, "/health: use GET");
@@ -463,9 +464,7 @@ Runner add_serve(CLI::App& app) {
         return ex->respond(200, "text/plain; version=0.0.4", std::move(text), hdrs);
       }
       if (path != "/v1/completions" && path != "/v1/chat/completions")
-        return fail(404, fmt::format("{}: no such endpoint (/v1/completions, /v1/chat/completions, /v1/models, "
-                                     "/health, /metrics)",
-                                     path));
+        return fail(404, path + ": " + kNoSuchEndpoint);
       if (draining) return fail(503, "the server is shutting down");
       json body;
       try {
@@ -484,12 +483,7 @@ Runner add_serve(CLI::App& app) {
           std::lock_guard<std::mutex> l(rng_mu);
           job->req.gen.seed = rng();
         }
-        const int64_t total = int64_t(job->req.gen.prompt.size()) + job->req.gen.max_tokens;
-        if (sched.kv_bytes(total) > so.kv_budget_bytes)
-          throw InputError(fmt::format(
-              "prompt ({} tokens) + max_tokens ({}) need {:.0f} MiB of KV cache, over the server's --kv-budget-mib {}",
-              job->req.gen.prompt.size(), job->req.gen.max_tokens, double(sched.kv_bytes(total)) / (1 << 20),
-              o->kv_budget_mib));
+        check_kv_budget(sched, job->req.gen, o->sf.kv_budget_mib);
       } catch (const NotFoundError& e) {
         return fail(404, e.what());
       } catch (const InputError& e) {
@@ -497,7 +491,7 @@ Runner add_serve(CLI::App& app) {
       }
       if (inbox.pending.load() >= int(max_pending))
         return fail(429, fmt::format("the server is busy: {} requests in flight (--max-running {} + --max-queue {})",
-                                     inbox.pending.load(), o->max_running, o->max_queue));
+                                     inbox.pending.load(), o->sf.max_running, o->max_queue));
       job->ex = ex;
       job->endpoint = path;
       job->id = (path == "/v1/chat/completions" ? "chatcmpl-" : "cmpl-") + new_id();
@@ -541,9 +535,12 @@ Runner add_serve(CLI::App& app) {
                  h.method != "POST") {
         st = 405;
         msg = path + ": use POST";
+      } else if (!served_path(path)) {
+        st = 404;
+        msg = path + ": " + kNoSuchEndpoint;
       }
       if (st) {
-        metrics.count(path == "/v1/completions" || path == "/v1/chat/completions" ? path : "other", st);
+        metrics.count(endpoint_label(path), st);
         body = error_body(st, msg);
       }
       return st;
@@ -691,7 +688,7 @@ Runner add_serve(CLI::App& app) {
               if (!first.is_null()) j.ex->stream(sse(first));
             }
           }
-          for (int i = 0; i < n; ++i) {
+          submit_choices(sched, j.req, [&](int i) {
             RequestEvents ev;
             ev.on_token = [&metrics, jp, i](int32_t, const cpu::TokenLogprob* lp) {
               Job& x = *jp;
@@ -712,10 +709,8 @@ Runner add_serve(CLI::App& app) {
                   jp->ex->stream(sse(openai_text_chunk(jp->req, jp->id, jp->created, i, delta, take_lp(*jp, i))));
               };
             ev.on_finish = [&finish_choice, jp, i](const GenerateResult& g) { finish_choice(jp, i, g); };
-            GenerateRequest gr = j.req.gen;
-            gr.seed += uint64_t(i);
-            j.rids.push_back(sched.submit(std::move(gr), std::move(ev)));
-          }
+            return ev;
+          }, j.rids);
           if (!j.done) live.push_back(jp);
         } catch (const Error& e) {  // QueueFull (429) or a request the scheduler refuses (400)
           const int st = dynamic_cast<const QueueFull*>(&e) ? 429 : 400;

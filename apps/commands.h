@@ -7,6 +7,7 @@
 
 #include "common/dtype.h"
 #include "coordinator/model.h"
+#include "coordinator/scheduler.h"
 
 namespace atmoe::app {
 
@@ -37,6 +38,17 @@ void check_prompt_bytes(const Model& m, const std::string& text, size_t index);
 // That bound in bytes (NFC-normalizing tokenizers: three times, since NFC can shrink text).
 size_t prompt_bytes_cap(const Model& m);
 constexpr size_t kMaxPromptFileBytes = size_t(64) << 20;
+// The scheduler's flags of `batch` and `serve`: --max-batch-tokens, --max-running,
+// --kv-budget-mib.
+struct SchedulerFlags {
+  int64_t max_batch_tokens = 512, kv_budget_mib = 4096;
+  int max_running = 64;
+};
+void add_scheduler_flags(CLI::App& app, SchedulerFlags& f);
+// The flags checked (InputError naming the flag) as SchedulerOptions (max_queue left default).
+SchedulerOptions scheduler_options(const SchedulerFlags& f);
+// A request whose KV cache alone is over --kv-budget-mib: InputError naming both.
+void check_kv_budget(const Scheduler& s, const GenerateRequest& r, int64_t kv_budget_mib);
 // Newlines folded into "; ": every error is one line on stderr.
 std::string one_line(const std::string& s);
 

@@ -532,6 +532,15 @@ json openai_usage_chunk(const OpenAiRequest& r, const std::vector<GenerateResult
   return c;
 }
 
+void submit_choices(Scheduler& s, const OpenAiRequest& r, const std::function<RequestEvents(int)>& events,
+                    std::vector<RequestId>& ids) {
+  for (int i = 0; i < r.n; ++i) {
+    GenerateRequest g = r.gen;
+    g.seed += uint64_t(i);
+    ids.push_back(s.submit(std::move(g), events(i)));
+  }
+}
+
 json openai_response(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
                      int64_t created, const Model& m, const ServedModels& sm) {
   ATMOE_ASSERT(!gs.empty());

@@ -12,6 +12,7 @@
 // fields that do not (user, metadata, ...) are ignored, as vLLM does.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include "common/bundle.h"
 #include "common/error.h"
 #include "coordinator/engine.h"
+#include "coordinator/scheduler.h"
 
 namespace atmoe::app {
 
@@ -88,5 +90,11 @@ nlohmann::json openai_final_chunk(const OpenAiRequest& r, const GenerateResult& 
 // stream_options.include_usage: choices [] and usage.
 nlohmann::json openai_usage_chunk(const OpenAiRequest& r, const std::vector<GenerateResult>& gs, const std::string& id,
                                   int64_t created);
+
+// The n choices of r as n scheduler requests, choice i sampled with seed + i; events(i)
+// gives choice i's callbacks. Each id is appended to ids as it is queued (a failure part
+// way leaves the earlier ones there to cancel).
+void submit_choices(Scheduler& s, const OpenAiRequest& r, const std::function<RequestEvents(int)>& events,
+                    std::vector<RequestId>& ids);
 
 }  // namespace atmoe::app

@@ -10,19 +10,14 @@ run wrote one 200 line per request with the same greedy texts.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
+from machine import describe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def isa():
-    flags = open("/proc/cpuinfo").read()
-    name = next((l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")), "?")
-    return f"{name}; {'AVX-512' if ' avx512f' in flags else 'AVX2' if ' avx2' in flags else 'no AVX2'}; {os.cpu_count()} cores"
 
 
 def main():
@@ -79,7 +74,7 @@ def main():
         print(json.dumps(runs[-1]), flush=True)
     first = texts[a.ranks[0]]
     same = {n: sum(first[k] == t.get(k) for k in first) for n, t in texts.items()}
-    res = {"machine": isa(), "bundle": a.bundle, "requests": a.requests, "max_tokens": a.max_tokens,
+    res = {"machine": describe(), "bundle": a.bundle, "requests": a.requests, "max_tokens": a.max_tokens,
            "max_running": a.max_running, "variants": variants, "runs": runs,
            "texts_equal_to_first_run": same, "threads_env": os.environ.get("ATMOE_THREADS", "")}
     print(json.dumps(res, indent=1))

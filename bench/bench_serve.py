@@ -16,11 +16,12 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import threading
 import time
 import urllib.parse
+
+from machine import describe
 
 PROMPTS = [
     "Explain why the sky is blue in simple terms.",
@@ -42,15 +43,6 @@ def pct(xs, p):
     f = int(k)
     c = min(f + 1, len(xs) - 1)
     return xs[f] + (xs[c] - xs[f]) * (k - f)
-
-
-def isa():
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    name = next((l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")), "?")
-    return f"{name}; {'AVX-512' if ' avx512f' in flags else 'AVX2' if ' avx2' in flags else 'no AVX2'}; {os.cpu_count()} cores"
 
 
 def one_request(host, port, path, body, headers, timeout):
@@ -145,7 +137,7 @@ def main():
     wall = time.perf_counter() - t0
     n_req = a.clients * a.requests
     res = {
-        "label": a.label, "url": a.url, "model": a.model, "variants": variants, "machine": isa(),
+        "label": a.label, "url": a.url, "model": a.model, "variants": variants, "machine": describe(),
         "clients": a.clients, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
         "requests": n_req, "errors": len(errors), "error_samples": errors[:5], "wall_s": wall,
         "completion_tokens": tokens[0], "tokens_per_s": tokens[0] / wall, "requests_per_s": (n_req - len(errors)) / wall,

@@ -13,10 +13,10 @@
 # LORA_GGUF: the bundle's first expert converted with bench/peft_to_gguf_lora.py (run 4 is
 # skipped without it); llama-server is built from llama.cpp's source (docs/performance.md).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ATMOE="${ATMOE:-$ROOT/build/apps/atmoe}"
-LLAMA_SERVER="${LLAMA_SERVER:-$ROOT/.cache/llama/build/bin/llama-server}"
-BUNDLE="${BUNDLE:-$ROOT/.cache/bench-bundles/smollm2_g4x4_r8}"
+source "$(dirname "${BASH_SOURCE[0]}")/../deploy/common.sh"  # ROOT, CACHE, BUILD
+ATMOE="${ATMOE:-$BUILD/apps/atmoe}"
+LLAMA_SERVER="${LLAMA_SERVER:-$CACHE/llama/build/bin/llama-server}"
+BUNDLE="${BUNDLE:-$CACHE/bench-bundles/smollm2_g4x4_r8}"
 BASE="${BASE:-$BUNDLE/base.gguf}"
 LORA_GGUF="${LORA_GGUF:-}"
 CLIENTS="${CLIENTS:-32}" REQUESTS="${REQUESTS:-20}" MAX_TOKENS="${MAX_TOKENS:-16}"

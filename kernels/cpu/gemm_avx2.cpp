@@ -25,15 +25,40 @@ inline __m256 load8(const void* w, size_t off) {
   }
 }
 
+// Token row t's outputs n0 .. n0 + 8·NQ − 1 from NQ accumulators, bias and the prior y added
+// as asked; a panel's last rows (fewer than 8·NQ) one by one.
+template <int NQ>
+__attribute__((always_inline)) inline void store_outputs(const MatmulParams& p, int64_t t, int64_t n0, int64_t rows,
+                                                         const __m256 (&acc)[NQ]) {
+  float* y = p.y + y_row(p, t) * p.ldy + n0;
+  if (rows == 8 * NQ) {  // vector stores (a LoRA expand of rank 8 is mostly stores)
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q) {
+      __m256 v = acc[q];
+      if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0 + 8 * q));
+      if (p.accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(y + 8 * q));
+      _mm256_storeu_ps(y + 8 * q, v);
+    }
+    return;
+  }
+  alignas(32) float out[8 * NQ];
+#pragma GCC unroll 4
+  for (int q = 0; q < NQ; ++q) _mm256_store_ps(out + 8 * q, acc[q]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float v = out[r] + (p.bias ? p.bias[n0 + r] : 0.f);
+    y[r] = p.accumulate ? y[r] + v : v;
+  }
+}
+
 template <bool BF16, int TB>
 void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
   __m256 acc[TB][4];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int j = 0; j < TB; ++j)
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_setzero_ps();
   const float* xr[TB];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
   const int64_t nranges = p.k_ranges ? p.n_k_ranges : 1;
   for (int64_t ri = 0; ri < nranges; ++ri) {
@@ -44,42 +69,19 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
     const size_t base = size_t(panel * (p.k_range_w ? k1 - k0 : p.K)) * kPanel;
     for (int64_t k = k0; k < k1; ++k) {
       __m256 w[4];
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(wr, base + size_t(k - kb) * kPanel + size_t(8 * q));
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < TB; ++j) {
         const __m256 xb = _mm256_broadcast_ss(xr[j] + k);
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_fmadd_ps(w[q], xb, acc[j][q]);
       }
     }
   }
   const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);
-  if (rows == kPanel) {  // a whole panel: vector stores (a LoRA expand of rank 8 is mostly stores)
-    #pragma GCC unroll 8
-    for (int j = 0; j < TB; ++j) {
-      float* y = p.y + y_row(p, t0 + j) * p.ldy + n0;
-      #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        __m256 v = acc[j][q];
-        if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0 + 8 * q));
-        if (p.accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(y + 8 * q));
-        _mm256_storeu_ps(y + 8 * q, v);
-      }
-    }
-    return;
-  }
-  #pragma GCC unroll 8
-  for (int j = 0; j < TB; ++j) {
-    alignas(32) float out[kPanel];
-    #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) _mm256_store_ps(out + 8 * q, acc[j][q]);
-    float* y = p.y + y_row(p, t0 + j) * p.ldy + n0;
-    for (int64_t r = 0; r < rows; ++r) {
-      float v = out[r] + (p.bias ? p.bias[n0 + r] : 0.f);
-      y[r] = p.accumulate ? y[r] + v : v;
-    }
-  }
+#pragma GCC unroll 8
+  for (int j = 0; j < TB; ++j) store_outputs<4>(p, t0 + j, n0, rows, acc[j]);
 }
 
 constexpr int64_t kWideMinTokens = 32;
@@ -100,14 +102,14 @@ void widen_panel(const MatmulParams& p, int64_t panel, float* wf) {
 template <int TB>
 void tile16(const MatmulParams& p, const float* wh, int64_t n0, int64_t t0) {
   __m256 acc[TB][2];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int j = 0; j < TB; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
   const float* xr[TB];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
   for (int64_t k = 0; k < p.K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(wh + k * 16), w1 = _mm256_loadu_ps(wh + k * 16 + 8);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < TB; ++j) {
       const __m256 xb = _mm256_broadcast_ss(xr[j] + k);
       acc[j][0] = _mm256_fmadd_ps(w0, xb, acc[j][0]);
@@ -115,27 +117,8 @@ void tile16(const MatmulParams& p, const float* wh, int64_t n0, int64_t t0) {
     }
   }
   const int64_t rows = std::min<int64_t>(16, p.N - n0);
-  #pragma GCC unroll 8
-  for (int j = 0; j < TB; ++j) {
-    float* y = p.y + y_row(p, t0 + j) * p.ldy + n0;
-    if (rows == 16) {
-      #pragma GCC unroll 4
-      for (int q = 0; q < 2; ++q) {
-        __m256 v = acc[j][q];
-        if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0 + 8 * q));
-        if (p.accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(y + 8 * q));
-        _mm256_storeu_ps(y + 8 * q, v);
-      }
-    } else {
-      alignas(32) float out[16];
-      _mm256_store_ps(out, acc[j][0]);
-      _mm256_store_ps(out + 8, acc[j][1]);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float v = out[r] + (p.bias ? p.bias[n0 + r] : 0.f);
-        y[r] = p.accumulate ? y[r] + v : v;
-      }
-    }
-  }
+#pragma GCC unroll 8
+  for (int j = 0; j < TB; ++j) store_outputs<2>(p, t0 + j, n0, rows, acc[j]);
 }
 
 template <bool BF16>
