@@ -86,6 +86,8 @@ static int run_command(int argc, char** argv) {
   reg("inspect", "Print a model's architecture, sizes, dtypes and tokenizer", app::add_inspect);
   reg("synth-model", "Write a deterministic tiny HF-format model", app::add_synth_model);
   reg("synth-bundle", "Write a deterministic bundle of random PEFT experts and routers", app::add_synth_bundle);
+  reg("fit-router", "Fit a bundle's grouped router on labelled prompts (docs/fitting.md)", app::add_fit_router);
+  reg("fit-intuition", "Fit a T-REX bundle's intuition centroids by k-means++ (docs/fitting.md)", app::add_fit_intuition);
   reg("explain", "Draw a prompt's routing (layers x experts) as an SVG heatmap", app::add_explain);
   reg("batch", "Run an OpenAI Batch API JSONL file (resumable; docs/batch.md)", app::add_batch);
   reg("serve", "Serve the OpenAI-compatible HTTP API (docs/api.md)", app::add_serve);

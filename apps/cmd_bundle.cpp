@@ -102,6 +102,30 @@ Runner add_explain(CLI::App& app) {
   };
 }
 
+// Where a router or centroids file came from, from its __metadata__ (atmoe fit-router,
+// fit-intuition and synth-bundle write it).
+static std::string router_provenance(const std::map<std::string, std::string>& m) {
+  auto get = [&](const char* k) { return m.count(k) ? m.at(k) : std::string("?"); };
+  const std::string how = m.count("atmoe_fit") ? m.at("atmoe_fit") : "";
+  if (how == "fit-router" || how == "fit-intuition") {
+    std::string s = fmt::format("fitted by atmoe {} on {} (sha256 {}, {} lines", how, get("data_file"),
+                                get("data_sha256").substr(0, 16), get("data_lines"));
+    if (how == "fit-router") {
+      s += fmt::format(": {} train, {} dev, {} held out; router input {}", get("train_lines"), get("dev_lines"),
+                       get("heldout_lines"), get("router_input"));
+      if (m.count("heldout_group_accuracy_mean"))
+        s += fmt::format("; held-out group accuracy {} mean over layers, {} last layer", get("heldout_group_accuracy_mean"),
+                         get("heldout_group_accuracy_last"));
+      if (m.count("lambda")) s += "; lambda " + get("lambda") + " chosen on the dev lines";
+    } else {
+      s += fmt::format(": {}, inertia {}, cluster sizes {}", get("source"), get("inertia"), get("cluster_sizes"));
+    }
+    return s + ", build " + get("atmoe_build") + ")";
+  }
+  if (how == "synth-bundle") return "random weights from atmoe synth-bundle (not fitted)";
+  return "no provenance (not written by atmoe fit-router or fit-intuition)";
+}
+
 int inspect_bundle(const std::string& dir, bool check_tensors) {
   Bundle b = load_bundle_manifest(dir);
   auto model = Model::load(b.base_model, DType::BF16, check_tensors);
@@ -119,6 +143,9 @@ int inspect_bundle(const std::string& dir, bool check_tensors) {
     std::cout << fmt::format("intuition:    {} centroids of dimension {}, from {}\n", t.K(), t.d_e(),
                              b.trex->intuition_from_hidden ? "the pooled hidden state of layer " + std::to_string(b.trex->hidden_layer)
                                                            : std::string("a request embedding"));
+    if (b.trex->centroids_file.size() > 12 &&
+        b.trex->centroids_file.substr(b.trex->centroids_file.size() - 12) == ".safetensors")
+      std::cout << "centroids:    " << router_provenance(SafetensorsFile(b.trex->centroids_file).metadata()) << "\n";
     return 0;
   }
   (void)Router(b, model->config().n_layers, model->config().hidden);  // checks router.safetensors
@@ -126,6 +153,7 @@ int inspect_bundle(const std::string& dir, bool check_tensors) {
             << (b.router_input == RouterInput::PerToken ? "per_token" : "per_request") << ", tau_group " << b.tau_group
             << ", tau_expert " << b.tau_expert << ", lambda " << b.lambda << ")\n";
   std::cout << "base model:   " << b.base_model << ": " << model->config().summary() << "\n";
+  std::cout << "router:       " << router_provenance(SafetensorsFile(b.router_file).metadata()) << "\n";
   // Each adapter is read, described and dropped: memory stays that of one adapter.
   const SiteShapes shapes = site_shapes(model->config());
   auto describe = [&](const BundleExpert& e, int64_t* bytes) {

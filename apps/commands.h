@@ -19,6 +19,8 @@ Runner add_bench(CLI::App& app);
 Runner add_batch(CLI::App& app);
 Runner add_serve(CLI::App& app);
 Runner add_synth_bundle(CLI::App& app);
+Runner add_fit_router(CLI::App& app);
+Runner add_fit_intuition(CLI::App& app);
 int inspect_bundle(const std::string& dir, bool check_tensors);
 
 // Tokenises a prompt, optionally wrapped in the model's chat template.

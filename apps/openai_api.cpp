@@ -112,6 +112,8 @@ RoutingControls parse_routing(const json& r) {
   return c;
 }
 
+}  // namespace
+
 std::vector<ChatMessage> parse_messages(const json& v) {
   if (!v.is_array() || v.empty()) bad("messages", "must be a non-empty array of {role, content}", v);
   std::vector<ChatMessage> out;
@@ -145,7 +147,7 @@ std::vector<ChatMessage> parse_messages(const json& v) {
 
 // A text of more bytes than the context times the longest token can never fit: refused
 // before tokenizing it.
-void check_text_bytes(const Model& m, const std::string& text, const std::string& field) {
+static void check_text_bytes(const Model& m, const std::string& text, const std::string& field) {
   if (text.size() > prompt_bytes_cap(m))
     throw InputError(fmt::format("body.{}: {} bytes can never fit the context of {} tokens", field, text.size(),
                                  m.config().max_position));
@@ -162,6 +164,8 @@ std::vector<int32_t> chat_tokens(const Model& m, const std::vector<ChatMessage>&
   check_text_bytes(m, rendered, "messages");
   return tok.encode(rendered, f == ChatFormat::ChatML && tok.add_bos_default(), true);
 }
+
+namespace {
 
 std::vector<int32_t> completion_tokens(const Model& m, const json& p) {
   const Tokenizer& tok = m.tokenizer();

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/bundle.h"
+#include "common/chat_template.h"
 #include "common/error.h"
 #include "coordinator/engine.h"
 #include "coordinator/scheduler.h"
@@ -30,6 +31,12 @@ class NotFoundError : public InputError {
  public:
   using InputError::InputError;
 };
+
+// A "messages" array ({role, content} with text content) checked (InputError naming
+// body.messages[i].field), and its tokens under the model's chat template (with the
+// generation prompt), as /v1/chat/completions renders them.
+std::vector<ChatMessage> parse_messages(const nlohmann::json& v);
+std::vector<int32_t> chat_tokens(const Model& m, const std::vector<ChatMessage>& msgs);
 
 enum class Endpoint { Completions, ChatCompletions };
 // "/v1/completions" / "/v1/chat/completions" -> Endpoint; InputError for anything else.

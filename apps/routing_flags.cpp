@@ -12,7 +12,7 @@ namespace atmoe::app {
 void add_routing_flags(CLI::App& app, RoutingFlags& f) {
   app.add_option("--routing", f.routing, "on (default) or off: off runs the base model only");
   app.add_option("--adapter", f.adapter, "Serve one expert at weight 1 (plain LoRA)");
-  app.add_option("--pin", f.pin, "Fixed group weights, e.g. medicine=0.7,law=0.3 (normalised)");
+  app.add_option("--pin", f.pin, "Fixed weights of groups or experts, e.g. medicine=0.7,law=0.3 (normalised)");
   app.add_option("--mask", f.mask, "Experts or groups to exclude, comma-separated");
   app.add_option("--group-bias", f.group_bias, "Added to group logits, e.g. law=1.5");
   app.add_option("--top-k-groups", f.top_k_groups, "Keep the k heaviest groups (0 = all)");

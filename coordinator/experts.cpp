@@ -64,15 +64,16 @@ void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const St
                                ThreadPool::global());
 }
 
-ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype)
-    : ExpertPool(b, c, std::unique_ptr<ExpertBackend>()) {
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype, bool router_optional)
+    : ExpertPool(b, c, std::unique_ptr<ExpertBackend>(), router_optional) {
   ATMOE_ASSERT(dtype == DType::F32 || dtype == DType::BF16);
   backend_ = std::make_unique<LocalExperts>(b_, c, dtype);
 }
 
-ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend)
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend,
+                       bool router_optional)
     : b_(b), n_layers_(c.n_layers), hidden_(c.hidden), backend_(std::move(backend)) {
-  router_ = std::make_unique<Router>(b_, c.n_layers, c.hidden);
+  router_ = std::make_unique<Router>(b_, c.n_layers, c.hidden, router_optional);
   ATMOE_LOG("coord")->info("bundle {}: {} groups, {} experts{}", b_.dir, b_.groups.size(), b_.experts.size(),
                            b_.general ? " + general" : "");
 }
@@ -206,6 +207,7 @@ void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const f
       if (r->a.empty()) {
         r->a.assign(size_t(n_layers_), std::vector<double>(size_t(G), 0.0));
         r->w.assign(size_t(n_layers_), std::vector<double>(size_t(E), 0.0));
+        if (r->keep_inputs) r->inputs.assign(size_t(n_layers_), {});
       }
       if (!per_token) {
         if (!r->per_request_done) {
@@ -214,6 +216,7 @@ void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const f
           for (int64_t j = 0; j < it.n; ++j)
             for (int64_t i = 0; i < d; ++i) umean_[size_t(i)] += h[(t0 + j) * ldh + i];
           for (auto& v : umean_) v /= float(it.n);
+          if (r->keep_inputs) r->inputs[size_t(layer)] = umean_;
           router_->route(layer, umean_.data(), r->ctl, r->a[size_t(layer)].data(), r->w[size_t(layer)].data());
           if (layer == n_layers_ - 1) r->per_request_done = true;
         }
@@ -222,6 +225,9 @@ void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const f
           s.coef[size_t((t0 + j) * C + E)] = gen;
         }
       } else {
+        if (r->keep_inputs)
+          for (int64_t j = 0; j < it.n; ++j)
+            r->inputs[size_t(layer)].insert(r->inputs[size_t(layer)].end(), h + (t0 + j) * ldh, h + (t0 + j) * ldh + d);
         for (int64_t j = 0; j < it.n; ++j) {
           router_->route(layer, h + (t0 + j) * ldh, r->ctl, ra_.data(), rw_.data());
           for (int e = 0; e < E; ++e) s.coef[size_t((t0 + j) * C + e)] = lam * float(rw_[size_t(e)]);

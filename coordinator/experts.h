@@ -26,6 +26,10 @@ struct SeqRouting {
   std::vector<std::vector<std::vector<double>>> tokens;         // per_token: [token][L][E]
   std::vector<std::vector<std::vector<double>>> tokens_groups;  // per_token: [token][L][G]
   int64_t n_token_steps = 0;                                    // per_token: tokens accumulated into a/w
+  // Router inputs kept for fitting (atmoe fit-router): per layer, the rows the router saw
+  // (per_request: the prompt mean, once; per_token: every token's input), [L][rows * hidden].
+  bool keep_inputs = false;
+  std::vector<std::vector<float>> inputs;
   // T-REX: the controls, and the cluster scores C e once known (empty until then).
   RoutingControls trex_ctl;
   bool trex_ready = false;
@@ -84,9 +88,11 @@ class ExpertPool : public ExpertDispatch {
  public:
   // dtype: of the stacked LoRA weights (the model's: bf16 halves the bytes read per step).
   // Experts in this process.
-  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32);
+  // router_optional: a missing router file gives an all-zero router (Router's zeros_when_missing).
+  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32, bool router_optional = false);
   // Experts behind `backend` (worker ranks).
-  ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend);
+  ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend,
+             bool router_optional = false);
   ~ExpertPool() override;
 
   const Bundle& bundle() const { return b_; }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <numeric>
 #include <set>
 
@@ -81,18 +82,37 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c) {
     r.group_bias[size_t(g)] = v;
   }
   if (!c.pin.empty()) {
+    // Names are groups or experts; an expert's weight goes to its group and fixes the mix
+    // inside it. A group pinned both ways is ambiguous.
     r.pin.assign(size_t(G), 0.0);
+    std::vector<double> pe(size_t(E), 0.0);
+    std::vector<int> how(size_t(G), 0);  // 1: by name, 2: through its experts
     double sum = 0;
     for (const auto& [n, v] : c.pin) {
-      int g = b.group_index(n);
-      ATMOE_CHECK_INPUT(g >= 0, "routing: pin '{}' is not a group of this bundle", n);
+      const int g = b.group_index(n), e = b.expert_index(n);
+      ATMOE_CHECK_INPUT(g >= 0 || e >= 0, "routing: pin '{}' is neither a group nor an expert of this bundle", n);
+      ATMOE_CHECK_INPUT(g < 0 || e < 0, "routing: pin '{}' names both a group and an expert of this bundle", n);
       ATMOE_CHECK_INPUT(std::isfinite(v) && v >= 0, "routing: pin weight for '{}' must be >= 0, got {}", n, v);
-      ATMOE_CHECK_INPUT(!(v > 0 && r.group_masked[size_t(g)]), "routing: group '{}' is both pinned and masked", n);
-      r.pin[size_t(g)] = v;
+      const int gg = g >= 0 ? g : b.experts[size_t(e)].group;
+      ATMOE_CHECK_INPUT(!(v > 0 && (r.group_masked[size_t(gg)] || (e >= 0 && r.expert_masked[size_t(e)]))),
+                        "routing: '{}' is both pinned and masked", n);
+      const int kind = g >= 0 ? 1 : 2;
+      ATMOE_CHECK_INPUT(how[size_t(gg)] == 0 || how[size_t(gg)] == kind,
+                        "routing: group '{}' is pinned both by name and through its experts", b.groups[size_t(gg)].name);
+      how[size_t(gg)] = kind;
+      r.pin[size_t(gg)] += v;
+      if (e >= 0) pe[size_t(e)] = v;
       sum += v;
     }
     ATMOE_CHECK_INPUT(sum > 0, "routing: pin weights must sum to a positive value");
     for (auto& v : r.pin) v /= sum;
+    for (int g = 0; g < G; ++g)
+      if (how[size_t(g)] == 2 && r.pin[size_t(g)] > 0) {
+        if (r.pin_expert.empty()) r.pin_expert.assign(size_t(E), 0.0);
+        double z = 0;
+        for (int e : b.groups[size_t(g)].experts) z += pe[size_t(e)];
+        for (int e : b.groups[size_t(g)].experts) r.pin_expert[size_t(e)] = pe[size_t(e)] / z;
+      }
   }
   int live = 0;
   for (int g = 0; g < G; ++g) live += !r.group_masked[size_t(g)];
@@ -158,13 +178,28 @@ void route_from_logits(const Bundle& b, const double* gl, const double* el, cons
   for (int e = 0; e < E; ++e) ekeep[size_t(e)] = !r.expert_masked[size_t(e)];
   std::vector<double> c(static_cast<size_t>(E));
   for (int g = 0; g < G; ++g) {
-    masked_softmax(el, b.groups[size_t(g)].experts, ekeep, r.tau_e, c.data());
-    for (int e : b.groups[size_t(g)].experts) w[e] = a[g] * c[size_t(e)];
+    const auto& ge = b.groups[size_t(g)].experts;
+    const bool fixed =
+        !r.pin_expert.empty() && std::any_of(ge.begin(), ge.end(), [&](int e) { return r.pin_expert[size_t(e)] > 0; });
+    if (fixed)
+      for (int e : ge) c[size_t(e)] = r.pin_expert[size_t(e)];
+    else
+      masked_softmax(el, ge, ekeep, r.tau_e, c.data());
+    for (int e : ge) w[e] = a[g] * c[size_t(e)];
   }
 }
 
-Router::Router(const Bundle& b, int n_layers, int64_t hidden)
+Router::Router(const Bundle& b, int n_layers, int64_t hidden, bool zeros_when_missing)
     : b_(b), G_(int(b.groups.size())), E_(int(b.experts.size())), d_(hidden) {
+  if (zeros_when_missing && !std::filesystem::exists(b.router_file)) {
+    for (int l = 0; l < n_layers; ++l) {
+      wg_.push_back(Tensor::empty(DType::F32, {G_, d_}));
+      bg_.emplace_back();
+      wd_.push_back(Tensor::empty(DType::F32, {E_, d_}));
+      bd_.emplace_back();
+    }
+    return;
+  }
   SafetensorsFile f(b.router_file);
   auto get = [&](const std::string& k, std::vector<int64_t> shape, bool required) -> Tensor {
     if (!f.has(k)) {

@@ -3,8 +3,9 @@
 //   c_l[e] = softmax_{e' in group(e)}((W_D^l u + b_D^l) / τ_e)         inside each group
 //   w_l[e] = a_l[group(e)] · c_l[e]
 // with the per-request controls: mask (experts or groups; the softmaxes renormalise over
-// the rest; a group whose experts are all masked is masked), pin (fixed group weights,
-// normalised; replaces the group softmax), top_k_groups (keep the k heaviest groups,
+// the rest; a group whose experts are all masked is masked), pin (fixed weights of groups or
+// experts, normalised over all pins: a pinned group replaces the group softmax; pinned experts
+// also fix the mix inside their group, their weights summing to the group's), top_k_groups (keep the k heaviest groups,
 // renormalise), tau_group / tau_expert (τ = 0: one-hot argmax, lowest index on ties),
 // lambda, adapter (one expert at weight 1), routing off.
 // Router file: router.safetensors, keys layers.{l}.group_gate.weight [G, d] (+ .bias [G]),
@@ -24,7 +25,7 @@ namespace atmoe {
 struct RoutingControls {
   bool off = false;                          // base model only
   std::string adapter;                       // plain single-LoRA serving
-  std::map<std::string, double> pin;         // group -> weight
+  std::map<std::string, double> pin;         // group or expert -> weight
   std::vector<std::string> mask;             // expert or group names
   std::map<std::string, double> group_bias;  // group -> added logit
   int top_k_groups = 0;                      // 0 = all
@@ -47,6 +48,8 @@ struct ResolvedRouting {
   bool off = false;
   int adapter = -1;                      // expert index, or -1
   std::vector<double> pin;               // [G]; empty = no pin
+  std::vector<double> pin_expert;        // [E]: the mix inside groups pinned through their experts
+                                         // (sums to 1 over such a group's experts); empty = none
   std::vector<bool> expert_masked;       // [E]
   std::vector<bool> group_masked;        // [G]
   std::vector<double> group_bias;        // [G]
@@ -62,7 +65,9 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c);
 
 class Router {
  public:
-  Router(const Bundle& b, int n_layers, int64_t hidden);  // loads and checks router.safetensors
+  // Loads and checks router.safetensors. zeros_when_missing: a bundle whose router file does
+  // not exist yet gets an all-zero router (atmoe fit-router, which routes by pins only).
+  Router(const Bundle& b, int n_layers, int64_t hidden, bool zeros_when_missing = false);
   int n_groups() const { return G_; }
   int n_experts() const { return E_; }
   // u: [hidden] router input of layer l. Writes a [G] and w [E] (w sums to 1 over experts

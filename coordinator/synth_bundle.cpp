@@ -121,7 +121,8 @@ static void synth_trex(const SynthBundleOptions& o, const ModelConfig& c, const 
     for (int64_t i = 0; i < de; ++i) n2 += double(cen[size_t(k * de + i)] = nd(rng)) * cen[size_t(k * de + i)];
     for (int64_t i = 0; i < de; ++i) cen[size_t(k * de + i)] = float(cen[size_t(k * de + i)] / std::sqrt(n2));
   }
-  write_safetensors((fs::path(o.out) / "centroids.safetensors").string(), {{"centroids", DType::F32, {K, de}, cen.data()}});
+  write_safetensors((fs::path(o.out) / "centroids.safetensors").string(), {{"centroids", DType::F32, {K, de}, cen.data()}},
+                    {{"atmoe_fit", "synth-bundle"}});
   json intu = {{"source", o.intuition}};
   if (o.intuition == "hidden_state") intu["layer"] = o.intuition_layer >= 0 ? o.intuition_layer : c.n_layers / 4;
   json man = {{"format", "atmoe-bundle"}, {"version", 1}, {"base_model", link}, {"method", "t-rex"},
@@ -211,7 +212,7 @@ void synth_bundle(const SynthBundleOptions& o) {
     add(p + "expert_gate.weight", {E, d}, nw);
     add(p + "expert_gate.bias", {E}, nbias);
   }
-  write_safetensors((fs::path(o.out) / "router.safetensors").string(), items);
+  write_safetensors((fs::path(o.out) / "router.safetensors").string(), items, {{"atmoe_fit", "synth-bundle"}});
   write_file((fs::path(o.out) / "atmoe.json").string(), man.dump(1) + "\n", "synth output");
 }
 

@@ -12,7 +12,8 @@ transformers' LlamaForCausalLM and forward hooks on the adapted Linear modules:
     y += sigmoid(100 gamma) * B (G^T u)
 
 with s = M (C e) or C e, e the L2-normalised embedding. Logits of every position are
-stored, with FNV-1a-64 hashes of the generated files (tests/parity/test_trex_parity.cpp
+stored with their relative L2 change from the base model's (the experts must move them),
+and FNV-1a-64 hashes of the generated files (tests/parity/test_trex_parity.cpp
 rebuilds them with the same options and checks the hashes first).
 
 Usage: make_trex_goldens.py ATMOE_BINARY   (needs torch, transformers, safetensors)
@@ -126,7 +127,10 @@ def main():
         logits, plain = trex_logits(mdir, bdir, ids)
         rel_change = float(torch.linalg.norm(logits - plain) / torch.linalg.norm(plain))
         print(f"{name}: experts change the logits by {rel_change:.3g} (relative L2)")
-        out["cases"][name] = {"synth_bundle_args": args, "logits": logits.flatten().tolist()}
+        # The test checks atmoe's own change against this one: parity within 1e-4 would be
+        # vacuous if the experts did not move the logits.
+        assert rel_change > 1e-2, f"{name}: the experts barely change the logits ({rel_change:.3g})"
+        out["cases"][name] = {"synth_bundle_args": args, "logits": logits.flatten().tolist(), "rel_change": rel_change}
     with open(os.path.join(here, "goldens", "trex_synth.json"), "w") as f:
         json.dump(out, f)
     print("wrote goldens/trex_synth.json")

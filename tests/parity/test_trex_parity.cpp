@@ -67,6 +67,21 @@ TEST(TrexParity, MatchesTorchTranscription) {
     const double worst = worst_row_rel_l2(lg, want, T, V);
     std::printf("%s: worst relative L2 over %lld positions %.3g\n", name.c_str(), (long long)T, worst);
     EXPECT_LE(worst, 1e-4) << name;
+    // The experts move the logits as much as in the reference: base logits from routing off.
+    auto r0 = pool.new_routing([] {
+      RoutingControls off;
+      off.off = true;
+      return off;
+    }());
+    auto cache0 = m->new_cache();
+    std::vector<float> base;
+    m->forward({{cache0.get(), toks.data(), int64_t(toks.size()), LogitsMode::All, r0.get()}}, base);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < lg.size(); ++i) num += (double(lg[i]) - base[i]) * (double(lg[i]) - base[i]), den += double(base[i]) * base[i];
+    const double change = std::sqrt(num / den), want_change = cs["rel_change"].get<double>();
+    std::printf("%s: experts change the logits by %.4g (reference %.4g)\n", name.c_str(), change, want_change);
+    EXPECT_GT(want_change, 1e-2) << name << ": the reference experts barely move the logits";
+    EXPECT_NEAR(change, want_change, 1e-3 * want_change) << name;
   }
 }
 

@@ -4,6 +4,8 @@
 #include <fstream>
 #include <memory>
 
+#include "common/error.h"
+
 #include <nlohmann/json.hpp>
 
 #include "common/safetensors.h"
@@ -12,7 +14,7 @@ namespace atmoe::test {
 
 // Float64 reference: HF LlamaForCausalLM semantics (rotate_half RoPE), all positions.
 std::vector<double> reference_logits(const std::string& dir, const std::vector<int32_t>& toks,
-                                     const std::vector<RefLora>& loras) {
+                                     const std::vector<RefLora>& loras, const RefRouter& router) {
   SafetensorsFile f(dir + "/model.safetensors");
   auto W = [&](const std::string& n) {
     Tensor t = f.get(n).to(DType::F32);
@@ -73,6 +75,9 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
     double r = cj["r"].get<double>(), alpha = cj["lora_alpha"].get<double>();
     ad.push_back({std::make_unique<SafetensorsFile>(lr.dir + "/adapter_model.safetensors"), alpha / r, lr.coef});
   }
+  std::vector<std::vector<double>> coef(static_cast<size_t>(T));  // [T][adapter], per layer
+  for (auto& c : coef)
+    for (const auto& a : ad) c.push_back(a.coef);
   auto lora = [&](std::vector<double>& y, const std::vector<double>& in, int K, int N, const std::string& mod) {
     for (auto& a : ad) {
       std::string k = "base_model.model." + mod + ".lora_";
@@ -86,7 +91,7 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
         for (int n = 0; n < N; ++n) {
           double s = 0;
           for (int64_t i = 0; i < r; ++i) s += double(B.data<float>()[n * r + i]) * u[size_t(i)];
-          y[size_t(t * N + n)] += a.coef * a.scale * s;
+          y[size_t(t * N + n)] += coef[size_t(t)][size_t(&a - ad.data())] * a.scale * s;
         }
       }
     }
@@ -94,6 +99,11 @@ std::vector<double> reference_logits(const std::string& dir, const std::vector<i
   for (int l = 0; l < L; ++l) {
     std::string p = "model.layers." + std::to_string(l) + ".";
     auto h = rms(x, W(p + "input_layernorm.weight"));
+    if (router)
+      for (int t = 0; t < T; ++t) {
+        coef[size_t(t)] = router(l, &h[size_t(t * d)]);
+        ATMOE_ASSERT(coef[size_t(t)].size() == ad.size());
+      }
     auto q = lin(h, d, W(p + "self_attn.q_proj.weight"), H * D);
     auto k = lin(h, d, W(p + "self_attn.k_proj.weight"), Hkv * D);
     auto v = lin(h, d, W(p + "self_attn.v_proj.weight"), Hkv * D);

@@ -73,10 +73,22 @@ void ref_route(const Bundle& b, const std::vector<double>& gl, const std::vector
       for (int e : b.groups[g].experts) emask[size_t(e)] = true;
     }
   }
+  std::vector<double> pe(E, 0.0);  // pinned experts' weights
+  std::vector<bool> fixed(G, false);
   if (!c.pin.empty()) {
     double s = 0;
     for (auto& [n, v] : c.pin) s += v;
-    for (auto& [n, v] : c.pin) a[size_t(b.group_index(n))] = v / s;
+    for (auto& [n, v] : c.pin) {
+      const int g = b.group_index(n);
+      if (g >= 0) {
+        a[size_t(g)] += v / s;
+      } else {
+        const int e = b.expert_index(n), ge = b.experts[size_t(e)].group;
+        a[size_t(ge)] += v / s;
+        pe[size_t(e)] = v;
+        fixed[size_t(ge)] = fixed[size_t(ge)] || v > 0;
+      }
+    }
   } else {
     std::vector<double> z(G);
     std::vector<bool> keep(G);
@@ -102,6 +114,11 @@ void ref_route(const Bundle& b, const std::vector<double>& gl, const std::vector
       keep.push_back(!emask[size_t(e)]);
     }
     auto p = ref_softmax(z, keep, c.tau_expert.value_or(b.tau_expert));
+    if (fixed[g]) {
+      double zs = 0;
+      for (int e : b.groups[g].experts) zs += pe[size_t(e)];
+      for (size_t i = 0; i < p.size(); ++i) p[i] = pe[size_t(b.groups[g].experts[i])] / zs;
+    }
     for (size_t i = 0; i < p.size(); ++i) w[size_t(b.groups[g].experts[i])] = a[g] * p[i];
   }
 }
@@ -129,8 +146,14 @@ TEST(Router, MatchesFloat64ReferenceOnRandomControls) {
     if (rng() % 2 == 0) c.tau_group = taus[rng() % 5];
     if (rng() % 2 == 0) c.tau_expert = taus[rng() % 5];
     if (rng() % 5 == 0) {
-      for (size_t g = 0; g < G; ++g)
-        if (rng() % 2) c.pin[b.groups[g].name] = double(rng() % 4);
+      for (size_t g = 0; g < G; ++g) {
+        if (rng() % 2) {
+          c.pin[b.groups[g].name] = double(rng() % 4);
+        } else if (rng() % 2) {  // through its experts
+          for (int e : b.groups[g].experts)
+            if (rng() % 2) c.pin[b.experts[size_t(e)].name] = double(rng() % 4);
+        }
+      }
     }
     if (rng() % 15 == 0) c.adapter = b.experts[rng() % E].name;
     if (rng() % 20 == 0) c.off = true;
@@ -216,6 +239,13 @@ TEST(Router, BadControlsAreInputErrors) {
   bad(c);
   c = {};
   c.pin = {{"med", -1}, {"law", 2}};
+  bad(c);
+  c = {};
+  c.pin = {{"med", 1}, {"cardio", 1}};  // one group pinned both ways
+  bad(c);
+  c = {};
+  c.pin = {{"cardio", 1}};
+  c.mask = {"cardio"};
   bad(c);
   c = {};
   c.tau_group = -1;
