@@ -143,8 +143,7 @@ int inspect_bundle(const std::string& dir, bool check_tensors) {
     std::cout << fmt::format("intuition:    {} centroids of dimension {}, from {}\n", t.K(), t.d_e(),
                              b.trex->intuition_from_hidden ? "the pooled hidden state of layer " + std::to_string(b.trex->hidden_layer)
                                                            : std::string("a request embedding"));
-    if (b.trex->centroids_file.size() > 12 &&
-        b.trex->centroids_file.substr(b.trex->centroids_file.size() - 12) == ".safetensors")
+    if (b.trex->centroids_file.ends_with(".safetensors"))
       std::cout << "centroids:    " << router_provenance(SafetensorsFile(b.trex->centroids_file).metadata()) << "\n";
     return 0;
   }

@@ -31,6 +31,7 @@
 #include "coordinator/model.h"
 #include "coordinator/router_fit.h"
 #include "coordinator/trex_pool.h"
+#include "kernels/cpu/sampling.h"
 #include "worker/expert_shard.h"
 
 namespace atmoe::app {
@@ -95,12 +96,12 @@ std::vector<double> line_target(const json& v, const std::string& field, size_t 
                                 const std::function<int(const std::string&)>& index, const std::string& what,
                                 const std::string& path, int ln) {
   if (!v.is_object() || v.empty())
-    line_error(path, ln, fmt::format("{}: expected an object {{\"{}\": weight, ...}}", field, what));
+    line_error(path, ln, fmt::format("{}: expected an object {{\"name\": weight, ...}} ({})", field, what));
   std::vector<double> t(n, 0.0);
   double s = 0;
   for (auto it = v.begin(); it != v.end(); ++it) {
     const int k = index(it.key());
-    if (k < 0) line_error(path, ln, fmt::format("{}: '{}' is not a {} of this bundle", field, it.key(), what));
+    if (k < 0) line_error(path, ln, fmt::format("{}: '{}' is not {} of this bundle", field, it.key(), what));
     if (!it.value().is_number() || !std::isfinite(it.value().get<double>()) || it.value().get<double>() < 0)
       line_error(path, ln, fmt::format("{}.{}: expected a finite weight >= 0", field, it.key()));
     t[size_t(k)] = it.value().get<double>();
@@ -172,14 +173,16 @@ DataFile read_data(const std::string& path, const Model& m, const Bundle* b, int
       if (g == e) line_error(path, ln, "give exactly one target: \"groups\" {name: weight} or \"experts\" {name: weight}");
       const size_t G = b->groups.size(), E = b->experts.size();
       if (g) {
-        l.group_t = line_target(j["groups"], "groups", G, [&](const std::string& n) { return b->group_index(n); }, "group", path, ln);
+        l.group_t = line_target(j["groups"], "groups", G, [&](const std::string& n) { return b->group_index(n); }, "a group", path, ln);
       } else {
-        l.expert_t = line_target(j["experts"], "experts", E, [&](const std::string& n) { return b->expert_index(n); }, "expert", path, ln);
+        l.expert_t = line_target(j["experts"], "experts", E, [&](const std::string& n) { return b->expert_index(n); }, "an expert", path, ln);
         l.group_t.assign(G, 0.0);
         for (size_t k = 0; k < E; ++k) l.group_t[size_t(b->experts[k].group)] += l.expert_t[k];
       }
       if (j.contains("completion")) {
         if (!j["completion"].is_string()) line_error(path, ln, "completion: expected a string");
+      }
+      if (j.contains("completion") && b->general) {  // only used to choose lambda
         l.completion = m.tokenizer().encode(j["completion"].get<std::string>(), false, false);
         if (m.tokenizer().eos_id() >= 0) l.completion.push_back(m.tokenizer().eos_id());
         if (int64_t(l.prompt.size() + l.completion.size()) > m.config().max_position)
@@ -202,81 +205,94 @@ std::vector<size_t> permutation(size_t n, uint64_t seed) {
   return p;
 }
 
-// The routing a line's target gives: groups pinned to their weights, and inside each group
-// its experts' targets, or (groups-only lines) a uniform mix: what a fitted router with
-// W_D = 0 produces there.
-RoutingControls target_controls(const Bundle& b, const FitLine& l) {
-  RoutingControls c;
-  for (size_t g = 0; g < b.groups.size(); ++g) {
+// The routing a line's target gives, set by index (a group and an expert may share a name):
+// groups pinned to their target weights and, inside each, the line's expert targets or
+// (groups-only lines) a uniform mix: what a fitted router with W_D = 0 produces there.
+void pin_target(const Bundle& b, const FitLine& l, ResolvedRouting& ctl) {
+  const size_t G = b.groups.size(), E = b.experts.size();
+  ctl.pin = l.group_t;
+  ctl.pin_expert.assign(E, 0.0);
+  for (size_t g = 0; g < G; ++g) {
     if (!(l.group_t[g] > 0)) continue;
     const auto& ex = b.groups[g].experts;
-    for (int e : ex) {
-      const double w = l.expert_t.empty() ? l.group_t[g] / double(ex.size()) : l.expert_t[size_t(e)];
-      if (w > 0) c.pin[b.experts[size_t(e)].name] = w;
-    }
+    for (int e : ex)
+      ctl.pin_expert[size_t(e)] = l.expert_t.empty() ? 1.0 / double(ex.size()) : l.expert_t[size_t(e)] / l.group_t[g];
   }
-  return c;
 }
 
-// Router inputs of every line: per layer, rows of `hidden` floats; row_line[r] is the line
-// of row r. per_token keeps at most `per_prompt` evenly spaced tokens of each prompt.
+// Runs the prompts of lines[idx] (batches of about `batch_tokens`, each prompt whole) with
+// the routing `route(line)` makes, and hands each finished sequence's routing state to
+// `done(line, state)`.
+void run_prompts(Model& m, ExpertPool& pool, const std::vector<FitLine>& lines, const std::vector<size_t>& idx,
+                 int64_t batch_tokens, const std::function<std::unique_ptr<SeqRouting>(const FitLine&)>& route,
+                 const std::function<void(size_t, const SeqRouting&)>& done, const char* what) {
+  std::vector<float> logits;
+  size_t i = 0;
+  int64_t done_tokens = 0, total_tokens = 0;
+  for (size_t k : idx) total_tokens += int64_t(lines[k].prompt.size());
+  double t_log = now_s();
+  while (i < idx.size()) {
+    std::vector<std::unique_ptr<KvCache>> caches;
+    std::vector<std::unique_ptr<SeqRouting>> routes;
+    std::vector<ForwardItem> items;
+    std::vector<size_t> batch;
+    int64_t tok = 0;
+    while (i < idx.size() && (items.empty() || tok + int64_t(lines[idx[i]].prompt.size()) <= batch_tokens)) {
+      const FitLine& l = lines[idx[i]];
+      caches.push_back(m.new_cache());
+      routes.push_back(route(l));
+      items.push_back({caches.back().get(), l.prompt.data(), int64_t(l.prompt.size()), LogitsMode::None, routes.back().get()});
+      batch.push_back(idx[i]);
+      tok += int64_t(l.prompt.size());
+      ++i;
+    }
+    m.forward(items, logits);
+    pool.end_step();
+    for (size_t k = 0; k < items.size(); ++k) done(batch[k], *routes[k]);
+    done_tokens += tok;
+    if (now_s() - t_log > 10 || i == idx.size()) {
+      ATMOE_LOG("fit")->info("{}: {}/{} prompts, {}/{} tokens", what, i, idx.size(), done_tokens, total_tokens);
+      t_log = now_s();
+    }
+  }
+}
+
+// Router inputs of the training lines, taken with each line's target pinned: per layer,
+// rows of `hidden` floats; row_line[r] is the line of row r. per_token keeps at most
+// `per_prompt` evenly spaced tokens of each prompt.
 struct Features {
   std::vector<std::vector<float>> x;  // [L][rows * d]
   std::vector<size_t> row_line;
   int64_t rows = 0;
 };
 
-Features gather_features(Model& m, ExpertPool& pool, const std::vector<FitLine>& lines, int per_prompt,
-                         int64_t batch_tokens) {
-  const auto& c = m.config();
-  const int L = c.n_layers;
-  const int64_t d = c.hidden;
+Features gather_features(Model& m, ExpertPool& pool, const std::vector<FitLine>& lines, const std::vector<size_t>& idx,
+                         int per_prompt, int64_t batch_tokens) {
+  const int L = m.config().n_layers;
+  const int64_t d = m.config().hidden;
   Features f;
   f.x.assign(size_t(L), {});
-  std::vector<float> logits;
-  size_t i = 0;
-  int64_t done_tokens = 0, total_tokens = 0;
-  for (const auto& l : lines) total_tokens += int64_t(l.prompt.size());
-  double t_log = now_s();
-  while (i < lines.size()) {
-    std::vector<std::unique_ptr<KvCache>> caches;
-    std::vector<std::unique_ptr<SeqRouting>> routes;
-    std::vector<ForwardItem> items;
-    std::vector<size_t> idx;
-    int64_t tok = 0;
-    while (i < lines.size() && (items.empty() || tok + int64_t(lines[i].prompt.size()) <= batch_tokens)) {
-      const FitLine& l = lines[i];
-      caches.push_back(m.new_cache());
-      routes.push_back(pool.new_routing(target_controls(pool.bundle(), l)));
-      routes.back()->keep_inputs = true;
-      items.push_back({caches.back().get(), l.prompt.data(), int64_t(l.prompt.size()), LogitsMode::None, routes.back().get()});
-      idx.push_back(i);
-      tok += int64_t(l.prompt.size());
-      ++i;
-    }
-    m.forward(items, logits);
-    pool.end_step();
-    for (size_t k = 0; k < items.size(); ++k) {
-      const auto& in = routes[k]->inputs;
-      ATMOE_ASSERT(int(in.size()) == L);
-      const int64_t n = int64_t(in[0].size()) / d;
-      std::vector<int64_t> keep;
-      if (n <= per_prompt) {
-        for (int64_t j = 0; j < n; ++j) keep.push_back(j);
-      } else {
-        for (int64_t j = 0; j < per_prompt; ++j) keep.push_back(j * n / per_prompt);
-      }
-      for (int l = 0; l < L; ++l)
-        for (int64_t j : keep) f.x[size_t(l)].insert(f.x[size_t(l)].end(), in[size_t(l)].begin() + j * d, in[size_t(l)].begin() + (j + 1) * d);
-      for (size_t r = 0; r < keep.size(); ++r) f.row_line.push_back(idx[k]);
-      f.rows += int64_t(keep.size());
-    }
-    done_tokens += tok;
-    if (now_s() - t_log > 10 || i == lines.size()) {
-      ATMOE_LOG("fit")->info("features: {}/{} prompts, {}/{} tokens", i, lines.size(), done_tokens, total_tokens);
-      t_log = now_s();
-    }
-  }
+  run_prompts(
+      m, pool, lines, idx, batch_tokens,
+      [&](const FitLine& l) {
+        auto r = pool.new_routing(RoutingControls{});
+        pin_target(pool.bundle(), l, r->ctl);
+        r->keep_inputs = true;
+        return r;
+      },
+      [&](size_t line, const SeqRouting& r) {
+        const auto& in = r.inputs;
+        ATMOE_ASSERT(int(in.size()) == L);
+        const int64_t n = int64_t(in[0].size()) / d;
+        std::vector<int64_t> keep;
+        for (int64_t j = 0; j < std::min<int64_t>(n, per_prompt); ++j) keep.push_back(n <= per_prompt ? j : j * n / per_prompt);
+        for (int l = 0; l < L; ++l)
+          for (int64_t j : keep)
+            f.x[size_t(l)].insert(f.x[size_t(l)].end(), in[size_t(l)].begin() + j * d, in[size_t(l)].begin() + (j + 1) * d);
+        f.row_line.insert(f.row_line.end(), keep.size(), line);
+        f.rows += int64_t(keep.size());
+      },
+      "features");
   return f;
 }
 
@@ -360,12 +376,11 @@ Runner add_fit_router(CLI::App& app) {
     if (o->out.empty()) o->out = b.router_file;
     if (o->report.empty()) {
       std::string stem = o->out;
-      if (stem.size() > 12 && stem.substr(stem.size() - 12) == ".safetensors") stem.resize(stem.size() - 12);
+      if (stem.ends_with(".safetensors")) stem.resize(stem.size() - 12);
       o->report = stem + ".fit.json";
     }
-    const std::string svg_path = (o->report.size() > 5 && o->report.substr(o->report.size() - 5) == ".json"
-                                      ? o->report.substr(0, o->report.size() - 5)
-                                      : o->report) + ".svg";
+    const std::string svg_path =
+        (o->report.ends_with(".json") ? o->report.substr(0, o->report.size() - 5) : o->report) + ".svg";
     require_writable_file(o->out, "--out");
     require_writable_file(o->report, "--report");
     auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
@@ -412,14 +427,25 @@ Runner add_fit_router(CLI::App& app) {
                         o->data, b.experts[size_t(e)].name, b.groups[size_t(g)].name);
     }
 
-    ExpertPool pool(b, cfg, model->dtype(), /*router_optional=*/true);
-    model->set_experts(&pool);
+    std::vector<size_t> train, dev, test;
+    for (size_t i = 0; i < N; ++i) (split[i] == 0 ? train : split[i] == 1 ? dev : test).push_back(i);
+    if (fit_lambda) {
+      dev.erase(std::remove_if(dev.begin(), dev.end(), [&](size_t i) { return df.lines[i].completion.empty(); }), dev.end());
+      ATMOE_CHECK_INPUT(!dev.empty(), "{}: none of the {} dev lines has a completion (--dev {}); lambda needs some",
+                        o->data, n_dev, o->dev);
+    }
+
+    // Features with the targets pinned (the router's own weights are never used: a zero router).
+    auto pool = std::make_unique<ExpertPool>(b, cfg, model->dtype(), /*zero_router=*/true);
+    model->set_experts(pool.get());
     const bool per_token = b.router_input == RouterInput::PerToken;
     ATMOE_LOG("fit")->info("{} lines ({} train, {} dev, {} held out), {} groups, {} experts, router input {}", N,
-                           N - n_test - n_dev, n_dev, n_test, G, E, per_token ? "per_token" : "per_request");
+                           train.size(), n_dev, n_test, G, E, per_token ? "per_token" : "per_request");
     const double t0 = now_s();
-    Features f = gather_features(*model, pool, df.lines, per_token ? o->tokens_per_prompt : 1, o->batch_tokens);
+    Features f = gather_features(*model, *pool, df.lines, train, per_token ? o->tokens_per_prompt : 1, o->batch_tokens);
     const double t_feat = now_s() - t0;
+    model->set_experts(nullptr);
+    pool.reset();  // its experts' weights; the fitted pool below loads them again
     // Row weights: each line counts once, whatever its number of rows.
     std::vector<int64_t> line_rows(N, 0);
     for (size_t r : f.row_line) ++line_rows[r];
@@ -443,7 +469,6 @@ Runner add_fit_router(CLI::App& app) {
         for (int64_t r = 0; r < f.rows; ++r) {
           const size_t li = f.row_line[size_t(r)];
           const FitLine& ln = df.lines[li];
-          if (split[li] != 0) continue;
           double mass = 1;
           if (expert_level) {
             if (ln.expert_t.empty() || !(ln.group_t[size_t(group)] > 0)) continue;
@@ -480,11 +505,13 @@ Runner add_fit_router(CLI::App& app) {
     }
     const double t_fit = now_s() - t1;
     if (not_converged)
-      ATMOE_LOG("fit")->warn("{} gates stopped at --max-iter {} before the gradient fell below {}", not_converged,
-                             o->max_iter, fo.grad_tol);
+      ATMOE_LOG("fit")->warn("{} gates ended before the gradient fell below {} (--max-iter {}, or no decrease left in "
+                             "float64); the report lists each gate's final gradient",
+                             not_converged, fo.grad_tol, o->max_iter);
+    const bool has_expert_t = std::any_of(df.lines.begin(), df.lines.end(), [](const FitLine& l) { return !l.expert_t.empty(); });
 
-    // Write the router (provenance in __metadata__), then evaluate it through the Router
-    // that inference uses.
+    // The router file (provenance in __metadata__), first as OUT.tmp: lambda and the
+    // held-out report run through it, then it is renamed over OUT.
     std::vector<SafetensorsWriteItem> items;
     for (int l = 0; l < L; ++l) {
       const std::string p = "layers." + std::to_string(l) + ".";
@@ -493,53 +520,6 @@ Runner add_fit_router(CLI::App& app) {
       items.push_back({p + "expert_gate.weight", DType::F32, {E, d}, WD[size_t(l)].data()});
       items.push_back({p + "expert_gate.bias", DType::F32, {E}, BD[size_t(l)].data()});
     }
-    const size_t n_train = N - n_test - n_dev;
-    auto evaluate = [&](const std::string& file) {
-      Bundle bb = b;
-      bb.router_file = file;
-      Router router(bb, L, d);
-      const ResolvedRouting rr = resolve_routing(bb, RoutingControls{});
-      // [split][layer] and per task (held-out, mean over layers).
-      std::vector<std::vector<SplitStats>> st(3, std::vector<SplitStats>(size_t(L)));
-      std::map<std::string, std::pair<double, int64_t>> task_acc;
-      std::vector<double> a(static_cast<size_t>(G)), w(static_cast<size_t>(E));
-      for (int l = 0; l < L; ++l) {
-        std::vector<std::vector<double>> ma(N, std::vector<double>(size_t(G), 0.0)), mw(N, std::vector<double>(size_t(E), 0.0));
-        for (int64_t r = 0; r < f.rows; ++r) {
-          const size_t li = f.row_line[size_t(r)];
-          router.route(l, f.x[size_t(l)].data() + r * d, rr, a.data(), w.data());
-          for (int g = 0; g < G; ++g) ma[li][size_t(g)] += a[size_t(g)] / double(line_rows[li]);
-          for (int e = 0; e < E; ++e) mw[li][size_t(e)] += w[size_t(e)] / double(line_rows[li]);
-        }
-        for (size_t i = 0; i < N; ++i) {
-          const FitLine& ln = df.lines[i];
-          SplitStats& s = st[size_t(split[i])][size_t(l)];
-          const bool ok = argmax_in_target(ma[i].data(), ln.group_t.data(), G);
-          s.group_acc += ok;
-          double ce = 0;
-          for (int g = 0; g < G; ++g)
-            if (ln.group_t[size_t(g)] > 0) ce -= ln.group_t[size_t(g)] * clamp_log(ma[i][size_t(g)]);
-          s.group_ce += ce;
-          ++s.lines;
-          if (!ln.expert_t.empty()) {
-            s.expert_acc += argmax_in_target(mw[i].data(), ln.expert_t.data(), E);
-            ++s.expert_lines;
-          }
-          if (split[i] == 2 && !ln.task.empty()) {
-            task_acc[ln.task].first += ok;
-            task_acc[ln.task].second += 1;
-          }
-        }
-      }
-      for (auto& sp : st)
-        for (auto& s : sp) {
-          if (s.lines) s.group_acc /= double(s.lines), s.group_ce /= double(s.lines);
-          if (s.expert_lines) s.expert_acc /= double(s.expert_lines);
-        }
-      return std::make_pair(st, task_acc);
-    };
-
-    // A temporary router file for the evaluation and lambda (renamed over --out at the end).
     const std::string tmp = o->out + ".tmp";
     std::map<std::string, std::string> meta = {
         {"atmoe_fit", "fit-router"},
@@ -547,7 +527,7 @@ Runner add_fit_router(CLI::App& app) {
         {"data_file", fs::path(o->data).filename().string()},
         {"data_sha256", df.sha256},
         {"data_lines", std::to_string(N)},
-        {"train_lines", std::to_string(n_train)},
+        {"train_lines", std::to_string(train.size())},
         {"dev_lines", std::to_string(n_dev)},
         {"heldout_lines", std::to_string(n_test)},
         {"seed", std::to_string(seed)},
@@ -555,26 +535,69 @@ Runner add_fit_router(CLI::App& app) {
         {"router_input", per_token ? "per_token" : "per_request"},
     };
     write_safetensors(tmp, items, meta);
-    auto [st, task_acc] = evaluate(tmp);
-    const bool has_expert_t = std::any_of(df.lines.begin(), df.lines.end(), [](const FitLine& l) { return !l.expert_t.empty(); });
+    struct TmpGuard {
+      std::string path;
+      ~TmpGuard() {
+        std::error_code ec;
+        fs::remove(path, ec);
+      }
+    } guard{tmp};
+    Bundle bf = b;
+    bf.router_file = tmp;
+    ExpertPool fitted(bf, cfg, model->dtype());
+    model->set_experts(&fitted);
 
-    // Lambda on the dev lines: the mean negative log-likelihood of their completions under
-    // the fitted router, for each value of the grid.
+    // Training lines: teacher-forced (their features, the fitted router applied through the
+    // Router inference uses); per_token rows averaged over the prompt.
+    auto score = [&](SplitStats& s, const FitLine& ln, const double* a, const double* w) {
+      s.group_acc += argmax_in_target(a, ln.group_t.data(), G);
+      double ce = 0;
+      for (int g = 0; g < G; ++g)
+        if (ln.group_t[size_t(g)] > 0) ce -= ln.group_t[size_t(g)] * clamp_log(a[g]);
+      s.group_ce += ce;
+      ++s.lines;
+      if (!ln.expert_t.empty()) {
+        s.expert_acc += argmax_in_target(w, ln.expert_t.data(), E);
+        ++s.expert_lines;
+      }
+    };
+    auto finish = [](std::vector<SplitStats>& v) {
+      for (auto& s : v) {
+        if (s.lines) s.group_acc /= double(s.lines), s.group_ce /= double(s.lines);
+        if (s.expert_lines) s.expert_acc /= double(s.expert_lines);
+      }
+    };
+    std::vector<SplitStats> st_train(static_cast<size_t>(L)), st_test(static_cast<size_t>(L));
+    {
+      const ResolvedRouting rr = resolve_routing(bf, RoutingControls{});
+      const Router& router = fitted.router();
+      std::vector<double> a(static_cast<size_t>(G)), w(static_cast<size_t>(E));
+      for (int l = 0; l < L; ++l) {
+        std::map<size_t, std::pair<std::vector<double>, std::vector<double>>> mean;
+        for (int64_t r = 0; r < f.rows; ++r) {
+          const size_t li = f.row_line[size_t(r)];
+          router.route(l, f.x[size_t(l)].data() + r * d, rr, a.data(), w.data());
+          auto& [ma, mw] = mean[li];
+          ma.resize(size_t(G)), mw.resize(size_t(E));
+          for (int g = 0; g < G; ++g) ma[size_t(g)] += a[size_t(g)] / double(line_rows[li]);
+          for (int e = 0; e < E; ++e) mw[size_t(e)] += w[size_t(e)] / double(line_rows[li]);
+        }
+        for (const auto& [li, v] : mean) score(st_train[size_t(l)], df.lines[li], v.first.data(), v.second.data());
+      }
+      finish(st_train);
+    }
+
+    // Lambda on the dev lines: the mean negative log-likelihood per token of their
+    // completions with the fitted router, free-running, for each value of the grid.
     json lambda_j = nullptr;
     double lambda = b.lambda;
     if (fit_lambda) {
-      Bundle bl = b;
-      bl.router_file = tmp;
-      ExpertPool lp(bl, cfg, model->dtype());
-      model->set_experts(&lp);
-      std::vector<size_t> dev;
-      for (size_t i = 0; i < N; ++i)
-        if (split[i] == 1 && !df.lines[i].completion.empty()) dev.push_back(i);
-      ATMOE_CHECK_INPUT(!dev.empty(), "{}: no dev line has a completion (--dev {}); lambda needs some", o->data, o->dev);
       json tried = json::array();
       double best = INFINITY;
       std::vector<float> logits;
       const int64_t V = cfg.vocab;
+      cpu::TokenLogprob lp;
+      std::vector<std::pair<float, int32_t>> scratch;
       for (double lam : grid) {
         double nll = 0;
         int64_t ntok = 0;
@@ -588,37 +611,35 @@ Runner add_fit_router(CLI::App& app) {
             RoutingControls c;
             c.lambda = lam;
             caches.push_back(model->new_cache());
-            routes.push_back(lp.new_routing(c));
+            routes.push_back(fitted.new_routing(c));
             pre.push_back({caches.back().get(), ln.prompt.data(), int64_t(ln.prompt.size()), LogitsMode::Last, routes.back().get()});
           }
-          // The prompt's last logits predict the first completion token; the completion's
-          // rows (all but its last token fed) predict the rest.
+          // The prompt alone first (per_request routing sees only the prompt): its last row
+          // predicts the first completion token; then the completion's rows (all but its last
+          // token fed) predict the rest.
           model->forward(pre, logits);
-          lp.end_step();
-          std::vector<float> first = logits;
+          fitted.end_step();
+          for (size_t k = i0; k < i1; ++k) {
+            cpu::logprobs(logits.data() + int64_t(k - i0) * V, V, df.lines[dev[k]].completion[0], 0, lp, scratch);
+            nll -= lp.logprob;
+            ++ntok;
+          }
           for (size_t k = i0; k < i1; ++k) {
             const FitLine& ln = df.lines[dev[k]];
             if (ln.completion.size() > 1)
               comp.push_back({caches[k - i0].get(), ln.completion.data(), int64_t(ln.completion.size()) - 1, LogitsMode::All,
                               routes[k - i0].get()});
           }
-          if (!comp.empty()) {
-            model->forward(comp, logits);
-            lp.end_step();
-          }
-          auto nll_row = [&](const float* row, int32_t target) {
-            double m = -INFINITY, z = 0;
-            for (int64_t v = 0; v < V; ++v) m = std::max(m, double(row[v]));
-            for (int64_t v = 0; v < V; ++v) z += std::exp(double(row[v]) - m);
-            return m + std::log(z) - double(row[target]);
-          };
+          if (comp.empty()) continue;
+          model->forward(comp, logits);
+          fitted.end_step();
           int64_t off = 0;
           for (size_t k = i0; k < i1; ++k) {
             const FitLine& ln = df.lines[dev[k]];
-            nll += nll_row(first.data() + int64_t(k - i0) * V, ln.completion[0]);
-            ++ntok;
-            for (size_t t = 1; t < ln.completion.size(); ++t, ++off, ++ntok)
-              nll += nll_row(logits.data() + off * V, ln.completion[t]);
+            for (size_t t = 1; t < ln.completion.size(); ++t, ++off, ++ntok) {
+              cpu::logprobs(logits.data() + off * V, V, ln.completion[t], 0, lp, scratch);
+              nll -= lp.logprob;
+            }
           }
         }
         const double mean = nll / double(std::max<int64_t>(1, ntok));
@@ -626,22 +647,46 @@ Runner add_fit_router(CLI::App& app) {
         ATMOE_LOG("fit")->info("lambda {}: dev completion NLL {:.4f} per token ({} tokens)", lam, mean, ntok);
         if (mean < best) best = mean, lambda = lam;
       }
-      model->set_experts(&pool);
       lambda_j = {{"chosen", lambda}, {"dev_lines", dev.size()}, {"tried", tried}};
       meta["lambda"] = fmt_num(lambda);
     }
 
+    // Held-out lines: free-running, as at inference (the fitted router routes every layer
+    // from inputs that its own earlier choices shaped), with the chosen lambda.
+    std::map<std::string, std::pair<double, int64_t>> task_acc;
+    run_prompts(
+        *model, fitted, df.lines, test, o->batch_tokens,
+        [&](const FitLine&) {
+          RoutingControls c;
+          if (b.general) c.lambda = lambda;
+          return fitted.new_routing(c);
+        },
+        [&](size_t li, const SeqRouting& r) {
+          const FitLine& ln = df.lines[li];
+          for (int l = 0; l < L; ++l) {
+            score(st_test[size_t(l)], ln, r.a[size_t(l)].data(), r.w[size_t(l)].data());
+            if (!ln.task.empty()) {
+              task_acc[ln.task].first += argmax_in_target(r.a[size_t(l)].data(), ln.group_t.data(), G) / double(L);
+              task_acc[ln.task].second += l == 0;
+            }
+          }
+        },
+        "held-out");
+    finish(st_test);
+
     // The final file: the same tensors, with the summary in the metadata.
     double acc_mean = 0;
-    for (int l = 0; l < L; ++l) acc_mean += st[2][size_t(l)].group_acc / L;
+    for (int l = 0; l < L; ++l) acc_mean += st_test[size_t(l)].group_acc / L;
     if (n_test) {
       meta["heldout_group_accuracy_mean"] = fmt_num(acc_mean);
-      meta["heldout_group_accuracy_last"] = fmt_num(st[2][size_t(L - 1)].group_acc);
+      meta["heldout_group_accuracy_last"] = fmt_num(st_test[size_t(L - 1)].group_acc);
     }
     write_safetensors(tmp, items, meta);
     fs::rename(tmp, o->out);
-    if (fit_lambda && lambda != b.lambda) {
-      // The chosen lambda goes into atmoe.json's existing "lambda" (key order kept).
+    std::error_code ec;
+    if (fit_lambda && lambda != b.lambda && fs::equivalent(o->out, b.router_file, ec)) {
+      // The chosen lambda goes into atmoe.json's "lambda" (key order kept), when the router
+      // written is the bundle's own; otherwise the report carries it.
       nlohmann::ordered_json man = nlohmann::ordered_json::parse(read_file(b.manifest, "bundle manifest"));
       man["lambda"] = lambda;
       write_file(b.manifest, man.dump(1) + "\n", "bundle manifest");
@@ -651,20 +696,22 @@ Runner add_fit_router(CLI::App& app) {
     json layers = json::array();
     for (int l = 0; l < L; ++l) {
       json j = fit_layers[size_t(l)];
-      j["train"] = stats_json(st[0][size_t(l)], has_expert_t);
-      if (n_test) j["heldout"] = stats_json(st[2][size_t(l)], has_expert_t);
+      j["train"] = stats_json(st_train[size_t(l)], has_expert_t);
+      if (n_test) j["heldout"] = stats_json(st_test[size_t(l)], has_expert_t);
       layers.push_back(std::move(j));
     }
     json tasks = json::object();
-    for (const auto& [t, v] : task_acc) tasks[t] = {{"heldout_group_accuracy_mean_over_layers", v.first / double(v.second)},
-                                                    {"lines", v.second / L}};
+    for (const auto& [t, v] : task_acc)
+      tasks[t] = {{"heldout_group_accuracy_mean_over_layers", v.first / double(v.second)}, {"lines", v.second}};
     json rep = {{"bundle", o->bundle},
                 {"router_file", o->out},
                 {"data", {{"file", o->data}, {"sha256", df.sha256}, {"lines", N}, {"bytes", df.bytes}}},
-                {"split", {{"seed", seed}, {"train", n_train}, {"dev", n_dev}, {"heldout", n_test}}},
+                {"split", {{"seed", seed}, {"train", train.size()}, {"dev", n_dev}, {"heldout", n_test}}},
                 {"router_input", per_token ? "per_token" : "per_request"},
                 {"rows", f.rows},
                 {"l2", o->l2},
+                {"train_stats", "teacher-forced: the training lines' features (targets pinned) through the fitted router"},
+                {"heldout_stats", "free-running: the held-out prompts routed by the fitted router, as at inference"},
                 {"seconds", {{"features", t_feat}, {"fit", t_fit}}},
                 {"heldout_group_accuracy_mean", n_test ? json(acc_mean) : json(nullptr)},
                 {"tasks", tasks},
@@ -673,10 +720,10 @@ Runner add_fit_router(CLI::App& app) {
     write_file(o->report, rep.dump(1) + "\n", "--report");
     std::vector<double> tr_acc, te_acc, tr_ce, te_ce;
     for (int l = 0; l < L; ++l) {
-      tr_acc.push_back(st[0][size_t(l)].group_acc);
-      tr_ce.push_back(st[0][size_t(l)].group_ce);
-      te_acc.push_back(n_test ? st[2][size_t(l)].group_acc : NAN);
-      te_ce.push_back(n_test ? st[2][size_t(l)].group_ce : NAN);
+      tr_acc.push_back(st_train[size_t(l)].group_acc);
+      tr_ce.push_back(st_train[size_t(l)].group_ce);
+      te_acc.push_back(n_test ? st_test[size_t(l)].group_acc : NAN);
+      te_ce.push_back(n_test ? st_test[size_t(l)].group_ce : NAN);
     }
     write_file(svg_path,
                fit_report_svg(fmt::format("fit-router: {} ({} lines, {} held out)", fs::path(o->data).filename().string(), N, n_test),
@@ -685,9 +732,9 @@ Runner add_fit_router(CLI::App& app) {
     std::cerr << fmt::format("fitted {} layers x {} groups ({} rows) in {:.1f} s (features {:.1f} s); wrote {}\n", L, G, f.rows,
                              t_fit, t_feat, o->out);
     if (n_test)
-      std::cerr << fmt::format("held-out group accuracy: mean over layers {:.3f}, last layer {:.3f} ({} lines)\n", acc_mean,
-                               st[2][size_t(L - 1)].group_acc, n_test);
-    if (fit_lambda) std::cerr << fmt::format("lambda {} (chosen on {} dev lines)\n", lambda, n_dev);
+      std::cerr << fmt::format("held-out group accuracy (free-running): mean over layers {:.3f}, last layer {:.3f} ({} lines)\n",
+                               acc_mean, st_test[size_t(L - 1)].group_acc, n_test);
+    if (fit_lambda) std::cerr << fmt::format("lambda {} (chosen on {} dev lines)\n", lambda, dev.size());
     std::cerr << "report: " << o->report << ", " << svg_path << "\n";
     return 0;
   };
@@ -715,7 +762,7 @@ Runner add_fit_intuition(CLI::App& app) {
     Bundle b = load_bundle_manifest(o->bundle);
     ATMOE_CHECK_INPUT(b.method == "t-rex", "fit-intuition: {} is a {} bundle; its router is fitted by fit-router", o->bundle, b.method);
     if (o->out.empty()) o->out = b.trex->centroids_file;
-    ATMOE_CHECK_INPUT(o->out.size() > 12 && o->out.substr(o->out.size() - 12) == ".safetensors",
+    ATMOE_CHECK_INPUT(o->out.ends_with(".safetensors"),
                       "--out {}: centroids are written as .safetensors (key \"centroids\")", o->out);
     require_writable_file(o->out, "--out");
     auto model = Model::load(b.base_model, parse_dtype_flag(o->dtype));
@@ -728,10 +775,7 @@ Runner add_fit_intuition(CLI::App& app) {
                         "fit-intuition: {} takes its intuition from request embeddings, and their dimension comes from "
                         "the existing centroids file {}, which is missing",
                         o->bundle, b.trex->centroids_file);
-      SafetensorsFile cf(b.trex->centroids_file);
-      ATMOE_CHECK_INPUT(cf.has("centroids") && cf.entry("centroids").shape.size() == 2,
-                        "{}: expected tensor 'centroids' [K, d_e]", b.trex->centroids_file);
-      de = cf.entry("centroids").shape[1];
+      de = load_centroids(b.trex->centroids_file).dim(1);
     }
     {
       // K is fixed by the experts: the mapper's inputs, else one centroid per expert (or per

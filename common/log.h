@@ -1,4 +1,4 @@
-// One named spdlog logger per subsystem (coord, worker, comm, kernel, http, model),
+// One named spdlog logger per subsystem (coord, worker, comm, kernel, http, model, fit),
 // level from ATMOE_LOG_LEVEL, rank in the pattern. Logs go to stderr; stdout carries
 // only program output (generated text, JSON).
 #pragma once

@@ -1,7 +1,6 @@
 #include "common/sha256.h"
 
 #include <cstring>
-#include <vector>
 
 namespace atmoe {
 

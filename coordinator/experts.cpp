@@ -64,16 +64,16 @@ void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const St
                                ThreadPool::global());
 }
 
-ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype, bool router_optional)
-    : ExpertPool(b, c, std::unique_ptr<ExpertBackend>(), router_optional) {
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype, bool zero_router)
+    : ExpertPool(b, c, std::unique_ptr<ExpertBackend>(), zero_router) {
   ATMOE_ASSERT(dtype == DType::F32 || dtype == DType::BF16);
   backend_ = std::make_unique<LocalExperts>(b_, c, dtype);
 }
 
 ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend,
-                       bool router_optional)
+                       bool zero_router)
     : b_(b), n_layers_(c.n_layers), hidden_(c.hidden), backend_(std::move(backend)) {
-  router_ = std::make_unique<Router>(b_, c.n_layers, c.hidden, router_optional);
+  router_ = std::make_unique<Router>(b_, c.n_layers, c.hidden, zero_router);
   ATMOE_LOG("coord")->info("bundle {}: {} groups, {} experts{}", b_.dir, b_.groups.size(), b_.experts.size(),
                            b_.general ? " + general" : "");
 }

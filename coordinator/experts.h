@@ -88,11 +88,11 @@ class ExpertPool : public ExpertDispatch {
  public:
   // dtype: of the stacked LoRA weights (the model's: bf16 halves the bytes read per step).
   // Experts in this process.
-  // router_optional: a missing router file gives an all-zero router (Router's zeros_when_missing).
-  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32, bool router_optional = false);
+  // zero_router: an all-zero router, the router file not read (Router's `zero`).
+  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32, bool zero_router = false);
   // Experts behind `backend` (worker ranks).
   ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend,
-             bool router_optional = false);
+             bool zero_router = false);
   ~ExpertPool() override;
 
   const Bundle& bundle() const { return b_; }

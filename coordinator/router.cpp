@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <numeric>
 #include <set>
 
@@ -89,9 +88,10 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c) {
     std::vector<int> how(size_t(G), 0);  // 1: by name, 2: through its experts
     double sum = 0;
     for (const auto& [n, v] : c.pin) {
-      const int g = b.group_index(n), e = b.expert_index(n);
+      const int g = b.group_index(n);
+      int e = b.expert_index(n);
       ATMOE_CHECK_INPUT(g >= 0 || e >= 0, "routing: pin '{}' is neither a group nor an expert of this bundle", n);
-      ATMOE_CHECK_INPUT(g < 0 || e < 0, "routing: pin '{}' names both a group and an expert of this bundle", n);
+      if (g >= 0) e = -1;  // a name that is both (a one-expert group named as its expert) pins the group
       ATMOE_CHECK_INPUT(std::isfinite(v) && v >= 0, "routing: pin weight for '{}' must be >= 0, got {}", n, v);
       const int gg = g >= 0 ? g : b.experts[size_t(e)].group;
       ATMOE_CHECK_INPUT(!(v > 0 && (r.group_masked[size_t(gg)] || (e >= 0 && r.expert_masked[size_t(e)]))),
@@ -189,9 +189,9 @@ void route_from_logits(const Bundle& b, const double* gl, const double* el, cons
   }
 }
 
-Router::Router(const Bundle& b, int n_layers, int64_t hidden, bool zeros_when_missing)
+Router::Router(const Bundle& b, int n_layers, int64_t hidden, bool zero)
     : b_(b), G_(int(b.groups.size())), E_(int(b.experts.size())), d_(hidden) {
-  if (zeros_when_missing && !std::filesystem::exists(b.router_file)) {
+  if (zero) {
     for (int l = 0; l < n_layers; ++l) {
       wg_.push_back(Tensor::empty(DType::F32, {G_, d_}));
       bg_.emplace_back();

@@ -5,7 +5,8 @@
 // with the per-request controls: mask (experts or groups; the softmaxes renormalise over
 // the rest; a group whose experts are all masked is masked), pin (fixed weights of groups or
 // experts, normalised over all pins: a pinned group replaces the group softmax; pinned experts
-// also fix the mix inside their group, their weights summing to the group's), top_k_groups (keep the k heaviest groups,
+// also fix the mix inside their group, their weights summing to the group's; a name that is
+// both a group and an expert means the group), top_k_groups (keep the k heaviest groups,
 // renormalise), tau_group / tau_expert (τ = 0: one-hot argmax, lowest index on ties),
 // lambda, adapter (one expert at weight 1), routing off.
 // Router file: router.safetensors, keys layers.{l}.group_gate.weight [G, d] (+ .bias [G]),
@@ -65,9 +66,9 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c);
 
 class Router {
  public:
-  // Loads and checks router.safetensors. zeros_when_missing: a bundle whose router file does
-  // not exist yet gets an all-zero router (atmoe fit-router, which routes by pins only).
-  Router(const Bundle& b, int n_layers, int64_t hidden, bool zeros_when_missing = false);
+  // Loads and checks router.safetensors. zero: an all-zero router instead, the file not read
+  // (atmoe fit-router, which routes by pins only, before a router exists or fits the bundle).
+  Router(const Bundle& b, int n_layers, int64_t hidden, bool zero = false);
   int n_groups() const { return G_; }
   int n_experts() const { return E_; }
   // u: [hidden] router input of layer l. Writes a [G] and w [E] (w sums to 1 over experts

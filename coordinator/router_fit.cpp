@@ -220,9 +220,10 @@ KMeansResult kmeans_from(const double* X, int64_t n, int64_t d, std::vector<doub
     for (int64_t i = 0; i < n; ++i) ++cnt[size_t(r.assign[size_t(i)])];
     for (int k = 0; k < K; ++k) {
       if (cnt[size_t(k)] > 0) continue;
-      int64_t far = 0;
-      for (int64_t i = 1; i < n; ++i)
-        if (dist[size_t(i)] > dist[size_t(far)] && cnt[size_t(r.assign[size_t(i)])] > 1) far = i;
+      int64_t far = -1;
+      for (int64_t i = 0; i < n; ++i)
+        if (cnt[size_t(r.assign[size_t(i)])] > 1 && (far < 0 || dist[size_t(i)] > dist[size_t(far)])) far = i;
+      if (far < 0) break;  // every point is alone in its cluster: fewer distinct points than K
       --cnt[size_t(r.assign[size_t(far)])];
       r.assign[size_t(far)] = k;
       cnt[size_t(k)] = 1;
@@ -232,7 +233,7 @@ KMeansResult kmeans_from(const double* X, int64_t n, int64_t d, std::vector<doub
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < d; ++j) cen[size_t(r.assign[size_t(i)] * d + j)] += X[i * d + j];
     for (int k = 0; k < K; ++k)
-      for (int64_t j = 0; j < d; ++j) cen[size_t(k * d + j)] /= double(cnt[size_t(k)]);
+      for (int64_t j = 0; j < d; ++j) cen[size_t(k * d + j)] /= double(std::max<int64_t>(1, cnt[size_t(k)]));
   }
   r.iterations = it;
   r.centroids = std::move(cen);

@@ -19,8 +19,7 @@
 namespace atmoe {
 namespace fs = std::filesystem;
 
-// centroids: safetensors key "centroids" [K, d_e], or a .npy file of a 2-D float array.
-static Tensor load_centroids(const std::string& path) {
+Tensor load_centroids(const std::string& path) {
   if (path.size() >= 4 && path.substr(path.size() - 4) == ".npy") {
     const std::string all = read_file(path, "centroids", size_t(1) << 32);
     ATMOE_CHECK_INPUT(all.size() >= 10 && all.compare(0, 6, "\x93NUMPY") == 0, "{}: not a .npy file", path);

@@ -21,6 +21,10 @@ struct TrexSite {
   Tensor M;                        // f32 [E, K] or undefined
 };
 
+// A bundle's centroids, checked: safetensors key "centroids" [K, d_e], or a .npy file of a
+// 2-D float array (InputError naming the file otherwise).
+Tensor load_centroids(const std::string& path);
+
 // T-REX bundles run in the coordinator's process (one adapter of rank-1 experts: no
 // groups to shard; docs/deploy.md).
 class TrexPool : public ExpertDispatch {

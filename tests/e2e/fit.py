@@ -155,6 +155,23 @@ def main():
     check(r.returncode == 0 and open(os.path.join(b, "router.safetensors"), "rb").read() == first,
           "a bundle without router.safetensors gets the same router")
 
+    # The bundle's temperature: the written weights are the fit times tau_group, so the
+    # routing (and the held-out report) is the same at any tau.
+    bt2 = os.path.join(WORK, "b_tau")
+    shutil.copytree(b, bt2, symlinks=True)
+    m2 = json.load(open(os.path.join(bt2, "atmoe.json")))
+    m2["router"]["tau_group"] = 0.5
+    json.dump(m2, open(os.path.join(bt2, "atmoe.json"), "w"))
+    r = run(["fit-router", "--bundle", bt2, "--data", data, "--holdout", "0.25"])
+    t1, _ = safetensors(os.path.join(b, "router.safetensors"))
+    t2, _ = safetensors(os.path.join(bt2, "router.safetensors"))
+    w1, w2 = t1["layers.7.group_gate.weight"][1], t2["layers.7.group_gate.weight"][1]
+    rep2 = json.load(open(os.path.join(bt2, "router.fit.json")))
+    check(r.returncode == 0 and max(abs(x2 - 0.5 * x1) for x1, x2 in zip(w1, w2)) <= 1e-6 * max(abs(x) for x in w1),
+          "tau_group 0.5: the weights are the fit times 0.5")
+    check(abs(rep2["layers"][7]["heldout"]["group_cross_entropy"] - rep["layers"][7]["heldout"]["group_cross_entropy"]) < 1e-4,
+          "tau_group 0.5: the same held-out routing")
+
     # --- expert targets inside one group ----------------------------------------------
     be = bundle("be")
     rows = []
@@ -205,7 +222,7 @@ def main():
         "bad role": (json.dumps({"messages": [{"role": "wizard", "content": "x"}], "groups": {"law": 1}}),
                      "messages[0].role"),
         "unknown group": (json.dumps({"prompt": "x", "groups": {"physics": 1}}), "groups: 'physics' is not a group"),
-        "unknown expert": (json.dumps({"prompt": "x", "experts": {"law-7": 1}}), "experts: 'law-7' is not a expert"),
+        "unknown expert": (json.dumps({"prompt": "x", "experts": {"law-7": 1}}), "experts: 'law-7' is not an expert"),
         "negative weight": (json.dumps({"prompt": "x", "groups": {"law": -1}}), "groups.law: expected a finite weight"),
         "zero weights": (json.dumps({"prompt": "x", "groups": {"law": 0}}), "must sum to a positive value"),
         "two targets": (json.dumps({"prompt": "x", "groups": {"law": 1}, "experts": {"law-0": 1}}), "exactly one target"),

@@ -102,7 +102,7 @@ TEST(RouterFit, GradientMatchesFiniteDifferences) {
 
 TEST(RouterFit, DeterministicAndUnchangedByRowOrderScale) {
   // The same data twice gives bit-identical weights; doubling every row weight changes
-  // nothing (the loss is a weighted mean).
+  // nothing (the loss is a weighted mean), and neither does the order of the rows.
   const json g = golden();
   const auto& c = g["regression"][0];
   const auto X = c["X"].get<std::vector<double>>(), Y = c["Y"].get<std::vector<double>>();
@@ -116,6 +116,23 @@ TEST(RouterFit, DeterministicAndUnchangedByRowOrderScale) {
   for (auto& x : w) x *= 2;
   const SoftmaxFit d2 = fit_softmax_regression(X.data(), c["n"], c["d"], Y.data(), c["C"], w.data(), o);
   for (size_t i = 0; i < a.W.size(); ++i) EXPECT_NEAR(d2.W[i], a.W[i], 1e-5 * std::max(1e-3, std::fabs(a.W[i])));
+  // The rows in another order: the same minimiser (to the solver's tolerance).
+  const int64_t n = c["n"], d = c["d"];
+  const int C = c["C"];
+  std::vector<double> Xp, Yp, wp;
+  std::mt19937_64 rng(test_seed() + 71);
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
+  for (int64_t i = n - 1; i > 0; --i) std::swap(order[size_t(i)], order[size_t(rng() % uint64_t(i + 1))]);
+  for (int64_t i : order) {
+    Xp.insert(Xp.end(), X.begin() + i * d, X.begin() + (i + 1) * d);
+    Yp.insert(Yp.end(), Y.begin() + i * C, Y.begin() + (i + 1) * C);
+    wp.push_back(w[size_t(i)]);
+  }
+  o.grad_tol = 1e-10;
+  const SoftmaxFit p1 = fit_softmax_regression(X.data(), n, d, Y.data(), C, w.data(), o);
+  const SoftmaxFit p2 = fit_softmax_regression(Xp.data(), n, d, Yp.data(), C, wp.data(), o);
+  for (size_t i = 0; i < p1.W.size(); ++i) EXPECT_NEAR(p2.W[i], p1.W[i], 1e-6 * std::max(1e-3, std::fabs(p1.W[i])));
 }
 
 TEST(RouterFit, LloydMatchesNumpyFromTheSameStart) {
@@ -174,6 +191,8 @@ TEST(RouterFit, KMeansDuplicatePoints) {
   EXPECT_EQ(r.inertia, 0.0);
   const KMeansResult r4 = kmeans(X.data(), 30, 2, 4, 5, 50);
   EXPECT_EQ(r4.inertia, 0.0);
+  for (double v : r4.centroids) EXPECT_TRUE(std::isfinite(v));
+  EXPECT_EQ(std::count(r4.sizes.begin(), r4.sizes.end(), int64_t(0)), 1);
 }
 
 TEST(Sha256, FipsVectors) {
