@@ -26,7 +26,7 @@
 #include "common/trex_adapter.h"
 #include "common/wire.h"
 #include "coordinator/experts.h"
-#include "coordinator/explain_svg.h"
+#include "coordinator/fit_report_svg.h"
 #include "coordinator/kv_cache.h"
 #include "coordinator/model.h"
 #include "coordinator/router_fit.h"
