@@ -326,7 +326,7 @@ std::string fmt_num(double v) { return fmt::format("{:.6g}", v); }
 
 Runner add_fit_router(CLI::App& app) {
   struct Opts {
-    std::string bundle, data, out, report, dtype, seed = "0";
+    std::string bundle, data, test, out, report, dtype, seed = "0";
     double holdout = 0.2, dev = 0.1, l2 = 1e-3;
     int tokens_per_prompt = 16, max_iter = 1000;
     int64_t batch_tokens = 1024;
@@ -335,7 +335,8 @@ Runner add_fit_router(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   app.add_option("--bundle", o->bundle, "Bundle directory (at-moe) whose router to fit")->required();
   app.add_option("--data", o->data, "Labelled JSONL: prompt or messages, and groups or experts {name: weight}")->required();
-  app.add_option("--holdout", o->holdout, "Fraction of lines held out for the report (0 .. 0.9; default 0.2)");
+  app.add_option("--holdout", o->holdout, "Fraction of lines held out for the report (0 .. 0.9; default 0.2, or 0 with --test)");
+  app.add_option("--test", o->test, "A separate held-out JSONL for the report (same format as --data)");
   app.add_option("--dev", o->dev, "Fraction of lines for choosing lambda (bundles with a general expert; default 0.1)");
   app.add_option("--lambda-grid", o->lambda_grid, "Lambda values tried on the dev lines (comma list in [0, 1])");
   app.add_option("--l2", o->l2, "L2 penalty on the standardised weights (default 1e-3)");
@@ -346,7 +347,7 @@ Runner add_fit_router(CLI::App& app) {
   app.add_option("--out", o->out, "Router file to write (default: the bundle's router.file)");
   app.add_option("--report", o->report, "Report JSON to write (default: OUT without .safetensors + .fit.json; an .svg beside)");
   app.add_option("--dtype", o->dtype, "bf16 (default) or f32: the dtype the features are computed in");
-  return [o]() -> int {
+  return [o, &app]() -> int {
     const uint64_t seed = parse_u64_flag("--seed", o->seed);
     ATMOE_CHECK_INPUT(std::isfinite(o->holdout) && o->holdout >= 0 && o->holdout <= 0.9, "--holdout {}: must be in [0, 0.9]", o->holdout);
     ATMOE_CHECK_INPUT(std::isfinite(o->dev) && o->dev >= 0 && o->dev <= 0.5, "--dev {}: must be in [0, 0.5]", o->dev);
@@ -388,19 +389,29 @@ Runner add_fit_router(CLI::App& app) {
     const int L = cfg.n_layers, G = int(b.groups.size()), E = int(b.experts.size());
     const int64_t d = cfg.hidden;
     DataFile df = read_data(o->data, *model, &b, 0);
-    const size_t N = df.lines.size();
+    const size_t N_data = df.lines.size();
+    // --test: a separate held-out file (e.g. held-out instruction templates); --data then
+    // has no held-out part unless --holdout is given too.
+    DataFile tf;
+    if (!o->test.empty()) tf = read_data(o->test, *model, &b, 0);
+    const double holdout = o->test.empty() || app.count("--holdout") ? o->holdout : 0.0;
 
     // Split: test (held out), dev (lambda), train.
     const bool fit_lambda = b.general.has_value() &&
                             std::any_of(df.lines.begin(), df.lines.end(), [](const FitLine& l) { return !l.completion.empty(); });
-    const auto perm = permutation(N, seed);
-    const size_t n_test = size_t(std::llround(o->holdout * double(N)));
-    const size_t n_dev = fit_lambda ? size_t(std::llround(o->dev * double(N))) : 0;
-    ATMOE_CHECK_INPUT(N >= n_test + n_dev + 2, "{}: {} lines leave fewer than 2 to fit on after --holdout {} and --dev {}",
-                      o->data, N, o->holdout, n_dev ? o->dev : 0.0);
-    std::vector<int> split(N, 0);  // 0 train, 1 dev, 2 test
-    for (size_t k = 0; k < n_test; ++k) split[perm[k]] = 2;
-    for (size_t k = n_test; k < n_test + n_dev; ++k) split[perm[k]] = 1;
+    const auto perm = permutation(N_data, seed);
+    const size_t n_hold = size_t(std::llround(holdout * double(N_data)));
+    const size_t n_dev = fit_lambda ? size_t(std::llround(o->dev * double(N_data))) : 0;
+    ATMOE_CHECK_INPUT(N_data >= n_hold + n_dev + 2, "{}: {} lines leave fewer than 2 to fit on after --holdout {} and --dev {}",
+                      o->data, N_data, holdout, n_dev ? o->dev : 0.0);
+    std::vector<int> split(N_data, 0);  // 0 train, 1 dev, 2 test
+    for (size_t k = 0; k < n_hold; ++k) split[perm[k]] = 2;
+    for (size_t k = n_hold; k < n_hold + n_dev; ++k) split[perm[k]] = 1;
+    for (auto& l : tf.lines) {
+      df.lines.push_back(std::move(l));
+      split.push_back(2);
+    }
+    const size_t N = df.lines.size(), n_test = n_hold + tf.lines.size();
     // Every group (and, where expert targets exist, every expert of those groups) needs
     // training weight: an unseen class has no finite fit.
     std::vector<double> gmass(size_t(G), 0.0), emass(size_t(E), 0.0);
@@ -505,7 +516,7 @@ Runner add_fit_router(CLI::App& app) {
     }
     const double t_fit = now_s() - t1;
     if (not_converged)
-      ATMOE_LOG("fit")->warn("{} gates ended before the gradient fell below {} (--max-iter {}, or no decrease left in "
+      ATMOE_LOG("fit")->info("{} gates ended before the gradient fell below {} (--max-iter {}, or no decrease left in "
                              "float64); the report lists each gate's final gradient",
                              not_converged, fo.grad_tol, o->max_iter);
     const bool has_expert_t = std::any_of(df.lines.begin(), df.lines.end(), [](const FitLine& l) { return !l.expert_t.empty(); });
@@ -526,7 +537,7 @@ Runner add_fit_router(CLI::App& app) {
         {"atmoe_build", build_id()},
         {"data_file", fs::path(o->data).filename().string()},
         {"data_sha256", df.sha256},
-        {"data_lines", std::to_string(N)},
+        {"data_lines", std::to_string(N_data)},
         {"train_lines", std::to_string(train.size())},
         {"dev_lines", std::to_string(n_dev)},
         {"heldout_lines", std::to_string(n_test)},
@@ -534,6 +545,10 @@ Runner add_fit_router(CLI::App& app) {
         {"l2", fmt_num(o->l2)},
         {"router_input", per_token ? "per_token" : "per_request"},
     };
+    if (!o->test.empty()) {
+      meta["heldout_file"] = fs::path(o->test).filename().string();
+      meta["heldout_sha256"] = tf.sha256;
+    }
     write_safetensors(tmp, items, meta);
     struct TmpGuard {
       std::string path;
@@ -666,8 +681,8 @@ Runner add_fit_router(CLI::App& app) {
           for (int l = 0; l < L; ++l) {
             score(st_test[size_t(l)], ln, r.a[size_t(l)].data(), r.w[size_t(l)].data());
             if (!ln.task.empty()) {
-              task_acc[ln.task].first += argmax_in_target(r.a[size_t(l)].data(), ln.group_t.data(), G) / double(L);
-              task_acc[ln.task].second += l == 0;
+              task_acc[ln.task].first += argmax_in_target(r.a[size_t(l)].data(), ln.group_t.data(), G);
+              task_acc[ln.task].second += 1;
             }
           }
         },
@@ -676,7 +691,8 @@ Runner add_fit_router(CLI::App& app) {
 
     // The final file: the same tensors, with the summary in the metadata.
     double acc_mean = 0;
-    for (int l = 0; l < L; ++l) acc_mean += st_test[size_t(l)].group_acc / L;
+    for (int l = 0; l < L; ++l) acc_mean += st_test[size_t(l)].group_acc;
+    acc_mean = std::min(1.0, acc_mean / L);
     if (n_test) {
       meta["heldout_group_accuracy_mean"] = fmt_num(acc_mean);
       meta["heldout_group_accuracy_last"] = fmt_num(st_test[size_t(L - 1)].group_acc);
@@ -702,10 +718,11 @@ Runner add_fit_router(CLI::App& app) {
     }
     json tasks = json::object();
     for (const auto& [t, v] : task_acc)
-      tasks[t] = {{"heldout_group_accuracy_mean_over_layers", v.first / double(v.second)}, {"lines", v.second}};
+      tasks[t] = {{"heldout_group_accuracy_mean_over_layers", v.first / double(v.second)}, {"lines", v.second / L}};
     json rep = {{"bundle", o->bundle},
                 {"router_file", o->out},
-                {"data", {{"file", o->data}, {"sha256", df.sha256}, {"lines", N}, {"bytes", df.bytes}}},
+                {"data", {{"file", o->data}, {"sha256", df.sha256}, {"lines", N_data}, {"bytes", df.bytes}}},
+                {"heldout_file", o->test.empty() ? json(nullptr) : json({{"file", o->test}, {"sha256", tf.sha256}, {"lines", tf.lines.size()}})},
                 {"split", {{"seed", seed}, {"train", train.size()}, {"dev", n_dev}, {"heldout", n_test}}},
                 {"router_input", per_token ? "per_token" : "per_request"},
                 {"rows", f.rows},

@@ -18,15 +18,28 @@ for p in "${prompts[@]}"; do
   "$ATMOE" generate --model "$MODEL_PATH" --chat --prompt "$p" --max-tokens 80 --temperature 0
 done
 
-# A sample bundle on SmolLM2: 4 groups x 2 random rank-8 experts on all seven modules.
-BUNDLE="$CACHE/bundles/smollm2-demo"
-[ -f "$BUNDLE/atmoe.json" ] || "$ATMOE" synth-bundle --base "$MODEL_PATH" --out "$BUNDLE" --groups 4 \
-  --experts-per-group 2 --rank 8 --seed 1 --b-std 0.01
+# The example bundle (examples/routed-tasks): six LoRA experts trained with PEFT on
+# SmolLM2 in three groups, a general expert, and a router fitted with `atmoe fit-router`.
+# The prompts use instruction templates that neither the experts nor the router saw;
+# each answer prints its heaviest groups.
+BUNDLE="$ROOT/examples/routed-tasks/bundle"
+if [ ! -e "$BUNDLE/base.gguf" ]; then  # the committed link expects the default cache
+  BUNDLE="$CACHE/bundles/routed-tasks"
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE"
+  for f in "$ROOT/examples/routed-tasks/bundle"/*; do ln -s "$f" "$BUNDLE/"; done
+  rm -f "$BUNDLE/base.gguf" && ln -s "$MODEL_PATH" "$BUNDLE/base.gguf"
+fi
 "$ATMOE" inspect "$BUNDLE"
-for p in "${prompts[@]}"; do
-  printf '\n>>> [bundle] %s\n' "$p"
-  "$ATMOE" generate --bundle "$BUNDLE" --chat --prompt "$p" --max-tokens 60 --temperature 0 --trace "$BUNDLE/trace.json"
-  python3 - "$BUNDLE/trace.json" <<'PY'
+tasks=("Say the following words backwards, last word first: winter candle rocket"
+       "Change all the letters to upper case: silver forest"
+       "Label this word with one of animal / fruit / color / vehicle: mango"
+       "Answer even or odd for the number 4817."
+       "Give the European form (DD/MM/YYYY) of the date 2019-11-05."
+       "Express width=12 depth=4 as a JSON dictionary with numeric values.")
+for p in "${tasks[@]}"; do
+  printf '\n>>> [routed-tasks] %s\n' "$p"
+  "$ATMOE" generate --bundle "$BUNDLE" --chat --prompt "$p" --max-tokens 32 --temperature 0 --trace "$CACHE/trace.json"
+  python3 - "$CACHE/trace.json" <<'PY'
 import json, sys
 t = json.load(open(sys.argv[1]))
 groups = {}

@@ -144,6 +144,19 @@ def main():
                 right += top == g
                 total += 1
     check(right >= total - 1, f"unseen templates routed to their group: {right}/{total}")
+    # --test: the report on a separate file of unseen templates; --data is all training.
+    unseen = os.path.join(WORK, "unseen.jsonl")
+    write_jsonl(unseen, topic_lines([4, 5]))
+    bu = os.path.join(WORK, "b_unseen")
+    shutil.copytree(b, bu, symlinks=True)
+    r = run(["fit-router", "--bundle", bu, "--data", data, "--test", unseen])
+    repu = json.load(open(os.path.join(bu, "router.fit.json")))
+    _, metu = safetensors(os.path.join(bu, "router.safetensors"))
+    check(r.returncode == 0 and repu["split"]["train"] == 96 and repu["split"]["heldout"] == 48 and
+          repu["heldout_file"]["sha256"] == hashlib.sha256(open(unseen, "rb").read()).hexdigest() and
+          metu.get("heldout_file") == "unseen.jsonl", f"--test: 96 training lines, the 48 of the test file held out")
+    check(repu["heldout_group_accuracy_mean"] >= 0.9, f"--test: unseen templates {repu['heldout_group_accuracy_mean']:.3f} >= 0.9")
+
     # Deterministic: the same data gives the same bytes.
     first = open(os.path.join(b, "router.safetensors"), "rb").read()
     r = run(["fit-router", "--bundle", b, "--data", data, "--holdout", "0.25"])
