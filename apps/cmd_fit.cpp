@@ -267,7 +267,7 @@ struct Features {
 };
 
 Features gather_features(Model& m, ExpertPool& pool, const std::vector<FitLine>& lines, const std::vector<size_t>& idx,
-                         int per_prompt, int64_t batch_tokens) {
+                         int per_prompt, int64_t batch_tokens, bool base) {
   const int L = m.config().n_layers;
   const int64_t d = m.config().hidden;
   Features f;
@@ -277,6 +277,12 @@ Features gather_features(Model& m, ExpertPool& pool, const std::vector<FitLine>&
       [&](const FitLine& l) {
         auto r = pool.new_routing(RoutingControls{});
         pin_target(pool.bundle(), l, r->ctl);
+        if (base) {
+          // --features base: the experts add nothing (lambda 0; the adapter index keeps the
+          // general expert's 1 - lambda off too), while the router still sees every layer.
+          r->ctl.lambda = 0;
+          r->ctl.adapter = 0;
+        }
         r->keep_inputs = true;
         return r;
       },
@@ -326,7 +332,7 @@ std::string fmt_num(double v) { return fmt::format("{:.6g}", v); }
 
 Runner add_fit_router(CLI::App& app) {
   struct Opts {
-    std::string bundle, data, test, out, report, dtype, seed = "0";
+    std::string bundle, data, test, out, report, dtype, seed = "0", features = "target";
     double holdout = 0.2, dev = 0.1, l2 = 1e-3;
     int tokens_per_prompt = 16, max_iter = 1000;
     int64_t batch_tokens = 1024;
@@ -340,6 +346,8 @@ Runner add_fit_router(CLI::App& app) {
   app.add_option("--dev", o->dev, "Fraction of lines for choosing lambda (bundles with a general expert; default 0.1)");
   app.add_option("--lambda-grid", o->lambda_grid, "Lambda values tried on the dev lines (comma list in [0, 1])");
   app.add_option("--l2", o->l2, "L2 penalty on the standardised weights (default 1e-3)");
+  app.add_option("--features", o->features,
+                 "target (default): router inputs taken with each line's target experts applied; base: with no expert");
   app.add_option("--seed", o->seed, "Seed of the split (default 0)");
   app.add_option("--tokens-per-prompt", o->tokens_per_prompt, "per_token routers: rows kept per prompt (default 16)");
   app.add_option("--max-iter", o->max_iter, "L-BFGS iterations per gate at most (default 1000)");
@@ -453,7 +461,9 @@ Runner add_fit_router(CLI::App& app) {
     ATMOE_LOG("fit")->info("{} lines ({} train, {} dev, {} held out), {} groups, {} experts, router input {}", N,
                            train.size(), n_dev, n_test, G, E, per_token ? "per_token" : "per_request");
     const double t0 = now_s();
-    Features f = gather_features(*model, *pool, df.lines, train, per_token ? o->tokens_per_prompt : 1, o->batch_tokens);
+    ATMOE_CHECK_INPUT(o->features == "target" || o->features == "base", "--features '{}': expected target or base", o->features);
+    Features f = gather_features(*model, *pool, df.lines, train, per_token ? o->tokens_per_prompt : 1, o->batch_tokens,
+                                 o->features == "base");
     const double t_feat = now_s() - t0;
     model->set_experts(nullptr);
     pool.reset();  // its experts' weights; the fitted pool below loads them again
@@ -544,6 +554,7 @@ Runner add_fit_router(CLI::App& app) {
         {"seed", std::to_string(seed)},
         {"l2", fmt_num(o->l2)},
         {"router_input", per_token ? "per_token" : "per_request"},
+        {"features", o->features},
     };
     if (!o->test.empty()) {
       meta["heldout_file"] = fs::path(o->test).filename().string();
@@ -725,6 +736,7 @@ Runner add_fit_router(CLI::App& app) {
                 {"heldout_file", o->test.empty() ? json(nullptr) : json({{"file", o->test}, {"sha256", tf.sha256}, {"lines", tf.lines.size()}})},
                 {"split", {{"seed", seed}, {"train", train.size()}, {"dev", n_dev}, {"heldout", n_test}}},
                 {"router_input", per_token ? "per_token" : "per_request"},
+                {"features", o->features},
                 {"rows", f.rows},
                 {"l2", o->l2},
                 {"train_stats", "teacher-forced: the training lines' features (targets pinned) through the fitted router"},

@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--lambda-grid", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--tokens-per-prompt", type=int, default=8)
     ap.add_argument("--refit", action="store_true", help="refit the grouped router too (default: the bundle's)")
+    ap.add_argument("--reuse-fits", action="store_true", help="keep the variants already fitted in --work")
     a = ap.parse_args()
     atmoe = os.path.abspath(a.atmoe)
     man = json.load(open(os.path.join(a.bundle, "atmoe.json")))
@@ -110,6 +111,14 @@ def main():
     fit_info = {}
     for name, m in variants.items():
         d = os.path.join(a.work, name)
+        if a.reuse_fits and os.path.exists(os.path.join(d, "router.fit.json")):
+            rep = json.load(open(os.path.join(d, "router.fit.json")))
+            fit_info[name] = {"command": "(reused from an earlier run in --work)",
+                              "heldout_group_accuracy_mean": rep["heldout_group_accuracy_mean"],
+                              "lambda": rep["lambda"] and rep["lambda"]["chosen"],
+                              "seconds_features_fit": rep["seconds"],
+                              "layers": [{"layer": l["layer"], "heldout": l.get("heldout")} for l in rep["layers"]]}
+            continue
         make_variant(a.bundle, d, m)
         cmd = [atmoe, "fit-router", "--bundle", d, "--data", os.path.abspath(a.train), "--test", os.path.abspath(a.test),
                "--dtype", a.dtype, "--lambda-grid", a.lambda_grid, "--tokens-per-prompt", str(a.tokens_per_prompt)]
@@ -117,14 +126,15 @@ def main():
             # The bundle's own router (fitted by make_bundle.py with the same data): reused.
             for f in ("router.safetensors", "router.fit.json"):
                 shutil.copyfile(os.path.join(a.bundle, f), os.path.join(d, f))
-            m["lambda"] = man.get("lambda", 1.0)
+            if has_general:
+                m["lambda"] = man.get("lambda", 1.0)
             with open(os.path.join(d, "atmoe.json"), "w") as f:
                 json.dump(m, f, indent=1)
             cmd, secs = ["(the bundle's router)"], 0.0
         else:
             _, secs = run(cmd)
         rep = json.load(open(os.path.join(d, "router.fit.json")))
-        fit_info[name] = {"command": " ".join(cmd[1:]), "seconds": round(secs, 1),
+        fit_info[name] = {"command": " ".join(cmd[1:]), "seconds": round(secs, 1), "seconds_features_fit": rep["seconds"],
                           "heldout_group_accuracy_mean": rep["heldout_group_accuracy_mean"],
                           "lambda": rep["lambda"] and rep["lambda"]["chosen"],
                           "layers": [{"layer": l["layer"], "heldout": l.get("heldout")} for l in rep["layers"]]}

@@ -291,6 +291,32 @@ def main():
     r = run(["fit-router", "--bundle", bx, "--data", data])
     check(r.returncode == 2 and "is a t-rex bundle" in r.stderr, "fit-router refuses a t-rex bundle")
 
+    # --- the committed example bundle (examples/routed-tasks): prompts of instruction
+    # templates that neither its experts nor its router saw go to the right group, and the
+    # routed mixture answers them.
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "routed-tasks", "bundle")
+    ex = os.path.join(WORK, "routed-tasks")
+    os.makedirs(ex)
+    for name in os.listdir(src):
+        if name != "base.gguf":
+            os.symlink(os.path.realpath(os.path.join(src, name)), os.path.join(ex, name))
+    os.symlink(MODEL, os.path.join(ex, "base.gguf"))
+    cases = [("Say the following words backwards, last word first: winter candle rocket", "text", "rocket candle winter"),
+             ("Change all the letters to upper case: silver forest", "text", "SILVER FOREST"),
+             ("Label this word with one of animal / fruit / color / vehicle: mango", "label", "fruit"),
+             ("Answer even or odd for the number 4817.", "label", "odd"),
+             ("Give the European form (DD/MM/YYYY) of the date 2019-11-05.", "format", "05/11/2019"),
+             ("Express width=12 depth=4 as a JSON dictionary with numeric values.", "format", '{"width": 12, "depth": 4}')]
+    right, answered = 0, 0
+    for prompt, group, answer in cases:
+        top, _ = heaviest_group(ex, prompt, ["--chat"])
+        r = run(["generate", "--bundle", ex, "--chat", "--prompt", prompt, "--max-tokens", "24"])
+        right += top == group
+        answered += r.stdout.strip() == answer
+        print(f"     {prompt!r}: {top}, {r.stdout.strip()!r}")
+    check(right == len(cases), f"example bundle: unseen prompts routed to their group {right}/{len(cases)}")
+    check(answered >= len(cases) - 1, f"example bundle: routed answers exact {answered}/{len(cases)}")
+
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 
