@@ -7,6 +7,7 @@ builds three variants of the bundle in --work (symlinks to the same experts and 
 
   grouped     the bundle's groups, router fitted per_request      (atmoe fit-router)
   grouped-tok the same groups, router fitted per_token
+  grouped-tok-base   the same, fitted on inputs with no expert applied (--features base)
   flat        one group holding every expert, fitted on the same expert-level labels
 
 and runs, with `atmoe batch` (greedy, chat template), every test prompt under:
@@ -15,7 +16,8 @@ and runs, with `atmoe batch` (greedy, chat template), every test prompt under:
   expert:NAME          each expert alone at weight 1 (vLLM-style LoRA by name)
   uniform              every expert at the same weight
   oracle               pinned to the line's expert(s) (a compound instruction: its two at 0.5)
-  fitted               the fitted router of each variant
+  fitted               the fitted router of each variant (grouped-tok-base: per_token,
+                       fitted with --features base, inputs with no expert applied)
   ... +general         the same with the general expert blended by the fitted lambda
   general              the general expert alone (lambda 0)
 
@@ -106,6 +108,7 @@ def main():
     base["router"] = dict(man["router"], file="router.safetensors", input="per_request")
     variants["grouped"] = base
     variants["grouped-tok"] = dict(base, router=dict(base["router"], input="per_token"))
+    variants["grouped-tok-base"] = dict(base, router=dict(base["router"], input="per_token"))  # fit-router --features base
     flat = dict(base, groups=[{"name": "all", "experts": [e for g in man["groups"] for e in g["experts"]]}])
     variants["flat"] = flat
     fit_info = {}
@@ -122,6 +125,8 @@ def main():
         make_variant(a.bundle, d, m)
         cmd = [atmoe, "fit-router", "--bundle", d, "--data", os.path.abspath(a.train), "--test", os.path.abspath(a.test),
                "--dtype", a.dtype, "--lambda-grid", a.lambda_grid, "--tokens-per-prompt", str(a.tokens_per_prompt)]
+        if name.endswith("-base"):
+            cmd += ["--features", "base"]
         if name == "grouped" and not a.refit and os.path.exists(os.path.join(a.bundle, "router.fit.json")):
             # The bundle's own router (fitted by make_bundle.py with the same data): reused.
             for f in ("router.safetensors", "router.fit.json"):
