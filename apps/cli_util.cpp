@@ -9,6 +9,18 @@
 
 namespace atmoe::app {
 
+void add_device_flag(CLI::App& app, std::string& device) {
+  app.add_option("--device", device, "Where the model runs: cpu (default), cuda or cuda:N");
+}
+
+std::unique_ptr<Backend> device_backend(const std::string& device, bool with_bundle) {
+  if (device.empty() || device == "cpu") return nullptr;
+  std::unique_ptr<Backend> be = make_backend(device);
+  ATMOE_CHECK_INPUT(!with_bundle, "--device {}: bundles run on --device cpu for now (the base model runs on {}, but "
+                    "experts on a GPU are not built yet)", device, device);
+  return be;
+}
+
 DType parse_dtype_flag(const std::string& s) {
   if (s == "f32") return DType::F32;
   if (s == "bf16") return DType::BF16;

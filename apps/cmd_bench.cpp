@@ -53,11 +53,28 @@ double measure_bandwidth(ThreadPool& pool) {
   return best;
 }
 
+// Device memory bandwidth (GB/s): the best of 5 copies of 1 GiB, counting read and write.
+double measure_device_bandwidth(Backend& be) {
+  const size_t n = size_t(1) << 30;
+  Buffer a(be, n), b(be, n);
+  be.memset(a.get(), 0, n);
+  be.copy(b.get(), a.get(), n);
+  be.synchronize();
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = now_s();
+    be.copy(b.get(), a.get(), n);
+    be.synchronize();
+    best = std::max(best, 2.0 * double(n) / (now_s() - t0) / 1e9);
+  }
+  return best;
+}
+
 }  // namespace
 
 Runner add_bench(CLI::App& app) {
   struct Opts {
-    std::string model, bundle, dtype, json, placement;
+    std::string model, bundle, dtype, json, placement, device;
     int prompt = 512, decode = 64, batch = 16, reps = 3;
     bool check_tensors = false, spread = false;
     RoutingFlags rf;
@@ -68,6 +85,7 @@ Runner add_bench(CLI::App& app) {
   add_routing_flags(app, o->rf);
   add_placement_flag(app, o->placement);
   app.add_option("--dtype", o->dtype, "bf16 (default) or f32");
+  add_device_flag(app, o->device);
   app.add_option("--prompt-tokens", o->prompt, "Prefill prompt length");
   app.add_option("--decode-tokens", o->decode, "Decode steps timed");
   app.add_option("--batch", o->batch, "Sequences for the batched decode measurement");
@@ -91,8 +109,9 @@ Runner add_bench(CLI::App& app) {
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
-    auto m =
-        Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
+    std::unique_ptr<Backend> device = device_backend(o->device, bundle != nullptr);
+    auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype),
+                         o->check_tensors, device.get());
     const int ctx = m->config().max_position;
     ATMOE_CHECK_INPUT(o->prompt <= ctx, "--prompt-tokens {}: more than the model's context length {}", o->prompt, ctx);
     ATMOE_CHECK_INPUT(32 + int64_t(o->decode) <= ctx,
@@ -223,12 +242,15 @@ Runner add_bench(CLI::App& app) {
     };
     const double d1 = median(d1s), dB = median(dBs), e1 = median(e1s), eB = median(eBs);
     double rss = double(peak_rss_kib()) / 1024.0;  // before the bandwidth probe's own 256 MiB buffer
-    double bw = measure_bandwidth(pool);
+    // The floor's bandwidth where the weights live: host reads, or the device's own copy
+    // (read + write bytes).
+    double bw = device ? measure_device_bandwidth(*device) : measure_bandwidth(pool);
     double wbytes = double(m->weight_bytes());
     double floor_tps = bw * 1e9 / wbytes;
     std::cout << "model        " << o->model << "\n"
               << "dtype        " << dtype_name(m->dtype()) << "   threads " << pool.size() << "   isa "
-              << cpu::isa_name(cpu::best_isa()) << "\n";
+              << cpu::isa_name(cpu::best_isa()) << "\n"
+              << "device       " << m->backend().description() << "\n";
     std::cout << fmt::format("prefill      {:>9.1f} tok/s  ({}-token prompt)\n", prefill_best, o->prompt);
     std::cout << fmt::format("decode b=1   {:>9.1f} tok/s  (median of {}, range {})\n", d1, d1s.size(), range(d1s));
     std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1; range {})\n", o->batch, dB, dB / d1,
@@ -262,6 +284,7 @@ Runner add_bench(CLI::App& app) {
                           {"dtype", dtype_name(m->dtype())},
                           {"threads", pool.size()},
                           {"isa", cpu::isa_name(cpu::best_isa())},
+                          {"device", m->backend().description()},
                           {"prefill_tok_s", prefill_best},
                           {"prompt_tokens", o->prompt},
                           {"decode_b1_tok_s", d1},

@@ -21,7 +21,7 @@ namespace atmoe::app {
 
 namespace {
 struct GenerateOpts {
-  std::string model, bundle, trace, dtype, system, seed, placement;
+  std::string model, bundle, trace, dtype, system, seed, placement, device;
   RoutingFlags rf;
   std::vector<std::string> prompts, prompt_files, stop;
   bool chat = false, ignore_eos = false, check_tensors = false;
@@ -70,6 +70,7 @@ Runner add_generate(CLI::App& app) {
   app.add_option("--stop", o->stop, "Stop string (repeatable)");
   app.add_flag("--ignore-eos", o->ignore_eos, "Do not stop at end-of-generation tokens");
   app.add_option("--dtype", o->dtype, "Weight/compute precision: bf16 (default) or f32 (exact)");
+  add_device_flag(app, o->device);
   return [o]() -> int {
     ATMOE_CHECK_INPUT(std::isfinite(o->temperature) && o->temperature >= 0 && o->temperature <= 1e4,
                       "--temperature {}: must be in [0, 1e4]", o->temperature);
@@ -92,7 +93,9 @@ Runner add_generate(CLI::App& app) {
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
-    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype), o->check_tensors);
+    std::unique_ptr<Backend> device = device_backend(o->device, bundle != nullptr);
+    auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype),
+                             o->check_tensors, device.get());
     BundleExperts bx;
     if (bundle) {
       bx = attach_experts(*bundle, *model, o->placement);

@@ -27,6 +27,14 @@ int inspect_bundle(const std::string& dir, bool check_tensors);
 std::vector<int32_t> encode_prompt(const Model& m, const std::string& text, bool chat, const std::string& system);
 Runner add_explain(CLI::App& app);
 
+// --device cpu|cuda|cuda:N: where the model runs (kernels/backend.h). add_device_flag
+// registers it; device_backend returns the backend to run on (nullptr: the CPU's shared
+// one), InputError for an unknown name, a backend this build lacks or a missing GPU, and for
+// a bundle on a device backend (experts on a GPU are not built yet: the model runs there, the
+// expert seam is host memory).
+void add_device_flag(CLI::App& app, std::string& device);
+std::unique_ptr<Backend> device_backend(const std::string& device, bool with_bundle);
+
 // Shared: parses "bf16"|"f32" (default: bf16 when the CPU has AVX-512 or AVX2, else f32).
 DType parse_dtype_flag(const std::string& s);
 std::string compute_device_line();

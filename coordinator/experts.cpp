@@ -58,10 +58,9 @@ void LocalExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, co
 
 void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) {
   const int64_t nc = int64_t(shard_.column_expert().size()), ld = nc + int64_t(adapters_.size());
-  shard_.apply(layer, in, x_, ldx_, coef_.data(), ld, y, ldy, r.T, ThreadPool::global());
+  shard_.apply(layer, in, x_, ldx_, coef_.data(), ld, y, ldy, r.T);
   for (size_t k = 0; k < adapters_.size(); ++k)
-    adapters_[k].second->apply(layer, in, x_, ldx_, coef_.data() + nc + int64_t(k), ld, y, ldy, r.T,
-                               ThreadPool::global());
+    adapters_[k].second->apply(layer, in, x_, ldx_, coef_.data() + nc + int64_t(k), ld, y, ldy, r.T);
 }
 
 ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype, bool zero_router)

@@ -2,9 +2,13 @@
 // over several sequences at once (prefill chunks and decode tokens packed into one
 // [T_total, hidden] activation matrix; attention per sequence over its own KV cache).
 //
-// Weight layout: every linear is PyTorch's [out, in] row-major in `dtype` (bf16 or f32);
+// Every op runs on the model's Backend (kernels/backend.h, chosen at load: the CPU, or a
+// GPU), and the weights, KV caches and activations live in its memory. Linears are
+// prepared by the backend from PyTorch's [out, in] row-major in `dtype` (bf16 or f32);
 // q,k,v are fused into one [(Hq + 2 Hkv) * D, hidden] matrix and gate,up into one
 // [2 F, hidden] matrix so a step runs 4 GEMMs per layer. Norm weights and biases are f32.
+// The embedding table stays in host memory (a step reads one row per token) and the
+// logits come back to the host.
 #pragma once
 #include <memory>
 #include <string>
@@ -13,6 +17,7 @@
 #include "common/model_config.h"
 #include "common/tensor.h"
 #include "common/tokenizer.h"
+#include "kernels/backend.h"
 #include "coordinator/kv_cache.h"
 
 namespace atmoe {
@@ -22,13 +27,13 @@ class ExpertDispatch;
 struct SeqRouting;
 
 struct Linear {
-  Tensor w;     // [N, K] in the model dtype, packed panels (kernels/cpu/matmul.h)
-  Tensor bias;  // [N] f32 or undefined
+  PreparedWeight w;  // [N, K] in the model dtype, the backend's layout
+  Buffer bias;       // [N] f32, or empty
   int64_t N = 0, K = 0;
 };
 
 struct LayerWeights {
-  Tensor attn_norm, ffn_norm;  // [hidden] f32
+  Buffer attn_norm, ffn_norm;  // [hidden] f32
   Linear qkv, o, gate_up, down;
 };
 
@@ -54,19 +59,23 @@ class Model {
  public:
   // PATH: a .gguf file or an HF directory. dtype: BF16 or F32. check_tensors: every weight
   // is checked finite after dequantisation (one more pass over them; llama.cpp's --check-tensors).
-  static std::unique_ptr<Model> load(const std::string& path, DType dtype, bool check_tensors = false);
+  // be: where the model runs (not owned; outlives the model); nullptr = cpu_backend().
+  static std::unique_ptr<Model> load(const std::string& path, DType dtype, bool check_tensors = false,
+                                     Backend* be = nullptr);
   Model();
   ~Model();
 
   const ModelConfig& config() const { return cfg_; }
   const Tokenizer& tokenizer() const { return *tok_; }
   const ModelInfo& info() const { return info_; }
+  Backend& backend() const { return *be_; }
   DType dtype() const { return dtype_; }
   int64_t weight_bytes() const;  // bytes of weights read by one decode step
 
   std::unique_ptr<KvCache> new_cache() const;
   // Attaches a bundle's experts (not owned; must outlive the model's use of it): the
-  // model calls it per layer and site input (coordinator/expert_dispatch.h).
+  // model calls it per layer and site input (coordinator/expert_dispatch.h), with
+  // activations in backend memory (today: host-memory backends only).
   void set_experts(ExpertDispatch* e) { experts_ = e; }
   ExpertDispatch* experts() const { return experts_; }
   // Mean over the tokens of the residual stream after `layer` (base model, no experts).
@@ -82,11 +91,12 @@ class Model {
   ModelInfo info_;
   DType dtype_ = DType::BF16;
   Tensor embed_;     // [vocab, hidden] f32: the lookup reads one row per token, so exact costs nothing per step
-  Tensor out_norm_;  // [hidden] f32
+  Buffer out_norm_;  // [hidden] f32
   Linear lm_head_;   // [vocab, hidden] model dtype (packed from embed_ when tied)
   std::vector<LayerWeights> layers_;
   std::vector<float> inv_freq_;
-  ThreadPool* pool_ = nullptr;
+  Buffer inv_freq_dev_;  // inv_freq_ in backend memory
+  Backend* be_ = nullptr;
   ExpertDispatch* experts_ = nullptr;
   int stop_after_layer_ = -1;              // pooled_hidden: stop here and
   std::vector<float>* pooled_out_ = nullptr;  // write the mean residual here

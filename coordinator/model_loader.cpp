@@ -19,7 +19,7 @@
 #include "common/log.h"
 #include "common/safetensors.h"
 #include "coordinator/model.h"
-#include "kernels/cpu/matmul.h"
+#include "kernels/backend.h"
 #include "kernels/thread_pool.h"
 
 namespace atmoe {
@@ -32,14 +32,19 @@ struct ModelLoader {
                       shape_to_string(want));
   }
 
-  // f32 [N, K] -> a Linear whose weight is in the packed panel layout of cpu::matmul.
-  static Linear pack(const Tensor& f32, DType dt) {
+  // f32 [N, K] -> a Linear prepared by the model's backend (its own layout) in dt.
+  static Linear pack(Model& m, const Tensor& f32, DType dt) {
     Linear L;
     L.N = f32.dim(0);
     L.K = f32.dim(1);
-    L.w = Tensor::empty(dt, {int64_t(cpu::packed_elems(L.N, L.K))});
-    cpu::pack_weights(f32.data<float>(), L.N, L.K, dt, L.w.data<void>());
+    L.w = prepare_weight(*m.be_, f32.data<float>(), L.N, L.K, dt);
     return L;
+  }
+  // An f32 vector (norm weights, biases) copied into backend memory.
+  static Buffer vec(Model& m, const Tensor& f32) {
+    Buffer b(*m.be_, f32.nbytes());
+    m.be_->upload(b.get(), f32.data<float>(), f32.nbytes());
+    return b;
   }
 
   // Concatenates f32 matrices along rows (fused q|k|v and gate|up).
@@ -70,10 +75,11 @@ struct ModelLoader {
     const auto& c = m.cfg_;
     m.inv_freq_ = rope_inv_freq(c);
     if (c.tie_embeddings) {
-      m.lm_head_ = pack(m.embed_, m.dtype_);
+      m.lm_head_ = pack(m, m.embed_, m.dtype_);
     }
-    m.pool_ = &ThreadPool::global();
-    openblas_set_num_threads(m.pool_->size());
+    m.inv_freq_dev_ = Buffer(*m.be_, m.inv_freq_.size() * 4);
+    m.be_->upload(m.inv_freq_dev_.get(), m.inv_freq_.data(), m.inv_freq_.size() * 4);
+    openblas_set_num_threads(ThreadPool::global().size());
     ATMOE_CHECK_INPUT(m.tok_->vocab_size() <= c.vocab, "{}: tokenizer has {} tokens but the model's vocabulary is {}",
                       m.info_.path, m.tok_->vocab_size(), c.vocab);
   }
@@ -98,22 +104,22 @@ struct ModelLoader {
     };
     const int64_t d = c.hidden, D = c.head_dim, q = int64_t(c.n_heads) * D, kv = int64_t(c.n_kv_heads) * D;
     m.embed_ = get("token_embd.weight", {c.vocab, d});
-    m.out_norm_ = get("output_norm.weight", {d});
+    m.out_norm_ = vec(m, get("output_norm.weight", {d}));
     if (!c.tie_embeddings) {
-      m.lm_head_ = pack(get("output.weight", {c.vocab, d}), dt);
+      m.lm_head_ = pack(m, get("output.weight", {c.vocab, d}), dt);
     }
     for (int l = 0; l < c.n_layers; ++l) {
       std::string p = "blk." + std::to_string(l) + ".";
       LayerWeights L;
-      L.attn_norm = get(p + "attn_norm.weight", {d});
-      L.ffn_norm = get(p + "ffn_norm.weight", {d});
-      L.qkv = pack(concat_rows({get(p + "attn_q.weight", {q, d}), get(p + "attn_k.weight", {kv, d}),
+      L.attn_norm = vec(m, get(p + "attn_norm.weight", {d}));
+      L.ffn_norm = vec(m, get(p + "ffn_norm.weight", {d}));
+      L.qkv = pack(m, concat_rows({get(p + "attn_q.weight", {q, d}), get(p + "attn_k.weight", {kv, d}),
                              get(p + "attn_v.weight", {kv, d})}), dt);
       if (c.qkv_bias)
-        L.qkv.bias = concat_vec({get(p + "attn_q.bias", {q}), get(p + "attn_k.bias", {kv}), get(p + "attn_v.bias", {kv})});
-      L.o = pack(get(p + "attn_output.weight", {d, q}), dt);
-      L.gate_up = pack(concat_rows({get(p + "ffn_gate.weight", {c.ffn, d}), get(p + "ffn_up.weight", {c.ffn, d})}), dt);
-      L.down = pack(get(p + "ffn_down.weight", {d, c.ffn}), dt);
+        L.qkv.bias = vec(m, concat_vec({get(p + "attn_q.bias", {q}), get(p + "attn_k.bias", {kv}), get(p + "attn_v.bias", {kv})}));
+      L.o = pack(m, get(p + "attn_output.weight", {d, q}), dt);
+      L.gate_up = pack(m, concat_rows({get(p + "ffn_gate.weight", {c.ffn, d}), get(p + "ffn_up.weight", {c.ffn, d})}), dt);
+      L.down = pack(m, get(p + "ffn_down.weight", {d, c.ffn}), dt);
       m.layers_.push_back(std::move(L));
     }
     m.info_.format = "gguf";
@@ -199,24 +205,24 @@ struct ModelLoader {
     };
     const int64_t d = c.hidden, D = c.head_dim, q = int64_t(c.n_heads) * D, kv = int64_t(c.n_kv_heads) * D;
     m.embed_ = get("model.embed_tokens.weight", {c.vocab, d});
-    m.out_norm_ = get("model.norm.weight", {d});
+    m.out_norm_ = vec(m, get("model.norm.weight", {d}));
     if (!c.tie_embeddings || where.count("lm_head.weight")) {
       m.cfg_.tie_embeddings = false;
-      m.lm_head_ = pack(get("lm_head.weight", {c.vocab, d}), dt);
+      m.lm_head_ = pack(m, get("lm_head.weight", {c.vocab, d}), dt);
     }
     for (int l = 0; l < c.n_layers; ++l) {
       std::string p = "model.layers." + std::to_string(l) + ".";
       LayerWeights L;
-      L.attn_norm = get(p + "input_layernorm.weight", {d});
-      L.ffn_norm = get(p + "post_attention_layernorm.weight", {d});
-      L.qkv = pack(concat_rows({get(p + "self_attn.q_proj.weight", {q, d}), get(p + "self_attn.k_proj.weight", {kv, d}),
+      L.attn_norm = vec(m, get(p + "input_layernorm.weight", {d}));
+      L.ffn_norm = vec(m, get(p + "post_attention_layernorm.weight", {d}));
+      L.qkv = pack(m, concat_rows({get(p + "self_attn.q_proj.weight", {q, d}), get(p + "self_attn.k_proj.weight", {kv, d}),
                              get(p + "self_attn.v_proj.weight", {kv, d})}), dt);
       if (c.qkv_bias)
-        L.qkv.bias = concat_vec({get(p + "self_attn.q_proj.bias", {q}), get(p + "self_attn.k_proj.bias", {kv}),
-                                 get(p + "self_attn.v_proj.bias", {kv})});
-      L.o = pack(get(p + "self_attn.o_proj.weight", {d, q}), dt);
-      L.gate_up = pack(concat_rows({get(p + "mlp.gate_proj.weight", {c.ffn, d}), get(p + "mlp.up_proj.weight", {c.ffn, d})}), dt);
-      L.down = pack(get(p + "mlp.down_proj.weight", {d, c.ffn}), dt);
+        L.qkv.bias = vec(m, concat_vec({get(p + "self_attn.q_proj.bias", {q}), get(p + "self_attn.k_proj.bias", {kv}),
+                                 get(p + "self_attn.v_proj.bias", {kv})}));
+      L.o = pack(m, get(p + "self_attn.o_proj.weight", {d, q}), dt);
+      L.gate_up = pack(m, concat_rows({get(p + "mlp.gate_proj.weight", {c.ffn, d}), get(p + "mlp.up_proj.weight", {c.ffn, d})}), dt);
+      L.down = pack(m, get(p + "mlp.down_proj.weight", {d, c.ffn}), dt);
       m.layers_.push_back(std::move(L));
     }
     m.info_.format = "hf";
@@ -235,9 +241,10 @@ struct ModelLoader {
   }
 };
 
-std::unique_ptr<Model> Model::load(const std::string& path, DType dtype, bool check_tensors) {
+std::unique_ptr<Model> Model::load(const std::string& path, DType dtype, bool check_tensors, Backend* be) {
   ATMOE_CHECK_INPUT(dtype == DType::BF16 || dtype == DType::F32, "--dtype {}: expected bf16 or f32", dtype_name(dtype));
   auto m = std::make_unique<Model>();
+  m->be_ = be ? be : &cpu_backend();
   m->dtype_ = dtype;
   m->info_.path = path;
   const auto t0 = std::chrono::steady_clock::now();

@@ -12,9 +12,7 @@
 #include "common/tensor_check.h"
 #include "coordinator/experts.h"
 #include "coordinator/model.h"
-#include "kernels/cpu/matmul.h"
-#include "kernels/cpu/trex.h"
-#include "kernels/thread_pool.h"
+#include "kernels/backend.h"
 
 namespace atmoe {
 namespace fs = std::filesystem;
@@ -69,7 +67,8 @@ Tensor load_centroids(const std::string& path) {
   return t.to(DType::F32);
 }
 
-TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
+TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be)
+    : b_(b), be_(be ? be : &cpu_backend()) {
   ATMOE_ASSERT(b.trex.has_value());
   const SiteShapes shapes = site_shapes(c);
   shapes_ = shapes;
@@ -97,7 +96,7 @@ TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
     const int si = int(ls.second);
     st->d_in = shapes.d_in[size_t(si)];
     st->d_out = shapes.d_out[size_t(si)];
-    st->R = cpu::packed_rows(ad_.r1 + ad_.E);
+    st->R = ad_.r1 + ad_.E;
     std::vector<float> aw(static_cast<size_t>(st->R * st->d_in), 0.f), bm(static_cast<size_t>(st->d_out * ad_.r2));
     std::memcpy(aw.data(), m.A.data<float>(), m.A.nbytes());
     std::memcpy(aw.data() + ad_.r1 * st->d_in, m.Wr.data<float>(), m.Wr.nbytes());
@@ -107,10 +106,8 @@ TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype) : b_(b) {
       const int64_t o = permute ? gguf_qk_row(n, c.head_dim) : n;
       std::memcpy(&bm[size_t(o * ad_.r2)], m.B.data<float>() + n * ad_.r2, size_t(ad_.r2) * 4);
     }
-    st->AW = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st->R, st->d_in))});
-    st->B = Tensor::empty(dtype, {int64_t(cpu::packed_elems(st->d_out, ad_.r2))});
-    cpu::pack_weights(aw.data(), st->R, st->d_in, dtype, st->AW.data<void>());
-    cpu::pack_weights(bm.data(), st->d_out, ad_.r2, dtype, st->B.data<void>());
+    st->AW = prepare_weight(*be_, aw.data(), st->R, st->d_in, dtype);
+    st->B = prepare_weight(*be_, bm.data(), st->d_out, ad_.r2, dtype);
     st->omega = float(1.0 / (1.0 + std::exp(-100.0 * m.omega)));
     st->gate = float(1.0 / (1.0 + std::exp(-100.0 * m.gamma)));
     st->M = m.M;
@@ -242,12 +239,12 @@ void TrexPool::wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) {
         std::copy(tmp_.begin(), tmp_.end(), s_.begin() + j * E);
         omega_[size_t(j)] = r->trex_ctl.omega ? float(*r->trex_ctl.omega) : ts->omega;
       }
-      cpu::TrexParams p;
+      ops::TrexParams p;
       p.x = x_;
       p.ldx = ldx_;
-      p.AW = ts->AW.raw();
-      p.B = ts->B.raw();
-      p.dtype = ts->AW.dtype();
+      p.AW = ts->AW.get();
+      p.B = ts->B.get();
+      p.dtype = ts->AW.dtype;
       p.R = ts->R;
       p.T = n;
       p.d_in = ts->d_in;
@@ -259,12 +256,22 @@ void TrexPool::wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) {
       p.rows = rows_.data();
       p.s = s_.data();
       p.omega = omega_.data();
+      if (!be_->host_memory()) {  // the step's tables into backend memory
+        rows_dev_.reserve(*be_, size_t(n) * 4);
+        be_->upload(rows_dev_.get(), rows_.data(), size_t(n) * 4);
+        s_dev_.reserve(*be_, size_t(n * E) * 4);
+        be_->upload(s_dev_.get(), s_.data(), size_t(n * E) * 4);
+        omega_dev_.reserve(*be_, size_t(n) * 4);
+        be_->upload(omega_dev_.get(), omega_.data(), size_t(n) * 4);
+        p.rows = rows_dev_.as<int32_t>();
+        p.s = s_dev_.as<float>();
+        p.omega = omega_dev_.as<float>();
+      }
       p.gate = ts->gate;
-      if (ws_.size() < size_t(cpu::trex_workspace_floats(p))) ws_.resize(size_t(cpu::trex_workspace_floats(p)));
-      p.ws = ws_.data();
       p.y = y + col;
       p.ldy = ldy;
-      cpu::trex_apply(p, ThreadPool::global());
+      ws_.reserve(*be_, be_->workspace_bytes(p));
+      be_->trex(p, ws_.get());
     }
     col += shapes_.d_out[size_t(site)];
   }

@@ -16,7 +16,7 @@ namespace atmoe {
 
 struct TrexSite {
   int64_t R = 0, d_in = 0, d_out = 0;
-  Tensor AW, B;  // packed: [R, d_in] (A rows, then W_r rows, padded), [d_out, r2]
+  PreparedWeight AW, B;  // the backend's: [R = r1 + E, d_in] (A rows, then W_r rows), [d_out, r2]
   float omega = 0.5f, gate = 1.f;  // σ(100ω), σ(100γ)
   Tensor M;                        // f32 [E, K] or undefined
 };
@@ -29,7 +29,9 @@ Tensor load_centroids(const std::string& path);
 // groups to shard; docs/deploy.md).
 class TrexPool : public ExpertDispatch {
  public:
-  TrexPool(const Bundle& b, const ModelConfig& c, DType dtype);
+  // be: where the experts live and run (nullptr: cpu_backend()); activations given to
+  // post/wait are in its memory.
+  TrexPool(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be = nullptr);
   const Bundle& bundle() const { return b_; }
   const TrexAdapter& adapter() const { return ad_; }
   const TrexSite* site(int layer, Site s) const;
@@ -59,7 +61,9 @@ class TrexPool : public ExpertDispatch {
   // Step scratch: rows that route, their sequences, per-row intuition and ω'.
   std::vector<int32_t> rows_;
   std::vector<SeqRouting*> seq_;
-  std::vector<float> s_, omega_, ws_, tmp_;
+  std::vector<float> s_, omega_, tmp_;
+  Backend* be_;
+  Buffer ws_, rows_dev_, s_dev_, omega_dev_;  // workspace; the step's tables (device backends)
   const float* x_ = nullptr;
   int64_t ldx_ = 0;
 };

@@ -8,8 +8,6 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/model_config.h"
-#include "kernels/cpu/matmul.h"
-#include "kernels/thread_pool.h"
 
 namespace atmoe {
 
@@ -54,26 +52,35 @@ W to_w(float v) {
     return f32_to_bf16(v);
 }
 
-// Staged rows -> the kernel's layouts (kernels/cpu/lora.h): A stays row-major [R, d_in];
-// B [d_out, R] is packed: B[n][r] (= Bt[r][n]) at ((n / 32) * R + r) * 32 + n % 32.
+// Staged rows -> the backend's layouts: A stays row-major [R, d_in] (uploaded as is); B
+// [d_out, R] (= Btᵀ) is prepared by the backend with the block boundaries.
 template <class W>
-void pack_stage(const Stage<W>& sg, ShardStack& st, DType dt) {
+void pack_stage(Backend& be, const Stage<W>& sg, ShardStack& st, DType dt) {
   const int64_t R = st.R, dout = st.d_out;
-  st.A = Tensor::empty(dt, {R, st.d_in});
-  std::memcpy(st.A.template data<W>(), sg.A.data(), sg.A.size() * sizeof(W));
-  st.B = Tensor::empty(dt, {int64_t(cpu::packed_elems(dout, R))});
-  W* B = st.B.template data<W>();
-  // Block by block (lora.h): one block's rows are one contiguous run; padding rows are zero.
-  std::memset(static_cast<void*>(B), 0, st.B.nbytes());
-  for (const auto& [r0, r1] : st.block)
-    for (int64_t r = r0; r < r1; ++r) {
-      const W* b = sg.Bt.data() + r * dout;
-      for (int64_t n = 0; n < dout; ++n) B[cpu::lora_b_index(dout, r0, r1, n, r)] = b[n];
+  st.A = Buffer(be, sg.A.size() * sizeof(W));
+  be.upload(st.A.get(), sg.A.data(), sg.A.size() * sizeof(W));
+  std::vector<float> B(static_cast<size_t>(dout * R));
+  for (int64_t r = 0; r < R; ++r) {
+    const W* b = sg.Bt.data() + r * dout;
+    for (int64_t n = 0; n < dout; ++n) {
+      if constexpr (sizeof(W) == 4)
+        B[size_t(n * R + r)] = b[n];
+      else
+        B[size_t(n * R + r)] = bf16_to_f32(b[n]);
     }
+  }
+  std::vector<int64_t> bounds;
+  for (const auto& [r0, r1] : st.block) bounds.push_back(r0), bounds.push_back(r1);
+  st.B = Buffer(be, be.lora_b_bytes(dout, R, dt));
+  be.prepare_lora_b(B.data(), dout, R, bounds.data(), int64_t(st.block.size()), dt, st.B.get());
+  st.row_col = Buffer(be, sg.row_col.size() * 4);
+  be.upload(st.row_col.get(), sg.row_col.data(), sg.row_col.size() * 4);
+  st.row_scale = Buffer(be, sg.row_scale.size() * 4);
+  be.upload(st.row_scale.get(), sg.row_scale.data(), sg.row_scale.size() * 4);
 }
 
 template <class W>
-void load_stacks(const Bundle& bundle, const ShardSpec& spec, const std::vector<std::vector<int>>& blocks,
+void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const std::vector<std::vector<int>>& blocks,
                  std::vector<ShardStack>& stacks) {
   const int L = spec.shapes.n_layers;
   const int E = int(bundle.experts.size());
@@ -115,16 +122,15 @@ void load_stacks(const Bundle& bundle, const ShardSpec& spec, const std::vector<
       st.d_out = spec.shapes.d_out[size_t(si)];
       st.R = sg.rows();
       st.block = std::move(sg.block);
-      st.row_col = std::move(sg.row_col);
-      st.row_scale = std::move(sg.row_scale);
-      if (st.R > 0) pack_stage(sg, st, spec.dtype);
+      if (st.R > 0) pack_stage(be, sg, st, spec.dtype);
       sg = Stage<W>();  // the staged copy goes as soon as it is packed
     }
 }
 
 }  // namespace
 
-ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec) : spec_(spec) {
+ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec)
+    : spec_(spec), be_(spec.backend ? spec.backend : &cpu_backend()) {
   ATMOE_ASSERT(spec.dtype == DType::F32 || spec.dtype == DType::BF16);
   const int E = int(b.experts.size());
   std::vector<std::vector<int>> blocks;
@@ -143,11 +149,11 @@ ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec) : spec_(spec) {
   }
   stacks_.resize(size_t(spec.shapes.n_layers) * kNumSites);
   if (spec.dtype == DType::F32)
-    load_stacks<float>(b, spec, blocks, stacks_);
+    load_stacks<float>(*be_, b, spec, blocks, stacks_);
   else
-    load_stacks<uint16_t>(b, spec, blocks, stacks_);
+    load_stacks<uint16_t>(*be_, b, spec, blocks, stacks_);
   for (const auto& st : stacks_)
-    bytes_ += int64_t(st.A.nbytes() + st.B.nbytes() + st.row_col.size() * 4 + st.row_scale.size() * 4);
+    bytes_ += int64_t(st.A.bytes() + st.B.bytes() + st.row_col.bytes() + st.row_scale.bytes());
   ATMOE_LOG("worker")->info("expert shard: {} groups{}, {} experts, {:.1f} MiB", spec.groups.size(),
                             spec.general ? " + general" : "", column_expert_.size(), double(bytes_) / (1 << 20));
 }
@@ -188,12 +194,19 @@ int64_t ExpertShard::mark_uses(const float* coef, int64_t ldc, int64_t T) const 
 }
 
 void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
-                        int64_t ldy, int64_t T, ThreadPool& pool) const {
+                        int64_t ldy, int64_t T) const {
   const size_t nb = block_cols_.size();
   if (T <= 0 || nb == 0 || !has_input(layer, in)) return;
   const int64_t used_rows = mark_uses(coef, ldc, T);
   if (used_rows == 0) return;
-  cpu::LoraSite sites[3];
+  // The tokens that use each block (the same for every site of the input).
+  s_.toks.resize(nb);
+  for (size_t b = 0; b < nb; ++b) {
+    s_.toks[b].clear();
+    for (int64_t t = 0; t < T; ++t)
+      if (s_.uses[size_t(t) * nb + b]) s_.toks[b].push_back(int32_t(t));
+  }
+  ops::LoraSite sites[3];
   int n = 0;
   int64_t col = 0;
   for (int i = 0; i < input_site_count(in); ++i) {
@@ -204,18 +217,17 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
       for (size_t b = 0; b < nb; ++b) {
         blks[b].r0 = st.block[b].first;
         blks[b].r1 = st.block[b].second;
-        blks[b].toks.clear();
-        if (blks[b].r0 < blks[b].r1)
-          for (int64_t t = 0; t < T; ++t)
-            if (s_.uses[size_t(t) * nb + b]) blks[b].toks.push_back(int32_t(t));
+        const bool rows = blks[b].r0 < blks[b].r1;
+        blks[b].toks = rows ? s_.toks[b].data() : nullptr;
+        blks[b].n_toks = rows ? int64_t(s_.toks[b].size()) : 0;
       }
-      cpu::LoraSite& s = sites[n++];
-      s.A = st.A.raw();
-      s.B = st.B.raw();
+      ops::LoraSite& s = sites[n++];
+      s.A = st.A.get();
+      s.B = st.B.get();
       s.R = st.R;
       s.d_out = st.d_out;
-      s.row_col = st.row_col.data();
-      s.row_scale = st.row_scale.data();
+      s.row_col = st.row_col.as<int32_t>();
+      s.row_scale = st.row_scale.as<float>();
       s.blocks = blks.data();
       s.n_blocks = int64_t(nb);
       s.y = y + col;
@@ -223,7 +235,7 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
     }
     col += st.d_out;
   }
-  cpu::LoraMixParams p;
+  ops::LoraMixParams p;
   p.x = x;
   p.ldx = ldx;
   p.T = T;
@@ -231,13 +243,15 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
   p.dtype = spec_.dtype;
   p.coef = coef;
   p.ldc = ldc;
+  if (!be_->host_memory()) {
+    s_.coef.reserve(*be_, size_t(T * ldc) * 4);
+    be_->upload(s_.coef.get(), coef, size_t(T * ldc) * 4);
+    p.coef = s_.coef.as<float>();
+  }
   p.sites = sites;
   p.n_sites = n;
-  p.plan = &s_.plan;
-  const size_t need = size_t(cpu::lora_workspace_floats(p));
-  if (s_.u.size() < need) s_.u.resize(need);
-  p.u = s_.u.data();
-  cpu::lora_mix_apply(p, pool);
+  s_.ws.reserve(*be_, be_->workspace_bytes(p));
+  be_->lora_mix(p, s_.ws.get());
   counters_.applies += 1;
   counters_.token_rows += used_rows;
 }

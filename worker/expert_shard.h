@@ -10,7 +10,9 @@
 // Stack of one (layer, site): the rows of every block back to back (a block = one group,
 // or the general expert); each expert that adapts the module contributes its r_e rows
 // (heterogeneous ranks); no padding anywhere.
-//   A [R, d_in] row-major and B [d_out, R] packed panels (kernels/cpu/lora.h), model dtype.
+//   A [R, d_in] row-major and B [d_out, R] prepared by the shard's backend with the blocks
+//   (Backend::prepare_lora_b; the CPU's is packed panels block by block, kernels/cpu/lora.h),
+//   model dtype, in that backend's memory, as are
 //   row_col [R]: the column (expert) of each row; row_scale [R]: its LoRA scale.
 //   block [n_blocks]: row range of each block (empty when no expert of the block adapts it).
 #pragma once
@@ -23,11 +25,9 @@
 #include "common/model_config.h"
 #include "common/peft_adapter.h"
 #include "common/tensor.h"
-#include "kernels/cpu/lora.h"
+#include "kernels/backend.h"
 
 namespace atmoe {
-
-class ThreadPool;
 
 struct ShardSpec {
   SiteShapes shapes;
@@ -36,13 +36,12 @@ struct ShardSpec {
   DType dtype = DType::F32;
   std::vector<int> groups;  // bundle group indices held, in this order
   bool general = false;     // also hold the bundle's general expert (the last block)
+  Backend* backend = nullptr;  // where the banks live and apply() runs; nullptr: cpu_backend()
 };
 
 struct ShardStack {
   int64_t R = 0, d_in = 0, d_out = 0;
-  Tensor A, B;
-  std::vector<int32_t> row_col;
-  std::vector<float> row_scale;
+  Buffer A, B, row_col, row_scale;
   std::vector<std::pair<int64_t, int64_t>> block;
 };
 
@@ -68,9 +67,10 @@ class ExpertShard {
   // y[t, :] += Δ of every site of `in` for the T rows of x ([T, d_in(in)], stride ldx), with
   // coef [T, ldc] in this shard's column order; y: [T, out_cols(in)] (stride ldy), the
   // input's sites side by side. Blocks whose columns are all zero for a token cost nothing.
+  // x, y: the backend's memory; coef: host memory (it picks the blocks each token uses).
   // Not thread-safe (one scratch per shard).
   void apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
-             int64_t ldy, int64_t T, ThreadPool& pool) const;
+             int64_t ldy, int64_t T) const;
 
   // Work done since construction (tests and benchmarks).
   struct Counters {
@@ -85,10 +85,12 @@ class ExpertShard {
   std::vector<std::pair<int, int>> block_cols_;
   std::vector<ShardStack> stacks_;  // [L * kNumSites]
   int64_t bytes_ = 0;
+  Backend* be_;
   struct Scratch {
-    std::vector<cpu::LoraBlock> blocks[3];
-    cpu::LoraPlan plan;
-    std::vector<float> u;
+    std::vector<ops::LoraBlock> blocks[3];
+    std::vector<std::vector<int32_t>> toks;  // [n_blocks]: the tokens that use each block
+    Buffer ws;
+    Buffer coef;  // device backends: coef in backend memory
     std::vector<uint8_t> uses;
   };
   mutable Scratch s_;

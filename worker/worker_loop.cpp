@@ -169,10 +169,10 @@ void do_work(MpiSession& s, Session& ss, const std::vector<uint8_t>& m, const Wi
   std::memcpy(ss.result.data(), &rh, sizeof rh);
   float* y = reinterpret_cast<float*>(ss.result.data() + sizeof(WireHeader));
   const double t0 = now_s();
-  sh.apply(h.layer, in, payload, din, ss.coef.data(), ss.coef_cols, y, out, T, ThreadPool::global());
+  sh.apply(h.layer, in, payload, din, ss.coef.data(), ss.coef_cols, y, out, T);
   for (size_t k = 0; k < ss.adapters.size(); ++k)
     ss.adapters[k].second->apply(h.layer, in, payload, din, ss.coef.data() + sh.n_columns() + int64_t(k), ss.coef_cols,
-                                 y, out, T, ThreadPool::global());
+                                 y, out, T);
   ss.apply_s += now_s() - t0;
   ++ss.work_messages;
   std::vector<Communicator::Request> rq{s.data().isend(ss.result.data(), ss.result.size(), 0, kTagResult)};

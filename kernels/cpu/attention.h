@@ -10,28 +10,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/ops.h"
+
 namespace atmoe { class ThreadPool; }
 
 namespace atmoe::cpu {
 
-struct AttentionSeq {
-  int64_t t0 = 0, T = 0;
-  const float* k = nullptr;
-  const float* v = nullptr;
-  const int32_t* pos = nullptr;  // [T], positions of this sequence's query rows
-};
-
-struct AttentionParams {
-  const float* q = nullptr;
-  int64_t ldq = 0;
-  float* out = nullptr;
-  int64_t ldo = 0;
-  int64_t Hq = 0, Hkv = 0, D = 0;
-  float scale = 1.f;
-  const AttentionSeq* seqs = nullptr;
-  int64_t n_seqs = 0;
-  int64_t max_ctx = 0;  // >= every pos + 1
-};
+using AttentionSeq = ops::AttentionSeq;
+using AttentionParams = ops::AttentionParams;
 
 int64_t attention_workspace_floats(const AttentionParams& p, int n_threads);
 void attention(const AttentionParams& p, float* ws, ThreadPool& pool);

@@ -1,6 +1,7 @@
 #include "kernels/cpu/lora.h"
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <functional>
 #include <vector>
@@ -39,14 +40,14 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
       const LoraBlock& blk = s.blocks[b];
       ATMOE_ASSERT(blk.r0 >= prev_end && blk.r0 <= blk.r1 && blk.r1 <= s.R);
       prev_end = blk.r1;
-      if (blk.toks.empty() || blk.r0 == blk.r1) continue;
+      if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
       for (int64_t r = blk.r0; r < blk.r1; r += kPanel) pl.shrink.push_back({si, b, r, std::min(blk.r1, r + kPanel)});
       pl.range_w.push_back(static_cast<const uint8_t*>(s.B) + size_t(lora_block_offset(s.d_out, blk.r0)) * es);
       bool merged = false;
       if (!pl.expand.empty() && pl.expand.back().site == si) {
         LoraPlan::Expand& e = pl.expand.back();
         const int64_t n = e.tok1 - e.tok0;
-        if (n == int64_t(blk.toks.size()) && std::equal(blk.toks.begin(), blk.toks.end(), pl.toks.begin() + e.tok0)) {
+        if (n == blk.n_toks && std::equal(blk.toks, blk.toks + blk.n_toks, pl.toks.begin() + e.tok0)) {
           pl.ranges.push_back(blk.r0);
           pl.ranges.push_back(blk.r1);
           e.range1 += 2;
@@ -57,7 +58,7 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
         LoraPlan::Expand e{si, int64_t(pl.ranges.size()), int64_t(pl.ranges.size()) + 2, int64_t(pl.toks.size()), 0};
         pl.ranges.push_back(blk.r0);
         pl.ranges.push_back(blk.r1);
-        pl.toks.insert(pl.toks.end(), blk.toks.begin(), blk.toks.end());
+        pl.toks.insert(pl.toks.end(), blk.toks, blk.toks + blk.n_toks);
         e.tok1 = int64_t(pl.toks.size());
         pl.expand.push_back(e);
       }
@@ -121,14 +122,14 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) static void dot_row
 // at a time, then one at a time.
 static void shrink_dots(const LoraMixParams& p, const LoraSite& s, const LoraBlock& blk, int64_t r0, int64_t r1,
                         float* u0, int64_t ldu) {
-  const int64_t nt = int64_t(blk.toks.size());
+  const int64_t nt = blk.n_toks;
   const bool bf16 = p.dtype == DType::BF16;
   const int64_t row_bytes = p.d_in * int64_t(dtype_size(p.dtype));
   for (int64_t r = r0; r < r1; ++r) {
     const void* a = static_cast<const uint8_t*>(s.A) + r * row_bytes;
     int64_t j = 0;
     for (; j + 4 <= nt; j += 4) {
-      const int32_t* t = blk.toks.data() + j;
+      const int32_t* t = blk.toks + j;
       const float* x0 = p.x + int64_t(t[0]) * p.ldx;
       const float* x1 = p.x + int64_t(t[1]) * p.ldx;
       const float* x2 = p.x + int64_t(t[2]) * p.ldx;
@@ -139,7 +140,7 @@ static void shrink_dots(const LoraMixParams& p, const LoraSite& s, const LoraBlo
       for (int i = 0; i < 4; ++i) u0[int64_t(t[i]) * ldu + r] = o[i];
     }
     for (; j < nt; ++j) {
-      const int32_t t = blk.toks[size_t(j)];
+      const int32_t t = blk.toks[j];
       const float* x = p.x + int64_t(t) * p.ldx;
       u0[int64_t(t) * ldu + r] = bf16 ? dot_row_bf16(static_cast<const uint16_t*>(a), x, p.d_in)
                                       : dot_row_f32(static_cast<const float*>(a), x, p.d_in);
@@ -197,7 +198,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
   // calling thread: a parallel region with a barrier costs more than it would save.
   int64_t work = 0;
   for (const auto& it : pl.shrink)
-    work += (it.r1 - it.r0) * int64_t(p.sites[it.site].blocks[it.block].toks.size()) * p.d_in;
+    work += (it.r1 - it.r0) * p.sites[it.site].blocks[it.block].n_toks * p.d_in;
   for (const auto& e : pl.expand) {
     int64_t k = 0;
     for (int64_t r = e.range0; r < e.range1; r += 2) k += pl.ranges[size_t(r + 1)] - pl.ranges[size_t(r)];
@@ -210,7 +211,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
       const LoraPlan::Shrink& it = pl.shrink[size_t(i)];
       const LoraSite& s = p.sites[it.site];
       const LoraBlock& blk = s.blocks[it.block];
-      const int64_t nt_blk = int64_t(blk.toks.size()), nrows = it.r1 - it.r0;
+      const int64_t nt_blk = blk.n_toks, nrows = it.r1 - it.r0;
       float* u0 = p.u + u_off[it.site];
       if (nt_blk < kLoraPackMinTokens) {
         shrink_dots(p, s, blk, it.r0, it.r1, u0, ldu);
@@ -229,11 +230,12 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
         m.T = nt_blk;
         m.N = nrows;
         m.K = p.d_in;
-        m.x_rows = blk.toks.data();
-        m.y_rows = blk.toks.data();
+        m.x_rows = blk.toks;
+        m.y_rows = blk.toks;
         kern(m, 0, 1);
       }
-      for (int32_t t : blk.toks) {
+      for (int64_t ti = 0; ti < blk.n_toks; ++ti) {
+        const int32_t t = blk.toks[ti];
         float* u = u0 + int64_t(t) * ldu;
         for (int64_t r = it.r0; r < it.r1; ++r) u[r] *= row_coef(p, s, t, r);
       }
@@ -271,6 +273,26 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     pool.run(job);
 }
 
+void lora_prepare_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
+                    void* out) {
+  ATMOE_ASSERT(dt == DType::F32 || dt == DType::BF16);
+  const size_t es = dtype_size(dt);
+  std::memset(out, 0, packed_elems(d_out, R) * es);  // panel padding rows stay zero
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t r0 = bounds[2 * b], r1 = bounds[2 * b + 1];
+    ATMOE_ASSERT(0 <= r0 && r0 <= r1 && r1 <= R);
+    for (int64_t n = 0; n < d_out; ++n)
+      for (int64_t r = r0; r < r1; ++r) {
+        const size_t at = size_t(lora_b_index(d_out, r0, r1, n, r));
+        const float v = B[n * R + r];
+        if (dt == DType::F32)
+          static_cast<float*>(out)[at] = v;
+        else
+          static_cast<uint16_t*>(out)[at] = f32_to_bf16(v);
+      }
+  }
+}
+
 static float lora_b_at(const void* B, DType dt, int64_t d_out, int64_t r0, int64_t r1, int64_t n, int64_t r) {
   const size_t at = size_t(lora_b_index(d_out, r0, r1, n, r));
   return dt == DType::F32 ? static_cast<const float*>(B)[at] : bf16_to_f32(static_cast<const uint16_t*>(B)[at]);
@@ -281,7 +303,8 @@ void lora_mix_apply_ref(const LoraMixParams& p) {
     const LoraSite& s = p.sites[si];
     for (int64_t b = 0; b < s.n_blocks; ++b) {
       const LoraBlock& blk = s.blocks[b];
-      for (int32_t t : blk.toks) {
+      for (int64_t ti = 0; ti < blk.n_toks; ++ti) {
+        const int32_t t = blk.toks[ti];
         std::vector<double> u(static_cast<size_t>(blk.r1 - blk.r0), 0.0);
         for (int64_t r = blk.r0; r < blk.r1; ++r) {
           double acc = 0;

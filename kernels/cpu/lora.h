@@ -30,6 +30,7 @@
 
 #include "common/dtype.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/ops.h"
 
 namespace atmoe {
 class ThreadPool;
@@ -37,22 +38,8 @@ class ThreadPool;
 
 namespace atmoe::cpu {
 
-struct LoraBlock {
-  int64_t r0 = 0, r1 = 0;
-  std::vector<int32_t> toks;  // tokens (rows of x, y, coef) that use this block
-};
-
-struct LoraSite {
-  const void* A = nullptr;
-  const void* B = nullptr;
-  int64_t R = 0, d_out = 0;
-  const int32_t* row_col = nullptr;
-  const float* row_scale = nullptr;
-  const LoraBlock* blocks = nullptr;
-  int64_t n_blocks = 0;
-  float* y = nullptr;
-  int64_t ldy = 0;
-};
+using LoraBlock = ops::LoraBlock;
+using LoraSite = ops::LoraSite;
 
 // Where block [r0, r1)'s packed B starts in B_s, and where B_s[n][r] (r0 <= r < r1) lies.
 inline int64_t lora_block_offset(int64_t d_out, int64_t r0) { return packed_rows(d_out) * r0; }
@@ -85,18 +72,20 @@ struct LoraPlan {
   std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
 
-struct LoraMixParams {
-  const float* x = nullptr;
-  int64_t ldx = 0;
-  int64_t T = 0, d_in = 0;
-  DType dtype = DType::F32;
-  const float* coef = nullptr;
-  int64_t ldc = 0;
-  const LoraSite* sites = nullptr;
-  int n_sites = 0;
+// ops::LoraMixParams (A: packed panels of N = R; B: lora_prepare_b's block layout) plus
+// the CPU workspace: u and the work lists.
+struct LoraMixParams : ops::LoraMixParams {
   float* u = nullptr;  // [T, Σ R_s]
   LoraPlan* plan = nullptr;
+
+  LoraMixParams() = default;
+  LoraMixParams(const ops::LoraMixParams& o) : ops::LoraMixParams(o) {}  // NOLINT: implicit on purpose
 };
+
+// B row-major [d_out, R] f32 -> the block layout above (each [r0, r1) of `bounds` a packed
+// matrix of its own at lora_block_offset(d_out, r0)), in dt.
+void lora_prepare_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
+                    void* out);
 
 // Floats of u for these sites and T tokens (the plan holds the rest of the workspace).
 int64_t lora_workspace_floats(const LoraMixParams& p);

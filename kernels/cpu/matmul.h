@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "kernels/ops.h"
 
 namespace atmoe {
 class ThreadPool;
@@ -33,16 +34,9 @@ void pack_weights(const float* w, int64_t N, int64_t K, DType dt, void* out);
 // Element W[n][k] of a packed matrix.
 float packed_at(const void* w, DType dt, int64_t K, int64_t n, int64_t k);
 
-struct MatmulParams {
-  const float* x = nullptr;
-  int64_t ldx = 0;
-  const void* w = nullptr;  // packed panels (see above)
-  DType w_dtype = DType::F32;
-  const float* bias = nullptr;  // optional
-  float* y = nullptr;
-  int64_t ldy = 0;
-  int64_t T = 0, N = 0, K = 0;
-  bool accumulate = false;  // y += x W^T instead of y = x W^T
+// ops::MatmulParams (w: packed panels, the CPU backend's prepared layout) and the CPU-only
+// extensions the LoRA expand uses.
+struct MatmulParams : ops::MatmulParams {
   // Optional: sum over these [begin, end) ranges of k only (the LoRA expand over the
   // active experts' rank rows). SIMD path and reference only.
   const int64_t* k_ranges = nullptr;
@@ -55,6 +49,9 @@ struct MatmulParams {
   // writes y row y_rows[j] (LoRA groups computed for the tokens that use them only).
   const int32_t* x_rows = nullptr;
   const int32_t* y_rows = nullptr;
+
+  MatmulParams() = default;
+  MatmulParams(const ops::MatmulParams& o) : ops::MatmulParams(o) {}  // NOLINT: implicit on purpose
 };
 
 inline int64_t x_row(const MatmulParams& p, int64_t t) { return p.x_rows ? p.x_rows[t] : t; }

@@ -3,19 +3,13 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/ops.h"
+
 namespace atmoe { class ThreadPool; }
 
 namespace atmoe::cpu {
 
-struct RmsNormParams {
-  const float* x = nullptr;
-  int64_t ldx = 0;
-  const float* w = nullptr;
-  float* y = nullptr;
-  int64_t ldy = 0;
-  int64_t T = 0, D = 0;
-  float eps = 1e-5f;
-};
+using RmsNormParams = ops::RmsNormParams;
 
 void rmsnorm(const RmsNormParams& p, ThreadPool* pool);
 void rmsnorm_ref(const RmsNormParams& p);  // double accumulation

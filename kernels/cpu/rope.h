@@ -5,16 +5,11 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/ops.h"
+
 namespace atmoe::cpu {
 
-struct RopeParams {
-  float* x = nullptr;
-  int64_t ldx = 0;
-  int64_t T = 0, H = 0, D = 0;
-  const int32_t* pos = nullptr;    // [T]
-  const float* inv_freq = nullptr; // [D/2]
-  bool neox = true;
-};
+using RopeParams = ops::RopeParams;
 
 void rope(const RopeParams& p);
 void rope_ref(const RopeParams& p);  // double-precision angles and products

@@ -68,6 +68,47 @@ int32_t sample(const float* logits, int64_t V, const SamplingParams& sp, std::mt
   return draw(c, keep, rng);
 }
 
+int32_t sample_with_u(const float* logits, int64_t V, float temperature, int top_k, float top_p, float min_p, double u,
+                      std::vector<std::pair<float, int32_t>>& c) {
+  if (!(temperature >= 1e-5f) || top_k == 1) return argmax(logits, V);
+  const float inv_t = 1.f / temperature;
+  float m = -INFINITY;
+  for (int64_t i = 0; i < V; ++i) m = std::max(m, logits[i]);
+  c.resize(size_t(V));
+  for (int64_t i = 0; i < V; ++i) c[size_t(i)] = {std::exp((logits[i] - m) * inv_t), int32_t(i)};
+  size_t n = c.size();
+  if (min_p > 0.f)
+    n = size_t(std::partition(c.begin(), c.end(), [&](const auto& e) { return e.first >= min_p; }) - c.begin());
+  auto desc = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  const size_t k = top_k > 0 ? std::min(n, size_t(top_k)) : n;
+  if (k < n)
+    std::partial_sort(c.begin(), c.begin() + long(k), c.begin() + long(n), desc);
+  else
+    std::sort(c.begin(), c.begin() + long(n), desc);
+  double sum = 0;
+  for (size_t i = 0; i < k; ++i) sum += c[i].first;
+  size_t keep = k;
+  if (top_p < 1.f) {
+    double acc = 0;
+    for (size_t i = 0; i < k; ++i) {
+      acc += c[i].first / sum;
+      if (acc >= top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+  }
+  double mass = 0;
+  for (size_t i = 0; i < keep; ++i) mass += c[i].first;
+  const double r = u * mass;
+  double acc = 0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += c[i].first;
+    if (acc > r) return c[i].second;
+  }
+  return c[keep - 1].second;
+}
+
 void apply_penalties(float* logits, int64_t V, const LogitPenalties& p, const int32_t* counts,
                      const uint8_t* in_prompt) {
   for (int64_t t = 0; t < V; ++t) {

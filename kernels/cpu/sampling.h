@@ -41,6 +41,12 @@ void logprobs(const float* logits, int64_t V, int32_t token, int top_n, TokenLog
               std::vector<std::pair<float, int32_t>>& scratch);
 
 int32_t argmax(const float* logits, int64_t V);
+// The backends' sample op (ops::SampleParams): the same truncation as sample(), then the
+// candidates in descending probability (ties by id) and the first whose cumulative mass
+// exceeds u · (kept mass), u in [0, 1). Deterministic given u, so every backend gives the
+// same token for the same draw.
+int32_t sample_with_u(const float* logits, int64_t V, float temperature, int top_k, float top_p, float min_p, double u,
+                      std::vector<std::pair<float, int32_t>>& scratch);
 // `scratch` is reused between calls to avoid allocation in the decode loop.
 int32_t sample(const float* logits, int64_t V, const SamplingParams& sp, std::mt19937_64& rng,
                std::vector<std::pair<float, int32_t>>& scratch);

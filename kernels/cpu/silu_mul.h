@@ -3,19 +3,13 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/ops.h"
+
 namespace atmoe { class ThreadPool; }
 
 namespace atmoe::cpu {
 
-struct SiluMulParams {
-  const float* g = nullptr;
-  int64_t ldg = 0;
-  const float* u = nullptr;
-  int64_t ldu = 0;
-  float* out = nullptr;
-  int64_t ldo = 0;
-  int64_t T = 0, F = 0;
-};
+using SiluMulParams = ops::SiluMulParams;
 
 void silu_mul(const SiluMulParams& p, ThreadPool* pool);
 void silu_mul_ref(const SiluMulParams& p);

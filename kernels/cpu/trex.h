@@ -11,30 +11,21 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "kernels/ops.h"
 
 namespace atmoe { class ThreadPool; }
 
 namespace atmoe::cpu {
 
-constexpr double kTrexTokenCoef = 32.0;  // c_p in the released code
-constexpr double kTrexTaskCoef = 4.0;    // c_s
+using ops::kTrexTaskCoef;
+using ops::kTrexTokenCoef;
 
-struct TrexParams {
-  const float* x = nullptr;
-  int64_t ldx = 0;
-  const void* AW = nullptr;  // packed [R, d_in]: rows 0..r1-1 = A, rows r1..r1+E-1 = W_r, R >= r1+E
-  const void* B = nullptr;   // packed [d_out, r2]
-  DType dtype = DType::F32;
-  int64_t R = 0;             // rows of AW incl. padding
-  int64_t T = 0, d_in = 0, d_out = 0, r1 = 0, r2 = 0, E = 0;
-  bool diagonal = false;        // rank1 mode
-  const int32_t* rows = nullptr;  // optional: token j of this call is row rows[j] of x and y
-  const float* s = nullptr;     // [T, E]: the intuition term s of each token (nullptr = 0)
-  const float* omega = nullptr; // [T]: ω' = σ(100 ω) of each token, in [0, 1]
-  float gate = 1.f;             // σ(100 γ)
-  float* ws = nullptr;       // trex_workspace_floats
-  float* y = nullptr;
-  int64_t ldy = 0;
+// ops::TrexParams (AW, B: packed panels) plus the workspace.
+struct TrexParams : ops::TrexParams {
+  float* ws = nullptr;  // trex_workspace_floats
+
+  TrexParams() = default;
+  TrexParams(const ops::TrexParams& o) : ops::TrexParams(o) {}  // NOLINT: implicit on purpose
 };
 
 int64_t trex_workspace_floats(const TrexParams& p);

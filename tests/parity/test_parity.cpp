@@ -1,7 +1,9 @@
 // Parity with llama.cpp on the real SmolLM2-135M-Instruct Q4_1 GGUF, against the goldens
 // made by tests/parity/make_goldens.py (llama.cpp on the F32 requantisation of the same
 // file): tokenizer ids, teacher-forced logits (relative L2 per position, top-1
-// agreement) in f32 and bf16, and 32-token greedy continuations.
+// agreement) in f32 and bf16, and 32-token greedy continuations. The logits and greedy
+// tests run on every registered backend (TEST_P: cpu is a parity test, cuda a gpu test that
+// skips without a GPU); a GPU run also checks that its greedy tokens equal the CPU's.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -73,8 +75,21 @@ TEST_F(Parity, TokenizerIdsEqualLlamaCpp) {
   std::printf("tokenizer: %d of %zu strings differ from llama.cpp\n", bad, t["strings"].size());
 }
 
-void check_logits(DType dt, double max_rel_l2, double min_top1) {
-  auto m = Model::load(model_path(), dt);
+class ParityOn : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fs::exists(model_path())) << "ATMOE_TEST_MODEL='" << model_path()
+                                          << "' not found: run deploy/fetch-model.sh (deploy/test.sh does)";
+    std::string why;
+    if (!backend_available(GetParam(), &why)) GTEST_SKIP() << why;
+    be_ = make_backend(GetParam());
+    std::printf("backend: %s\n", be_->description().c_str());
+  }
+  std::unique_ptr<Backend> be_;
+};
+
+void check_logits(Backend& be, DType dt, double max_rel_l2, double min_top1) {
+  auto m = Model::load(model_path(), dt, false, &be);
   const auto& g = goldens();
   const auto subset = g.doc["subset"].get<std::vector<int64_t>>();
   const int64_t V = g.doc["n_vocab"].get<int64_t>(), S = int64_t(subset.size()), NC = g.doc["n_cont"].get<int64_t>();
@@ -119,11 +134,11 @@ void check_logits(DType dt, double max_rel_l2, double min_top1) {
   EXPECT_GE(rate, min_top1);
 }
 
-TEST_F(Parity, F32LogitsMatchLlamaCpp) { check_logits(DType::F32, 3e-3, 0.995); }
-TEST_F(Parity, Bf16LogitsMatchLlamaCpp) { check_logits(DType::BF16, 2e-2, 0.98); }
+TEST_P(ParityOn, F32LogitsMatchLlamaCpp) { check_logits(*be_, DType::F32, 3e-3, 0.995); }
+TEST_P(ParityOn, Bf16LogitsMatchLlamaCpp) { check_logits(*be_, DType::BF16, 2e-2, 0.98); }
 
-TEST_F(Parity, GreedyContinuationsMatchLlamaCpp) {
-  auto m = Model::load(model_path(), DType::F32);
+std::vector<GenerateResult> greedy_on(Backend& be) {
+  auto m = Model::load(model_path(), DType::F32, false, &be);
   Engine e(*m);
   std::vector<GenerateRequest> reqs;
   for (const auto& cs : goldens().doc["cases"]) {
@@ -133,7 +148,11 @@ TEST_F(Parity, GreedyContinuationsMatchLlamaCpp) {
     r.ignore_eos = true;  // llama.cpp's reference ran argmax without stopping
     reqs.push_back(r);
   }
-  auto res = e.run(reqs);  // all ten in one continuous batch
+  return e.run(reqs);  // all ten in one continuous batch
+}
+
+TEST_P(ParityOn, GreedyContinuationsMatchLlamaCpp) {
+  auto res = greedy_on(*be_);
   int same = 0;
   for (size_t i = 0; i < res.size(); ++i) {
     bool eq = res[i].tokens == goldens().doc["cases"][i]["greedy"].get<std::vector<int32_t>>();
@@ -142,7 +161,15 @@ TEST_F(Parity, GreedyContinuationsMatchLlamaCpp) {
   }
   std::printf("greedy: %d of %zu continuations identical\n", same, res.size());
   EXPECT_GE(same, 9);
+  // A device backend with f32 activations gives the CPU's greedy tokens (DESIGN.md 6).
+  if (!be_->host_memory()) {
+    auto cpu = greedy_on(cpu_backend());
+    for (size_t i = 0; i < res.size(); ++i) EXPECT_EQ(res[i].tokens, cpu[i].tokens) << "prompt " << i;
+  }
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, ParityOn, ::testing::ValuesIn(backend_names()),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
 
 }  // namespace
 }  // namespace atmoe::test

@@ -1,0 +1,128 @@
+// The CPU backend: kernels/cpu/ behind the Backend interface. Memory is 256-byte-aligned
+// host memory; weights are prepared into the packed panel layout (matmul.h) and LoRA B
+// banks into the block layout (lora.h); ops run on a ThreadPool. The LoRA work lists
+// (LoraPlan) are this context's host-side cache: grown once, reused by every call.
+#include "kernels/cpu/backend_cpu.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include <fmt/format.h>
+
+#include "common/error.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/lora.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cpu/sampling.h"
+#include "kernels/cpu/silu_mul.h"
+#include "kernels/cpu/softmax.h"
+#include "kernels/cpu/trex.h"
+#include "kernels/thread_pool.h"
+
+namespace atmoe {
+namespace {
+
+constexpr size_t kAlign = 256;
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(ThreadPool& pool) : pool_(pool) {}
+
+  const char* name() const override { return "cpu"; }
+  std::string description() const override {
+    return fmt::format("cpu {}, {} threads", cpu::isa_name(cpu::best_isa()), pool_.size());
+  }
+  bool host_memory() const override { return true; }
+
+  void* alloc(size_t bytes) override {
+    void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void free(void* p) override { std::free(p); }
+  void upload(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void copy(void* dst, const void* src, size_t n) override { std::memmove(dst, src, n); }
+  void memset(void* dst, int v, size_t n) override { std::memset(dst, v, n); }
+  void synchronize() override {}
+
+  size_t weight_bytes(int64_t N, int64_t K, DType dt) const override {
+    return cpu::packed_elems(N, K) * dtype_size(dt);
+  }
+  void prepare_weight(const float* w, int64_t N, int64_t K, DType dt, void* dst) override {
+    ATMOE_ASSERT(dt == DType::F32 || dt == DType::BF16);
+    cpu::pack_weights(w, N, K, dt, dst);
+  }
+  size_t lora_b_bytes(int64_t d_out, int64_t R, DType dt) const override {
+    return cpu::packed_elems(d_out, R) * dtype_size(dt);
+  }
+  void prepare_lora_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
+                      void* dst) override {
+    cpu::lora_prepare_b(B, d_out, R, bounds, n_blocks, dt, dst);
+  }
+
+  size_t workspace_bytes(const ops::MatmulParams& p) const override {
+    return size_t(cpu::matmul_workspace_floats(cpu::MatmulParams(p))) * 4;
+  }
+  void matmul(const ops::MatmulParams& p, void* ws) override {
+    cpu::matmul(cpu::MatmulParams(p), static_cast<float*>(ws), pool_);
+  }
+  void rmsnorm(const ops::RmsNormParams& p) override { cpu::rmsnorm(p, &pool_); }
+  void rope(const ops::RopeParams& p) override { cpu::rope(p); }
+  void silu_mul(const ops::SiluMulParams& p) override { cpu::silu_mul(p, &pool_); }
+  size_t workspace_bytes(const ops::AttentionParams& p) const override {
+    return size_t(cpu::attention_workspace_floats(p, pool_.size())) * 4;
+  }
+  void attention(const ops::AttentionParams& p, void* ws) override {
+    cpu::attention(p, static_cast<float*>(ws), pool_);
+  }
+  size_t workspace_bytes(const ops::LoraMixParams& p) const override {
+    return size_t(cpu::lora_workspace_floats(cpu::LoraMixParams(p))) * 4;
+  }
+  void lora_mix(const ops::LoraMixParams& p, void* ws) override {
+    cpu::LoraMixParams c(p);
+    c.u = static_cast<float*>(ws);
+    c.plan = &plan_;
+    cpu::lora_mix_apply(c, pool_);
+  }
+  size_t workspace_bytes(const ops::TrexParams& p) const override {
+    return size_t(cpu::trex_workspace_floats(cpu::TrexParams(p))) * 4;
+  }
+  void trex(const ops::TrexParams& p, void* ws) override {
+    cpu::TrexParams c(p);
+    c.ws = static_cast<float*>(ws);
+    cpu::trex_apply(c, pool_);
+  }
+  void softmax_rows(const ops::SoftmaxParams& p) override {
+    if (p.ld == p.C || p.R <= 1) {
+      cpu::softmax_rows(p.x, p.R, p.C, p.scale);
+      return;
+    }
+    for (int64_t r = 0; r < p.R; ++r) cpu::softmax_rows(p.x + r * p.ld, 1, p.C, p.scale);
+  }
+  void sample_rows(const ops::SampleParams& p) override {
+    for (int64_t r = 0; r < p.R; ++r) {
+      const float* row = p.logits + r * p.ld;
+      p.out[r] = p.temperature ? cpu::sample_with_u(row, p.V, p.temperature[r], p.top_k[r], p.top_p[r], p.min_p[r],
+                                                    p.u[r], scratch_)
+                               : cpu::argmax(row, p.V);
+    }
+  }
+
+ private:
+  ThreadPool& pool_;
+  cpu::LoraPlan plan_;
+  std::vector<std::pair<float, int32_t>> scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(ThreadPool* pool) {
+  return std::make_unique<CpuBackend>(pool ? *pool : ThreadPool::global());
+}
+
+}  // namespace atmoe

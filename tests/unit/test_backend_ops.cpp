@@ -1,0 +1,602 @@
+// Every op of kernels/ops.h on every registered backend (TEST_P over backend_names(): cpu
+// always, cuda in CUDA builds; a backend that cannot run here skips), against float64
+// references computed here from the row-major inputs, with the one tolerance table
+// (tests/unit/check.h), fresh seeds (ATMOE_TEST_SEED replays one) and outputs poisoned with
+// NaN before each run so an element the op does not write fails. Inputs and outputs move
+// through the Backend's own memory calls; weights go through its prepare step, so a test
+// never knows the backend's layout.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/sampling.h"
+#include "kernels/thread_pool.h"
+#include "tests/unit/check.h"
+
+namespace atmoe::test {
+namespace {
+
+ThreadPool& pool2() {
+  static ThreadPool p(2);
+  return p;
+}
+
+// A host vector copied into backend memory (with slack so that an off-by-one write past the
+// end lands in poisoned memory that is checked too where it matters).
+struct DevBuf {
+  Buffer buf;
+  size_t bytes = 0;
+  template <class T>
+  DevBuf(Backend& be, const std::vector<T>& h) : buf(be, h.size() * sizeof(T) + 64), bytes(h.size() * sizeof(T)) {
+    if (bytes) be.upload(buf.get(), h.data(), bytes);
+  }
+  template <class T> T* as() const { return buf.as<T>(); }
+};
+
+template <class T>
+std::vector<T> fetch(Backend& be, const DevBuf& d) {
+  std::vector<T> h(d.bytes / sizeof(T));
+  if (d.bytes) be.download(h.data(), d.buf.get(), d.bytes);
+  return h;
+}
+
+float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+std::vector<float> round_bf16(std::vector<float> v) {
+  for (auto& x : v) x = round_bf16(x);
+  return v;
+}
+
+class BackendOps : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    std::string why;
+    if (!backend_available(GetParam(), &why)) GTEST_SKIP() << GetParam() << ": " << why;
+    be_ = make_backend(GetParam(), &pool2());
+    std::printf("backend: %s\n", be_->description().c_str());
+  }
+  Backend& be() { return *be_; }
+  std::unique_ptr<Backend> be_;
+};
+
+// ---------------------------------------------------------------- matmul
+struct MatmulCase {
+  int64_t T, N, K;
+};
+// Decode (T <= 8) and prefill shapes; N and K off every tile size.
+const MatmulCase kMatmulCases[] = {{1, 1, 1},     {1, 37, 576}, {3, 130, 77},  {4, 64, 1536},  {16, 67, 100},
+                                   {7, 17, 15},   {13, 48, 33}, {31, 96, 64},  {33, 300, 576}, {64, 259, 100},
+                                   {40, 1100, 8}, {37, 40, 50}, {38, 33, 257}, {8, 2048, 576}, {130, 576, 1536}};
+
+TEST_P(BackendOps, MatmulMatchesFloat64) {
+  std::mt19937_64 rng(test_seed() + 101);
+  for (const auto& c : kMatmulCases)
+    for (DType wdt : {DType::F32, DType::BF16})
+      for (bool bias : {false, true})
+        for (bool acc : {false, true}) {
+          SCOPED_TRACE(::testing::Message() << "T=" << c.T << " N=" << c.N << " K=" << c.K << " w=" << dtype_name(wdt)
+                                            << " bias=" << bias << " acc=" << acc);
+          const int64_t ldx = c.K + 3, ldy = c.N + 5;  // strided rows
+          auto x = randn(size_t(c.T * ldx), rng);
+          auto w = randn(size_t(c.N * c.K), rng, 0.5f);
+          auto b = randn(size_t(c.N), rng);
+          auto y0 = randn(size_t(c.T * ldy), rng);
+          const std::vector<float> wr = wdt == DType::BF16 ? round_bf16(w) : w;
+          std::vector<float> want = y0;
+          for (int64_t t = 0; t < c.T; ++t)
+            for (int64_t n = 0; n < c.N; ++n) {
+              double s = bias ? b[size_t(n)] : 0.0;
+              for (int64_t k = 0; k < c.K; ++k) s += double(x[size_t(t * ldx + k)]) * wr[size_t(n * c.K + k)];
+              want[size_t(t * ldy + n)] = float(s + (acc ? double(y0[size_t(t * ldy + n)]) : 0.0));
+            }
+          // Outside [T, N] (the stride gap) the output must be untouched.
+          std::vector<float> init = acc ? y0 : poisoned(y0.size());
+          for (int64_t t = 0; t < c.T; ++t)
+            for (int64_t n = c.N; n < ldy; ++n) init[size_t(t * ldy + n)] = want[size_t(t * ldy + n)] = 7.f;
+          PreparedWeight pw = prepare_weight(be(), w.data(), c.N, c.K, wdt);
+          DevBuf dx(be(), x), db(be(), b), dy(be(), init);
+          ops::MatmulParams p;
+          p.x = dx.as<float>();
+          p.ldx = ldx;
+          p.w = pw.get();
+          p.w_dtype = wdt;
+          p.bias = bias ? db.as<float>() : nullptr;
+          p.y = dy.as<float>();
+          p.ldy = ldy;
+          p.T = c.T;
+          p.N = c.N;
+          p.K = c.K;
+          p.accumulate = acc;
+          Buffer ws(be(), be().workspace_bytes(p) + 16);
+          be().matmul(p, ws.get());
+          auto got = fetch<float>(be(), dy);
+          // The kernels sum in another order than the float64 reference, and the bf16 path
+          // may round x to bf16 (cuBLAS): the tolerance scales with sqrt(K) |x||w|.
+          const double a = (wdt == DType::BF16 ? 1e-2 : 4e-5) * std::sqrt(double(c.K));
+          EXPECT_TRUE(all_close(got.data(), want.data(), got.size(), {a, wdt == DType::BF16 ? 1e-2 : 1e-5}));
+        }
+}
+
+// ---------------------------------------------------------------- rmsnorm, silu_mul, softmax
+TEST_P(BackendOps, RmsNormMatchesFloat64InPlaceToo) {
+  std::mt19937_64 rng(test_seed() + 102);
+  for (auto [T, D] : {std::pair<int64_t, int64_t>{1, 1}, {3, 576}, {17, 64}, {2, 4097}, {64, 4096}}) {
+    auto x = randn(size_t(T * D), rng, 3.f);
+    auto w = randn(size_t(D), rng);
+    std::vector<float> want(x.size());
+    for (int64_t t = 0; t < T; ++t) {
+      double ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += double(x[size_t(t * D + i)]) * x[size_t(t * D + i)];
+      const double inv = 1.0 / std::sqrt(ss / double(D) + 1e-5);
+      for (int64_t i = 0; i < D; ++i) want[size_t(t * D + i)] = float(x[size_t(t * D + i)] * inv * w[size_t(i)]);
+    }
+    DevBuf dx(be(), x), dw(be(), w), dy(be(), poisoned(x.size()));
+    be().rmsnorm({dx.as<float>(), D, dw.as<float>(), dy.as<float>(), D, T, D, 1e-5f});
+    EXPECT_TRUE(all_close(fetch<float>(be(), dy).data(), want.data(), want.size(), kF32)) << "T=" << T << " D=" << D;
+    be().rmsnorm({dx.as<float>(), D, dw.as<float>(), dx.as<float>(), D, T, D, 1e-5f});
+    EXPECT_TRUE(all_close(fetch<float>(be(), dx).data(), want.data(), want.size(), kF32)) << "in place";
+  }
+}
+
+TEST_P(BackendOps, SiluMulMatchesFloat64) {
+  std::mt19937_64 rng(test_seed() + 103);
+  for (auto [T, F] : {std::pair<int64_t, int64_t>{9, 1000}, {1, 1536}, {70, 33}}) {
+    auto gu = randn(size_t(T * 2 * F), rng, 4.f);
+    std::vector<float> want(static_cast<size_t>(T * F));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < F; ++i) {
+        const double g = gu[size_t(t * 2 * F + i)], u = gu[size_t(t * 2 * F + F + i)];
+        want[size_t(t * F + i)] = float(g / (1.0 + std::exp(-g)) * u);
+      }
+    DevBuf dgu(be(), gu), dout(be(), poisoned(want.size()));
+    be().silu_mul({dgu.as<float>(), 2 * F, dgu.as<float>() + F, 2 * F, dout.as<float>(), F, T, F});
+    EXPECT_TRUE(all_close(fetch<float>(be(), dout).data(), want.data(), want.size(), kF32));
+    // In place over g (the model's layout writes the product over the gate half).
+    be().silu_mul({dgu.as<float>(), 2 * F, dgu.as<float>() + F, 2 * F, dgu.as<float>(), 2 * F, T, F});
+    auto back = fetch<float>(be(), dgu);
+    for (int64_t t = 0; t < T; ++t)
+      ASSERT_TRUE(all_close(back.data() + t * 2 * F, want.data() + t * F, size_t(F), kF32)) << "in place, row " << t;
+  }
+}
+
+TEST_P(BackendOps, SoftmaxRowsWithMaskedEntries) {
+  std::mt19937_64 rng(test_seed() + 104);
+  const int64_t R = 5, C = 50, ld = 53;
+  auto x = randn(size_t(R * ld), rng, 10.f);
+  x[3] = -INFINITY;
+  for (int64_t i = 0; i < C; ++i) x[size_t(2 * ld + i)] = -INFINITY;  // a fully masked row
+  std::vector<float> want = x;
+  for (int64_t r = 0; r < R; ++r) {
+    double m = -INFINITY, z = 0;
+    for (int64_t i = 0; i < C; ++i) m = std::max(m, 0.5 * x[size_t(r * ld + i)]);
+    for (int64_t i = 0; i < C; ++i) z += std::isfinite(m) ? std::exp(0.5 * x[size_t(r * ld + i)] - m) : 0.0;
+    for (int64_t i = 0; i < C; ++i)
+      want[size_t(r * ld + i)] = std::isfinite(m) ? float(std::exp(0.5 * x[size_t(r * ld + i)] - m) / z) : 0.f;
+  }
+  DevBuf dx(be(), x);
+  be().softmax_rows({dx.as<float>(), ld, R, C, 0.5f});
+  auto got = fetch<float>(be(), dx);
+  EXPECT_TRUE(all_close(got.data(), want.data(), got.size(), kF32));  // the stride gap included: untouched
+  EXPECT_EQ(got[3], 0.f);
+  EXPECT_EQ(got[size_t(2 * ld + 7)], 0.f);
+}
+
+// ---------------------------------------------------------------- rope
+TEST_P(BackendOps, RopeBothStylesMatchFloat64) {
+  std::mt19937_64 rng(test_seed() + 105);
+  const int64_t T = 7, H = 3, D = 64, ld = H * D + 5;
+  std::vector<int32_t> pos{0, 1, 2, 100, 4095, 8191, 131071};
+  std::vector<float> inv(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) inv[size_t(i)] = float(std::pow(100000.0, -2.0 * double(i) / double(D)));
+  for (bool neox : {true, false}) {
+    auto x = randn(size_t(T * ld), rng);
+    std::vector<float> want = x;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < D / 2; ++i) {
+          // The angle in float64 (positions past 1e5 times frequencies near 1 lose digits in f32).
+          const double ang = double(pos[size_t(t)]) * double(inv[size_t(i)]);
+          const int64_t a = t * ld + h * D + (neox ? i : 2 * i), b = neox ? a + D / 2 : a + 1;
+          const double x0 = x[size_t(a)], x1 = x[size_t(b)];
+          want[size_t(a)] = float(x0 * std::cos(ang) - x1 * std::sin(ang));
+          want[size_t(b)] = float(x0 * std::sin(ang) + x1 * std::cos(ang));
+        }
+    DevBuf dx(be(), x), dp(be(), pos), di(be(), inv);
+    be().rope({dx.as<float>(), ld, T, H, D, dp.as<int32_t>(), di.as<float>(), neox});
+    EXPECT_TRUE(all_close(fetch<float>(be(), dx).data(), want.data(), want.size(), kF32)) << "neox=" << neox;
+  }
+}
+
+// ---------------------------------------------------------------- attention
+TEST_P(BackendOps, AttentionPackedSequencesGqaMatchFloat64) {
+  std::mt19937_64 rng(test_seed() + 106);
+  for (auto [Hq, Hkv, D] : {std::tuple<int64_t, int64_t, int64_t>{6, 2, 32}, {9, 3, 64}, {4, 4, 128}}) {
+    SCOPED_TRACE(::testing::Message() << "Hq=" << Hq << " Hkv=" << Hkv << " D=" << D);
+    const int64_t ldq = Hq * D + 8, ldkv = Hkv * D, ldo = Hq * D + 3;
+    // A fresh prefill of 5, a decode step at 40, a chunk of 3 at 10..12, a prefill of 37, a
+    // chunk of 20 at 40..59, and a decode step over 1500 cached positions.
+    struct S {
+      int64_t ctx, T;
+    };
+    std::vector<S> ss{{5, 5}, {41, 1}, {13, 3}, {37, 37}, {60, 20}, {1500, 1}};
+    int64_t total = 0, max_ctx = 0;
+    for (auto& s : ss) total += s.T, max_ctx = std::max(max_ctx, s.ctx);
+    auto q = randn(size_t(total * ldq), rng);
+    std::vector<std::vector<float>> ks, vs;
+    std::vector<int32_t> pos;
+    for (auto& s : ss) {
+      ks.push_back(randn(size_t(s.ctx * ldkv), rng));
+      vs.push_back(randn(size_t(s.ctx * ldkv), rng));
+      for (int64_t j = 0; j < s.T; ++j) pos.push_back(int32_t(s.ctx - s.T + j));
+    }
+    const float scale = 1.f / std::sqrt(float(D));
+    std::vector<float> want(static_cast<size_t>(total * ldo), 3.f);
+    {
+      int64_t t0 = 0;
+      for (size_t si = 0; si < ss.size(); ++si) {
+        for (int64_t j = 0; j < ss[si].T; ++j) {
+          const int64_t t = t0 + j, P = pos[size_t(t)];
+          for (int64_t h = 0; h < Hq; ++h) {
+            const int64_t kh = h / (Hq / Hkv);
+            std::vector<double> s(static_cast<size_t>(P + 1));
+            double m = -1e300, z = 0;
+            for (int64_t p = 0; p <= P; ++p) {
+              double d = 0;
+              for (int64_t i = 0; i < D; ++i) d += double(q[size_t(t * ldq + h * D + i)]) * ks[si][size_t(p * ldkv + kh * D + i)];
+              m = std::max(m, s[size_t(p)] = d * scale);
+            }
+            for (auto& v : s) z += (v = std::exp(v - m));
+            for (int64_t i = 0; i < D; ++i) {
+              double o = 0;
+              for (int64_t p = 0; p <= P; ++p) o += s[size_t(p)] * vs[si][size_t(p * ldkv + kh * D + i)];
+              want[size_t(t * ldo + h * D + i)] = float(o / z);
+            }
+          }
+        }
+        t0 += ss[si].T;
+      }
+    }
+    DevBuf dq(be(), q), dpos(be(), pos);
+    std::vector<DevBuf> dk, dv;
+    for (size_t i = 0; i < ss.size(); ++i) dk.emplace_back(be(), ks[i]), dv.emplace_back(be(), vs[i]);
+    std::vector<float> init = poisoned(want.size());
+    for (int64_t t = 0; t < total; ++t)
+      for (int64_t i = Hq * D; i < ldo; ++i) init[size_t(t * ldo + i)] = 3.f;  // the stride gap: untouched
+    DevBuf dout(be(), init);
+    std::vector<ops::AttentionSeq> seqs;
+    int64_t t0 = 0;
+    for (size_t i = 0; i < ss.size(); ++i) {
+      seqs.push_back({t0, ss[i].T, dk[i].as<float>(), dv[i].as<float>(), dpos.as<int32_t>() + t0});
+      t0 += ss[i].T;
+    }
+    ops::AttentionParams p;
+    p.q = dq.as<float>();
+    p.ldq = ldq;
+    p.out = dout.as<float>();
+    p.ldo = ldo;
+    p.Hq = Hq;
+    p.Hkv = Hkv;
+    p.D = D;
+    p.scale = scale;
+    p.seqs = seqs.data();
+    p.n_seqs = int64_t(seqs.size());
+    p.max_ctx = max_ctx;
+    Buffer ws(be(), be().workspace_bytes(p) + 16);
+    be().attention(p, ws.get());
+    EXPECT_TRUE(all_close(fetch<float>(be(), dout).data(), want.data(), want.size(), {2e-5, 1e-4}));
+  }
+}
+
+// ---------------------------------------------------------------- LoRA shrink -> mix -> expand
+void check_lora_mix(Backend& be, int64_t T, uint64_t salt) {
+  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30
+  // in five groups, stacked without padding. Group 2 has nonzero coefficients but is listed
+  // for no token: it must not reach y; inside a block only the listed tokens are computed.
+  SCOPED_TRACE("T = " + std::to_string(T));
+  std::mt19937_64 rng(test_seed() + 200 + salt);
+  const int64_t din = 70;
+  const std::vector<int64_t> douts{45, 70};
+  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}};
+  struct Ex {
+    int64_t row0, r, group;
+    std::vector<float> A, B;
+  };
+  int64_t n_ex = 0;
+  for (const auto& g : groups) n_ex += int64_t(g.size());
+  std::vector<float> coef(static_cast<size_t>(T * n_ex)), scale(static_cast<size_t>(n_ex));
+  for (auto& v : scale) v = std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
+  for (auto& v : coef) v = rng() % 4 == 0 ? 0.f : std::uniform_real_distribution<float>(-1, 1)(rng);
+  auto x = randn(size_t(T * din), rng);
+  // Token lists per group (the same for both sites).
+  std::vector<std::vector<int32_t>> toks(groups.size());
+  {
+    int64_t c0 = 0;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const int64_t c1 = c0 + int64_t(groups[g].size());
+      if (g != 2)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t c = c0; c < c1; ++c)
+            if (coef[size_t(t * n_ex + c)] != 0) {
+              toks[g].push_back(int32_t(t));
+              break;
+            }
+      c0 = c1;
+    }
+  }
+  for (DType dt : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    std::vector<std::vector<Ex>> exs(douts.size());
+    std::vector<std::vector<ops::LoraBlock>> blks(douts.size());
+    std::vector<std::vector<int32_t>> row_col(douts.size());
+    std::vector<std::vector<float>> row_scale(douts.size()), y0(douts.size()), want(douts.size());
+    std::vector<DevBuf> dA, dRC, dRS, dY;
+    std::vector<Buffer> dB;
+    std::vector<ops::LoraSite> sites(douts.size());
+    for (size_t si = 0; si < douts.size(); ++si) {
+      const int64_t dout = douts[si];
+      int64_t R = 0, col = 0;
+      std::vector<int64_t> bounds;
+      for (size_t g = 0; g < groups.size(); ++g) {
+        ops::LoraBlock b;
+        b.r0 = R;
+        for (int64_t r : groups[g]) {
+          exs[si].push_back({R, r, int64_t(g), randn(size_t(r * din), rng), randn(size_t(dout * r), rng)});
+          for (int64_t i = 0; i < r; ++i) {
+            row_col[si].push_back(int32_t(col));
+            row_scale[si].push_back(scale[size_t(col)]);
+          }
+          R += r;
+          ++col;
+        }
+        b.r1 = R;
+        b.toks = toks[g].data();
+        b.n_toks = int64_t(toks[g].size());
+        bounds.push_back(b.r0);
+        bounds.push_back(b.r1);
+        blks[si].push_back(b);
+      }
+      if (dt == DType::BF16)
+        for (auto& e : exs[si]) e.A = round_bf16(e.A), e.B = round_bf16(e.B);
+      std::vector<float> A(size_t(R * din)), B(size_t(dout * R));
+      for (const auto& e : exs[si])
+        for (int64_t i = 0; i < e.r; ++i) {
+          for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
+          for (int64_t n = 0; n < dout; ++n) B[size_t(n * R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
+        }
+      y0[si] = randn(size_t(T * dout), rng);
+      // Independent: per expert, in float64, from the row-major matrices.
+      want[si].resize(y0[si].size());
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < dout; ++n) {
+          double acc = y0[si][size_t(t * dout + n)];
+          int64_t c = 0;
+          for (const auto& e : exs[si]) {
+            if (e.group != 2)
+              for (int64_t i = 0; i < e.r; ++i) {
+                double ax = 0;
+                for (int64_t k = 0; k < din; ++k) ax += double(e.A[size_t(i * din + k)]) * x[size_t(t * din + k)];
+                acc += double(coef[size_t(t * n_ex + c)]) * scale[size_t(c)] * double(e.B[size_t(n * e.r + i)]) * ax;
+              }
+            ++c;
+          }
+          want[si][size_t(t * dout + n)] = float(acc);
+        }
+      if (dt == DType::F32) {
+        dA.emplace_back(be, A);
+      } else {
+        std::vector<uint16_t> Ab(A.size());
+        f32_to_bf16_n(A.data(), Ab.data(), A.size());
+        dA.emplace_back(be, Ab);
+      }
+      dB.emplace_back(be, be.lora_b_bytes(dout, R, dt));
+      be.prepare_lora_b(B.data(), dout, R, bounds.data(), int64_t(bounds.size() / 2), dt, dB.back().get());
+      dRC.emplace_back(be, row_col[si]);
+      dRS.emplace_back(be, row_scale[si]);
+      dY.emplace_back(be, y0[si]);
+      ops::LoraSite& s = sites[si];
+      s.A = dA.back().buf.get();
+      s.B = dB.back().get();
+      s.R = R;
+      s.d_out = dout;
+      s.row_col = dRC.back().as<int32_t>();
+      s.row_scale = dRS.back().as<float>();
+      s.blocks = blks[si].data();
+      s.n_blocks = int64_t(blks[si].size());
+      s.y = dY.back().as<float>();
+      s.ldy = dout;
+    }
+    DevBuf dx(be, x), dc(be, coef);
+    ops::LoraMixParams p;
+    p.x = dx.as<float>();
+    p.ldx = din;
+    p.T = T;
+    p.d_in = din;
+    p.dtype = dt;
+    p.coef = dc.as<float>();
+    p.ldc = n_ex;
+    p.sites = sites.data();
+    p.n_sites = int(sites.size());
+    // The workspace is poisoned: a u entry the expand reads but the shrink did not write
+    // turns y into NaN.
+    const size_t wsb = be.workspace_bytes(p);
+    DevBuf ws(be, poisoned(wsb / 4 + 4));
+    be.lora_mix(p, ws.buf.get());
+    for (size_t si = 0; si < douts.size(); ++si)
+      EXPECT_TRUE(all_close(fetch<float>(be, dY[si]).data(), want[si].data(), want[si].size(), {1e-4, 1e-5}))
+          << "site " << si;
+  }
+}
+
+TEST_P(BackendOps, LoraShrinkMixExpandMatchesPerExpertFloat64) {
+  // 200 tokens: blocks with many tokens (the CPU packs rows into a GEMM panel); 13: small
+  // work; 6, 3 and 1: few tokens per block (the dot-product and decode paths).
+  for (auto [T, salt] : {std::pair<int64_t, uint64_t>{200, 3}, {13, 0}, {6, 4}, {3, 1}, {1, 2}}) check_lora_mix(be(), T, salt);
+}
+
+// ---------------------------------------------------------------- T-REX
+TEST_P(BackendOps, TrexRankOneExpertsMatchFloat64Transcription) {
+  std::mt19937_64 rng(test_seed() + 107);
+  for (DType dt : {DType::F32, DType::BF16})
+    for (bool diagonal : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << dtype_name(dt) << " diagonal=" << diagonal);
+      const int64_t din = 40, dout = 33, r1 = diagonal ? 6 : 4, r2 = diagonal ? 6 : 3, E = diagonal ? 6 : 12;
+      const int64_t Tall = 9, R = r1 + E + 5;  // rows past r1 + E are zero (a backend may pad)
+      auto A = randn(size_t(r1 * din), rng, 0.3f), Wr = randn(size_t(E * din), rng, 0.3f), B = randn(size_t(dout * r2), rng);
+      if (dt == DType::BF16) A = round_bf16(A), Wr = round_bf16(Wr), B = round_bf16(B);
+      std::vector<float> aw(static_cast<size_t>(R * din), 0.f);
+      std::copy(A.begin(), A.end(), aw.begin());
+      std::copy(Wr.begin(), Wr.end(), aw.begin() + r1 * din);
+      auto x = randn(size_t(Tall * din), rng);
+      std::vector<int32_t> rows{0, 2, 3, 7, 8};  // tokens 1, 4, 5, 6 do not route (their y is untouched)
+      const int64_t T = int64_t(rows.size());
+      auto sv = randn(size_t(T * E), rng);
+      std::vector<float> om(static_cast<size_t>(T));
+      for (auto& o : om) o = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+      auto y0 = randn(size_t(Tall * dout), rng);
+      std::vector<float> want = y0;
+      for (int64_t j = 0; j < T; ++j) {
+        const float* xt = x.data() + rows[size_t(j)] * din;
+        std::vector<double> u(static_cast<size_t>(r1)), lg(static_cast<size_t>(E)), g(static_cast<size_t>(E)),
+            v(static_cast<size_t>(r2), 0.0);
+        for (int64_t i = 0; i < r1; ++i)
+          for (int64_t k = 0; k < din; ++k) u[size_t(i)] += double(A[size_t(i * din + k)]) * xt[k];
+        double mx = -1e300, z = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          for (int64_t k = 0; k < din; ++k) lg[size_t(e)] += double(Wr[size_t(e * din + k)]) * xt[k];
+          mx = std::max(mx, lg[size_t(e)]);
+        }
+        for (auto& l : lg) z += std::exp(l - mx);
+        for (int64_t e = 0; e < E; ++e)
+          g[size_t(e)] = 32.0 * om[size_t(j)] * std::exp(lg[size_t(e)] - mx) / z + 4.0 * (1 - om[size_t(j)]) * sv[size_t(j * E + e)];
+        for (int64_t b = 0; b < r2; ++b)
+          for (int64_t a = 0; a < r1; ++a)
+            if (!diagonal) v[size_t(b)] += g[size_t(a * r2 + b)] * u[size_t(a)];
+            else if (a == b) v[size_t(b)] = g[size_t(a)] * u[size_t(a)];
+        for (int64_t n = 0; n < dout; ++n) {
+          double acc = 0;
+          for (int64_t b = 0; b < r2; ++b) acc += double(B[size_t(n * r2 + b)]) * v[size_t(b)];
+          want[size_t(rows[size_t(j)] * dout + n)] += float(0.8 * acc);
+        }
+      }
+      PreparedWeight pAW = prepare_weight(be(), aw.data(), R, din, dt), pB = prepare_weight(be(), B.data(), dout, r2, dt);
+      DevBuf dx(be(), x), drows(be(), rows), ds(be(), sv), dom(be(), om), dy(be(), y0);
+      ops::TrexParams p;
+      p.x = dx.as<float>();
+      p.ldx = din;
+      p.AW = pAW.get();
+      p.B = pB.get();
+      p.dtype = dt;
+      p.R = R;
+      p.T = T;
+      p.d_in = din;
+      p.d_out = dout;
+      p.r1 = r1;
+      p.r2 = r2;
+      p.E = E;
+      p.diagonal = diagonal;
+      p.rows = drows.as<int32_t>();
+      p.s = ds.as<float>();
+      p.omega = dom.as<float>();
+      p.gate = 0.8f;
+      p.y = dy.as<float>();
+      p.ldy = dout;
+      DevBuf ws(be(), poisoned(be().workspace_bytes(p) / 4 + 4));
+      be().trex(p, ws.buf.get());
+      EXPECT_TRUE(all_close(fetch<float>(be(), dy).data(), want.data(), want.size(), {1e-4, 1e-5}));
+    }
+}
+
+// ---------------------------------------------------------------- sampling
+// The op's spec (ops.h SampleParams) in float64: truncation, then the draw by u.
+int32_t sample_spec(const std::vector<float>& lg, float temp, int top_k, float top_p, float min_p, double u) {
+  const int64_t V = int64_t(lg.size());
+  if (!(temp >= 1e-5f) || top_k == 1) return int32_t(std::max_element(lg.begin(), lg.end()) - lg.begin());
+  const double m = *std::max_element(lg.begin(), lg.end());
+  std::vector<std::pair<double, int32_t>> c;
+  for (int64_t i = 0; i < V; ++i) {
+    const double w = std::exp((double(lg[size_t(i)]) - m) / temp);
+    if (w >= min_p) c.push_back({w, int32_t(i)});
+  }
+  std::sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  if (top_k > 0 && size_t(top_k) < c.size()) c.resize(size_t(top_k));
+  double sum = 0, acc = 0;
+  for (auto& e : c) sum += e.first;
+  if (top_p < 1.f)
+    for (size_t i = 0; i < c.size(); ++i)
+      if ((acc += c[i].first / sum) >= top_p) {
+        c.resize(i + 1);
+        break;
+      }
+  double mass = 0;
+  for (auto& e : c) mass += e.first;
+  acc = 0;
+  for (auto& e : c)
+    if ((acc += e.first) > u * mass) return e.second;
+  return c.back().second;
+}
+
+TEST_P(BackendOps, SampleRowsGreedyAndTruncatedDraws) {
+  std::mt19937_64 rng(test_seed() + 108);
+  const int64_t V = 49152, R = 12, ld = V + 7;
+  auto lg = randn(size_t(R * ld), rng, 3.f);
+  lg[5] = lg[9] = 40.f;  // row 0: a tie at the top -> the lowest id
+  std::vector<float> temp(R), top_p(R), min_p(R);
+  std::vector<int32_t> top_k(R);
+  std::vector<double> u(R);
+  for (int64_t r = 0; r < R; ++r) {
+    temp[size_t(r)] = r < 3 ? 0.f : std::uniform_real_distribution<float>(0.3f, 1.5f)(rng);
+    top_k[size_t(r)] = r % 4 == 1 ? 1 : r % 4 == 2 ? 40 : 0;
+    top_p[size_t(r)] = r % 3 == 0 ? 0.9f : 1.f;
+    min_p[size_t(r)] = r % 5 == 0 ? 0.05f : 0.f;
+    u[size_t(r)] = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+  }
+  DevBuf dl(be(), lg), dout(be(), std::vector<int32_t>(size_t(R), -1));
+  ops::SampleParams p;
+  p.logits = dl.as<float>();
+  p.ld = ld;
+  p.R = R;
+  p.V = V;
+  p.temperature = temp.data();
+  p.top_k = top_k.data();
+  p.top_p = top_p.data();
+  p.min_p = min_p.data();
+  p.u = u.data();
+  p.out = dout.as<int32_t>();
+  be().sample_rows(p);
+  auto got = fetch<int32_t>(be(), dout);
+  EXPECT_EQ(got[0], 5);
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<float> row(lg.begin() + r * ld, lg.begin() + r * ld + V);
+    EXPECT_EQ(got[size_t(r)], sample_spec(row, temp[size_t(r)], top_k[size_t(r)], top_p[size_t(r)], min_p[size_t(r)], u[size_t(r)]))
+        << "row " << r;
+  }
+  // No knobs: greedy for every row.
+  p.temperature = nullptr;
+  be().sample_rows(p);
+  got = fetch<int32_t>(be(), dout);
+  for (int64_t r = 0; r < R; ++r)
+    EXPECT_EQ(got[size_t(r)], int32_t(std::max_element(lg.begin() + r * ld, lg.begin() + r * ld + V) - (lg.begin() + r * ld)));
+}
+
+// ---------------------------------------------------------------- memory
+TEST_P(BackendOps, MemoryCallsRoundTrip) {
+  std::mt19937_64 rng(test_seed() + 109);
+  auto h = randn(1000, rng);
+  Buffer a(be(), 4000), b(be(), 4000);
+  be().upload(a.get(), h.data(), 4000);
+  be().copy(b.get(), a.get(), 4000);
+  be().memset(a.get(), 0, 2000);
+  std::vector<float> ga(1000), gb(1000);
+  be().download(ga.data(), a.get(), 4000);
+  be().download(gb.data(), b.get(), 4000);
+  EXPECT_EQ(gb, h);
+  for (int i = 0; i < 500; ++i) ASSERT_EQ(ga[size_t(i)], 0.f);
+  for (int i = 500; i < 1000; ++i) ASSERT_EQ(ga[size_t(i)], h[size_t(i)]);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a.get()) % 256, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::ValuesIn(backend_names()),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+}  // namespace
+}  // namespace atmoe::test
