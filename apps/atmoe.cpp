@@ -1,6 +1,7 @@
 // The `atmoe` entry point: parses the command and runs it. Errors become one line on
 // stderr ("atmoe: error: <file/field>: <problem>") and an exit code: 2 for bad input
 // (files, flags, requests), 1 for internal failures.
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -16,26 +17,22 @@
 #include "common/log.h"
 #include "common/utf8.h"
 #include "coordinator/remote_experts.h"
+#include "kernels/backend.h"
 #include "kernels/cpu/cpu_features.h"
 #include "worker/worker_loop.h"
 
-#ifdef ATMOE_HAVE_CUDA
-#include "kernels/cuda/device.cuh"
-#endif
 
 namespace atmoe::app {
 
+// The backends this build has and whether each can run here (the registry knows which
+// were compiled in).
 std::string compute_device_line() {
   std::string line = fmt::format("cpu ({})", cpu::isa_name(cpu::best_isa()));
-#ifdef ATMOE_HAVE_CUDA
+  const auto names = backend_names();
+  if (std::find(names.begin(), names.end(), "cuda") == names.end()) return line + "; built without CUDA";
   std::string why;
-  int n = cuda::device_count(&why);
-  if (n > 0) line += fmt::format("; cuda devices: {} ({})", n, cuda::device_name(0));
-  else line += fmt::format("; no CUDA device ({}), using the CPU", why);
-#else
-  line += "; built without CUDA";
-#endif
-  return line;
+  if (!backend_available("cuda", &why)) return line + fmt::format("; {}, using the CPU (--device cuda refused)", why);
+  return line + fmt::format("; {} (--device cuda)", make_backend("cuda")->description());
 }
 
 }  // namespace atmoe::app

@@ -23,6 +23,8 @@ void KvCache::reserve(int64_t n) {
   cap_ = cap;
 }
 
-int64_t KvCache::bytes() const { return int64_t(k_.size()) * 2 * cap_ * kv_dim_ * 4; }
+int64_t KvCache::bytes() const {
+  return int64_t(k_.size()) * 2 * cap_ * kv_dim_ * 4;
+}
 
 }  // namespace atmoe

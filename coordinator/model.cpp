@@ -102,14 +102,16 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
       ATMOE_CHECK_INPUT(tok >= 0 && tok < V, "token id {} outside the vocabulary of {}", tok, V);
       s.pos_host[size_t(t)] = int32_t(it.cache->len() + j);
       float* xr = xr_base + t * d;
-      if (embed_.dtype() == DType::F32) std::memcpy(xr, embed_.data<float>() + int64_t(tok) * d, size_t(d) * 4);
-      else convert_to_f32(DType::BF16, embed_.data<uint16_t>() + int64_t(tok) * d, xr, size_t(d));
+      if (embed_.dtype() == DType::F32)
+        std::memcpy(xr, embed_.data<float>() + int64_t(tok) * d, size_t(d) * 4);
+      else
+        convert_to_f32(DType::BF16, embed_.data<uint16_t>() + int64_t(tok) * d, xr, size_t(d));
     }
   }
   if (xr_base != x) be.upload(x, xr_base, size_t(T * d) * 4);
   be.upload(pos, s.pos_host.data(), size_t(T) * 4);
 
-const float scale = 1.f / std::sqrt(float(D));
+  const float scale = 1.f / std::sqrt(float(D));
   for (int l = 0; l < c.n_layers; ++l) {
     const LayerWeights& L = layers_[size_t(l)];
     be.rmsnorm({x, d, L.attn_norm.as<float>(), h, d, T, d, float(c.rms_eps)});
@@ -132,11 +134,10 @@ const float scale = 1.f / std::sqrt(float(D));
       auto& sq = s.seqs[i];
       KvCache* kc = items[i].cache;
       const int64_t p0 = s.pos_host[size_t(sq.t0)];
-      for (int64_t j = 0; j < sq.T; ++j) {
-        const float* row = qkv + (sq.t0 + j) * qkvd;
-        be.copy(kc->k(l) + (p0 + j) * kvd, row + qd, size_t(kvd) * 4);
-        be.copy(kc->v(l) + (p0 + j) * kvd, row + qd + kvd, size_t(kvd) * 4);
-      }
+      const float* rows = qkv + sq.t0 * qkvd;
+      be.copy_2d(kc->k(l) + p0 * kvd, size_t(kvd) * 4, rows + qd, size_t(qkvd) * 4, size_t(kvd) * 4, size_t(sq.T));
+      be.copy_2d(kc->v(l) + p0 * kvd, size_t(kvd) * 4, rows + qd + kvd, size_t(qkvd) * 4, size_t(kvd) * 4,
+                 size_t(sq.T));
       sq.k = kc->k(l);
       sq.v = kc->v(l);
     }

@@ -68,7 +68,7 @@ Tensor load_centroids(const std::string& path) {
 }
 
 TrexPool::TrexPool(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be)
-    : b_(b), be_(be ? be : &cpu_backend()) {
+    : b_(b), own_be_(be ? nullptr : make_backend("cpu")), be_(be ? be : own_be_.get()) {
   ATMOE_ASSERT(b.trex.has_value());
   const SiteShapes shapes = site_shapes(c);
   shapes_ = shapes;

@@ -29,7 +29,7 @@ Tensor load_centroids(const std::string& path);
 // groups to shard; docs/deploy.md).
 class TrexPool : public ExpertDispatch {
  public:
-  // be: where the experts live and run (nullptr: cpu_backend()); activations given to
+  // be: where the experts live and run (nullptr: a CPU context of its own); activations given to
   // post/wait are in its memory.
   TrexPool(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be = nullptr);
   const Bundle& bundle() const { return b_; }
@@ -54,6 +54,8 @@ class TrexPool : public ExpertDispatch {
 
  private:
   Bundle b_;
+  std::unique_ptr<Backend> own_be_;
+  Backend* be_;
   SiteShapes shapes_;
   TrexAdapter ad_;
   Tensor C_;  // f32 [K, d_e]
@@ -62,7 +64,6 @@ class TrexPool : public ExpertDispatch {
   std::vector<int32_t> rows_;
   std::vector<SeqRouting*> seq_;
   std::vector<float> s_, omega_, tmp_;
-  Backend* be_;
   Buffer ws_, rows_dev_, s_dev_, omega_dev_;  // workspace; the step's tables (device backends)
   const float* x_ = nullptr;
   int64_t ldx_ = 0;

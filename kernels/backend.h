@@ -16,7 +16,8 @@
 //   - workspace: op X with a workspace has a size query workspace_bytes(const XParams&)
 //     and takes `void* ws` of at least that many bytes of backend memory; ops never
 //     allocate (the CPU backend grows its own host-side work lists once, as a plan cache).
-//   - errors: a bad launch or a device fault throws atmoe::Error naming the call.
+//   - errors: a failed allocation, a bad launch or a device fault throws atmoe::Error
+//     (RuntimeError) naming the call.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -35,9 +36,9 @@ class Backend {
  public:
   virtual ~Backend() = default;
 
-  virtual const char* name() const = 0;          // "cpu", "cuda"
+  virtual const char* name() const = 0;         // "cpu", "cuda"
   virtual std::string description() const = 0;  // e.g. "cpu avx2, 2 threads", "cuda:0 NVIDIA H100 80GB HBM3"
-  virtual bool host_memory() const = 0;          // backend memory is host memory (pointers may be read directly)
+  virtual bool host_memory() const = 0;         // backend memory is host memory (pointers may be read directly)
 
   // ---- memory
   virtual void* alloc(size_t bytes) = 0;
@@ -45,6 +46,8 @@ class Backend {
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  // `rows` rows of `width` bytes from src (row stride spitch bytes) to dst (stride dpitch).
+  virtual void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows) = 0;
   virtual void memset(void* dst, int value, size_t bytes) = 0;
   virtual void synchronize() = 0;
 
@@ -79,7 +82,9 @@ class Buffer {
   Buffer() = default;
   Buffer(Backend& be, size_t bytes) : be_(&be), bytes_(bytes), p_(bytes ? be.alloc(bytes) : nullptr) {}
   ~Buffer() { reset(); }
-  Buffer(Buffer&& o) noexcept : be_(o.be_), bytes_(o.bytes_), p_(o.p_) { o.be_ = nullptr, o.bytes_ = 0, o.p_ = nullptr; }
+  Buffer(Buffer&& o) noexcept : be_(o.be_), bytes_(o.bytes_), p_(o.p_) {
+    o.be_ = nullptr, o.bytes_ = 0, o.p_ = nullptr;
+  }
   Buffer& operator=(Buffer&& o) noexcept {
     if (this != &o) {
       reset();
@@ -106,7 +111,10 @@ class Buffer {
   }
   size_t bytes() const { return bytes_; }
   void* get() const { return p_; }
-  template <class T> T* as() const { return static_cast<T*>(p_); }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
 
  private:
   Backend* be_ = nullptr;
@@ -114,7 +122,7 @@ class Buffer {
   void* p_ = nullptr;
 };
 
-// A weight matrix prepared for one backend.
+// A weight matrix prepared for one backend (kernels/backend.cpp).
 struct PreparedWeight {
   Buffer buf;
   DType dtype = DType::F32;

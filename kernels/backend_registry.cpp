@@ -13,16 +13,6 @@
 
 namespace atmoe {
 
-PreparedWeight prepare_weight(Backend& be, const float* w, int64_t N, int64_t K, DType dt) {
-  PreparedWeight p;
-  p.buf = Buffer(be, be.weight_bytes(N, K, dt));
-  be.prepare_weight(w, N, K, dt, p.buf.get());
-  p.dtype = dt;
-  p.N = N;
-  p.K = K;
-  return p;
-}
-
 std::vector<std::string> backend_names() {
 #ifdef ATMOE_HAVE_CUDA
   return {"cpu", "cuda"};
@@ -54,7 +44,9 @@ bool backend_available(const std::string& name, std::string* why) {
   std::string reason;
   const int n = cuda::device_count(&reason);
   if (dev >= n) {
-    if (why) *why = n == 0 ? "no CUDA device: " + reason : "no CUDA device " + std::to_string(dev) + " (" + std::to_string(n) + " found)";
+    if (why)
+      *why = n == 0 ? "no CUDA device: " + reason
+                    : "no CUDA device " + std::to_string(dev) + " (" + std::to_string(n) + " found)";
     return false;
   }
   return true;

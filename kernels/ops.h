@@ -19,7 +19,9 @@
 
 namespace atmoe::ops {
 
-// y[T, N] (=|+=) x[T, K] · W[N, K]^T (+ bias[N]).
+// y[T, N] (=|+=) x[T, K] · W[N, K]^T (+ bias[N]), f32 accumulation. With BF16 weights a
+// device backend may round x to bf16 for its tensor-core GEMM (CUDA: T > 8, as llama.cpp's
+// CUDA backend does): the bf16 path meets the bf16 tolerances, the f32 path the f32 ones.
 struct MatmulParams {
   const float* x = nullptr;
   int64_t ldx = 0;
@@ -173,7 +175,8 @@ struct SoftmaxParams {
 //   descending probability whose mass reaches top_p (ties at the cut kept in id order);
 //   renormalise and pick by the row's uniform draw u[r] in [0, 1): the first token (by
 //   descending probability, then id) whose cumulative mass exceeds u · kept mass.
-// Per-row knobs are host arrays (nullptr: greedy for every row).
+// Per-row knobs are host arrays; an absent one takes its default for every row
+// (temperature 0 = greedy, top_k 0, top_p 1, min_p 0); u is required for sampled rows.
 struct SampleParams {
   const float* logits = nullptr;
   int64_t ld = 0;

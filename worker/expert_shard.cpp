@@ -130,7 +130,9 @@ void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const
 }  // namespace
 
 ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec)
-    : spec_(spec), be_(spec.backend ? spec.backend : &cpu_backend()) {
+    : spec_(spec),
+      own_be_(spec.backend ? nullptr : make_backend("cpu")),
+      be_(spec.backend ? spec.backend : own_be_.get()) {
   ATMOE_ASSERT(spec.dtype == DType::F32 || spec.dtype == DType::BF16);
   const int E = int(b.experts.size());
   std::vector<std::vector<int>> blocks;

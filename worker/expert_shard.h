@@ -36,7 +36,7 @@ struct ShardSpec {
   DType dtype = DType::F32;
   std::vector<int> groups;  // bundle group indices held, in this order
   bool general = false;     // also hold the bundle's general expert (the last block)
-  Backend* backend = nullptr;  // where the banks live and apply() runs; nullptr: cpu_backend()
+  Backend* backend = nullptr;  // where the banks live and apply() runs; nullptr: a CPU context of its own
 };
 
 struct ShardStack {
@@ -81,11 +81,12 @@ class ExpertShard {
 
  private:
   ShardSpec spec_;
+  std::unique_ptr<Backend> own_be_;  // spec.backend == nullptr: this shard's CPU context (its LoRA plan cache)
+  Backend* be_;
   std::vector<int> column_expert_;
   std::vector<std::pair<int, int>> block_cols_;
   std::vector<ShardStack> stacks_;  // [L * kNumSites]
   int64_t bytes_ = 0;
-  Backend* be_;
   struct Scratch {
     std::vector<ops::LoraBlock> blocks[3];
     std::vector<std::vector<int32_t>> toks;  // [n_blocks]: the tokens that use each block

@@ -4,11 +4,10 @@
 // (LoraPlan) are this context's host-side cache: grown once, reused by every call.
 #include "kernels/cpu/backend_cpu.h"
 
+#include <fmt/format.h>
+
 #include <cstdlib>
 #include <cstring>
-#include <new>
-
-#include <fmt/format.h>
 
 #include "common/error.h"
 #include "kernels/cpu/attention.h"
@@ -40,13 +39,17 @@ class CpuBackend final : public Backend {
 
   void* alloc(size_t bytes) override {
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
-    if (!p) throw std::bad_alloc();
+    if (!p) ::atmoe::throw_runtime(__FILE__, __LINE__, fmt::format("cpu backend: allocating {} bytes failed", bytes));
     return p;
   }
   void free(void* p) override { std::free(p); }
   void upload(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   void download(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   void copy(void* dst, const void* src, size_t n) override { std::memmove(dst, src, n); }
+  void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows) override {
+    for (size_t r = 0; r < rows; ++r)
+      std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width);
+  }
   void memset(void* dst, int v, size_t n) override { std::memset(dst, v, n); }
   void synchronize() override {}
 
@@ -107,9 +110,12 @@ class CpuBackend final : public Backend {
   void sample_rows(const ops::SampleParams& p) override {
     for (int64_t r = 0; r < p.R; ++r) {
       const float* row = p.logits + r * p.ld;
-      p.out[r] = p.temperature ? cpu::sample_with_u(row, p.V, p.temperature[r], p.top_k[r], p.top_p[r], p.min_p[r],
-                                                    p.u[r], scratch_)
-                               : cpu::argmax(row, p.V);
+      // Absent knobs take their defaults (ops.h); a sampled row without its draw is a bug.
+      const float temp = p.temperature ? p.temperature[r] : 0.f;
+      const int top_k = p.top_k ? p.top_k[r] : 0;
+      if (temp >= 1e-5f && top_k != 1) ATMOE_ASSERT(p.u != nullptr);
+      p.out[r] = cpu::sample_with_u(row, p.V, temp, top_k, p.top_p ? p.top_p[r] : 1.f, p.min_p ? p.min_p[r] : 0.f,
+                                    p.u ? p.u[r] : 0.0, scratch_);
     }
   }
 

@@ -72,7 +72,7 @@ struct LoraPlan {
   std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
 
-// ops::LoraMixParams (A: packed panels of N = R; B: lora_prepare_b's block layout) plus
+// ops::LoraMixParams (A: row-major [R, d_in]; B: lora_prepare_b's block layout) plus
 // the CPU workspace: u and the work lists.
 struct LoraMixParams : ops::LoraMixParams {
   float* u = nullptr;  // [T, Σ R_s]

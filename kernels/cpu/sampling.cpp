@@ -45,6 +45,7 @@ int32_t sample(const float* logits, int64_t V, const SamplingParams& sp, std::mt
   size_t n = c.size();
   if (sp.min_p > 0.f)
     n = size_t(std::partition(c.begin(), c.end(), [&](const auto& e) { return e.first >= sp.min_p; }) - c.begin());
+  if (n == 0) return argmax(logits, V);  // nothing passes (NaN logits): greedy
   auto desc = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   size_t k = top_k ? std::min(n, size_t(sp.top_k)) : n;
   if (k < n) {
@@ -79,6 +80,7 @@ int32_t sample_with_u(const float* logits, int64_t V, float temperature, int top
   size_t n = c.size();
   if (min_p > 0.f)
     n = size_t(std::partition(c.begin(), c.end(), [&](const auto& e) { return e.first >= min_p; }) - c.begin());
+  if (n == 0) return argmax(logits, V);  // nothing passes (NaN logits): greedy
   auto desc = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   const size_t k = top_k > 0 ? std::min(n, size_t(top_k)) : n;
   if (k < n)

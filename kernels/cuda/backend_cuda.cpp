@@ -85,20 +85,41 @@ class CudaBackend final : public Backend {
   }
   bool host_memory() const override { return false; }
 
+  // Every call runs on this backend's device, whichever device the calling thread had
+  // current (cuda:N next to other backends or threads).
+  void bind() const {
+    int cur = -1;
+    ATMOE_CUDA_CHECK(cudaGetDevice(&cur));
+    if (cur != dev_) ATMOE_CUDA_CHECK(cudaSetDevice(dev_));
+  }
+
   // ---- memory
   void* alloc(size_t bytes) override;
   void free(void* p) override {
-    if (p) cudaFree(p);
+    if (!p) return;
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != dev_) cudaSetDevice(dev_);
+    cudaFree(p);
   }
   void upload(void* dst, const void* host_src, size_t bytes) override;
   void download(void* host_dst, const void* src, size_t bytes) override;
   void copy(void* dst, const void* src, size_t bytes) override {
+    bind();
     if (bytes) ATMOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
+  void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows) override {
+    bind();
+    if (width && rows)
+      ATMOE_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDeviceToDevice, stream_));
+  }
   void memset(void* dst, int value, size_t bytes) override {
+    bind();
     if (bytes) ATMOE_CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, stream_));
   }
-  void synchronize() override { ATMOE_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    bind();
+    ATMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
 
   // ---- weight preparation
   size_t weight_bytes(int64_t N, int64_t K, DType dt) const override {
@@ -116,19 +137,29 @@ class CudaBackend final : public Backend {
   // ---- ops
   size_t workspace_bytes(const ops::MatmulParams& p) const override;
   void matmul(const ops::MatmulParams& p, void* ws) override;
-  void rmsnorm(const ops::RmsNormParams& p) override { ATMOE_CUDA_LAUNCH(cuda::rmsnorm(p, stream_)); }
+  void rmsnorm(const ops::RmsNormParams& p) override {
+    bind();
+    ATMOE_CUDA_LAUNCH(cuda::rmsnorm(p, stream_));
+  }
   void rope(const ops::RopeParams& p) override {
+    bind();
     ATMOE_CUDA_REQUIRE(p.D <= cuda::kRopeMaxD, "cuda rope: head dim {} > {}", p.D, cuda::kRopeMaxD);
     ATMOE_CUDA_LAUNCH(cuda::rope(p, stream_));
   }
-  void silu_mul(const ops::SiluMulParams& p) override { ATMOE_CUDA_LAUNCH(cuda::silu_mul(p, stream_)); }
+  void silu_mul(const ops::SiluMulParams& p) override {
+    bind();
+    ATMOE_CUDA_LAUNCH(cuda::silu_mul(p, stream_));
+  }
   size_t workspace_bytes(const ops::AttentionParams& p) const override;
   void attention(const ops::AttentionParams& p, void* ws) override;
   size_t workspace_bytes(const ops::LoraMixParams& p) const override;
   void lora_mix(const ops::LoraMixParams& p, void* ws) override;
   size_t workspace_bytes(const ops::TrexParams& p) const override { return cuda::trex_workspace_bytes(p); }
   void trex(const ops::TrexParams& p, void* ws) override;
-  void softmax_rows(const ops::SoftmaxParams& p) override { ATMOE_CUDA_LAUNCH(cuda::softmax_rows(p, stream_)); }
+  void softmax_rows(const ops::SoftmaxParams& p) override {
+    bind();
+    ATMOE_CUDA_LAUNCH(cuda::softmax_rows(p, stream_));
+  }
   void sample_rows(const ops::SampleParams& p) override;
 
  private:
@@ -227,6 +258,7 @@ void CudaBackend::stage_send(Slot& s, void* dst, size_t bytes) {
 }
 
 void* CudaBackend::alloc(size_t bytes) {
+  bind();
   if (bytes == 0) return nullptr;
   void* p = nullptr;
   const cudaError_t e = cudaMalloc(&p, bytes);
@@ -239,6 +271,7 @@ void* CudaBackend::alloc(size_t bytes) {
 }
 
 void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
+  bind();
   if (bytes == 0) return;
   if (bytes <= kStageUploadMax) {
     Slot& s = stage(bytes);
@@ -251,6 +284,7 @@ void CudaBackend::upload(void* dst, const void* host_src, size_t bytes) {
 }
 
 void CudaBackend::download(void* host_dst, const void* src, size_t bytes) {
+  bind();
   if (bytes == 0) return;
   ATMOE_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
   ATMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -259,6 +293,7 @@ void CudaBackend::download(void* host_dst, const void* src, size_t bytes) {
 // ---- weight preparation: host conversion, then one synchronous upload.
 
 void CudaBackend::prepare_weight(const float* w, int64_t N, int64_t K, DType dt, void* dst) {
+  bind();
   check_wtype(dt, "prepare_weight");
   ATMOE_CUDA_REQUIRE(N >= 0 && K >= 0, "cuda prepare_weight: bad shape [{}, {}]", N, K);
   const size_t n = size_t(N) * size_t(K);
@@ -276,6 +311,7 @@ void CudaBackend::prepare_weight(const float* w, int64_t N, int64_t K, DType dt,
 
 void CudaBackend::prepare_lora_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks,
                                  DType dt, void* dst) {
+  bind();
   check_wtype(dt, "prepare_lora_b");
   ATMOE_CUDA_REQUIRE(d_out >= 0 && R >= 0, "cuda prepare_lora_b: bad shape [{}, {}]", d_out, R);
   int64_t prev = 0;
@@ -313,6 +349,7 @@ size_t CudaBackend::workspace_bytes(const ops::MatmulParams& p) const {
 }
 
 void CudaBackend::matmul(const ops::MatmulParams& p, void* ws) {
+  bind();
   if (p.T <= 0 || p.N <= 0) return;
   check_wtype(p.w_dtype, "matmul");
   if (p.K <= 0) {  // y = (accumulate ? y : 0) + bias
@@ -361,6 +398,7 @@ size_t CudaBackend::workspace_bytes(const ops::AttentionParams& p) const {
 }
 
 void CudaBackend::attention(const ops::AttentionParams& p, void* ws) {
+  bind();
   const int64_t n_rows = attention_rows(p);
   if (n_rows == 0 || p.Hq <= 0) return;
   ATMOE_CUDA_REQUIRE(p.Hkv > 0 && p.Hq % p.Hkv == 0 && p.Hq <= 65535, "cuda attention: Hq = {}, Hkv = {}", p.Hq, p.Hkv);
@@ -412,6 +450,7 @@ size_t CudaBackend::workspace_bytes(const ops::LoraMixParams& p) const {
 }
 
 void CudaBackend::lora_mix(const ops::LoraMixParams& p, void* ws) {
+  bind();
   if (p.T <= 0 || p.n_sites <= 0) return;
   int64_t ldu, n_list;
   lora_sizes(p, &ldu, &n_list);
@@ -522,6 +561,7 @@ void CudaBackend::lora_mix(const ops::LoraMixParams& p, void* ws) {
 // ---- trex
 
 void CudaBackend::trex(const ops::TrexParams& p, void* ws) {
+  bind();
   if (p.T <= 0) return;
   check_wtype(p.dtype, "trex");
   ATMOE_CUDA_REQUIRE(p.R >= p.r1 + p.E && (!p.diagonal || (p.r1 == p.E && p.r2 == p.E)),
@@ -534,6 +574,7 @@ void CudaBackend::trex(const ops::TrexParams& p, void* ws) {
 // ---- sample_rows: argmax on the device for every row; sampled rows on the host.
 
 void CudaBackend::sample_rows(const ops::SampleParams& p) {
+  bind();
   if (p.R <= 0) return;
   ATMOE_CUDA_REQUIRE(p.V > 0 && p.out != nullptr, "cuda sample_rows: V = {}", p.V);
   ATMOE_CUDA_LAUNCH(cuda::argmax_rows(p.logits, p.ld, p.R, p.V, p.out, stream_));

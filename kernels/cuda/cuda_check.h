@@ -2,7 +2,7 @@
 // expression, file and line and throws atmoe::RuntimeError (an atmoe::Error) with the
 // library's own name and text of the failure. Host C++ only (backend code, tests); kernels
 // return their launch status as int and the caller checks it with ATMOE_CUDA_LAUNCH.
-// NCCL's macro is in kernels/cuda/nccl_check.h (it needs nccl.h).
+// NCCL calls live in common/comm_nccl.cpp, with its own check macro (it throws CommError).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>

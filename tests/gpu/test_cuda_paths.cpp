@@ -18,7 +18,7 @@ class CudaPaths : public ::testing::Test {
  protected:
   void SetUp() override {
     std::string why;
-    if (cuda::device_count(&why) == 0) GTEST_SKIP() << "no CUDA device: " << why;
+    if (cuda::device_count(&why) == 0) ATMOE_SKIP_OR_FAIL("no CUDA device: " << why);
     be_ = make_cuda_backend(0);
   }
   Backend& be() { return *be_; }

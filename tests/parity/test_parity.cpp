@@ -81,7 +81,7 @@ class ParityOn : public ::testing::TestWithParam<std::string> {
     ASSERT_TRUE(fs::exists(model_path())) << "ATMOE_TEST_MODEL='" << model_path()
                                           << "' not found: run deploy/fetch-model.sh (deploy/test.sh does)";
     std::string why;
-    if (!backend_available(GetParam(), &why)) GTEST_SKIP() << why;
+    if (!backend_available(GetParam(), &why)) ATMOE_SKIP_OR_FAIL(why);
     be_ = make_backend(GetParam());
     std::printf("backend: %s\n", be_->description().c_str());
   }
