@@ -63,6 +63,18 @@ fi
 expect_input_error "missing model path" "no such file" -- "$BIN" inspect "$WORK/does-not-exist"
 expect_input_error "negative temperature" "temperature" -- "$BIN" generate --model "$WORK/m" --prompt x --temperature -1
 expect_input_error "unknown dtype" "dtype" -- "$BIN" generate --model "$WORK/m" --prompt x --dtype f8
+# --device: an unknown backend; cuda where this build or machine cannot run it (the CI
+# machine has no GPU: refused with the reason); explicit cpu is the default path.
+expect_input_error "unknown device" "unknown backend 'tpu'" -- "$BIN" generate --model "$WORK/m" --prompt x --device tpu
+expect_input_error "bad cuda index" "device" -- "$BIN" generate --model "$WORK/m" --prompt x --device cuda:x
+if "$BIN" inspect "$WORK/m" 2>/dev/null | grep -q "(--device cuda)$"; then
+  ok "cuda usable here: --device cuda refusals not checked"
+else
+  expect_input_error "no usable cuda" "--device cuda" -- "$BIN" generate --model "$WORK/m" --prompt x --device cuda
+  expect_input_error "no usable cuda (bench)" "--device cuda" -- "$BIN" bench --model "$WORK/m" --device cuda:1
+fi
+outc=$("$BIN" generate --model "$WORK/m" --prompt "Hello world" --max-tokens 8 --temperature 0 --ignore-eos --dtype f32 --device cpu 2>/dev/null)
+[ "$outc" = "$out2" ] && ok "--device cpu is the default path" || bad "--device cpu: '$outc' vs '$out2'"
 expect_input_error "no prompt" "prompt" -- "$BIN" generate --model "$WORK/m"
 expect_input_error "prompt past the context" "context length" -- "$BIN" generate --model "$WORK/m" --prompt x --max-tokens 100000
 # Bundles.
