@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <optional>
 #include <iostream>
 #include <random>
 #include <set>
@@ -267,7 +268,7 @@ struct Features {
 };
 
 Features gather_features(Model& m, ExpertPool& pool, const std::vector<FitLine>& lines, const std::vector<size_t>& idx,
-                         int per_prompt, int64_t batch_tokens, bool base) {
+                         int per_prompt, int64_t batch_tokens, bool base, std::optional<double> lambda) {
   const int L = m.config().n_layers;
   const int64_t d = m.config().hidden;
   Features f;
@@ -277,6 +278,7 @@ Features gather_features(Model& m, ExpertPool& pool, const std::vector<FitLine>&
       [&](const FitLine& l) {
         auto r = pool.new_routing(RoutingControls{});
         pin_target(pool.bundle(), l, r->ctl);
+        if (lambda) r->ctl.lambda = *lambda;  // the general expert's blend the router will run with
         if (base) {
           // --features base: the experts add nothing (lambda 0; the adapter index keeps the
           // general expert's 1 - lambda off too), while the router still sees every layer.
@@ -454,22 +456,28 @@ Runner add_fit_router(CLI::App& app) {
                         o->data, n_dev, o->dev);
     }
 
-    // Features with the targets pinned (the router's own weights are never used: a zero router).
-    auto pool = std::make_unique<ExpertPool>(b, cfg, model->dtype(), /*zero_router=*/true);
-    model->set_experts(pool.get());
+    // Features with the targets pinned (the router's own weights are never used: a zero router),
+    // the general expert blended at `lam` (nullopt: the bundle's lambda).
     const bool per_token = b.router_input == RouterInput::PerToken;
     ATMOE_LOG("fit")->info("{} lines ({} train, {} dev, {} held out), {} groups, {} experts, router input {}", N,
                            train.size(), n_dev, n_test, G, E, per_token ? "per_token" : "per_request");
-    const double t0 = now_s();
     ATMOE_CHECK_INPUT(o->features == "target" || o->features == "base", "--features '{}': expected target or base", o->features);
-    Features f = gather_features(*model, *pool, df.lines, train, per_token ? o->tokens_per_prompt : 1, o->batch_tokens,
-                                 o->features == "base");
-    const double t_feat = now_s() - t0;
-    model->set_experts(nullptr);
-    pool.reset();  // its experts' weights; the fitted pool below loads them again
-    // Row weights: each line counts once, whatever its number of rows.
-    std::vector<int64_t> line_rows(N, 0);
-    for (size_t r : f.row_line) ++line_rows[r];
+    Features f;
+    double t_feat = 0;
+    std::vector<int64_t> line_rows(N, 0);  // row weights: each line counts once, whatever its number of rows
+    auto gather = [&](std::optional<double> lam) {
+      const double t0 = now_s();
+      auto pool = std::make_unique<ExpertPool>(b, cfg, model->dtype(), /*zero_router=*/true);
+      model->set_experts(pool.get());
+      f = gather_features(*model, *pool, df.lines, train, per_token ? o->tokens_per_prompt : 1, o->batch_tokens,
+                          o->features == "base", lam);
+      t_feat += now_s() - t0;
+      model->set_experts(nullptr);
+      pool.reset();  // its experts' weights; the fitted pool below loads them again
+      std::fill(line_rows.begin(), line_rows.end(), 0);
+      for (size_t r : f.row_line) ++line_rows[r];
+    };
+    gather(std::nullopt);
 
     // Per layer: the group gate over all groups, and an expert gate inside each group that
     // has expert targets (other groups keep W_D = 0: a uniform mix).
@@ -480,7 +488,11 @@ Runner add_fit_router(CLI::App& app) {
     std::vector<std::vector<float>> WD(size_t(L), std::vector<float>(size_t(E * d), 0.f)), BD(size_t(L), std::vector<float>(size_t(E), 0.f));
     json fit_layers = json::array();
     int not_converged = 0;
+    double t_fit = 0;
+    auto fit_all = [&]() {
     const double t1 = now_s();
+    fit_layers = json::array();
+    not_converged = 0;
     for (int l = 0; l < L; ++l) {
       json jl = {{"layer", l}};
       auto fit_gate = [&](const std::vector<int>& classes, bool expert_level, int group, std::vector<float>& W,
@@ -524,7 +536,9 @@ Runner add_fit_router(CLI::App& app) {
               fit_gate(b.groups[size_t(g)].experts, true, g, WD[size_t(l)], BD[size_t(l)], b.tau_expert);
       fit_layers.push_back(std::move(jl));
     }
-    const double t_fit = now_s() - t1;
+    t_fit += now_s() - t1;
+    };
+    fit_all();
     if (not_converged)
       ATMOE_LOG("fit")->info("{} gates ended before the gradient fell below {} (--max-iter {}, or no decrease left in "
                              "float64); the report lists each gate's final gradient",
@@ -570,8 +584,8 @@ Runner add_fit_router(CLI::App& app) {
     } guard{tmp};
     Bundle bf = b;
     bf.router_file = tmp;
-    ExpertPool fitted(bf, cfg, model->dtype());
-    model->set_experts(&fitted);
+    auto fitted = std::make_unique<ExpertPool>(bf, cfg, model->dtype());
+    model->set_experts(fitted.get());
 
     // Training lines: teacher-forced (their features, the fitted router applied through the
     // Router inference uses); per_token rows averaged over the prompt.
@@ -594,9 +608,10 @@ Runner add_fit_router(CLI::App& app) {
       }
     };
     std::vector<SplitStats> st_train(static_cast<size_t>(L)), st_test(static_cast<size_t>(L));
-    {
+    auto train_stats = [&]() {
+      st_train.assign(size_t(L), SplitStats{});
       const ResolvedRouting rr = resolve_routing(bf, RoutingControls{});
-      const Router& router = fitted.router();
+      const Router& router = fitted->router();
       std::vector<double> a(static_cast<size_t>(G)), w(static_cast<size_t>(E));
       for (int l = 0; l < L; ++l) {
         std::map<size_t, std::pair<std::vector<double>, std::vector<double>>> mean;
@@ -611,7 +626,8 @@ Runner add_fit_router(CLI::App& app) {
         for (const auto& [li, v] : mean) score(st_train[size_t(l)], df.lines[li], v.first.data(), v.second.data());
       }
       finish(st_train);
-    }
+    };
+    train_stats();
 
     // Lambda on the dev lines: the mean negative log-likelihood per token of their
     // completions with the fitted router, free-running, for each value of the grid.
@@ -637,14 +653,14 @@ Runner add_fit_router(CLI::App& app) {
             RoutingControls c;
             c.lambda = lam;
             caches.push_back(model->new_cache());
-            routes.push_back(fitted.new_routing(c));
+            routes.push_back(fitted->new_routing(c));
             pre.push_back({caches.back().get(), ln.prompt.data(), int64_t(ln.prompt.size()), LogitsMode::Last, routes.back().get()});
           }
           // The prompt alone first (per_request routing sees only the prompt): its last row
           // predicts the first completion token; then the completion's rows (all but its last
           // token fed) predict the rest.
           model->forward(pre, logits);
-          fitted.end_step();
+          fitted->end_step();
           for (size_t k = i0; k < i1; ++k) {
             cpu::logprobs(logits.data() + int64_t(k - i0) * V, V, df.lines[dev[k]].completion[0], 0, lp, scratch);
             nll -= lp.logprob;
@@ -658,7 +674,7 @@ Runner add_fit_router(CLI::App& app) {
           }
           if (comp.empty()) continue;
           model->forward(comp, logits);
-          fitted.end_step();
+          fitted->end_step();
           int64_t off = 0;
           for (size_t k = i0; k < i1; ++k) {
             const FitLine& ln = df.lines[dev[k]];
@@ -673,19 +689,37 @@ Runner add_fit_router(CLI::App& app) {
         ATMOE_LOG("fit")->info("lambda {}: dev completion NLL {:.4f} per token ({} tokens)", lam, mean, ntok);
         if (mean < best) best = mean, lambda = lam;
       }
-      lambda_j = {{"chosen", lambda}, {"dev_lines", dev.size()}, {"tried", tried}};
+      lambda_j = {{"chosen", lambda}, {"dev_lines", dev.size()}, {"tried", tried}, {"features_lambda", b.lambda}};
       meta["lambda"] = fmt_num(lambda);
+      // The features were taken with the general expert at the bundle's lambda; at another
+      // lambda the router's inputs are shaped differently: take them again at the chosen one
+      // and refit once (lambda is not chosen again), so the router is fitted on the inputs
+      // it will see.
+      if (lambda != b.lambda && o->features == "target") {
+        ATMOE_LOG("fit")->info("lambda {} differs from the bundle's {}: features again at {} and a refit", lambda,
+                               b.lambda, lambda);
+        model->set_experts(nullptr);
+        fitted.reset();
+        gather(lambda);
+        fit_all();
+        write_safetensors(tmp, items, meta);
+        fitted = std::make_unique<ExpertPool>(bf, cfg, model->dtype());
+        model->set_experts(fitted.get());
+        train_stats();
+        lambda_j["features_lambda"] = lambda;
+        lambda_j["refit"] = true;
+      }
     }
 
     // Held-out lines: free-running, as at inference (the fitted router routes every layer
     // from inputs that its own earlier choices shaped), with the chosen lambda.
     std::map<std::string, std::pair<double, int64_t>> task_acc;
     run_prompts(
-        *model, fitted, df.lines, test, o->batch_tokens,
+        *model, *fitted, df.lines, test, o->batch_tokens,
         [&](const FitLine&) {
           RoutingControls c;
           if (b.general) c.lambda = lambda;
-          return fitted.new_routing(c);
+          return fitted->new_routing(c);
         },
         [&](size_t li, const SeqRouting& r) {
           const FitLine& ln = df.lines[li];
