@@ -1,14 +1,22 @@
 // What is particular to the CPU kernels: the packed panel layout and the matmul on every
 // ISA this CPU has (through the dispatcher, which ctest also runs on the OpenBLAS path, and
-// each kernel directly), and the host sampler (random draws, penalties, log-probabilities).
+// each kernel directly), each fast path against its `_ref` specification, and the host
+// sampler (random draws, penalties, log-probabilities).
 // Every op behind the Backend interface, on every backend, is in test_backend_ops.cpp.
 #include <algorithm>
 #include <cmath>
 #include <map>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/rope.h"
 #include "kernels/cpu/sampling.h"
+#include "kernels/cpu/silu_mul.h"
+#include "kernels/cpu/softmax.h"
+#include "kernels/cpu/trex.h"
 #include "kernels/thread_pool.h"
 #include "tests/unit/check.h"
 
@@ -94,6 +102,363 @@ TEST(Matmul, EveryIsaKernelMatchesReference) {
       for (DType dt : {DType::F32, DType::BF16})
         for (bool acc : {false, true}) run_matmul_case(c, dt, true, acc, k, rng);
   }
+}
+
+// The CPU's fast paths against its own specification (the `_ref` functions: plain loops,
+// double accumulation, CONVENTIONS.md 2) and independent float64 transcriptions, on the
+// CPU's private layouts (packed panels, block-packed LoRA B). The same ops on every backend,
+// through the Backend interface, are in test_backend_ops.cpp.
+TEST(CpuSpecRmsNorm, MatchesReferenceAndAliases) {
+  std::mt19937_64 rng(test_seed() + 2);
+  for (auto [T, D] : {std::pair<int64_t, int64_t>{1, 1}, {3, 576}, {17, 64}, {2, 4097}}) {
+    auto x = randn(size_t(T * D), rng, 3.f);
+    auto w = randn(size_t(D), rng);
+    std::vector<float> ref(x.size()), got = poisoned(x.size());
+    cpu::rmsnorm_ref({x.data(), D, w.data(), ref.data(), D, T, D, 1e-5f});
+    cpu::rmsnorm({x.data(), D, w.data(), got.data(), D, T, D, 1e-5f}, &pool2());
+    EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+    cpu::rmsnorm({x.data(), D, w.data(), x.data(), D, T, D, 1e-5f}, &pool2());  // in place
+    EXPECT_TRUE(all_close(x.data(), ref.data(), x.size(), kF32));
+  }
+}
+
+TEST(CpuSpecRope, MatchesReferenceBothStyles) {
+  std::mt19937_64 rng(test_seed() + 3);
+  const int64_t T = 7, H = 3, D = 64, ld = H * D + 5;
+  std::vector<int32_t> pos{0, 1, 2, 100, 4095, 8191, 131071};
+  std::vector<float> inv(D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) inv[size_t(i)] = float(std::pow(100000.0, -2.0 * double(i) / double(D)));
+  for (bool neox : {true, false}) {
+    auto x = randn(size_t(T * ld), rng);
+    auto ref = x;
+    cpu::rope_ref({ref.data(), ld, T, H, D, pos.data(), inv.data(), neox});
+    cpu::rope({x.data(), ld, T, H, D, pos.data(), inv.data(), neox});
+    EXPECT_TRUE(all_close(x.data(), ref.data(), x.size(), kF32)) << "neox=" << neox;
+  }
+  // Independent property: position 0 is the identity; each rotated pair keeps its norm.
+  auto x = randn(size_t(ld), rng), y = x;
+  int32_t p0 = 0;
+  cpu::rope({y.data(), ld, 1, H, D, &p0, inv.data(), true});
+  EXPECT_TRUE(all_close(y.data(), x.data(), y.size(), kF32));
+  int32_t p1 = 77;
+  cpu::rope({y.data(), ld, 1, H, D, &p1, inv.data(), false});
+  for (int64_t i = 0; i < D / 2; ++i) {
+    double a = std::hypot(x[size_t(2 * i)], x[size_t(2 * i + 1)]), b = std::hypot(y[size_t(2 * i)], y[size_t(2 * i + 1)]);
+    EXPECT_NEAR(a, b, 1e-5 * (1 + a));
+  }
+}
+
+TEST(CpuSpecAttention, PackedSequencesWithGqaMatchReference) {
+  std::mt19937_64 rng(test_seed() + 4);
+  const int64_t Hq = 6, Hkv = 2, D = 32, ldq = Hq * D + 8, ldkv = Hkv * D;
+  // A fresh prefill of 5, a decode step at position 40, a chunk of 3 at 10..12, and two
+  // segments long enough for the GEMM path: a fresh prefill of 37 and a chunk of 20 at 40..59.
+  struct S {
+    int64_t ctx, T;
+  };
+  std::vector<S> ss{{5, 5}, {41, 1}, {13, 3}, {37, 37}, {60, 20}};
+  int64_t total = 0, max_ctx = 0;
+  for (auto& s : ss) total += s.T, max_ctx = std::max(max_ctx, s.ctx);
+  auto q = randn(size_t(total * ldq), rng);
+  std::vector<std::vector<float>> ks, vs;
+  std::vector<std::vector<int32_t>> pos;
+  std::vector<cpu::AttentionSeq> seqs;
+  int64_t t0 = 0;
+  for (auto& s : ss) {
+    ks.push_back(randn(size_t(s.ctx * ldkv), rng));
+    vs.push_back(randn(size_t(s.ctx * ldkv), rng));
+    std::vector<int32_t> p;
+    for (int64_t j = 0; j < s.T; ++j) p.push_back(int32_t(s.ctx - s.T + j));
+    pos.push_back(p);
+  }
+  for (size_t i = 0; i < ss.size(); ++i) {
+    seqs.push_back({t0, ss[i].T, ks[i].data(), vs[i].data(), pos[i].data()});
+    t0 += ss[i].T;
+  }
+  cpu::AttentionParams p;
+  p.q = q.data();
+  p.ldq = ldq;
+  p.ldo = Hq * D;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.scale = 1.f / std::sqrt(float(D));
+  p.seqs = seqs.data();
+  p.n_seqs = int64_t(seqs.size());
+  p.max_ctx = max_ctx;
+  std::vector<float> ref(static_cast<size_t>(total * Hq * D)), got = poisoned(ref.size());
+  p.out = ref.data();
+  cpu::attention_ref(p);
+  p.out = got.data();
+  std::vector<float> ws(size_t(cpu::attention_workspace_floats(p, pool2().size())));
+  cpu::attention(p, ws.data(), pool2());
+  EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+}
+
+static void check_lora_mix(int64_t T, uint64_t salt) {
+  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30
+  // in five groups, stacked without padding so 32-row panels straddle groups. Group 2 has
+  // nonzero coefficients but is not listed for any token: it must not reach y; inside a
+  // block only the listed tokens are computed. u is poisoned: a row the expand reads but
+  // the shrink did not write would turn y into NaN.
+  SCOPED_TRACE("T = " + std::to_string(T));
+  std::mt19937_64 rng(test_seed() + 8 + salt);
+  const int64_t din = 70;
+  const std::vector<int64_t> douts{45, 70};
+  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}};
+  struct Ex {
+    int64_t row0, r, group;
+    std::vector<float> A, B;
+  };
+  struct SiteData {
+    std::vector<Ex> ex;
+    std::vector<cpu::LoraBlock> blk;
+    std::vector<std::vector<int32_t>> toks;  // the blocks' token lists (LoraBlock points into them)
+    std::vector<int32_t> row_col;
+    std::vector<float> row_scale;
+    std::vector<float> Ap, Bp;
+    std::vector<uint16_t> Ab, Bb;
+    std::vector<float> y0, got, viaref, want, gb, rb;
+    int64_t R = 0;
+  };
+  int64_t n_ex = 0;
+  for (const auto& g : groups) n_ex += int64_t(g.size());
+  std::vector<float> coef(static_cast<size_t>(T * n_ex)), scale(static_cast<size_t>(n_ex));
+  for (auto& v : scale) v = std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
+  for (auto& v : coef) v = rng() % 4 == 0 ? 0.f : std::uniform_real_distribution<float>(-1, 1)(rng);
+  auto x = randn(size_t(T * din), rng);
+  std::vector<SiteData> sd(douts.size());
+  std::vector<cpu::LoraSite> sites(douts.size());
+  for (size_t si = 0; si < douts.size(); ++si) {
+    SiteData& d = sd[si];
+    const int64_t dout = douts[si];
+    int64_t col = 0;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      cpu::LoraBlock b;
+      d.toks.emplace_back();
+      b.r0 = d.R;
+      const int64_t c0 = col;
+      for (int64_t r : groups[g]) {
+        d.ex.push_back({d.R, r, int64_t(g), randn(size_t(r * din), rng), randn(size_t(dout * r), rng)});
+        for (int64_t i = 0; i < r; ++i) {
+          d.row_col.push_back(int32_t(col));
+          d.row_scale.push_back(scale[size_t(col)]);
+        }
+        d.R += r;
+        ++col;
+      }
+      b.r1 = d.R;
+      if (g != 2)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t c = c0; c < col; ++c)
+            if (coef[size_t(t * n_ex + c)] != 0) {
+              d.toks.back().push_back(int32_t(t));
+              break;
+            }
+      d.blk.push_back(b);
+    }
+    for (size_t g = 0; g < d.blk.size(); ++g) {
+      d.blk[g].toks = d.toks[g].data();
+      d.blk[g].n_toks = int64_t(d.toks[g].size());
+    }
+    std::vector<float> A(size_t(d.R * din)), B(size_t(dout * d.R));
+    for (const auto& e : d.ex)
+      for (int64_t i = 0; i < e.r; ++i) {
+        for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
+        for (int64_t n = 0; n < dout; ++n) B[size_t(n * d.R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
+      }
+    d.Ap = A;  // A row-major, B packed panels block by block (lora.h)
+    d.Bp.assign(cpu::packed_elems(dout, d.R), 0.f);
+    d.Bb.assign(cpu::packed_elems(dout, d.R), 0);
+    for (const auto& b : d.blk) {
+      std::vector<float> Bblk(size_t(dout * (b.r1 - b.r0)));  // row-major [dout, r1 - r0]
+      for (int64_t n = 0; n < dout; ++n)
+        for (int64_t r = b.r0; r < b.r1; ++r) Bblk[size_t(n * (b.r1 - b.r0) + r - b.r0)] = B[size_t(n * d.R + r)];
+      const int64_t off = cpu::lora_block_offset(dout, b.r0);
+      cpu::pack_weights(Bblk.data(), dout, b.r1 - b.r0, DType::F32, d.Bp.data() + off);
+      cpu::pack_weights(Bblk.data(), dout, b.r1 - b.r0, DType::BF16, d.Bb.data() + off);
+    }
+    d.Ab.resize(A.size());
+    f32_to_bf16_n(A.data(), d.Ab.data(), A.size());
+    d.y0 = randn(size_t(T * dout), rng);
+    // Independent: per expert, in float64, from the unpacked matrices.
+    d.want.resize(d.y0.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < dout; ++n) {
+        double acc = d.y0[size_t(t * dout + n)];
+        int64_t c = 0;
+        for (const auto& e : d.ex) {
+          if (e.group != 2)
+            for (int64_t i = 0; i < e.r; ++i) {
+              double ax = 0;
+              for (int64_t k = 0; k < din; ++k) ax += double(e.A[size_t(i * din + k)]) * x[size_t(t * din + k)];
+              acc += double(coef[size_t(t * n_ex + c)]) * scale[size_t(c)] * double(e.B[size_t(n * e.r + i)]) * ax;
+            }
+          ++c;
+        }
+        d.want[size_t(t * dout + n)] = float(acc);
+      }
+    cpu::LoraSite& s = sites[si];
+    s.R = d.R;
+    s.d_out = dout;
+    s.row_col = d.row_col.data();
+    s.row_scale = d.row_scale.data();
+    s.blocks = d.blk.data();
+    s.n_blocks = int64_t(d.blk.size());
+    s.ldy = dout;
+  }
+  cpu::LoraPlan plan;
+  cpu::LoraMixParams p;
+  p.x = x.data();
+  p.ldx = din;
+  p.T = T;
+  p.d_in = din;
+  p.coef = coef.data();
+  p.ldc = n_ex;
+  p.sites = sites.data();
+  p.n_sites = int(sites.size());
+  p.plan = &plan;
+  std::vector<float> u = poisoned(size_t(cpu::lora_workspace_floats(p)));
+  p.u = u.data();
+  auto run = [&](DType dt, std::vector<float> SiteData::*out, bool ref) {
+    p.dtype = dt;
+    for (size_t si = 0; si < sites.size(); ++si) {
+      sd[si].*out = sd[si].y0;
+      sites[si].A = dt == DType::F32 ? static_cast<const void*>(sd[si].Ap.data()) : sd[si].Ab.data();
+      sites[si].B = dt == DType::F32 ? static_cast<const void*>(sd[si].Bp.data()) : sd[si].Bb.data();
+      sites[si].y = (sd[si].*out).data();
+    }
+    if (ref) cpu::lora_mix_apply_ref(p);
+    else cpu::lora_mix_apply(p, pool2());
+  };
+  run(DType::F32, &SiteData::got, false);
+  run(DType::F32, &SiteData::viaref, true);
+  run(DType::BF16, &SiteData::gb, false);
+  run(DType::BF16, &SiteData::rb, true);
+  Tol tol{1e-4, 1e-5};
+  for (auto& d : sd) {
+    EXPECT_TRUE(all_close(d.got.data(), d.want.data(), d.want.size(), tol));
+    EXPECT_TRUE(all_close(d.viaref.data(), d.want.data(), d.want.size(), tol));
+    // bf16 stacks (bf16 models): the kernel against the reference on the same bf16 values.
+    EXPECT_TRUE(all_close(d.gb.data(), d.rb.data(), d.rb.size(), tol));
+    double num = 0, den = 0;  // bf16 rounding of A and B: close to the f32 result as a whole
+    for (size_t i = 0; i < d.want.size(); ++i) {
+      num += (d.gb[i] - d.want[i]) * (d.gb[i] - d.want[i]);
+      den += (d.want[i] - d.y0[i]) * (d.want[i] - d.y0[i]);
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-2);
+  }
+}
+
+TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
+  // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
+  // into a panel, the GEMM kernel); 13: the calling thread alone (below kLoraInlineMacs);
+  // 6, 3 and 1: the dot-product path of blocks with few tokens (four at a time, then one).
+  check_lora_mix(200, 3);
+  check_lora_mix(13, 0);
+  check_lora_mix(6, 4);
+  check_lora_mix(3, 1);
+  check_lora_mix(1, 2);
+}
+
+TEST(CpuSpecTrex, RankOneExpertsMatchFloat64Transcription) {
+  std::mt19937_64 rng(test_seed() + 9);
+  for (bool diagonal : {false, true}) {
+    const int64_t din = 40, dout = 33, r1 = diagonal ? 6 : 4, r2 = diagonal ? 6 : 3, E = diagonal ? 6 : 12;
+    const int64_t Tall = 9, R = cpu::packed_rows(r1 + E);
+    auto A = randn(size_t(r1 * din), rng, 0.3f), Wr = randn(size_t(E * din), rng, 0.3f), B = randn(size_t(dout * r2), rng);
+    std::vector<float> aw(static_cast<size_t>(R * din), 0.f);
+    std::copy(A.begin(), A.end(), aw.begin());
+    std::copy(Wr.begin(), Wr.end(), aw.begin() + r1 * din);
+    std::vector<float> awp(cpu::packed_elems(R, din)), bp(cpu::packed_elems(dout, r2));
+    cpu::pack_weights(aw.data(), R, din, DType::F32, awp.data());
+    cpu::pack_weights(B.data(), dout, r2, DType::F32, bp.data());
+    auto x = randn(size_t(Tall * din), rng);
+    std::vector<int32_t> rows{0, 2, 3, 7, 8};  // tokens 1, 4, 5, 6 do not route (their y is untouched)
+    const int64_t T = int64_t(rows.size());
+    auto sv = randn(size_t(T * E), rng);
+    std::vector<float> om(static_cast<size_t>(T));
+    for (auto& o : om) o = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+    auto y0 = randn(size_t(Tall * dout), rng);
+    cpu::TrexParams p;
+    p.x = x.data();
+    p.ldx = din;
+    p.AW = awp.data();
+    p.B = bp.data();
+    p.R = R;
+    p.T = T;
+    p.d_in = din;
+    p.d_out = dout;
+    p.r1 = r1;
+    p.r2 = r2;
+    p.E = E;
+    p.diagonal = diagonal;
+    p.rows = rows.data();
+    p.s = sv.data();
+    p.omega = om.data();
+    p.gate = 0.8f;
+    std::vector<float> ws(static_cast<size_t>(cpu::trex_workspace_floats(p)));
+    p.ws = ws.data();
+    p.ldy = dout;
+    auto got = y0, viaref = y0;
+    p.y = got.data();
+    cpu::trex_apply(p, pool2());
+    p.y = viaref.data();
+    cpu::trex_apply_ref(p);
+    // Independent transcription from the unpacked matrices.
+    std::vector<float> want = y0;
+    for (int64_t j = 0; j < T; ++j) {
+      const float* xt = x.data() + rows[size_t(j)] * din;
+      std::vector<double> u(static_cast<size_t>(r1)), lg(static_cast<size_t>(E)), g(static_cast<size_t>(E)), v(static_cast<size_t>(r2), 0.0);
+      for (int64_t i = 0; i < r1; ++i)
+        for (int64_t k = 0; k < din; ++k) u[size_t(i)] += double(A[size_t(i * din + k)]) * xt[k];
+      double mx = -1e300, z = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t k = 0; k < din; ++k) lg[size_t(e)] += double(Wr[size_t(e * din + k)]) * xt[k];
+        mx = std::max(mx, lg[size_t(e)]);
+      }
+      for (auto& l : lg) z += std::exp(l - mx);
+      for (int64_t e = 0; e < E; ++e)
+        g[size_t(e)] = 32.0 * om[size_t(j)] * std::exp(lg[size_t(e)] - mx) / z + 4.0 * (1 - om[size_t(j)]) * sv[size_t(j * E + e)];
+      for (int64_t b = 0; b < r2; ++b)
+        for (int64_t a = 0; a < r1; ++a)
+          if (!diagonal) v[size_t(b)] += g[size_t(a * r2 + b)] * u[size_t(a)];
+          else if (a == b) v[size_t(b)] = g[size_t(a)] * u[size_t(a)];
+      for (int64_t n = 0; n < dout; ++n) {
+        double acc = 0;
+        for (int64_t b = 0; b < r2; ++b) acc += double(B[size_t(n * r2 + b)]) * v[size_t(b)];
+        want[size_t(rows[size_t(j)] * dout + n)] += float(0.8 * acc);
+      }
+    }
+    EXPECT_TRUE(all_close(got.data(), want.data(), want.size(), {1e-4, 1e-5})) << "diagonal=" << diagonal;
+    EXPECT_TRUE(all_close(viaref.data(), want.data(), want.size(), {1e-4, 1e-5})) << "diagonal=" << diagonal;
+  }
+}
+
+TEST(CpuSpecSiluMul, MatchesReference) {
+  std::mt19937_64 rng(test_seed() + 5);
+  const int64_t T = 9, F = 1000;
+  auto gu = randn(size_t(T * 2 * F), rng, 4.f);
+  std::vector<float> ref(static_cast<size_t>(T * F)), got = poisoned(ref.size());
+  cpu::silu_mul_ref({gu.data(), 2 * F, gu.data() + F, 2 * F, ref.data(), F, T, F});
+  cpu::silu_mul({gu.data(), 2 * F, gu.data() + F, 2 * F, got.data(), F, T, F}, &pool2());
+  EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
+}
+
+TEST(CpuSpecSoftmax, MatchesReferenceWithMaskedEntries) {
+  std::mt19937_64 rng(test_seed() + 6);
+  auto x = randn(4 * 50, rng, 10.f);
+  x[3] = -INFINITY;
+  for (int i = 100; i < 150; ++i) x[size_t(i)] = -INFINITY;  // a fully masked row
+  auto ref = x;
+  cpu::softmax_rows_ref(ref.data(), 4, 50, 0.5f);
+  cpu::softmax_rows(x.data(), 4, 50, 0.5f);
+  EXPECT_TRUE(all_close(x.data(), ref.data(), x.size(), kF32));
+  EXPECT_EQ(x[3], 0.f);
+  EXPECT_EQ(x[120], 0.f);
+  double s = 0;
+  for (int i = 0; i < 50; ++i) s += x[size_t(i)];
+  EXPECT_NEAR(s, 1.0, 1e-6);
 }
 
 TEST(Sampling, GreedyTopKTopPAndDistribution) {
