@@ -19,19 +19,19 @@ namespace {
 namespace fs = std::filesystem;
 
 std::string make_synth(const std::string& arch) {
-    std::string p = (fs::temp_directory_path() / ("atmoe_model_" + arch + std::to_string(::getpid()))).string();
-    SynthModelOptions o;
-    o.arch = arch;
-    o.out = p;
-    o.seed = 11;
-    o.layers = 3;
-    o.hidden = 64;
-    o.heads = 4;
-    o.kv_heads = 2;
-    o.ffn = 96;
-    o.vocab = 300;
-    synth_model(o);
-    return p;
+  std::string p = (fs::temp_directory_path() / ("atmoe_model_" + arch + std::to_string(::getpid()))).string();
+  SynthModelOptions o;
+  o.arch = arch;
+  o.out = p;
+  o.seed = 11;
+  o.layers = 3;
+  o.hidden = 64;
+  o.heads = 4;
+  o.kv_heads = 2;
+  o.ffn = 96;
+  o.vocab = 300;
+  synth_model(o);
+  return p;
 }
 
 const std::string& synth_dir() {
@@ -127,11 +127,15 @@ class StagedCpu final : public Backend {
   void upload(void* d, const void* s, size_t n) override { ++uploads, in_->upload(d, s, n); }
   void download(void* d, const void* s, size_t n) override { ++downloads, in_->download(d, s, n); }
   void copy(void* d, const void* s, size_t n) override { in_->copy(d, s, n); }
-  void copy_2d(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t r) override { in_->copy_2d(d, dp, s, sp, w, r); }
+  void copy_2d(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t r) override {
+    in_->copy_2d(d, dp, s, sp, w, r);
+  }
   void memset(void* d, int v, size_t n) override { in_->memset(d, v, n); }
   void synchronize() override {}
   size_t weight_bytes(int64_t N, int64_t K, DType dt) const override { return in_->weight_bytes(N, K, dt); }
-  void prepare_weight(const float* w, int64_t N, int64_t K, DType dt, void* d) override { in_->prepare_weight(w, N, K, dt, d); }
+  void prepare_weight(const float* w, int64_t N, int64_t K, DType dt, void* d) override {
+    in_->prepare_weight(w, N, K, dt, d);
+  }
   size_t lora_b_bytes(int64_t o, int64_t R, DType dt) const override { return in_->lora_b_bytes(o, R, dt); }
   void prepare_lora_b(const float* B, int64_t o, int64_t R, const int64_t* b, int64_t nb, DType dt, void* d) override {
     in_->prepare_lora_b(B, o, R, b, nb, dt, d);
