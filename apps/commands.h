@@ -29,9 +29,8 @@ Runner add_explain(CLI::App& app);
 
 // --device cpu|cuda|cuda:N: where the model runs (kernels/backend.h). add_device_flag
 // registers it; device_backend returns the backend to run on (nullptr: the CPU's shared
-// one), InputError for an unknown name, a backend this build lacks or a missing GPU, and for
-// a bundle on a device backend (experts on a GPU are not built yet: the model runs there, the
-// expert seam is host memory).
+// one), InputError for an unknown name, a backend this build lacks or a missing GPU. A
+// bundle's in-process experts run on the same backend (attach_experts).
 void add_device_flag(CLI::App& app, std::string& device);
 std::unique_ptr<Backend> device_backend(const std::string& device, bool with_bundle);
 

@@ -20,8 +20,16 @@ std::vector<int> all_groups(const Bundle& b) {
 }
 }  // namespace
 
-LocalExperts::LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype)
-    : shard_(b, shard_spec(c, dtype, all_groups(b), b.general.has_value())) {}
+namespace {
+ShardSpec local_spec(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be) {
+  ShardSpec s = shard_spec(c, dtype, all_groups(b), b.general.has_value());
+  s.backend = be;
+  return s;
+}
+}  // namespace
+
+LocalExperts::LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be)
+    : shard_(b, local_spec(b, c, dtype, be)) {}
 
 void LocalExperts::set_layer(int layer, const StepRouting& r) {
   (void)layer;
@@ -63,10 +71,10 @@ void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const St
     adapters_[k].second->apply(layer, in, x_, ldx_, coef_.data() + nc + int64_t(k), ld, y, ldy, r.T);
 }
 
-ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype, bool zero_router)
+ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype, bool zero_router, Backend* be)
     : ExpertPool(b, c, std::unique_ptr<ExpertBackend>(), zero_router) {
   ATMOE_ASSERT(dtype == DType::F32 || dtype == DType::BF16);
-  backend_ = std::make_unique<LocalExperts>(b_, c, dtype);
+  backend_ = std::make_unique<LocalExperts>(b_, c, dtype, be);
 }
 
 ExpertPool::ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend,

@@ -3,6 +3,7 @@
 // coefficients. Where the experts' LoRA banks live is an ExpertBackend: in this process
 // (one ExpertShard of every group, N = 1) or on worker ranks (coordinator/remote_experts.h).
 #pragma once
+#include "kernels/backend.h"
 #include <memory>
 #include <mutex>
 #include <string>
@@ -68,7 +69,9 @@ class ExpertBackend {
 // In this process: one shard of every group (and the general expert).
 class LocalExperts : public ExpertBackend {
  public:
-  LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype);
+  // be: where the banks live and run (the model's backend when it is a device; nullptr: a
+  // CPU context of the shard's own).
+  LocalExperts(const Bundle& b, const ModelConfig& c, DType dtype, Backend* be = nullptr);
   const ExpertShard& shard() const { return shard_; }
   void set_layer(int layer, const StepRouting& r) override;
   void post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) override;
@@ -87,9 +90,11 @@ class LocalExperts : public ExpertBackend {
 class ExpertPool : public ExpertDispatch {
  public:
   // dtype: of the stacked LoRA weights (the model's: bf16 halves the bytes read per step).
-  // Experts in this process.
+  // Experts in this process, on `be` (the model's backend when its memory is a device's;
+  // nullptr: the CPU).
   // zero_router: an all-zero router, the router file not read (Router's `zero`).
-  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32, bool zero_router = false);
+  ExpertPool(const Bundle& b, const ModelConfig& c, DType dtype = DType::F32, bool zero_router = false,
+             Backend* be = nullptr);
   // Experts behind `backend` (worker ranks).
   ExpertPool(const Bundle& b, const ModelConfig& c, std::unique_ptr<ExpertBackend> backend,
              bool zero_router = false);

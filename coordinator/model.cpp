@@ -13,7 +13,8 @@ namespace atmoe {
 // Activation buffers for one forward call in backend memory, grown on demand and reused.
 struct Model::Scratch {
   Buffer x, h, qkv, attn, gu, act, ws, sel, logits, pos;
-  std::vector<float> stage;  // host rows of the embedding lookup (device backends)
+  std::vector<float> stage;   // host rows of the embedding lookup (device backends)
+  std::vector<float> h_host;  // host copy of the router's input rows (device backends)
   std::vector<int32_t> pos_host;
   std::vector<ops::AttentionSeq> seqs;
 };
@@ -62,7 +63,6 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
   const int64_t d = c.hidden, D = c.head_dim, Hq = c.n_heads, Hkv = c.n_kv_heads;
   const int64_t qd = Hq * D, kvd = Hkv * D, qkvd = qd + 2 * kvd, F = c.ffn, V = c.vocab;
   ExpertDispatch* const ex = experts_;
-  ATMOE_ASSERT(!ex || be.host_memory());  // the expert seam reads host pointers (issue: GPU experts)
   if (ex) ex->begin_step(*this, items);
   int64_t T = 0, max_ctx = 0;
   for (const auto& it : items) {
@@ -116,7 +116,15 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     const LayerWeights& L = layers_[size_t(l)];
     be.rmsnorm({x, d, L.attn_norm.as<float>(), h, d, T, d, float(c.rms_eps)});
     if (ex) {
-      ex->route(l, items, h, d, T);
+      // The router runs on the host: on a device backend it reads a host copy of the
+      // normalised rows (T x hidden floats a layer); post/wait take backend memory.
+      const float* hh = h;
+      if (!be.host_memory()) {
+        s.h_host.resize(size_t(T * d));
+        be.download(s.h_host.data(), h, size_t(T * d) * 4);
+        hh = s.h_host.data();
+      }
+      ex->route(l, items, hh, d, T);
       ex->post(l, SiteInput::AttnIn, h, d, T);
     }
     linear(be, L.qkv, h, d, qkv, qkvd, T, s.ws);

@@ -74,8 +74,8 @@ class Model {
 
   std::unique_ptr<KvCache> new_cache() const;
   // Attaches a bundle's experts (not owned; must outlive the model's use of it): the
-  // model calls it per layer and site input (coordinator/expert_dispatch.h), with
-  // activations in backend memory (today: host-memory backends only).
+  // model calls it per layer and site input (coordinator/expert_dispatch.h): route() gets
+  // host rows (downloaded on a device backend), post()/wait() the backend's memory.
   void set_experts(ExpertDispatch* e) { experts_ = e; }
   ExpertDispatch* experts() const { return experts_; }
   // Mean over the tokens of the residual stream after `layer` (base model, no experts).

@@ -21,7 +21,9 @@
 #include "coordinator/synth_model.h"
 #include "coordinator/trace.h"
 #include "common/safetensors.h"
+#include "coordinator/trex_pool.h"
 #include "tests/unit/check.h"
+#include "tests/unit/staged_backend.h"
 #include "tests/unit/gguf_writer.h"
 #include "tests/unit/reference_model.h"
 
@@ -225,6 +227,73 @@ TEST(Experts, BatchOfDifferentMixesEqualsSingleRuns) {
     for (int e : b.groups[0].experts) EXPECT_EQ(w[size_t(e)], 0.0);
     EXPECT_EQ(w[5], 0.0);
   }
+}
+
+// In-process experts on a device backend (the model's, as attach_experts gives them):
+// AT-MoE per_request and per_token with a general expert, a batch of different mixes then
+// a decode step, and T-REX, through the device-memory paths (router rows downloaded, the
+// coefficients and T-REX tables uploaded, banks prepared by that backend) give the logits
+// of the same experts on the host.
+TEST(Experts, OnADeviceBackendGiveTheHostResult) {
+  StagedCpu dev;
+  auto check = [&](Model& mh, Model& md, ExpertDispatch& ph, ExpertDispatch& pd,
+                   const std::vector<RoutingControls>& cs, const char* what) {
+    SCOPED_TRACE(what);
+    mh.set_experts(&ph);
+    md.set_experts(&pd);
+    std::vector<std::vector<int32_t>> ts{toks(9, 21), toks(14, 22), toks(4, 23)};
+    std::vector<std::unique_ptr<SeqRouting>> rh, rd;
+    std::vector<std::unique_ptr<KvCache>> ch, cd;
+    std::vector<ForwardItem> ih, id;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      rh.push_back(ph.new_routing(cs[i % cs.size()]));
+      rd.push_back(pd.new_routing(cs[i % cs.size()]));
+      ch.push_back(mh.new_cache());
+      cd.push_back(md.new_cache());
+      ih.push_back({ch.back().get(), ts[i].data(), int64_t(ts[i].size()), LogitsMode::All, rh.back().get()});
+      id.push_back({cd.back().get(), ts[i].data(), int64_t(ts[i].size()), LogitsMode::All, rd.back().get()});
+    }
+    std::vector<float> lh, ld;
+    const int up0 = dev.uploads;
+    mh.forward(ih, lh);
+    md.forward(id, ld);
+    EXPECT_GT(dev.uploads - up0, 3 * 4);  // more than one upload per layer: the experts' tables went up
+    ASSERT_EQ(lh.size(), ld.size());
+    EXPECT_TRUE(all_close(ld.data(), lh.data(), lh.size(), kF32));
+    std::vector<int32_t> next{5, 6, 7};
+    for (size_t i = 0; i < ts.size(); ++i) {
+      ih[i] = {ch[i].get(), &next[i], 1, LogitsMode::Last, rh[i].get()};
+      id[i] = {cd[i].get(), &next[i], 1, LogitsMode::Last, rd[i].get()};
+    }
+    mh.forward(ih, lh);
+    md.forward(id, ld);
+    EXPECT_TRUE(all_close(ld.data(), lh.data(), lh.size(), kF32)) << "decode";
+    mh.set_experts(nullptr);
+    md.set_experts(nullptr);
+  };
+  auto mh = Model::load(base_dir(), DType::F32);
+  auto md = Model::load(base_dir(), DType::F32, false, &dev);
+  for (const char* input : {"per_request", "per_token"}) {
+    Bundle b = load_bundle_manifest(make_bundle(std::string("dev_") + input, 3, 2, "4,8", true, input));
+    ExpertPool ph(b, mh->config());
+    ExpertPool pd(b, md->config(), DType::F32, false, &dev);
+    ASSERT_EQ(pd.local_shard()->spec().backend, &dev);
+    std::vector<RoutingControls> cs(3);
+    cs[1].top_k_groups = 1;
+    cs[2].pin = {{b.groups[1].name, 1.0}};
+    check(*mh, *md, ph, pd, cs, input);
+  }
+  SynthBundleOptions o;
+  o.base = base_dir();
+  o.out = tmp("dev_trex");
+  o.method = "t-rex";
+  o.ranks = "4,3";
+  o.seed = 9;
+  o.b_std = 0.2;
+  synth_bundle(o);
+  Bundle bt = load_bundle_manifest(o.out);
+  TrexPool th(bt, mh->config(), DType::F32), td(bt, md->config(), DType::F32, &dev);
+  check(*mh, *md, th, td, {RoutingControls{}}, "t-rex");
 }
 
 TEST(Experts, PerTokenRoutingAndTrace) {
