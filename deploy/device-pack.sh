@@ -8,7 +8,9 @@
 #   lib/    every shared library they load, except glibc's, libstdc++/libgcc and CUDA's own
 #   run.sh  the checks, run on the device from the repository root:
 #             ctest's gpu tests as plain binaries with ATMOE_REQUIRE_GPU=1 (a skip fails),
-#             the parity tests on cuda when the model is there, `atmoe bench --device cuda`;
+#             greedy text of a synth-model, alone and with an AT-MoE and a T-REX bundle, on
+#             cuda against cpu (f32); the parity tests on cuda when the model is there,
+#             `atmoe bench --device cuda`;
 #           output under $OUT (the run tool's folder), one log per step.
 # The pack is ~50 MB (OpenBLAS alone 35 MB) and the SmolLM2 GGUF 98 MB, over the 64 MiB a
 # call may carry: --model-parts writes the model as two halves (model.part0/1) to carry in
@@ -68,6 +70,18 @@ for d in cpu cuda; do
     --max-tokens 24 --prompt "Hello world" >"$OUT/generate_$d.txt" 2>"$OUT/generate_$d.err" || rc=1
 done
 cmp -s "$OUT/generate_cpu.txt" "$OUT/generate_cuda.txt" || { echo "synth-model: cuda text differs from cpu" >>"$OUT/summary.txt"; rc=1; }
+# The same with in-process experts: an AT-MoE bundle (per_token, general expert) and a T-REX one.
+"$P/bin/atmoe" synth-bundle --base /tmp/atmoe-sm --out /tmp/atmoe-sb --groups 3 --experts-per-group 2 --rank 4,8 \
+  --router-input per_token --general --b-std 0.2 --seed 5 >/dev/null 2>&1
+"$P/bin/atmoe" synth-bundle --base /tmp/atmoe-sm --out /tmp/atmoe-tb --method t-rex --rank 4,3 --b-std 0.2 --seed 9 \
+  >/dev/null 2>&1
+for b in sb tb; do
+  for d in cpu cuda; do
+    "$P/bin/atmoe" generate --bundle /tmp/atmoe-$b --device "$d" --dtype f32 --temperature 0 --ignore-eos \
+      --max-tokens 24 --prompt "Hello world" >"$OUT/generate_${b}_$d.txt" 2>"$OUT/generate_${b}_$d.err" || rc=1
+  done
+  cmp -s "$OUT/generate_${b}_cpu.txt" "$OUT/generate_${b}_cuda.txt" || { echo "$b: cuda text differs from cpu" >>"$OUT/summary.txt"; rc=1; }
+done
 "$P/bin/test_backend_ops" --gtest_filter='*/cuda' >"$OUT/test_backend_ops.log" 2>&1 || rc=1
 "$P/bin/test_cuda_paths" >"$OUT/test_cuda_paths.log" 2>&1 || rc=1
 if [ -f "$P/model.part0" ] && [ -f "$P/model.part1" ]; then
