@@ -21,7 +21,9 @@ done
 # The example bundle (examples/routed-tasks): six LoRA experts trained with PEFT on
 # SmolLM2 in three groups, a general expert, and a router fitted with `atmoe fit-router`.
 # The prompts use instruction templates that neither the experts nor the router saw;
-# each answer prints its heaviest groups.
+# each answer prints its heaviest groups. fit-router chose lambda 0 for this bundle (on dev
+# completions the general expert alone scored best), so the answers are the general
+# expert's and the groups show where the router sends each prompt (docs/method.md).
 BUNDLE="$ROOT/examples/routed-tasks/bundle"
 if [ ! -e "$BUNDLE/base.gguf" ]; then  # the committed link expects the default cache
   BUNDLE="$CACHE/bundles/routed-tasks"
