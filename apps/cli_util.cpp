@@ -13,9 +13,8 @@ void add_device_flag(CLI::App& app, std::string& device) {
   app.add_option("--device", device, "Where the model runs: cpu (default), cuda or cuda:N");
 }
 
-std::unique_ptr<Backend> device_backend(const std::string& device, bool with_bundle) {
+std::unique_ptr<Backend> device_backend(const std::string& device) {
   if (device.empty() || device == "cpu") return nullptr;
-  (void)with_bundle;  // in-process experts run on the same backend (apps/launch.cpp)
   return make_backend(device);
 }
 

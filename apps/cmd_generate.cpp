@@ -93,7 +93,7 @@ Runner add_generate(CLI::App& app) {
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
     if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
-    std::unique_ptr<Backend> device = device_backend(o->device, bundle != nullptr);
+    std::unique_ptr<Backend> device = device_backend(o->device);
     auto model = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype),
                              o->check_tensors, device.get());
     BundleExperts bx;

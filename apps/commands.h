@@ -32,7 +32,7 @@ Runner add_explain(CLI::App& app);
 // one), InputError for an unknown name, a backend this build lacks or a missing GPU. A
 // bundle's in-process experts run on the same backend (attach_experts).
 void add_device_flag(CLI::App& app, std::string& device);
-std::unique_ptr<Backend> device_backend(const std::string& device, bool with_bundle);
+std::unique_ptr<Backend> device_backend(const std::string& device);
 
 // Shared: parses "bf16"|"f32" (default: bf16 when the CPU has AVX-512 or AVX2, else f32).
 DType parse_dtype_flag(const std::string& s);

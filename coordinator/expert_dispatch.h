@@ -49,6 +49,12 @@ class ExpertDispatch {
   // The routing of layer `layer` for the T token rows of the batch (items in order), from the
   // router input h [T, ldh] (the normalised attention input of the layer).
   virtual void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) = 0;
+  // Whether route() of this forward reads h (a device model copies it to the host for it,
+  // a synchronising download per layer; when false it passes h = nullptr).
+  virtual bool route_reads_rows(const std::vector<ForwardItem>& items) const {
+    (void)items;
+    return true;
+  }
   virtual void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) = 0;
   virtual void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) = 0;
   // After the last layer of a forward.

@@ -186,6 +186,17 @@ std::vector<ExpertPool::AdapterInfo> ExpertPool::adapters() const {
 // Routing weights of every token row for layer `layer`, from the router input h (the
 // normalised attention input). per_request: the mean of h over the prompt, computed once
 // (the first forward of a sequence holds its whole prompt) and reused while decoding.
+// h is read by per_token routing, by a per_request prompt's first forward, and when the
+// inputs are kept (fit-router).
+bool ExpertPool::route_reads_rows(const std::vector<ForwardItem>& items) const {
+  for (const auto& it : items) {
+    const SeqRouting* r = it.routing;
+    if (!r || r->adapter_slot >= 0 || r->ctl.off) continue;
+    if (b_.router_input == RouterInput::PerToken || !r->per_request_done || r->keep_inputs) return true;
+  }
+  return false;
+}
+
 void ExpertPool::route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) {
   const double t_start = now_s();
   const int E = n_experts(), G = int(b_.groups.size());

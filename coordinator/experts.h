@@ -110,6 +110,7 @@ class ExpertPool : public ExpertDispatch {
   std::unique_ptr<SeqRouting> new_routing(const RoutingControls& c) const override;
   bool needs_whole_prompt() const override { return b_.router_input == RouterInput::PerRequest; }
   void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) override;
+  bool route_reads_rows(const std::vector<ForwardItem>& items) const override;
   void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) override;
   void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) override;
   void end_step() override {

@@ -64,6 +64,8 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
   const int64_t qd = Hq * D, kvd = Hkv * D, qkvd = qd + 2 * kvd, F = c.ffn, V = c.vocab;
   ExpertDispatch* const ex = experts_;
   if (ex) ex->begin_step(*this, items);
+  // Computed once per forward: per_request_done flips inside the last layer's route().
+  const bool reads_rows = ex && ex->route_reads_rows(items);
   int64_t T = 0, max_ctx = 0;
   for (const auto& it : items) {
     ATMOE_ASSERT(it.cache && it.n > 0);
@@ -117,12 +119,15 @@ void Model::forward(const std::vector<ForwardItem>& items, std::vector<float>& l
     be.rmsnorm({x, d, L.attn_norm.as<float>(), h, d, T, d, float(c.rms_eps)});
     if (ex) {
       // The router runs on the host: on a device backend it reads a host copy of the
-      // normalised rows (T x hidden floats a layer); post/wait take backend memory.
+      // normalised rows (T x hidden floats a layer), downloaded only when this forward's
+      // routing reads them (else nullptr: nothing may); post/wait take backend memory.
       const float* hh = h;
       if (!be.host_memory()) {
-        s.h_host.resize(size_t(T * d));
-        be.download(s.h_host.data(), h, size_t(T * d) * 4);
-        hh = s.h_host.data();
+        if (reads_rows) {
+          s.h_host.resize(size_t(T * d));
+          be.download(s.h_host.data(), h, size_t(T * d) * 4);
+        }
+        hh = reads_rows ? s.h_host.data() : nullptr;
       }
       ex->route(l, items, hh, d, T);
       ex->post(l, SiteInput::AttnIn, h, d, T);

@@ -49,6 +49,7 @@ class TrexPool : public ExpertDispatch {
   bool needs_whole_prompt() const override { return b_.trex->intuition_from_hidden; }
   void begin_step(Model& m, const std::vector<ForwardItem>& items) override;
   void route(int layer, const std::vector<ForwardItem>& items, const float* h, int64_t ldh, int64_t T) override;
+  bool route_reads_rows(const std::vector<ForwardItem>&) const override { return false; }
   void post(int layer, SiteInput in, const float* x, int64_t ldx, int64_t T) override;
   void wait(int layer, SiteInput in, float* y, int64_t ldy, int64_t T) override;
 

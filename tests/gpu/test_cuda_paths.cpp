@@ -10,6 +10,7 @@
 #include "kernels/cuda/backend_cuda.h"
 #include "kernels/cuda/device.cuh"
 #include "tests/unit/check.h"
+#include "tests/unit/op_reference.h"
 
 namespace atmoe::test {
 namespace {
@@ -184,23 +185,8 @@ TEST_F(CudaPaths, AttentionWideAndOddHeadDimsLongContext) {
     int64_t t = 0;
     for (size_t s = 0; s < ctx.size(); ++s)
       for (int64_t j = 0; j < Ts[s]; ++j, ++t)
-        for (int64_t h = 0; h < Hq; ++h) {
-          const int64_t kh = h / (Hq / Hkv), P = pos[size_t(t)];
-          std::vector<double> sc(size_t(P + 1));
-          double m = -1e300, z = 0;
-          for (int64_t p = 0; p <= P; ++p) {
-            double d = 0;
-            for (int64_t i = 0; i < D; ++i)
-              d += double(q[size_t(t * ldq + h * D + i)]) * ks[s][size_t(p * ldkv + kh * D + i)];
-            m = std::max(m, sc[size_t(p)] = d * scale);
-          }
-          for (auto& v : sc) z += (v = std::exp(v - m));
-          for (int64_t i = 0; i < D; ++i) {
-            double o = 0;
-            for (int64_t p = 0; p <= P; ++p) o += sc[size_t(p)] * vs[s][size_t(p * ldkv + kh * D + i)];
-            want[size_t(t * ldq + h * D + i)] = float(o / z);
-          }
-        }
+        attention_row_f64(q.data() + t * ldq, ks[s].data(), vs[s].data(), ldkv, Hq, Hkv, D, pos[size_t(t)], scale,
+                          want.data() + t * ldq);
     Buffer dq = put(q), dpos = put(pos), dout = put(poisoned(want.size()));
     Buffer dk0 = put(ks[0]), dv0 = put(vs[0]), dk1 = put(ks[1]), dv1 = put(vs[1]);
     std::vector<ops::AttentionSeq> seqs{{0, 1, dk0.as<float>(), dv0.as<float>(), dpos.as<int32_t>()},

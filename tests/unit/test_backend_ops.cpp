@@ -13,6 +13,7 @@
 #include "kernels/cpu/sampling.h"
 #include "kernels/thread_pool.h"
 #include "tests/unit/check.h"
+#include "tests/unit/op_reference.h"
 
 namespace atmoe::test {
 namespace {
@@ -251,32 +252,10 @@ TEST_P(BackendOps, AttentionPackedSequencesGqaMatchFloat64) {
     }
     const float scale = 1.f / std::sqrt(float(D));
     std::vector<float> want(static_cast<size_t>(total * ldo), 3.f);
-    {
-      int64_t t0 = 0;
-      for (size_t si = 0; si < ss.size(); ++si) {
-        for (int64_t j = 0; j < ss[si].T; ++j) {
-          const int64_t t = t0 + j, P = pos[size_t(t)];
-          for (int64_t h = 0; h < Hq; ++h) {
-            const int64_t kh = h / (Hq / Hkv);
-            std::vector<double> s(static_cast<size_t>(P + 1));
-            double m = -1e300, z = 0;
-            for (int64_t p = 0; p <= P; ++p) {
-              double d = 0;
-              for (int64_t i = 0; i < D; ++i)
-                d += double(q[size_t(t * ldq + h * D + i)]) * ks[si][size_t(p * ldkv + kh * D + i)];
-              m = std::max(m, s[size_t(p)] = d * scale);
-            }
-            for (auto& v : s) z += (v = std::exp(v - m));
-            for (int64_t i = 0; i < D; ++i) {
-              double o = 0;
-              for (int64_t p = 0; p <= P; ++p) o += s[size_t(p)] * vs[si][size_t(p * ldkv + kh * D + i)];
-              want[size_t(t * ldo + h * D + i)] = float(o / z);
-            }
-          }
-        }
-        t0 += ss[si].T;
-      }
-    }
+    for (int64_t si = 0, t = 0; si < int64_t(ss.size()); ++si)
+      for (int64_t j = 0; j < ss[size_t(si)].T; ++j, ++t)
+        attention_row_f64(q.data() + t * ldq, ks[size_t(si)].data(), vs[size_t(si)].data(), ldkv, Hq, Hkv, D,
+                          pos[size_t(t)], scale, want.data() + t * ldo);
     DevBuf dq(be(), q), dpos(be(), pos);
     std::vector<DevBuf> dk, dv;
     for (size_t i = 0; i < ss.size(); ++i) dk.emplace_back(be(), ks[i]), dv.emplace_back(be(), vs[i]);
@@ -484,33 +463,9 @@ TEST_P(BackendOps, TrexRankOneExpertsMatchFloat64Transcription) {
       const int64_t ldy = dout + 7, ycol = 2;
       auto y0 = randn(size_t(Tall * ldy), rng);
       std::vector<float> want = y0;
-      for (int64_t j = 0; j < T; ++j) {
-        const float* xt = x.data() + rows[size_t(j)] * din;
-        std::vector<double> u(static_cast<size_t>(r1)), lg(static_cast<size_t>(E)), g(static_cast<size_t>(E)),
-            v(static_cast<size_t>(r2), 0.0);
-        for (int64_t i = 0; i < r1; ++i)
-          for (int64_t k = 0; k < din; ++k) u[size_t(i)] += double(A[size_t(i * din + k)]) * xt[k];
-        double mx = -1e300, z = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          for (int64_t k = 0; k < din; ++k) lg[size_t(e)] += double(Wr[size_t(e * din + k)]) * xt[k];
-          mx = std::max(mx, lg[size_t(e)]);
-        }
-        for (auto& l : lg) z += std::exp(l - mx);
-        for (int64_t e = 0; e < E; ++e)
-          g[size_t(e)] = 32.0 * om[size_t(j)] * std::exp(lg[size_t(e)] - mx) / z +
-                         4.0 * (1 - om[size_t(j)]) * sv[size_t(j * E + e)];
-        for (int64_t b = 0; b < r2; ++b)
-          for (int64_t a = 0; a < r1; ++a)
-            if (!diagonal)
-              v[size_t(b)] += g[size_t(a * r2 + b)] * u[size_t(a)];
-            else if (a == b)
-              v[size_t(b)] = g[size_t(a)] * u[size_t(a)];
-        for (int64_t n = 0; n < dout; ++n) {
-          double acc = 0;
-          for (int64_t b = 0; b < r2; ++b) acc += double(B[size_t(n * r2 + b)]) * v[size_t(b)];
-          want[size_t(rows[size_t(j)] * ldy + ycol + n)] += float(0.8 * acc);
-        }
-      }
+      for (int64_t j = 0; j < T; ++j)
+        trex_row_f64(x.data() + rows[size_t(j)] * din, A.data(), Wr.data(), B.data(), din, dout, r1, r2, E, diagonal,
+                     om[size_t(j)], sv.data() + j * E, 0.8, want.data() + rows[size_t(j)] * ldy + ycol);
       PreparedWeight pAW = prepare_weight(be(), aw.data(), R, din, dt),
                      pB = prepare_weight(be(), B.data(), dout, r2, dt);
       DevBuf dx(be(), x), drows(be(), rows), ds(be(), sv), dom(be(), om), dy(be(), y0);

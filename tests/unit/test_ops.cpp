@@ -19,6 +19,7 @@
 #include "kernels/cpu/trex.h"
 #include "kernels/thread_pool.h"
 #include "tests/unit/check.h"
+#include "tests/unit/op_reference.h"
 
 namespace atmoe::test {
 namespace {
@@ -407,29 +408,9 @@ TEST(CpuSpecTrex, RankOneExpertsMatchFloat64Transcription) {
     cpu::trex_apply_ref(p);
     // Independent transcription from the unpacked matrices.
     std::vector<float> want = y0;
-    for (int64_t j = 0; j < T; ++j) {
-      const float* xt = x.data() + rows[size_t(j)] * din;
-      std::vector<double> u(static_cast<size_t>(r1)), lg(static_cast<size_t>(E)), g(static_cast<size_t>(E)), v(static_cast<size_t>(r2), 0.0);
-      for (int64_t i = 0; i < r1; ++i)
-        for (int64_t k = 0; k < din; ++k) u[size_t(i)] += double(A[size_t(i * din + k)]) * xt[k];
-      double mx = -1e300, z = 0;
-      for (int64_t e = 0; e < E; ++e) {
-        for (int64_t k = 0; k < din; ++k) lg[size_t(e)] += double(Wr[size_t(e * din + k)]) * xt[k];
-        mx = std::max(mx, lg[size_t(e)]);
-      }
-      for (auto& l : lg) z += std::exp(l - mx);
-      for (int64_t e = 0; e < E; ++e)
-        g[size_t(e)] = 32.0 * om[size_t(j)] * std::exp(lg[size_t(e)] - mx) / z + 4.0 * (1 - om[size_t(j)]) * sv[size_t(j * E + e)];
-      for (int64_t b = 0; b < r2; ++b)
-        for (int64_t a = 0; a < r1; ++a)
-          if (!diagonal) v[size_t(b)] += g[size_t(a * r2 + b)] * u[size_t(a)];
-          else if (a == b) v[size_t(b)] = g[size_t(a)] * u[size_t(a)];
-      for (int64_t n = 0; n < dout; ++n) {
-        double acc = 0;
-        for (int64_t b = 0; b < r2; ++b) acc += double(B[size_t(n * r2 + b)]) * v[size_t(b)];
-        want[size_t(rows[size_t(j)] * dout + n)] += float(0.8 * acc);
-      }
-    }
+    for (int64_t j = 0; j < T; ++j)
+      trex_row_f64(x.data() + rows[size_t(j)] * din, A.data(), Wr.data(), B.data(), din, dout, r1, r2, E, diagonal,
+                   om[size_t(j)], sv.data() + j * E, 0.8, want.data() + rows[size_t(j)] * dout);
     EXPECT_TRUE(all_close(got.data(), want.data(), want.size(), {1e-4, 1e-5})) << "diagonal=" << diagonal;
     EXPECT_TRUE(all_close(viaref.data(), want.data(), want.size(), {1e-4, 1e-5})) << "diagonal=" << diagonal;
   }
