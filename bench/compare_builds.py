@@ -24,7 +24,21 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
-KEYS = ["prefill_tok_s", "decode_b1_tok_s", "decode_batch_tok_s", "experts_decode_b1_tok_s", "experts_decode_batch_tok_s"]
+KEYS = ["prefill_tok_s", "decode_b1_tok_s", "decode_batch_tok_s", "experts_decode_b1_tok_s", "experts_decode_batch_tok_s",
+        "experts_b1_extra_time_pct", "experts_batch_extra_time_pct", "experts_b1_wait_pct", "experts_batch_wait_pct"]
+
+
+def derive(j):
+    """The bundle runs' cost over the base in the same run: extra time per token (base and
+    experts interleaved rep by rep inside `atmoe bench`), and the expert wait as a share of
+    the base step (the wait is measured directly, so it moves less with the machine's drift)."""
+    for b in ("b1", "batch"):
+        base, ex, split = j.get(f"decode_{b}_tok_s"), j.get(f"experts_decode_{b}_tok_s"), j.get(f"split_{b}")
+        if base and ex:
+            j[f"experts_{b}_extra_time_pct"] = 100.0 * (base / ex - 1.0)
+        if split and split.get("step_ms"):
+            j[f"experts_{b}_wait_pct"] = 100.0 * split["wait_ms"] / (split["step_ms"] - split["wait_ms"])
+    return j
 
 
 def run(binary, args):
@@ -34,7 +48,7 @@ def run(binary, args):
         subprocess.run([binary, "bench", *args, "--json", path], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         with open(path) as f:
-            return json.load(f)
+            return derive(json.load(f))
     finally:
         os.unlink(path)
 

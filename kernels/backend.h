@@ -54,11 +54,10 @@ class Backend {
   // ---- weight preparation
   virtual size_t weight_bytes(int64_t N, int64_t K, DType dt) const = 0;
   virtual void prepare_weight(const float* w, int64_t N, int64_t K, DType dt, void* dst) = 0;
-  // LoRA B banks: B row-major [d_out, R] f32 whose rows [r0, r1) of `bounds` (n_blocks
-  // pairs, ascending, disjoint, covering [0, R)) are the blocks an op's LoraBlocks name.
+  // The lora_B of one LoRA block (ops::LoraBlock::B): B row-major [d_out, R] f32 (R: the
+  // block's rank rows) in the backend's layout.
   virtual size_t lora_b_bytes(int64_t d_out, int64_t R, DType dt) const = 0;
-  virtual void prepare_lora_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks,
-                              DType dt, void* dst) = 0;
+  virtual void prepare_lora_b(const float* B, int64_t d_out, int64_t R, DType dt, void* dst) = 0;
 
   // ---- ops (kernels/ops.h)
   virtual size_t workspace_bytes(const ops::MatmulParams& p) const = 0;

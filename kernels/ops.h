@@ -96,24 +96,27 @@ struct AttentionParams {
 // Batched LoRA mixture on one site input (DESIGN.md 1.3): shrink -> mix -> expand for every
 // site fed by the same activations, for a batch whose tokens use different mixes (SGMV).
 //   x: [T, d_in] (stride ldx); coef: [T, ldc], the routing coefficient of each column
-//   (expert) for each token. Per site s:
-//     A_s: [R_s, d_in] row-major in dtype (a rank row contiguous; the same on every backend);
-//     B_s: [d_out_s, R_s], prepared by Backend::prepare_lora_b with the same blocks;
+//   (expert) for each token. Per site s, R_s rank rows in blocks (one expert group each):
 //     row_col_s [R_s] (column of coef; -1 = none), row_scale_s [R_s] (the LoRA scale);
-//     blocks_s: ascending disjoint [r0, r1) row ranges (one expert group each; no padding)
-//       with the tokens that use them; rows outside every block and tokens not listed cost
-//       nothing;
+//     blocks_s: ascending disjoint [r0, r1) row ranges (no padding) with the tokens that use
+//       them; rows outside every block and tokens not listed cost nothing. Each block says
+//       where its weights are, anywhere in backend memory (the caller lays them out; an
+//       expert shard puts a block's weights for every site of the input in one run, so a
+//       decode step reads one stretch of memory per active group):
+//       A_b: [r1 − r0, d_in] row-major in dtype (a rank row contiguous; the same on every
+//         backend), A_b[i] = A_s[r0 + i];
+//       B_b: [d_out_s, r1 − r0], prepared by Backend::prepare_lora_b;
 //     y_s: [T, d_out_s] (stride ldy_s), y_s += Δ_s with
 //   Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t]).
 struct LoraBlock {
   int64_t r0 = 0, r1 = 0;
+  const void* A = nullptr;        // A_b (may be null when r0 == r1)
+  const void* B = nullptr;        // B_b (may be null when r0 == r1)
   const int32_t* toks = nullptr;  // host: tokens (rows of x, y, coef) that use this block
   int64_t n_toks = 0;
 };
 
 struct LoraSite {
-  const void* A = nullptr;
-  const void* B = nullptr;
   int64_t R = 0, d_out = 0;
   const int32_t* row_col = nullptr;
   const float* row_scale = nullptr;

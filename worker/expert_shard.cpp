@@ -52,36 +52,40 @@ W to_w(float v) {
     return f32_to_bf16(v);
 }
 
-// Staged rows -> the backend's layouts: A stays row-major [R, d_in] (uploaded as is); B
-// [d_out, R] (= Btᵀ) is prepared by the backend with the block boundaries.
+// The banks' place in the arena: per block (expert group), per layer, per site input, the
+// A_b of its sites then their B_b, each piece 64-byte aligned: the order a decode step reads
+// them in (shrink of every site, then expand). A step whose tokens use one group reads one
+// run of memory per site input, and the next input's run follows it; short scattered runs
+// cost several times their bytes in DRAM latency (docs/performance.md).
+constexpr size_t kPieceAlign = 64;
+
+size_t piece(size_t bytes) {
+  return (bytes + kPieceAlign - 1) / kPieceAlign * kPieceAlign;
+}
+
+// Staged rows -> the arena: A_b uploaded as is (row-major), B_b ([d_out, rows] = the
+// block's Btᵀ) prepared by the backend.
 template <class W>
-void pack_stage(Backend& be, const Stage<W>& sg, ShardStack& st, DType dt) {
-  const int64_t R = st.R, dout = st.d_out;
-  st.A = Buffer(be, sg.A.size() * sizeof(W));
-  be.upload(st.A.get(), sg.A.data(), sg.A.size() * sizeof(W));
-  std::vector<float> B(static_cast<size_t>(dout * R));
-  for (int64_t r = 0; r < R; ++r) {
-    const W* b = sg.Bt.data() + r * dout;
+void pack_block(Backend& be, const Stage<W>& sg, int64_t r0, int64_t r1, int64_t din, int64_t dout, DType dt,
+                uint8_t* a_dst, uint8_t* b_dst, std::vector<float>& tmp) {
+  const int64_t rows = r1 - r0;
+  be.upload(a_dst, sg.A.data() + r0 * din, size_t(rows * din) * sizeof(W));
+  tmp.resize(size_t(dout * rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const W* b = sg.Bt.data() + (r0 + r) * dout;
     for (int64_t n = 0; n < dout; ++n) {
       if constexpr (sizeof(W) == 4)
-        B[size_t(n * R + r)] = b[n];
+        tmp[size_t(n * rows + r)] = b[n];
       else
-        B[size_t(n * R + r)] = bf16_to_f32(b[n]);
+        tmp[size_t(n * rows + r)] = bf16_to_f32(b[n]);
     }
   }
-  std::vector<int64_t> bounds;
-  for (const auto& [r0, r1] : st.block) bounds.push_back(r0), bounds.push_back(r1);
-  st.B = Buffer(be, be.lora_b_bytes(dout, R, dt));
-  be.prepare_lora_b(B.data(), dout, R, bounds.data(), int64_t(st.block.size()), dt, st.B.get());
-  st.row_col = Buffer(be, sg.row_col.size() * 4);
-  be.upload(st.row_col.get(), sg.row_col.data(), sg.row_col.size() * 4);
-  st.row_scale = Buffer(be, sg.row_scale.size() * 4);
-  be.upload(st.row_scale.get(), sg.row_scale.data(), sg.row_scale.size() * 4);
+  be.prepare_lora_b(tmp.data(), dout, rows, dt, b_dst);
 }
 
 template <class W>
 void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const std::vector<std::vector<int>>& blocks,
-                 std::vector<ShardStack>& stacks) {
+                 std::vector<ShardStack>& stacks, Buffer& arena) {
   const int L = spec.shapes.n_layers;
   const int E = int(bundle.experts.size());
   std::vector<Stage<W>> stage(size_t(L) * kNumSites);
@@ -113,6 +117,31 @@ void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const
       ++col;
     }
   }
+  // The arena's layout (block, layer, site), then one allocation.
+  const size_t nb = blocks.size();
+  std::vector<size_t> a_off(stage.size() * nb), b_off(stage.size() * nb);
+  size_t total = 0;
+  for (size_t b = 0; b < nb; ++b)
+    for (int l = 0; l < L; ++l)
+      for (int in = 0; in < kNumSiteInputs; ++in)
+        for (int pass = 0; pass < 2; ++pass)  // the input's A_b pieces, then its B_b pieces
+          for (int j = 0; j < input_site_count(SiteInput(in)); ++j) {
+            const int si = int(input_first_site(SiteInput(in))) + j;
+            const size_t i = size_t(l) * kNumSites + size_t(si);
+            const auto [r0, r1] = stage[i].block[b];
+            if (r0 == r1) continue;
+            const int64_t din = spec.shapes.d_in[size_t(si)], dout = spec.shapes.d_out[size_t(si)];
+            if (pass == 0) {
+              a_off[i * nb + b] = total;
+              total += piece(size_t((r1 - r0) * din) * sizeof(W));
+            } else {
+              b_off[i * nb + b] = total;
+              total += piece(be.lora_b_bytes(dout, r1 - r0, spec.dtype));
+            }
+          }
+  if (total > 0) arena = Buffer(be, total);
+  uint8_t* base = static_cast<uint8_t*>(arena.get());
+  std::vector<float> tmp;
   for (int l = 0; l < L; ++l)
     for (int si = 0; si < kNumSites; ++si) {
       const size_t i = size_t(l) * kNumSites + size_t(si);
@@ -122,7 +151,22 @@ void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const
       st.d_out = spec.shapes.d_out[size_t(si)];
       st.R = sg.rows();
       st.block = std::move(sg.block);
-      if (st.R > 0) pack_stage(be, sg, st, spec.dtype);
+      st.A.assign(nb, nullptr);
+      st.B.assign(nb, nullptr);
+      for (size_t b = 0; b < nb; ++b) {
+        const auto [r0, r1] = st.block[b];
+        if (r0 == r1) continue;
+        st.A[b] = base + a_off[i * nb + b];
+        st.B[b] = base + b_off[i * nb + b];
+        pack_block(be, sg, r0, r1, st.d_in, st.d_out, spec.dtype, base + a_off[i * nb + b], base + b_off[i * nb + b],
+                   tmp);
+      }
+      if (st.R > 0) {
+        st.row_col = Buffer(be, sg.row_col.size() * 4);
+        be.upload(st.row_col.get(), sg.row_col.data(), sg.row_col.size() * 4);
+        st.row_scale = Buffer(be, sg.row_scale.size() * 4);
+        be.upload(st.row_scale.get(), sg.row_scale.data(), sg.row_scale.size() * 4);
+      }
       sg = Stage<W>();  // the staged copy goes as soon as it is packed
     }
 }
@@ -151,11 +195,11 @@ ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec)
   }
   stacks_.resize(size_t(spec.shapes.n_layers) * kNumSites);
   if (spec.dtype == DType::F32)
-    load_stacks<float>(*be_, b, spec, blocks, stacks_);
+    load_stacks<float>(*be_, b, spec, blocks, stacks_, arena_);
   else
-    load_stacks<uint16_t>(*be_, b, spec, blocks, stacks_);
-  for (const auto& st : stacks_)
-    bytes_ += int64_t(st.A.bytes() + st.B.bytes() + st.row_col.bytes() + st.row_scale.bytes());
+    load_stacks<uint16_t>(*be_, b, spec, blocks, stacks_, arena_);
+  bytes_ = int64_t(arena_.bytes());
+  for (const auto& st : stacks_) bytes_ += int64_t(st.row_col.bytes() + st.row_scale.bytes());
   ATMOE_LOG("worker")->info("expert shard: {} groups{}, {} experts, {:.1f} MiB", spec.groups.size(),
                             spec.general ? " + general" : "", column_expert_.size(), double(bytes_) / (1 << 20));
 }
@@ -195,12 +239,12 @@ int64_t ExpertShard::mark_uses(const float* coef, int64_t ldc, int64_t T) const 
   return used_rows;
 }
 
-void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
-                        int64_t ldy, int64_t T) const {
+int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc,
+                           float* y, int64_t ldy, int64_t T) const {
   const size_t nb = block_cols_.size();
-  if (T <= 0 || nb == 0 || !has_input(layer, in)) return;
+  if (T <= 0 || nb == 0 || !has_input(layer, in)) return 0;
   const int64_t used_rows = mark_uses(coef, ldc, T);
-  if (used_rows == 0) return;
+  if (used_rows == 0) return 0;
   // The tokens that use each block (the same for every site of the input).
   s_.toks.resize(nb);
   for (size_t b = 0; b < nb; ++b) {
@@ -208,7 +252,6 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
     for (int64_t t = 0; t < T; ++t)
       if (s_.uses[size_t(t) * nb + b]) s_.toks[b].push_back(int32_t(t));
   }
-  ops::LoraSite sites[3];
   int n = 0;
   int64_t col = 0;
   for (int i = 0; i < input_site_count(in); ++i) {
@@ -219,13 +262,13 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
       for (size_t b = 0; b < nb; ++b) {
         blks[b].r0 = st.block[b].first;
         blks[b].r1 = st.block[b].second;
+        blks[b].A = st.A[b];
+        blks[b].B = st.B[b];
         const bool rows = blks[b].r0 < blks[b].r1;
         blks[b].toks = rows ? s_.toks[b].data() : nullptr;
         blks[b].n_toks = rows ? int64_t(s_.toks[b].size()) : 0;
       }
-      ops::LoraSite& s = sites[n++];
-      s.A = st.A.get();
-      s.B = st.B.get();
+      ops::LoraSite& s = s_.sites[n++];
       s.R = st.R;
       s.d_out = st.d_out;
       s.row_col = st.row_col.as<int32_t>();
@@ -237,7 +280,8 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
     }
     col += st.d_out;
   }
-  ops::LoraMixParams p;
+  ops::LoraMixParams& p = s_.p;
+  p = ops::LoraMixParams();
   p.x = x;
   p.ldx = ldx;
   p.T = T;
@@ -245,13 +289,21 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
   p.dtype = spec_.dtype;
   p.coef = coef;
   p.ldc = ldc;
+  p.sites = s_.sites;
+  p.n_sites = n;
+  return used_rows;
+}
+
+void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
+                        int64_t ldy, int64_t T) const {
+  const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, y, ldy, T);
+  if (used_rows == 0) return;
+  ops::LoraMixParams& p = s_.p;
   if (!be_->host_memory()) {
     s_.coef.reserve(*be_, size_t(T * ldc) * 4);
     be_->upload(s_.coef.get(), coef, size_t(T * ldc) * 4);
     p.coef = s_.coef.as<float>();
   }
-  p.sites = sites;
-  p.n_sites = n;
   s_.ws.reserve(*be_, be_->workspace_bytes(p));
   be_->lora_mix(p, s_.ws.get());
   counters_.applies += 1;

@@ -39,10 +39,14 @@ struct ShardSpec {
   Backend* backend = nullptr;  // where the banks live and apply() runs; nullptr: a CPU context of its own
 };
 
+// The rank rows of one (layer, site): R rows in blocks (one per expert group held, in
+// order; empty where the group has no adapter on this module). Each block's A_b and B_b
+// (ops.h) lie in the shard's arena.
 struct ShardStack {
   int64_t R = 0, d_in = 0, d_out = 0;
-  Buffer A, B, row_col, row_scale;
-  std::vector<std::pair<int64_t, int64_t>> block;
+  Buffer row_col, row_scale;
+  std::vector<std::pair<int64_t, int64_t>> block;  // [r0, r1) of each block
+  std::vector<const void*> A, B;                    // [n_blocks]: A_b, B_b (null when empty)
 };
 
 class ExpertShard {
@@ -86,6 +90,7 @@ class ExpertShard {
   std::vector<int> column_expert_;
   std::vector<std::pair<int, int>> block_cols_;
   std::vector<ShardStack> stacks_;  // [L * kNumSites]
+  Buffer arena_;                    // every block's weights: block by block, layer by layer, site by site
   int64_t bytes_ = 0;
   struct Scratch {
     std::vector<ops::LoraBlock> blocks[3];
@@ -93,11 +98,17 @@ class ExpertShard {
     Buffer ws;
     Buffer coef;  // device backends: coef in backend memory
     std::vector<uint8_t> uses;
+    ops::LoraSite sites[3];
+    ops::LoraMixParams p;  // the call build() made
   };
   mutable Scratch s_;
   // s_.uses[t * n_blocks + b] = token t gives block b a nonzero coefficient; returns the
   // number of tokens that use any block.
   int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
+  // s_.p for (layer, in) and these rows; returns the tokens
+  // that use a block here, 0 when there is nothing to compute.
+  int64_t build(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
+                int64_t ldy, int64_t T) const;
   mutable Counters counters_;
 };
 

@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <sys/mman.h>
+
 #include "common/error.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cpu_features.h"
@@ -26,6 +28,7 @@ namespace atmoe {
 namespace {
 
 constexpr size_t kAlign = 256;
+constexpr size_t kHuge = size_t(2) << 20, kHugeMin = size_t(4) << 20;
 
 class CpuBackend final : public Backend {
  public:
@@ -37,8 +40,18 @@ class CpuBackend final : public Backend {
   }
   bool host_memory() const override { return true; }
 
+  // Buffers of kHugeMin bytes or more (weight matrices, an expert shard's arena) start on a
+  // 2 MiB boundary and ask for transparent huge pages: a decode step reads them once each,
+  // and with 4 KiB pages every page it touches is a TLB miss whose walk waits on DRAM.
   void* alloc(size_t bytes) override {
-    void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+    const size_t n = (bytes + kAlign - 1) / kAlign * kAlign;
+    void* p = nullptr;
+    if (n >= kHugeMin) {
+      if (posix_memalign(&p, kHuge, n) != 0) p = nullptr;
+      if (p) madvise(p, n / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: refused or ignored, 4 KiB pages
+    } else {
+      p = std::aligned_alloc(kAlign, n);
+    }
     if (!p) ::atmoe::throw_runtime(__FILE__, __LINE__, fmt::format("cpu backend: allocating {} bytes failed", bytes));
     return p;
   }
@@ -63,9 +76,9 @@ class CpuBackend final : public Backend {
   size_t lora_b_bytes(int64_t d_out, int64_t R, DType dt) const override {
     return cpu::packed_elems(d_out, R) * dtype_size(dt);
   }
-  void prepare_lora_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
-                      void* dst) override {
-    cpu::lora_prepare_b(B, d_out, R, bounds, n_blocks, dt, dst);
+  void prepare_lora_b(const float* B, int64_t d_out, int64_t R, DType dt, void* dst) override {
+    ATMOE_ASSERT(dt == DType::F32 || dt == DType::BF16);
+    cpu::pack_weights(B, d_out, R, dt, dst);  // a block's B is a packed-panel matrix of its own (lora.h)
   }
 
   size_t workspace_bytes(const ops::MatmulParams& p) const override {

@@ -1,5 +1,6 @@
 // AVX2+FMA GEMV/GEMM over packed panels (matmul.h): one panel of 32 output rows = 4 ymm,
-// a tile of TB = 2 tokens -> 8 accumulators; bf16 widened by a 16-bit shift.
+// a tile of TB = 2 tokens -> 8 accumulators (one token: two panels at a time); bf16 widened
+// by a 16-bit shift. Also the LoRA shrink of a few tokens (lora_dots, lora.h).
 // Prefill (T >= kWideMinTokens, no k ranges): the TB = 2 tile leaves the FMA units idle
 // half the time (measured: 30% of peak, 75% of prefill time in it). There each panel is
 // first widened to f32 in two halves of 16 outputs ([2][K][16], per-thread buffer, cache
@@ -8,8 +9,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/matmul.h"
 
 namespace atmoe::cpu {
@@ -50,13 +53,18 @@ __attribute__((always_inline)) inline void store_outputs(const MatmulParams& p, 
   }
 }
 
-template <bool BF16, int TB>
+// TB tokens x NP consecutive panels: TB × NP × 4 accumulators. NP = 2 for a single token
+// (decode, LoRA expands): its 4 chains alone would wait on the FMA latency. Each output's
+// sum is formed in the same order whatever TB and NP are.
+template <bool BF16, int TB, int NP>
 void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
-  __m256 acc[TB][4];
+  __m256 acc[TB][NP][4];
 #pragma GCC unroll 8
   for (int j = 0; j < TB; ++j)
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q)
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_setzero_ps();
+      for (int c = 0; c < 4; ++c) acc[j][q][c] = _mm256_setzero_ps();
   const float* xr[TB];
 #pragma GCC unroll 8
   for (int j = 0; j < TB; ++j) xr[j] = p.x + x_row(p, t0 + j) * p.ldx;
@@ -66,22 +74,30 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
     // Weights of this range: the matrix's k rows, or (k_range_w) a packed matrix of its own.
     const void* wr = p.k_range_w ? p.k_range_w[ri] : p.w;
     const int64_t kb = p.k_range_w ? k0 : 0;
-    const size_t base = size_t(panel * (p.k_range_w ? k1 - k0 : p.K)) * kPanel;
+    const size_t stride = size_t(p.k_range_w ? k1 - k0 : p.K) * kPanel;  // one panel's elements
+    const size_t base = size_t(panel) * stride;
     for (int64_t k = k0; k < k1; ++k) {
-      __m256 w[4];
+#pragma GCC unroll 2
+      for (int q = 0; q < NP; ++q) {
+        __m256 w[4];
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) w[q] = load8<BF16>(wr, base + size_t(k - kb) * kPanel + size_t(8 * q));
+        for (int c = 0; c < 4; ++c)
+          w[c] = load8<BF16>(wr, base + size_t(q) * stride + size_t(k - kb) * kPanel + size_t(8 * c));
 #pragma GCC unroll 8
-      for (int j = 0; j < TB; ++j) {
-        const __m256 xb = _mm256_broadcast_ss(xr[j] + k);
+        for (int j = 0; j < TB; ++j) {
+          const __m256 xb = _mm256_broadcast_ss(xr[j] + k);
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) acc[j][q] = _mm256_fmadd_ps(w[q], xb, acc[j][q]);
+          for (int c = 0; c < 4; ++c) acc[j][q][c] = _mm256_fmadd_ps(w[c], xb, acc[j][q][c]);
+        }
       }
     }
   }
-  const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);
+#pragma GCC unroll 2
+  for (int q = 0; q < NP; ++q) {
+    const int64_t n0 = (panel + q) * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);
 #pragma GCC unroll 8
-  for (int j = 0; j < TB; ++j) store_outputs<4>(p, t0 + j, n0, rows, acc[j]);
+    for (int j = 0; j < TB; ++j) store_outputs<4>(p, t0 + j, n0, rows, acc[j][q]);
+  }
 }
 
 constexpr int64_t kWideMinTokens = 32;
@@ -146,11 +162,80 @@ void panels(const MatmulParams& p, int64_t p0, int64_t p1) {
     }
     return;
   }
+  if (p.T == 1) {  // decode and LoRA expands: two panels at a time
+    int64_t pn = p0;
+    for (; pn + 2 <= p1; pn += 2) tile<BF16, 1, 2>(p, pn, 0);
+    if (pn < p1) tile<BF16, 1, 1>(p, pn, 0);
+    return;
+  }
   for (int64_t pn = p0; pn < p1; ++pn) {
     int64_t t = 0;
-    for (; t + 2 <= p.T; t += 2) tile<BF16, 2>(p, pn, t);
-    if (t < p.T) tile<BF16, 1>(p, pn, t);
+    for (; t + 2 <= p.T; t += 2) tile<BF16, 2, 1>(p, pn, t);
+    if (t < p.T) tile<BF16, 1, 1>(p, pn, t);
   }
+}
+
+// LoRA shrink of a few tokens (lora.h): RB rows × TB tokens, one ymm accumulator each, 8 k
+// at a time, a horizontal sum, then the last K % 8 terms in order. Every (row, token) sum
+// is formed in the same order whatever RB and TB are.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <bool BF16, int RB, int TB>
+void dots_tile(const LoraDotsParams& p, int64_t i0, int64_t j0) {
+  using W = std::conditional_t<BF16, uint16_t, float>;
+  const W* a = static_cast<const W*>(p.A) + i0 * p.K;
+  const float* xr[TB];
+#pragma GCC unroll 4
+  for (int j = 0; j < TB; ++j) xr[j] = p.x + int64_t(p.toks[j0 + j]) * p.ldx;
+  __m256 acc[RB][TB];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < TB; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t K8 = p.K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[TB];
+#pragma GCC unroll 4
+    for (int j = 0; j < TB; ++j) xv[j] = _mm256_loadu_ps(xr[j] + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const __m256 w = load8<BF16>(a + i * p.K, size_t(k));
+#pragma GCC unroll 4
+      for (int j = 0; j < TB; ++j) acc[i][j] = _mm256_fmadd_ps(w, xv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < TB; ++j) {
+    float* u = p.u + int64_t(p.toks[j0 + j]) * p.ldu + i0;
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = K8; k < p.K; ++k) {
+        if constexpr (BF16) s += bf16_to_f32(a[i * p.K + k]) * xr[j][k];
+        else s += a[i * p.K + k] * xr[j][k];
+      }
+      u[i] = s;
+    }
+  }
+}
+
+template <bool BF16, int RB, int TB>
+void dots_rows(const LoraDotsParams& p, int64_t i, int64_t j0) {
+  for (; i + RB <= p.rows; i += RB) dots_tile<BF16, RB, TB>(p, i, j0);
+  if constexpr (RB > 1)
+    if (i < p.rows) dots_rows<BF16, RB / 2, TB>(p, i, j0);
+}
+
+template <bool BF16>
+void dots(const LoraDotsParams& p) {
+  int64_t j = 0;
+  for (; j + 2 <= p.n_toks; j += 2) dots_rows<BF16, 4, 2>(p, 0, j);
+  if (j < p.n_toks) dots_rows<BF16, 8, 1>(p, 0, j);
 }
 
 }  // namespace
@@ -158,6 +243,11 @@ void panels(const MatmulParams& p, int64_t p0, int64_t p1) {
 void gemm_panels_avx2(const MatmulParams& p, int64_t p0, int64_t p1) {
   if (p.w_dtype == DType::BF16) panels<true>(p, p0, p1);
   else panels<false>(p, p0, p1);
+}
+
+void lora_dots_avx2(const LoraDotsParams& p) {
+  if (p.dtype == DType::BF16) dots<true>(p);
+  else dots<false>(p);
 }
 
 }  // namespace atmoe::cpu

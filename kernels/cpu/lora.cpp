@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cstring>
 #include <atomic>
-#include <functional>
 #include <vector>
 
 #include "common/error.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/thread_pool.h"
 
@@ -32,7 +32,6 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
   pl.toks.clear();
   pl.ranges.clear();
   pl.range_w.clear();
-  const size_t es = dtype_size(p.dtype);
   for (int si = 0; si < p.n_sites; ++si) {
     const LoraSite& s = p.sites[si];
     int64_t prev_end = 0;
@@ -42,7 +41,8 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
       prev_end = blk.r1;
       if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
       for (int64_t r = blk.r0; r < blk.r1; r += kPanel) pl.shrink.push_back({si, b, r, std::min(blk.r1, r + kPanel)});
-      pl.range_w.push_back(static_cast<const uint8_t*>(s.B) + size_t(lora_block_offset(s.d_out, blk.r0)) * es);
+      ATMOE_ASSERT(blk.A != nullptr && blk.B != nullptr);
+      pl.range_w.push_back(blk.B);
       bool merged = false;
       if (!pl.expand.empty() && pl.expand.back().site == si) {
         LoraPlan::Expand& e = pl.expand.back();
@@ -66,85 +66,37 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
   }
 }
 
-// One rank row · one activation row, f32 accumulation (the shrink of blocks with few tokens).
-__attribute__((target_clones("avx512f", "avx2", "default"))) static float dot_row_f32(const float* a, const float* x,
-                                                                                      int64_t K) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < K; ++k) s += a[k] * x[k];
-  return s;
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) static float dot_row_bf16(const uint16_t* a,
-                                                                                       const float* x, int64_t K) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < K; ++k) s += bf16_to_f32(a[k]) * x[k];
-  return s;
-}
-
-// One rank row · four activation rows: the row is read once for the four tokens.
+// The scalar ISA's few-token shrink: one (row, token) sum at a time (vectorised by
+// -fopenmp-simd where the compiler can).
 template <class W>
-static inline float wval(W a) {
-  if constexpr (sizeof(W) == 2) return bf16_to_f32(a);
-  else return a;
-}
-
-template <class W>
-__attribute__((always_inline)) static inline void dot_row4(const W* a, const float* x0, const float* x1,
-                                                           const float* x2, const float* x3, int64_t K, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t k = 0; k < K; ++k) {
-    const float w = wval(a[k]);
-    s0 += w * x0[k];
-    s1 += w * x1[k];
-    s2 += w * x2[k];
-    s3 += w * x3[k];
+static void dots_scalar(const LoraDotsParams& p) {
+  const W* A = static_cast<const W*>(p.A);
+  for (int64_t j = 0; j < p.n_toks; ++j) {
+    const float* x = p.x + int64_t(p.toks[j]) * p.ldx;
+    float* u = p.u + int64_t(p.toks[j]) * p.ldu;
+    for (int64_t i = 0; i < p.rows; ++i) {
+      const W* a = A + i * p.K;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < p.K; ++k) {
+        if constexpr (sizeof(W) == 2) s += bf16_to_f32(a[k]) * x[k];
+        else s += a[k] * x[k];
+      }
+      u[i] = s;
+    }
   }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void dot_row4_f32(
-    const float* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t K, float* out) {
-  dot_row4(a, x0, x1, x2, x3, K, out);
+void lora_dots_scalar(const LoraDotsParams& p) {
+  if (p.dtype == DType::BF16) dots_scalar<uint16_t>(p);
+  else dots_scalar<float>(p);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void dot_row4_bf16(
-    const uint16_t* a, const float* x0, const float* x1, const float* x2, const float* x3, int64_t K, float* out) {
-  dot_row4(a, x0, x1, x2, x3, K, out);
-}
-
-// Shrink of rows [r0, r1) of a block with few tokens: u[t, r] = A[r, :] · x[t], tokens four
-// at a time, then one at a time.
-static void shrink_dots(const LoraMixParams& p, const LoraSite& s, const LoraBlock& blk, int64_t r0, int64_t r1,
-                        float* u0, int64_t ldu) {
-  const int64_t nt = blk.n_toks;
-  const bool bf16 = p.dtype == DType::BF16;
-  const int64_t row_bytes = p.d_in * int64_t(dtype_size(p.dtype));
-  for (int64_t r = r0; r < r1; ++r) {
-    const void* a = static_cast<const uint8_t*>(s.A) + r * row_bytes;
-    int64_t j = 0;
-    for (; j + 4 <= nt; j += 4) {
-      const int32_t* t = blk.toks + j;
-      const float* x0 = p.x + int64_t(t[0]) * p.ldx;
-      const float* x1 = p.x + int64_t(t[1]) * p.ldx;
-      const float* x2 = p.x + int64_t(t[2]) * p.ldx;
-      const float* x3 = p.x + int64_t(t[3]) * p.ldx;
-      float o[4];
-      if (bf16) dot_row4_bf16(static_cast<const uint16_t*>(a), x0, x1, x2, x3, p.d_in, o);
-      else dot_row4_f32(static_cast<const float*>(a), x0, x1, x2, x3, p.d_in, o);
-      for (int i = 0; i < 4; ++i) u0[int64_t(t[i]) * ldu + r] = o[i];
-    }
-    for (; j < nt; ++j) {
-      const int32_t t = blk.toks[j];
-      const float* x = p.x + int64_t(t) * p.ldx;
-      u0[int64_t(t) * ldu + r] = bf16 ? dot_row_bf16(static_cast<const uint16_t*>(a), x, p.d_in)
-                                      : dot_row_f32(static_cast<const float*>(a), x, p.d_in);
-    }
+LoraDotsKernel lora_dots_kernel() {
+  switch (best_isa()) {
+    case Isa::Avx512: return lora_dots_avx512;
+    case Isa::Avx2: return lora_dots_avx2;
+    default: return lora_dots_scalar;
   }
 }
 
@@ -157,145 +109,208 @@ static void pack_panel(const W* A, int64_t r0, int64_t n, int64_t K, W* out) {
   }
 }
 
+// Software prefetch of the weights sites [s0, s1) read: each block with tokens, A_b then B_b
+// (an expert shard's arena order, ops.h). A decode call's rank rows come from DRAM (the base
+// weights streamed through every cache since the last step): the prefetches put the whole
+// call's lines in flight at once instead of a few rows' at a time.
+static void prefetch_sites(const LoraMixParams& p, int s0, int s1) {
+  const size_t es = dtype_size(p.dtype);
+  const auto fetch = [](const void* at, size_t n) {
+    const char* c = static_cast<const char*>(at);
+    for (size_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
+  };
+  for (int pass = 0; pass < 2; ++pass)
+    for (int si = s0; si < s1; ++si) {
+      const LoraSite& s = p.sites[si];
+      for (int64_t b = 0; b < s.n_blocks; ++b) {
+        const LoraBlock& blk = s.blocks[b];
+        if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
+        const int64_t rows = blk.r1 - blk.r0;
+        if (pass == 0) fetch(blk.A, size_t(rows * p.d_in) * es);
+        else fetch(blk.B, size_t(packed_rows(s.d_out) * rows) * es);
+      }
+    }
+}
+
+namespace {
+
+// One call's state shared by the work items.
+struct Call {
+  const LoraMixParams& p;
+  LoraPlan& pl;
+  PanelKernel kern;
+  LoraDotsKernel dots;
+  int64_t ldu;
+  size_t esize, ws_per;
+};
+
+// Shrink + mix of one item: u[t, r] = (A[r, :] · x[t]) · coef(t, r) for its rows and tokens.
+void shrink_item(const Call& c, const LoraPlan::Shrink& it, int tid) {
+  const LoraMixParams& p = c.p;
+  const LoraSite& s = p.sites[it.site];
+  const LoraBlock& blk = s.blocks[it.block];
+  const int64_t nt_blk = blk.n_toks, nrows = it.r1 - it.r0;
+  float* u0 = p.u + c.pl.u_off[size_t(it.site)];
+  if (nt_blk < kLoraPackMinTokens) {
+    LoraDotsParams d;
+    d.A = static_cast<const uint8_t*>(blk.A) + size_t((it.r0 - blk.r0) * p.d_in) * c.esize;
+    d.dtype = p.dtype;
+    d.K = p.d_in;
+    d.rows = nrows;
+    d.x = p.x;
+    d.ldx = p.ldx;
+    d.toks = blk.toks;
+    d.n_toks = nt_blk;
+    d.u = u0 + it.r0;
+    d.ldu = c.ldu;
+    c.dots(d);
+  } else {
+    uint8_t* ws = c.pl.panel_ws.data() + c.ws_per * size_t(tid);
+    if (p.dtype == DType::BF16)
+      pack_panel(static_cast<const uint16_t*>(blk.A), it.r0 - blk.r0, nrows, p.d_in, reinterpret_cast<uint16_t*>(ws));
+    else
+      pack_panel(static_cast<const float*>(blk.A), it.r0 - blk.r0, nrows, p.d_in, reinterpret_cast<float*>(ws));
+    MatmulParams m;
+    m.x = p.x;
+    m.ldx = p.ldx;
+    m.w = ws;
+    m.w_dtype = p.dtype;
+    m.y = u0 + it.r0;
+    m.ldy = c.ldu;
+    m.T = nt_blk;
+    m.N = nrows;
+    m.K = p.d_in;
+    m.x_rows = blk.toks;
+    m.y_rows = blk.toks;
+    c.kern(m, 0, 1);
+  }
+  for (int64_t ti = 0; ti < blk.n_toks; ++ti) {
+    const int32_t t = blk.toks[ti];
+    float* u = u0 + int64_t(t) * c.ldu;
+    for (int64_t r = it.r0; r < it.r1; ++r) u[r] *= row_coef(p, s, t, r);
+  }
+}
+
+// Expand: y_s[t] += B_s[:, ranges] · u[t, ranges] over output panels [p0, p1), for the
+// site's expand calls [call0, call1).
+void expand_panels(const Call& c, int site, int64_t p0, int64_t p1, int64_t call0, int64_t call1) {
+  const LoraMixParams& p = c.p;
+  const LoraPlan& pl = c.pl;
+  const LoraSite& s = p.sites[site];
+  for (int64_t ci = call0; ci < call1; ++ci) {
+    const LoraPlan::Expand& e = pl.expand[size_t(ci)];
+    MatmulParams m;
+    m.x = p.u + pl.u_off[size_t(site)];
+    m.ldx = c.ldu;
+    m.w = nullptr;  // every range has its block's matrix (k_range_w)
+    m.w_dtype = p.dtype;
+    m.y = s.y;
+    m.ldy = s.ldy;
+    m.T = e.tok1 - e.tok0;
+    m.N = s.d_out;
+    m.K = s.R;
+    m.accumulate = true;
+    m.k_ranges = pl.ranges.data() + e.range0;
+    m.n_k_ranges = (e.range1 - e.range0) / 2;
+    m.k_range_w = pl.range_w.data() + e.range0 / 2;
+    m.x_rows = pl.toks.data() + e.tok0;
+    m.y_rows = m.x_rows;
+    c.kern(m, p0, p1);
+  }
+}
+
+}  // namespace
+
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
   ATMOE_ASSERT(p.plan != nullptr && p.n_sites >= 0);
   LoraPlan& pl = *p.plan;
   build_plan(p, pl);
   if (pl.shrink.empty()) return;
-  const PanelKernel kern = panel_kernel();
-  // u column offset of each site; expand work: (site, chunk of output panels).
-  int64_t u_off[16];
-  ATMOE_ASSERT(p.n_sites <= 16);
-  int64_t ldu = 0;
-  for (int i = 0; i < p.n_sites; ++i) {
-    u_off[i] = ldu;
-    ldu += p.sites[i].R;
+  Call c{p, pl, panel_kernel(), lora_dots_kernel(), 0, dtype_size(p.dtype), 0};
+  c.ws_per = size_t(kPanel * p.d_in) * c.esize;
+  if (pl.panel_ws.size() < c.ws_per * size_t(pool.size())) pl.panel_ws.assign(c.ws_per * size_t(pool.size()), 0);
+  const int n_sites = p.n_sites;
+  pl.u_off.resize(size_t(n_sites));
+  for (int i = 0; i < n_sites; ++i) {
+    pl.u_off[size_t(i)] = c.ldu;
+    c.ldu += p.sites[i].R;
   }
-  struct Chunk {
-    int32_t site;
-    int64_t p0, p1, call0, call1;
-  };
-  std::vector<Chunk> chunks;  // small: tens of entries
-  {
-    int64_t total = 0;
-    for (int i = 0; i < p.n_sites; ++i) total += (p.sites[i].d_out + kPanel - 1) / kPanel;
-    const int64_t per = std::max<int64_t>(1, total / (4 * int64_t(pool.size())));
-    size_t c = 0;
-    for (int i = 0; i < p.n_sites; ++i) {
-      const size_t c0 = c;
-      while (c < pl.expand.size() && pl.expand[c].site == i) ++c;
-      if (c0 == c) continue;
-      const int64_t np = (p.sites[i].d_out + kPanel - 1) / kPanel;
-      for (int64_t a = 0; a < np; a += per) chunks.push_back({i, a, std::min(np, a + per), int64_t(c0), int64_t(c)});
-    }
+  // Each site's shrink items and expand calls (the plan lists them site by site).
+  pl.site_shrink.assign(size_t(n_sites) + 1, 0);
+  pl.site_expand.assign(size_t(n_sites) + 1, 0);
+  for (const auto& it : pl.shrink) ++pl.site_shrink[size_t(it.site) + 1];
+  for (const auto& e : pl.expand) ++pl.site_expand[size_t(e.site) + 1];
+  for (int i = 0; i < n_sites; ++i) {
+    pl.site_shrink[size_t(i) + 1] += pl.site_shrink[size_t(i)];
+    pl.site_expand[size_t(i) + 1] += pl.site_expand[size_t(i)];
   }
-  const int64_t n_shrink = int64_t(pl.shrink.size()), n_chunks = int64_t(chunks.size());
-  std::atomic<int64_t> next_shrink{0}, next_chunk{0};
-  std::atomic<int> arrived{0};
-  const size_t esize = dtype_size(p.dtype), ws_per = size_t(kPanel * p.d_in) * esize;
-  if (pl.panel_ws.size() < ws_per * size_t(pool.size())) pl.panel_ws.assign(ws_per * size_t(pool.size()), 0);
-  // Small work (decode of a few tokens through a few experts: microseconds) runs on the
-  // calling thread: a parallel region with a barrier costs more than it would save.
-  int64_t work = 0;
-  for (const auto& it : pl.shrink)
-    work += (it.r1 - it.r0) * p.sites[it.site].blocks[it.block].n_toks * p.d_in;
+  int64_t work = 0;  // multiply-adds
+  for (const auto& it : pl.shrink) work += (it.r1 - it.r0) * p.sites[it.site].blocks[it.block].n_toks * p.d_in;
   for (const auto& e : pl.expand) {
     int64_t k = 0;
     for (int64_t r = e.range0; r < e.range1; r += 2) k += pl.ranges[size_t(r + 1)] - pl.ranges[size_t(r)];
     work += k * (e.tok1 - e.tok0) * p.sites[e.site].d_out;
   }
-  const std::function<void(int, int)> job = [&](int tid, int nt) {
-    // Shrink + mix: u[t, r] = (A[r, :] · x[t]) · coef(t, r) for the block's rows and tokens.
-    uint8_t* ws = pl.panel_ws.data() + ws_per * size_t(tid);
-    for (int64_t i; (i = next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_shrink;) {
-      const LoraPlan::Shrink& it = pl.shrink[size_t(i)];
-      const LoraSite& s = p.sites[it.site];
-      const LoraBlock& blk = s.blocks[it.block];
-      const int64_t nt_blk = blk.n_toks, nrows = it.r1 - it.r0;
-      float* u0 = p.u + u_off[it.site];
-      if (nt_blk < kLoraPackMinTokens) {
-        shrink_dots(p, s, blk, it.r0, it.r1, u0, ldu);
-      } else {
-        if (p.dtype == DType::BF16)
-          pack_panel(static_cast<const uint16_t*>(s.A), it.r0, nrows, p.d_in, reinterpret_cast<uint16_t*>(ws));
-        else
-          pack_panel(static_cast<const float*>(s.A), it.r0, nrows, p.d_in, reinterpret_cast<float*>(ws));
-        MatmulParams m;
-        m.x = p.x;
-        m.ldx = p.ldx;
-        m.w = ws;
-        m.w_dtype = p.dtype;
-        m.y = u0 + it.r0;
-        m.ldy = ldu;
-        m.T = nt_blk;
-        m.N = nrows;
-        m.K = p.d_in;
-        m.x_rows = blk.toks;
-        m.y_rows = blk.toks;
-        kern(m, 0, 1);
-      }
-      for (int64_t ti = 0; ti < blk.n_toks; ++ti) {
-        const int32_t t = blk.toks[ti];
-        float* u = u0 + int64_t(t) * ldu;
-        for (int64_t r = it.r0; r < it.r1; ++r) u[r] *= row_coef(p, s, t, r);
-      }
-    }
-    ThreadPool::barrier(arrived, nt);
-    // Expand: y_s[t] += B_s[:, ranges] · u[t, ranges] over the chunk's output panels.
-    for (int64_t i; (i = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
-      const Chunk& ch = chunks[size_t(i)];
-      const LoraSite& s = p.sites[ch.site];
-      for (int64_t c = ch.call0; c < ch.call1; ++c) {
-        const LoraPlan::Expand& e = pl.expand[size_t(c)];
-        MatmulParams m;
-        m.x = p.u + u_off[ch.site];
-        m.ldx = ldu;
-        m.w = s.B;
-        m.w_dtype = p.dtype;
-        m.y = s.y;
-        m.ldy = s.ldy;
-        m.T = e.tok1 - e.tok0;
-        m.N = s.d_out;
-        m.K = s.R;
-        m.accumulate = true;
-        m.k_ranges = pl.ranges.data() + e.range0;
-        m.n_k_ranges = (e.range1 - e.range0) / 2;
-        m.k_range_w = pl.range_w.data() + e.range0 / 2;
-        m.x_rows = pl.toks.data() + e.tok0;
-        m.y_rows = m.x_rows;
-        kern(m, ch.p0, ch.p1);
-      }
-    }
-  };
-  if (work < kLoraInlineMacs || pool.size() == 1)
-    job(0, 1);
-  else
-    pool.run(job);
-}
 
-void lora_prepare_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
-                    void* out) {
-  ATMOE_ASSERT(dt == DType::F32 || dt == DType::BF16);
-  const size_t es = dtype_size(dt);
-  std::memset(out, 0, packed_elems(d_out, R) * es);  // panel padding rows stay zero
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t r0 = bounds[2 * b], r1 = bounds[2 * b + 1];
-    ATMOE_ASSERT(0 <= r0 && r0 <= r1 && r1 <= R);
-    for (int64_t n = 0; n < d_out; ++n)
-      for (int64_t r = r0; r < r1; ++r) {
-        const size_t at = size_t(lora_b_index(d_out, r0, r1, n, r));
-        const float v = B[n * R + r];
-        if (dt == DType::F32)
-          static_cast<float*>(out)[at] = v;
-        else
-          static_cast<uint16_t*>(out)[at] = f32_to_bf16(v);
-      }
+  if (work < kLoraDecodeMacs) {
+    // Decode-sized: the time is the rank rows' DRAM latency, not arithmetic. Sites are
+    // independent (their u and y columns are apart): with several sites and threads, each
+    // thread takes whole sites and prefetches its own weights (two cores keep twice the
+    // misses in flight), with no barrier; a thread that joins late takes less.
+    const auto site_work = [&](int si, int tid) {
+      for (int64_t i = pl.site_shrink[size_t(si)]; i < pl.site_shrink[size_t(si) + 1]; ++i)
+        shrink_item(c, pl.shrink[size_t(i)], tid);
+      if (pl.site_expand[size_t(si)] < pl.site_expand[size_t(si) + 1])
+        expand_panels(c, si, 0, (p.sites[si].d_out + kPanel - 1) / kPanel, pl.site_expand[size_t(si)],
+                      pl.site_expand[size_t(si) + 1]);
+    };
+    if (n_sites > 1 && pool.size() > 1) {
+      std::atomic<int> next{0};
+      pool.run_dynamic([&](int tid, int) {
+        for (int si; (si = next.fetch_add(1, std::memory_order_relaxed)) < n_sites;) {
+          prefetch_sites(p, si, si + 1);
+          site_work(si, tid);
+        }
+      });
+    } else {
+      prefetch_sites(p, 0, n_sites);
+      for (int si = 0; si < n_sites; ++si) site_work(si, 0);
+    }
+    return;
   }
+
+  // Larger calls: one parallel region, shrink items from a shared counter, a barrier, then
+  // expand work in chunks of output panels (a few per thread).
+  auto& chunks = pl.chunks;
+  chunks.clear();
+  {
+    int64_t total = 0;
+    for (int i = 0; i < n_sites; ++i) total += (p.sites[i].d_out + kPanel - 1) / kPanel;
+    const int64_t per = std::max<int64_t>(1, total / (4 * int64_t(pool.size())));
+    for (int i = 0; i < n_sites; ++i) {
+      const int64_t c0 = pl.site_expand[size_t(i)], c1 = pl.site_expand[size_t(i) + 1];
+      if (c0 == c1) continue;
+      const int64_t np = (p.sites[i].d_out + kPanel - 1) / kPanel;
+      for (int64_t a = 0; a < np; a += per) chunks.push_back({i, a, std::min(np, a + per), c0, c1});
+    }
+  }
+  const int64_t n_shrink = int64_t(pl.shrink.size()), n_chunks = int64_t(chunks.size());
+  std::atomic<int64_t> next_shrink{0}, next_chunk{0};
+  std::atomic<int> arrived{0};
+  pool.run([&](int tid, int nt) {
+    for (int64_t i; (i = next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_shrink;)
+      shrink_item(c, pl.shrink[size_t(i)], tid);
+    ThreadPool::barrier(arrived, nt);
+    for (int64_t i; (i = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
+      const LoraPlan::Chunk& ch = chunks[size_t(i)];
+      expand_panels(c, ch.site, ch.p0, ch.p1, ch.call0, ch.call1);
+    }
+  });
 }
 
-static float lora_b_at(const void* B, DType dt, int64_t d_out, int64_t r0, int64_t r1, int64_t n, int64_t r) {
-  const size_t at = size_t(lora_b_index(d_out, r0, r1, n, r));
-  return dt == DType::F32 ? static_cast<const float*>(B)[at] : bf16_to_f32(static_cast<const uint16_t*>(B)[at]);
+// B_b[n][r - r0] of a block (packed panels, matmul.h).
+static double block_b_at(const LoraBlock& blk, DType dt, int64_t n, int64_t r) {
+  return double(packed_at(blk.B, dt, blk.r1 - blk.r0, n, r - blk.r0));
 }
 
 void lora_mix_apply_ref(const LoraMixParams& p) {
@@ -308,10 +323,10 @@ void lora_mix_apply_ref(const LoraMixParams& p) {
         std::vector<double> u(static_cast<size_t>(blk.r1 - blk.r0), 0.0);
         for (int64_t r = blk.r0; r < blk.r1; ++r) {
           double acc = 0;
-          for (int64_t k = 0; k < p.d_in; ++k) {  // A row-major
-            const size_t at = size_t(r * p.d_in + k);
-            const double a = p.dtype == DType::BF16 ? double(bf16_to_f32(static_cast<const uint16_t*>(s.A)[at]))
-                                                    : double(static_cast<const float*>(s.A)[at]);
+          for (int64_t k = 0; k < p.d_in; ++k) {  // A_b row-major
+            const size_t at = size_t((r - blk.r0) * p.d_in + k);
+            const double a = p.dtype == DType::BF16 ? double(bf16_to_f32(static_cast<const uint16_t*>(blk.A)[at]))
+                                                    : double(static_cast<const float*>(blk.A)[at]);
             acc += double(p.x[t * p.ldx + k]) * a;
           }
           u[size_t(r - blk.r0)] = acc * double(row_coef(p, s, t, r));
@@ -319,7 +334,7 @@ void lora_mix_apply_ref(const LoraMixParams& p) {
         for (int64_t n = 0; n < s.d_out; ++n) {
           double acc = 0;
           for (int64_t r = blk.r0; r < blk.r1; ++r)
-            acc += double(lora_b_at(s.B, p.dtype, s.d_out, blk.r0, blk.r1, n, r)) * u[size_t(r - blk.r0)];
+            acc += block_b_at(blk, p.dtype, n, r) * u[size_t(r - blk.r0)];
           s.y[t * s.ldy + n] = float(double(s.y[t * s.ldy + n]) + acc);
         }
       }

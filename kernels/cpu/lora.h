@@ -4,25 +4,24 @@
 //   x:    [T, d_in] (stride ldx), shared by the sites
 //   coef: [T, ldc]: the routing coefficient of each column (expert) for each token
 //   per site s:
-//     A_s [R_s, d_in]: the stacked lora_A, row-major (a rank row contiguous), f32 or bf16
-//     B_s [d_out_s, R_s]: the stacked lora_B, same dtype, stored block by block: block
-//       [r0, r1) is a packed-panel matrix (matmul.h) [d_out_s, r1 - r0] of its own at
-//       element lora_block_offset(d_out_s, r0), so that one block's rows (one expert group's
-//       delta) are one contiguous run of memory (lora_b_index gives an element's place)
 //     row_col_s [R_s] (column of coef; -1 = padding), row_scale_s [R_s] (LoRA scale s_e)
 //     blocks_s: [r0, r1) row ranges (any boundaries, ascending, disjoint) with the tokens
-//       that use them; rows outside every block and tokens not listed cost nothing
+//       that use them; rows outside every block and tokens not listed cost nothing. Each
+//       block's weights are where it says (ops.h):
+//       A_b [r1 - r0, d_in]: its lora_A rows, row-major (a rank row contiguous), f32 or bf16
+//       B_b [d_out_s, r1 - r0]: its lora_B, same dtype, a packed-panel matrix (matmul.h)
 //     y_s: [T, d_out_s] (stride ldy_s), y_s += Δ_s
 //   u (workspace): [T, Σ_s R_s], site s at column offset Σ_{s' < s} R_s'
 // Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t])
-// Blocks are not padded and A is row-major, so a step reads exactly the rank rows of the
-// blocks its tokens use (memory and bytes read follow the adapters' bytes). The shrink of a
-// block with few tokens is dot products (a row read once per four tokens); with kLoraPackMinTokens or more,
-// its rows are first packed into a 32-row panel in the thread's workspace and run through
-// the GEMM panel kernel. The expand of a token reads only the rank columns of its blocks.
-// One parallel region (or the calling thread alone below kLoraInlineMacs): shrink+mix over
-// (site, block, 32 rows) items, a barrier, expand over (site, output-panel chunk) items;
-// items are claimed from shared counters.
+// Blocks are not padded, so a step reads exactly the rank rows of the blocks its tokens use
+// (memory and bytes read follow the adapters' bytes). The shrink of a block with few tokens
+// (decode) is lora_dots (one kernel per ISA: several rows and tokens a tile); with
+// kLoraPackMinTokens or more, its rows are first packed into a 32-row panel in the thread's
+// workspace and run through the GEMM panel kernel. The expand of a token reads only the
+// rank columns of its blocks (the GEMM panel kernel with one k range per block).
+// Decode-sized calls (below kLoraDecodeMacs) prefetch their weights and run site by site.
+// Larger ones: one parallel region, shrink+mix over (site, block, 32 rows) items, a barrier,
+// expand over (site, output-panel chunk) items; items are claimed from shared counters.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -41,19 +40,14 @@ namespace atmoe::cpu {
 using LoraBlock = ops::LoraBlock;
 using LoraSite = ops::LoraSite;
 
-// Where block [r0, r1)'s packed B starts in B_s, and where B_s[n][r] (r0 <= r < r1) lies.
-inline int64_t lora_block_offset(int64_t d_out, int64_t r0) { return packed_rows(d_out) * r0; }
-inline int64_t lora_b_index(int64_t d_out, int64_t r0, int64_t r1, int64_t n, int64_t r) {
-  return lora_block_offset(d_out, r0) + ((n / kPanel) * (r1 - r0) + (r - r0)) * kPanel + n % kPanel;
-}
-
 // Work lists of one call, rebuilt each time; kept by the caller so calls do not allocate.
 constexpr int64_t kLoraPackMinTokens = 8;
-// Below this many multiply-adds a call runs on the calling thread alone. Decode calls
-// (one token through one rank-8 expert: ~5e4 MACs, ~40 kB) go parallel: their reads are
-// short runs that wait on DRAM latency, and two threads keep twice as many misses in
-// flight; measured 2.1-2.4 -> 1.1-1.5 ms per SmolLM2 step (docs/performance.md).
-constexpr int64_t kLoraInlineMacs = int64_t(1) << 12;
+// Below this many multiply-adds a call is decode-sized (one token through one rank-8 expert
+// on q, k, v: ~2e4 MACs, ~40 kB): its time is the rank rows' DRAM latency, not arithmetic.
+// It prefetches its weights at once and runs site by site, each site on one thread (with
+// several sites and threads, the threads take whole sites: no barrier, and each core's own
+// misses in flight); measured per SmolLM2 decode step in docs/performance.md.
+constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 
 struct LoraPlan {
   struct Shrink {
@@ -69,8 +63,37 @@ struct LoraPlan {
   std::vector<int32_t> toks;
   std::vector<int64_t> ranges;    // [begin, end) pairs (one per block: their B matrices are apart)
   std::vector<const void*> range_w;  // the packed B of each range's block
+  struct Chunk {                    // expand work: a site's output panels [p0, p1), its calls
+    int32_t site;
+    int64_t p0, p1, call0, call1;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> u_off;       // u column offset of each site
+  std::vector<int64_t> site_shrink, site_expand;  // [n_sites + 1]: each site's items in shrink / expand
   std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
+
+// The shrink of a block with few tokens (fewer than kLoraPackMinTokens; decode):
+// u[toks[j] · ldu + i] = A[i, :] · x[toks[j] · ldx ..] for rows i < rows of A (row-major,
+// K elements a row, f32 or bf16). One kernel per ISA, several rows and tokens a tile; every
+// (row, token) sum is formed in the same order whatever the other rows and tokens of the
+// call are (a token's result does not depend on its batch).
+struct LoraDotsParams {
+  const void* A = nullptr;
+  DType dtype = DType::F32;
+  int64_t K = 0, rows = 0;
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const int32_t* toks = nullptr;
+  int64_t n_toks = 0;
+  float* u = nullptr;
+  int64_t ldu = 0;
+};
+void lora_dots_scalar(const LoraDotsParams& p);
+void lora_dots_avx2(const LoraDotsParams& p);
+void lora_dots_avx512(const LoraDotsParams& p);
+using LoraDotsKernel = void (*)(const LoraDotsParams&);
+LoraDotsKernel lora_dots_kernel();  // the best one for this CPU (ATMOE_FORCE_ISA lowers it)
 
 // ops::LoraMixParams (A: row-major [R, d_in]; B: lora_prepare_b's block layout) plus
 // the CPU workspace: u and the work lists.
@@ -81,11 +104,6 @@ struct LoraMixParams : ops::LoraMixParams {
   LoraMixParams() = default;
   LoraMixParams(const ops::LoraMixParams& o) : ops::LoraMixParams(o) {}  // NOLINT: implicit on purpose
 };
-
-// B row-major [d_out, R] f32 -> the block layout above (each [r0, r1) of `bounds` a packed
-// matrix of its own at lora_block_offset(d_out, r0)), in dt.
-void lora_prepare_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
-                    void* out);
 
 // Floats of u for these sites and T tokens (the plan holds the rest of the workspace).
 int64_t lora_workspace_floats(const LoraMixParams& p);

@@ -131,8 +131,7 @@ class CudaBackend final : public Backend {
     check_wtype(dt, "lora_b_bytes");
     return size_t(d_out) * size_t(R) * dtype_size(dt);
   }
-  void prepare_lora_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks, DType dt,
-                      void* dst) override;
+  void prepare_lora_b(const float* B, int64_t d_out, int64_t R, DType dt, void* dst) override;
 
   // ---- ops
   size_t workspace_bytes(const ops::MatmulParams& p) const override;
@@ -309,19 +308,11 @@ void CudaBackend::prepare_weight(const float* w, int64_t N, int64_t K, DType dt,
   ATMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));  // tmp dies here
 }
 
-void CudaBackend::prepare_lora_b(const float* B, int64_t d_out, int64_t R, const int64_t* bounds, int64_t n_blocks,
-                                 DType dt, void* dst) {
+void CudaBackend::prepare_lora_b(const float* B, int64_t d_out, int64_t R, DType dt, void* dst) {
   bind();
   check_wtype(dt, "prepare_lora_b");
   ATMOE_CUDA_REQUIRE(d_out >= 0 && R >= 0, "cuda prepare_lora_b: bad shape [{}, {}]", d_out, R);
-  int64_t prev = 0;
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t r0 = bounds[2 * b], r1 = bounds[2 * b + 1];
-    ATMOE_CUDA_REQUIRE(prev <= r0 && r0 <= r1 && r1 <= R, "cuda prepare_lora_b: block {} [{}, {}) of R = {}", b, r0, r1,
-                       R);
-    prev = r1;
-  }
-  // The layout does not depend on the blocks: Bᵀ [R, d_out], so any row range is contiguous.
+  // Bᵀ [R, d_out]: a rank row contiguous over the outputs.
   const size_t n = size_t(d_out) * size_t(R), es = dtype_size(dt);
   if (n == 0) return;
   std::vector<uint8_t> tmp(n * es);
@@ -471,8 +462,6 @@ void CudaBackend::lora_mix(const ops::LoraMixParams& p, void* ws) {
   for (int si = 0; si < p.n_sites; ++si) {
     const ops::LoraSite& site = p.sites[si];
     cuda::LoraSiteDev d;
-    d.A = site.A;
-    d.Bt = site.B;
     d.row_col = site.row_col;
     d.row_scale = site.row_scale;
     d.y = site.y;
@@ -493,17 +482,19 @@ void CudaBackend::lora_mix(const ops::LoraMixParams& p, void* ws) {
                          blk.r1, prev_end, site.R);
       prev_end = blk.r1;
       if (blk.n_toks <= 0 || blk.r0 == blk.r1) continue;
+      ATMOE_CUDA_REQUIRE(blk.A != nullptr && blk.B != nullptr, "cuda lora_mix: site {} block {} has no weights", si,
+                         b);
+      if (!aligned16(blk.A)) vec = false;
       for (int64_t j = 0; j < blk.n_toks; ++j) {
         const int32_t t = blk.toks[j];
         ATMOE_CUDA_REQUIRE(t >= 0 && t < T, "cuda lora_mix: site {} block {} token {} of T = {}", si, b, t, T);
         put(img, o_shrink + size_t(n_shrink++) * sizeof(cuda::LoraShrinkItem),
-            cuda::LoraShrinkItem{int32_t(si), t, int32_t(blk.r0), int32_t(blk.r1)});
+            cuda::LoraShrinkItem{blk.A, int32_t(si), t, int32_t(blk.r0), int32_t(blk.r1)});
         ++cnt_[size_t(t)];
         ++site_list;
       }
     }
     if (site_list == 0) continue;
-    if (!aligned16(site.A)) vec = false;
     max_d_out = std::max(max_d_out, site.d_out);
     start_.assign(size_t(T) + 1, 0);
     for (int64_t t = 0; t < T; ++t) start_[size_t(t) + 1] = start_[size_t(t)] + cnt_[size_t(t)];
@@ -514,22 +505,14 @@ void CudaBackend::lora_mix(const ops::LoraMixParams& p, void* ws) {
       if (blk.n_toks <= 0 || blk.r0 == blk.r1) continue;
       for (int64_t j = 0; j < blk.n_toks; ++j) ent_[size_t(fill_[size_t(blk.toks[j])]++)] = int32_t(b);
     }
-    // Expand items: one per token of the site, its blocks' rows as ranges (adjacent merged).
+    // Expand items: one per token of the site, its blocks as ranges (each with its B_b).
     for (int64_t t = 0; t < T; ++t) {
       if (cnt_[size_t(t)] == 0) continue;
       const int64_t range0 = n_ranges;
-      int32_t last_r1 = -1;
       for (int32_t e = start_[size_t(t)]; e < start_[size_t(t) + 1]; ++e) {
         const ops::LoraBlock& blk = site.blocks[ent_[size_t(e)]];
-        const int32_t r0 = int32_t(blk.r0), r1 = int32_t(blk.r1);
-        if (n_ranges > range0 && last_r1 == r0) {  // extends the previous range
-          put(img, o_ranges + size_t(2 * (n_ranges - 1) + 1) * sizeof(int32_t), r1);
-        } else {
-          put(img, o_ranges + size_t(2 * n_ranges) * sizeof(int32_t), r0);
-          put(img, o_ranges + size_t(2 * n_ranges + 1) * sizeof(int32_t), r1);
-          ++n_ranges;
-        }
-        last_r1 = r1;
+        put(img, o_ranges + size_t(n_ranges++) * sizeof(cuda::LoraRangeDev),
+            cuda::LoraRangeDev{blk.B, int32_t(blk.r0), int32_t(blk.r1)});
       }
       put(img, o_expand + size_t(n_expand++) * sizeof(cuda::LoraExpandItem),
           cuda::LoraExpandItem{int32_t(si), int32_t(t), int32_t(range0), int32_t(n_ranges - range0)});
@@ -551,7 +534,7 @@ void CudaBackend::lora_mix(const ops::LoraMixParams& p, void* ws) {
   a.n_shrink = n_shrink;
   a.expand = reinterpret_cast<const cuda::LoraExpandItem*>(base + L.expand_off);
   a.n_expand = n_expand;
-  a.ranges = reinterpret_cast<const int32_t*>(base + L.ranges_off);
+  a.ranges = reinterpret_cast<const cuda::LoraRangeDev*>(base + L.ranges_off);
   a.max_d_out = max_d_out;
   a.dtype = p.dtype;
   a.vec = vec;

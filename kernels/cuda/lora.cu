@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32) lora_shrink_kernel(LoraMixD
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const float* x = a.x + int64_t(it.tok) * a.ldx;
   for (int64_t r = int64_t(it.r0) + w; r < it.r1; r += kShrinkWarps) {
-    const W* A = static_cast<const W*>(s.A) + r * a.d_in;
+    const W* A = static_cast<const W*>(it.A) + (r - it.r0) * a.d_in;
     float d = 0.f;
     if (a.vec) {
       for (int64_t c = lane; c < a.d_in / 8; c += 32) {
@@ -47,12 +47,12 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(LoraMixDev 
   const LoraSiteDev s = a.sites[it.site];
   const int64_t n = int64_t(blockIdx.y) * kExpandThreads + threadIdx.x;
   if (n >= s.d_out) return;
-  const W* Bt = static_cast<const W*>(s.Bt);
   const float* u = a.u + int64_t(it.tok) * a.ldu + s.u_off;
   float acc = 0.f;
   for (int32_t q = 0; q < it.n_ranges; ++q) {
-    const int64_t r0 = a.ranges[2 * (it.range0 + q)], r1 = a.ranges[2 * (it.range0 + q) + 1];
-    for (int64_t r = r0; r < r1; ++r) acc += load_w(Bt, r * s.d_out + n) * u[r];
+    const LoraRangeDev rg = a.ranges[it.range0 + q];
+    const W* Bt = static_cast<const W*>(rg.Bt);
+    for (int64_t r = rg.r0; r < rg.r1; ++r) acc += load_w(Bt, (r - rg.r0) * s.d_out + n) * u[r];
   }
   float* y = s.y + int64_t(it.tok) * s.ldy + n;
   *y += acc;

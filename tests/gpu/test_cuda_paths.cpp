@@ -88,10 +88,11 @@ TEST_F(CudaPaths, MatmulAlignedRowsAroundTheGemvBoundary) {
             }
 }
 
-// One site, d_in = 64 (the vectorised shrink), blocks [0,4) [4,10) [10,12) [12,20): token 0
-// in the adjacent blocks 0 and 1 (one merged range), token 2 in blocks 0 and 3 (two ranges),
-// token 4 in block 2 only, tokens 1 and 3 in none (y untouched).
-TEST_F(CudaPaths, LoraAlignedRowsAndMergedRanges) {
+// One site, d_in = 64 (the vectorised shrink), blocks [0,4) [4,10) [10,12) [12,20), each
+// block's weights in memory of its own: token 0 in the adjacent blocks 0 and 1, token 2 in
+// blocks 0 and 3 (two ranges of one expand item), token 4 in block 2 only, tokens 1 and 3 in
+// none (y untouched).
+TEST_F(CudaPaths, LoraAlignedRowsAndSeveralBlocksPerToken) {
   std::mt19937_64 rng(test_seed() + 302);
   const int64_t T = 5, din = 64, dout = 300, R = 20, C = 4;
   const std::vector<int64_t> bounds{0, 4, 4, 10, 10, 12, 12, 20};
@@ -123,23 +124,27 @@ TEST_F(CudaPaths, LoraAlignedRowsAndMergedRanges) {
           }
           want[size_t(t * dout + n)] += float(acc);
         }
-    Buffer dA;
-    if (dt == DType::F32) {
-      dA = put(A);
-    } else {
-      std::vector<uint16_t> Ab(A.size());
-      f32_to_bf16_n(A.data(), Ab.data(), A.size());
-      dA = put(Ab);
-    }
-    Buffer dB(be(), be().lora_b_bytes(dout, R, dt));
-    be().prepare_lora_b(B.data(), dout, R, bounds.data(), int64_t(bounds.size() / 2), dt, dB.get());
-    Buffer dx = put(x), dc = put(coef), dy = put(y0), drc = put(row_col), drs = put(row_scale);
+    // Each block's weights on their own (ops.h): A_b rows and B_b prepared for the block.
+    std::vector<Buffer> dA, dB;
     std::vector<ops::LoraBlock> blocks(toks.size());
-    for (size_t b = 0; b < toks.size(); ++b)
-      blocks[b] = {bounds[2 * b], bounds[2 * b + 1], toks[b].data(), int64_t(toks[b].size())};
+    for (size_t b = 0; b < toks.size(); ++b) {
+      const int64_t r0 = bounds[2 * b], r1 = bounds[2 * b + 1], rows = r1 - r0;
+      std::vector<float> Ab(A.begin() + r0 * din, A.begin() + r1 * din), Bb(size_t(dout * rows));
+      for (int64_t n = 0; n < dout; ++n)
+        for (int64_t r = 0; r < rows; ++r) Bb[size_t(n * rows + r)] = B[size_t(n * R + r0 + r)];
+      if (dt == DType::F32) {
+        dA.push_back(put(Ab));
+      } else {
+        std::vector<uint16_t> h(Ab.size());
+        f32_to_bf16_n(Ab.data(), h.data(), Ab.size());
+        dA.push_back(put(h));
+      }
+      dB.emplace_back(be(), be().lora_b_bytes(dout, rows, dt));
+      be().prepare_lora_b(Bb.data(), dout, rows, dt, dB.back().get());
+      blocks[b] = {r0, r1, dA.back().get(), dB.back().get(), toks[b].data(), int64_t(toks[b].size())};
+    }
+    Buffer dx = put(x), dc = put(coef), dy = put(y0), drc = put(row_col), drs = put(row_scale);
     ops::LoraSite s;
-    s.A = dA.get();
-    s.B = dB.get();
     s.R = R;
     s.d_out = dout;
     s.row_col = drc.as<int32_t>();

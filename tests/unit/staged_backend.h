@@ -33,8 +33,8 @@ class StagedCpu final : public Backend {
     in_->prepare_weight(w, N, K, dt, d);
   }
   size_t lora_b_bytes(int64_t o, int64_t R, DType dt) const override { return in_->lora_b_bytes(o, R, dt); }
-  void prepare_lora_b(const float* B, int64_t o, int64_t R, const int64_t* b, int64_t nb, DType dt, void* d) override {
-    in_->prepare_lora_b(B, o, R, b, nb, dt, d);
+  void prepare_lora_b(const float* B, int64_t o, int64_t R, DType dt, void* d) override {
+    in_->prepare_lora_b(B, o, R, dt, d);
   }
   size_t workspace_bytes(const ops::MatmulParams& p) const override { return in_->workspace_bytes(p); }
   void matmul(const ops::MatmulParams& p, void* ws) override { in_->matmul(p, ws); }

@@ -342,7 +342,6 @@ void check_lora_mix(Backend& be, int64_t T, uint64_t salt) {
     for (size_t si = 0; si < douts.size(); ++si) {
       const int64_t dout = douts[si];
       int64_t R = 0, col = 0;
-      std::vector<int64_t> bounds;
       for (size_t g = 0; g < groups.size(); ++g) {
         ops::LoraBlock b;
         b.r0 = R;
@@ -358,18 +357,10 @@ void check_lora_mix(Backend& be, int64_t T, uint64_t salt) {
         b.r1 = R;
         b.toks = toks[g].data();
         b.n_toks = int64_t(toks[g].size());
-        bounds.push_back(b.r0);
-        bounds.push_back(b.r1);
         blks[si].push_back(b);
       }
       if (dt == DType::BF16)
         for (auto& e : exs[si]) e.A = round_bf16(e.A), e.B = round_bf16(e.B);
-      std::vector<float> A(size_t(R * din)), B(size_t(dout * R));
-      for (const auto& e : exs[si])
-        for (int64_t i = 0; i < e.r; ++i) {
-          for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
-          for (int64_t n = 0; n < dout; ++n) B[size_t(n * R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
-        }
       // Independent: per expert, in float64, from the row-major matrices.
       for (int64_t t = 0; t < T; ++t)
         for (int64_t n = 0; n < dout; ++n) {
@@ -386,20 +377,35 @@ void check_lora_mix(Backend& be, int64_t T, uint64_t salt) {
           }
           want[size_t(t * ldy + ycol[si] + n)] = float(acc);
         }
-      if (dt == DType::F32) {
-        dA.emplace_back(be, A);
-      } else {
-        std::vector<uint16_t> Ab(A.size());
-        f32_to_bf16_n(A.data(), Ab.data(), A.size());
-        dA.emplace_back(be, Ab);
+      // Each block's weights in memory of its own, allocated last block first (the op must
+      // follow the blocks' pointers, not assume one matrix per site).
+      for (size_t g = groups.size(); g-- > 0;) {
+        ops::LoraBlock& b = blks[si][g];
+        const int64_t rows = b.r1 - b.r0;
+        std::vector<float> A(size_t(rows * din)), B(size_t(dout * rows));
+        for (const auto& e : exs[si]) {
+          if (e.group != int64_t(g)) continue;
+          for (int64_t i = 0; i < e.r; ++i) {
+            const int64_t r = e.row0 - b.r0 + i;
+            for (int64_t k = 0; k < din; ++k) A[size_t(r * din + k)] = e.A[size_t(i * din + k)];
+            for (int64_t n = 0; n < dout; ++n) B[size_t(n * rows + r)] = e.B[size_t(n * e.r + i)];
+          }
+        }
+        if (dt == DType::F32) {
+          dA.emplace_back(be, A);
+        } else {
+          std::vector<uint16_t> Ab(A.size());
+          f32_to_bf16_n(A.data(), Ab.data(), A.size());
+          dA.emplace_back(be, Ab);
+        }
+        dB.emplace_back(be, be.lora_b_bytes(dout, rows, dt));
+        be.prepare_lora_b(B.data(), dout, rows, dt, dB.back().get());
+        b.A = dA.back().buf.get();
+        b.B = dB.back().get();
       }
-      dB.emplace_back(be, be.lora_b_bytes(dout, R, dt));
-      be.prepare_lora_b(B.data(), dout, R, bounds.data(), int64_t(bounds.size() / 2), dt, dB.back().get());
       dRC.emplace_back(be, row_col[si]);
       dRS.emplace_back(be, row_scale[si]);
       ops::LoraSite& s = sites[si];
-      s.A = dA.back().buf.get();
-      s.B = dB.back().get();
       s.R = R;
       s.d_out = dout;
       s.row_col = dRC.back().as<int32_t>();

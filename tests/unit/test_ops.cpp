@@ -32,9 +32,12 @@ ThreadPool& pool2() {
 struct MatmulCase {
   int64_t T, N, K;
 };
+// T < 4 with several panels: the few-token tiles take 4 (T = 1) or 2 (T = 2, 3) panels at a
+// time, then fewer; the last panel partly past N.
 const MatmulCase kMatmulCases[] = {{1, 1, 1},     {1, 37, 576}, {3, 130, 77},  {4, 64, 1536},  {16, 67, 100},
                                    {7, 17, 15},   {13, 48, 33}, {31, 96, 64},  {33, 300, 576}, {64, 259, 100},
-                                   {40, 1100, 8}, {37, 40, 50}, {38, 33, 257}, {35, 64, 96}};
+                                   {40, 1100, 8}, {37, 40, 50}, {38, 33, 257}, {35, 64, 96},   {1, 300, 20},
+                                   {1, 97, 576},  {2, 170, 33}, {3, 100, 9}};
 
 using Kernel = void (*)(const cpu::MatmulParams&, int64_t, int64_t);
 
@@ -220,6 +223,7 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
     std::vector<float> Ap, Bp;
     std::vector<uint16_t> Ab, Bb;
     std::vector<float> y0, got, viaref, want, gb, rb;
+    std::vector<int64_t> boff;  // each block's B offset (elements)
     int64_t R = 0;
   };
   int64_t n_ex = 0;
@@ -268,19 +272,25 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
         for (int64_t k = 0; k < din; ++k) A[size_t((e.row0 + i) * din + k)] = e.A[size_t(i * din + k)];
         for (int64_t n = 0; n < dout; ++n) B[size_t(n * d.R + e.row0 + i)] = e.B[size_t(n * e.r + i)];
       }
-    d.Ap = A;  // A row-major, B packed panels block by block (lora.h)
+    // One buffer per site for A (row-major) and for B (each block a packed-panel matrix of
+    // its own, blocks in *reverse* order): the blocks' pointers say where their weights are.
+    d.Ap = A;
     d.Bp.assign(cpu::packed_elems(dout, d.R), 0.f);
     d.Bb.assign(cpu::packed_elems(dout, d.R), 0);
-    for (const auto& b : d.blk) {
+    d.Ab.resize(A.size());
+    f32_to_bf16_n(A.data(), d.Ab.data(), A.size());
+    int64_t off = 0;
+    for (size_t g = d.blk.size(); g-- > 0;) {
+      const auto& b = d.blk[g];
       std::vector<float> Bblk(size_t(dout * (b.r1 - b.r0)));  // row-major [dout, r1 - r0]
       for (int64_t n = 0; n < dout; ++n)
         for (int64_t r = b.r0; r < b.r1; ++r) Bblk[size_t(n * (b.r1 - b.r0) + r - b.r0)] = B[size_t(n * d.R + r)];
-      const int64_t off = cpu::lora_block_offset(dout, b.r0);
       cpu::pack_weights(Bblk.data(), dout, b.r1 - b.r0, DType::F32, d.Bp.data() + off);
       cpu::pack_weights(Bblk.data(), dout, b.r1 - b.r0, DType::BF16, d.Bb.data() + off);
+      d.boff.push_back(off);
+      off += int64_t(cpu::packed_elems(dout, b.r1 - b.r0));
     }
-    d.Ab.resize(A.size());
-    f32_to_bf16_n(A.data(), d.Ab.data(), A.size());
+    std::reverse(d.boff.begin(), d.boff.end());
     d.y0 = randn(size_t(T * dout), rng);
     // Independent: per expert, in float64, from the unpacked matrices.
     d.want.resize(d.y0.size());
@@ -325,8 +335,13 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
     p.dtype = dt;
     for (size_t si = 0; si < sites.size(); ++si) {
       sd[si].*out = sd[si].y0;
-      sites[si].A = dt == DType::F32 ? static_cast<const void*>(sd[si].Ap.data()) : sd[si].Ab.data();
-      sites[si].B = dt == DType::F32 ? static_cast<const void*>(sd[si].Bp.data()) : sd[si].Bb.data();
+      for (size_t g = 0; g < sd[si].blk.size(); ++g) {
+        cpu::LoraBlock& b = sd[si].blk[g];
+        b.A = dt == DType::F32 ? static_cast<const void*>(sd[si].Ap.data() + b.r0 * din)
+                               : sd[si].Ab.data() + b.r0 * din;
+        b.B = dt == DType::F32 ? static_cast<const void*>(sd[si].Bp.data() + sd[si].boff[g])
+                               : sd[si].Bb.data() + sd[si].boff[g];
+      }
       sites[si].y = (sd[si].*out).data();
     }
     if (ref) cpu::lora_mix_apply_ref(p);
@@ -353,8 +368,10 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
 
 TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
-  // into a panel, the GEMM kernel); 13: the calling thread alone (below kLoraInlineMacs);
-  // 6, 3 and 1: the dot-product path of blocks with few tokens (four at a time, then one).
+  // into a panel, the GEMM kernel); 13: the parallel region with lora_dots (blocks of few
+  // tokens: pairs of tokens, then one); 6, 3 and 1: decode-sized calls (below
+  // kLoraDecodeMacs: prefetch, the two sites on the two threads). ctest also runs this on
+  // the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
   check_lora_mix(200, 3);
   check_lora_mix(13, 0);
   check_lora_mix(6, 4);
