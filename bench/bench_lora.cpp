@@ -12,6 +12,7 @@
 //   threads, a slice before each call (untimed): the rank rows come from DRAM, while the
 //   code and the per-call state stay in the caches (the base model's weights: 256).
 //   Prints µs per step (median, min), per call, and GB/s of the rank rows read.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -100,8 +101,9 @@ int main(int argc, char** argv) {
     for (int i = 0; i < S; ++i) ts.push_back(step());
     std::sort(ts.begin(), ts.end());
     const double med = ts[ts.size() / 2];
-    // Bytes of the active rows: bf16 A and B of K experts' rows (every expert has the same rank here).
-    const double bytes = double(shard.bytes()) * double(K) / double(nc);
+    // Bytes of the active rows: bf16 A and B of the experts some token uses (columns t..t+K-1;
+    // every expert has the same rank here).
+    const double bytes = double(shard.bytes()) * double(std::min<int64_t>(nc, T + K - 1)) / double(nc);
     std::printf("experts %lld  tokens %lld  active %d  threads %d\n", (long long)nc, (long long)T, K, pool.size());
     std::printf("step %.1f us (min %.1f)  per call %.2f us  reads ~%.2f MB -> %.2f GB/s\n", med * 1e6, ts[0] * 1e6,
                 med * 1e6 / (4.0 * c.n_layers), bytes / 1e6, bytes / med / 1e9);

@@ -76,7 +76,7 @@ def main():
                 print(f"round {r + 1} {c} {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in samples[c][side][-1].items()),
                       flush=True)
     summary = {}
-    print(f"\n{'config':<8} {'metric':<28} {'A (median, range)':>26} {'B (median, range)':>26} {'B/A':>6}")
+    print(f"\n{'config':<8} {'metric':<28} {'A (median, range)':>26} {'B (median, range)':>26} {'B/A, B-A':>8}")
     for c, _ in configs:
         for k in KEYS:
             va = [s[k] for s in samples[c]["A"] if k in s]
@@ -84,9 +84,12 @@ def main():
             if not va or not vb:
                 continue
             ma, mb = statistics.median(va), statistics.median(vb)
-            summary[f"{c}.{k}"] = {"A": ma, "B": mb, "ratio": mb / ma}
+            # Percentages (signed, may be 0) compare by difference, speeds by ratio.
+            pct = k.endswith("_pct")
+            summary[f"{c}.{k}"] = {"A": ma, "B": mb, **({"diff": mb - ma} if pct else {"ratio": mb / ma})}
+            cmp = f"{mb - ma:>+6.1f}" if pct else f"{mb / ma:>6.3f}"
             print(f"{c:<8} {k:<28} {ma:>10.1f} ({min(va):.1f}-{max(va):.1f}) {mb:>10.1f} ({min(vb):.1f}-{max(vb):.1f}) "
-                  f"{mb / ma:>6.3f}")
+                  f"{cmp}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"machine": machine.describe(), "a": a.a, "b": a.b, "model": a.model, "bundle": a.bundle,

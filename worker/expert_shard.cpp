@@ -240,7 +240,7 @@ int64_t ExpertShard::mark_uses(const float* coef, int64_t ldc, int64_t T) const 
 }
 
 int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc,
-                           float* y, int64_t ldy, int64_t T) const {
+                           float* y, int64_t ldy, int64_t T, ops::LoraMixParams& p) const {
   const size_t nb = block_cols_.size();
   if (T <= 0 || nb == 0 || !has_input(layer, in)) return 0;
   const int64_t used_rows = mark_uses(coef, ldc, T);
@@ -280,7 +280,6 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
     }
     col += st.d_out;
   }
-  ops::LoraMixParams& p = s_.p;
   p = ops::LoraMixParams();
   p.x = x;
   p.ldx = ldx;
@@ -296,9 +295,9 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
 
 void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
                         int64_t ldy, int64_t T) const {
-  const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, y, ldy, T);
+  ops::LoraMixParams p;
+  const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, y, ldy, T, p);
   if (used_rows == 0) return;
-  ops::LoraMixParams& p = s_.p;
   if (!be_->host_memory()) {
     s_.coef.reserve(*be_, size_t(T * ldc) * 4);
     be_->upload(s_.coef.get(), coef, size_t(T * ldc) * 4);

@@ -10,11 +10,12 @@
 // Stack of one (layer, site): the rows of every block back to back (a block = one group,
 // or the general expert); each expert that adapts the module contributes its r_e rows
 // (heterogeneous ranks); no padding anywhere.
-//   A [R, d_in] row-major and B [d_out, R] prepared by the shard's backend with the blocks
-//   (Backend::prepare_lora_b; the CPU's is packed panels block by block, kernels/cpu/lora.h),
-//   model dtype, in that backend's memory, as are
+//   block [n_blocks]: row range of each block (empty when no expert of the block adapts it);
+//   each block's A_b [rows, d_in] row-major and B_b [d_out, rows] prepared by the shard's
+//   backend (Backend::prepare_lora_b), model dtype, in the shard's arena (one allocation in
+//   that backend's memory: group by group, layer by layer, per site input the A_b of its
+//   sites then their B_b, the order a decode step reads them);
 //   row_col [R]: the column (expert) of each row; row_scale [R]: its LoRA scale.
-//   block [n_blocks]: row range of each block (empty when no expert of the block adapts it).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -90,7 +91,7 @@ class ExpertShard {
   std::vector<int> column_expert_;
   std::vector<std::pair<int, int>> block_cols_;
   std::vector<ShardStack> stacks_;  // [L * kNumSites]
-  Buffer arena_;                    // every block's weights: block by block, layer by layer, site by site
+  Buffer arena_;                    // every block's weights (the layout above)
   int64_t bytes_ = 0;
   struct Scratch {
     std::vector<ops::LoraBlock> blocks[3];
@@ -99,16 +100,15 @@ class ExpertShard {
     Buffer coef;  // device backends: coef in backend memory
     std::vector<uint8_t> uses;
     ops::LoraSite sites[3];
-    ops::LoraMixParams p;  // the call build() made
   };
   mutable Scratch s_;
   // s_.uses[t * n_blocks + b] = token t gives block b a nonzero coefficient; returns the
   // number of tokens that use any block.
   int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
-  // s_.p for (layer, in) and these rows; returns the tokens
-  // that use a block here, 0 when there is nothing to compute.
+  // The op's params p for (layer, in) and these rows (its site and block descriptors in s_);
+  // returns the tokens that use a block here, 0 when there is nothing to compute.
   int64_t build(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
-                int64_t ldy, int64_t T) const;
+                int64_t ldy, int64_t T, ops::LoraMixParams& p) const;
   mutable Counters counters_;
 };
 

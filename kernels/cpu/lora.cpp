@@ -219,6 +219,16 @@ void expand_panels(const Call& c, int site, int64_t p0, int64_t p1, int64_t call
   }
 }
 
+// A whole site: its shrink items, then its expand over all its output panels.
+void site_work(const Call& c, int si, int tid) {
+  const LoraPlan& pl = c.pl;
+  for (int64_t i = pl.site_shrink[size_t(si)]; i < pl.site_shrink[size_t(si) + 1]; ++i)
+    shrink_item(c, pl.shrink[size_t(i)], tid);
+  if (pl.site_expand[size_t(si)] < pl.site_expand[size_t(si) + 1])
+    expand_panels(c, si, 0, (c.p.sites[si].d_out + kPanel - 1) / kPanel, pl.site_expand[size_t(si)],
+                  pl.site_expand[size_t(si) + 1]);
+}
+
 }  // namespace
 
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
@@ -252,29 +262,29 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     work += k * (e.tok1 - e.tok0) * p.sites[e.site].d_out;
   }
 
+  // The parallel regions' state, reached through one pointer: a lambda that captures only
+  // it fits std::function's inline storage (no allocation per call).
+  struct Region {
+    const Call* c;
+    std::atomic<int> next_site{0}, arrived{0};
+    std::atomic<int64_t> next_shrink{0}, next_chunk{0};
+  } rg;
+  rg.c = &c;
   if (work < kLoraDecodeMacs) {
     // Decode-sized: the time is the rank rows' DRAM latency, not arithmetic. Sites are
     // independent (their u and y columns are apart): with several sites and threads, each
     // thread takes whole sites and prefetches its own weights (two cores keep twice the
     // misses in flight), with no barrier; a thread that joins late takes less.
-    const auto site_work = [&](int si, int tid) {
-      for (int64_t i = pl.site_shrink[size_t(si)]; i < pl.site_shrink[size_t(si) + 1]; ++i)
-        shrink_item(c, pl.shrink[size_t(i)], tid);
-      if (pl.site_expand[size_t(si)] < pl.site_expand[size_t(si) + 1])
-        expand_panels(c, si, 0, (p.sites[si].d_out + kPanel - 1) / kPanel, pl.site_expand[size_t(si)],
-                      pl.site_expand[size_t(si) + 1]);
-    };
     if (n_sites > 1 && pool.size() > 1) {
-      std::atomic<int> next{0};
-      pool.run_dynamic([&](int tid, int) {
-        for (int si; (si = next.fetch_add(1, std::memory_order_relaxed)) < n_sites;) {
-          prefetch_sites(p, si, si + 1);
-          site_work(si, tid);
+      pool.run_dynamic([r = &rg](int tid, int) {
+        for (int si; (si = r->next_site.fetch_add(1, std::memory_order_relaxed)) < r->c->p.n_sites;) {
+          prefetch_sites(r->c->p, si, si + 1);
+          site_work(*r->c, si, tid);
         }
       });
     } else {
       prefetch_sites(p, 0, n_sites);
-      for (int si = 0; si < n_sites; ++si) site_work(si, 0);
+      for (int si = 0; si < n_sites; ++si) site_work(c, si, 0);
     }
     return;
   }
@@ -294,16 +304,15 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
       for (int64_t a = 0; a < np; a += per) chunks.push_back({i, a, std::min(np, a + per), c0, c1});
     }
   }
-  const int64_t n_shrink = int64_t(pl.shrink.size()), n_chunks = int64_t(chunks.size());
-  std::atomic<int64_t> next_shrink{0}, next_chunk{0};
-  std::atomic<int> arrived{0};
-  pool.run([&](int tid, int nt) {
-    for (int64_t i; (i = next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_shrink;)
-      shrink_item(c, pl.shrink[size_t(i)], tid);
-    ThreadPool::barrier(arrived, nt);
-    for (int64_t i; (i = next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
-      const LoraPlan::Chunk& ch = chunks[size_t(i)];
-      expand_panels(c, ch.site, ch.p0, ch.p1, ch.call0, ch.call1);
+  pool.run([r = &rg](int tid, int nt) {
+    const LoraPlan& pl = r->c->pl;
+    const int64_t n_shrink = int64_t(pl.shrink.size()), n_chunks = int64_t(pl.chunks.size());
+    for (int64_t i; (i = r->next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_shrink;)
+      shrink_item(*r->c, pl.shrink[size_t(i)], tid);
+    ThreadPool::barrier(r->arrived, nt);
+    for (int64_t i; (i = r->next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
+      const LoraPlan::Chunk& ch = pl.chunks[size_t(i)];
+      expand_panels(*r->c, ch.site, ch.p0, ch.p1, ch.call0, ch.call1);
     }
   });
 }

@@ -12,7 +12,7 @@
 //       B_b [d_out_s, r1 - r0]: its lora_B, same dtype, a packed-panel matrix (matmul.h)
 //     y_s: [T, d_out_s] (stride ldy_s), y_s += Δ_s
 //   u (workspace): [T, Σ_s R_s], site s at column offset Σ_{s' < s} R_s'
-// Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t])
+// Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_b[:, r − r0] · coef[t, col(r)] · scale(r) · (A_b[r − r0, :] · x[t])
 // Blocks are not padded, so a step reads exactly the rank rows of the blocks its tokens use
 // (memory and bytes read follow the adapters' bytes). The shrink of a block with few tokens
 // (decode) is lora_dots (one kernel per ISA: several rows and tokens a tile); with
@@ -95,8 +95,8 @@ void lora_dots_avx512(const LoraDotsParams& p);
 using LoraDotsKernel = void (*)(const LoraDotsParams&);
 LoraDotsKernel lora_dots_kernel();  // the best one for this CPU (ATMOE_FORCE_ISA lowers it)
 
-// ops::LoraMixParams (A: row-major [R, d_in]; B: lora_prepare_b's block layout) plus
-// the CPU workspace: u and the work lists.
+// ops::LoraMixParams (each block's A_b row-major, B_b packed panels) plus the CPU
+// workspace: u and the work lists.
 struct LoraMixParams : ops::LoraMixParams {
   float* u = nullptr;  // [T, Σ R_s]
   LoraPlan* plan = nullptr;

@@ -42,8 +42,8 @@ struct MatmulParams : ops::MatmulParams {
   const int64_t* k_ranges = nullptr;
   int64_t n_k_ranges = 0;
   // Optional, with k_ranges: range i's weights are a packed matrix of their own,
-  // [N, k1 - k0] at k_range_w[i] (x is still read at columns k0..k1-1). LoRA banks are
-  // stored block by block so that one expert's rank rows are contiguous (lora.h).
+  // [N, k1 - k0] at k_range_w[i] (x is still read at columns k0..k1-1): the LoRA expand,
+  // each block's B_b a packed matrix of its own (lora.h).
   const void* const* k_range_w = nullptr;
   // Optional gather/scatter (SIMD path and reference): token j reads x row x_rows[j] and
   // writes y row y_rows[j] (LoRA groups computed for the tokens that use them only).

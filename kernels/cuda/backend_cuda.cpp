@@ -15,7 +15,7 @@
 //     attention and lora_mix are built directly in a slot and uploaded into the op's
 //     workspace with one copy.
 // Prepared layouts: weights row-major [N, K] (F32 or BF16, round to nearest even on the
-// host); LoRA B banks transposed, row-major [R, d_out] (kernels/cuda/lora.cuh).
+// host); a LoRA block's B transposed, row-major [rows, d_out] (kernels/cuda/lora.cuh).
 #include "kernels/cuda/backend_cuda.h"
 
 #include <cublas_v2.h>

@@ -1,6 +1,6 @@
 // Batched LoRA mixture (SGMV-style, DESIGN.md 1.3) on the device; the CPU twin
 // kernels/cpu/lora.h (lora_mix_apply_ref) is the specification (ops::LoraMixParams):
-//   Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_s[:, r] · coef[t, col(r)] · scale(r) · (A_s[r, :] · x[t]).
+//   Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_b[:, r − r0] · coef[t, col(r)] · scale(r) · (A_b[r − r0, :] · x[t]).
 //
 // Layouts on the device (each block's weights where its LoraBlock says, ops.h):
 //   A_b: [r1 − r0, d_in] row-major in dtype (the same on every backend: not prepared);

@@ -289,14 +289,14 @@ TEST_P(BackendOps, AttentionPackedSequencesGqaMatchFloat64) {
 
 // ---------------------------------------------------------------- LoRA shrink -> mix -> expand
 void check_lora_mix(Backend& be, int64_t T, uint64_t salt) {
-  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30
-  // in five groups, stacked without padding. Group 2 has nonzero coefficients but is listed
+  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30 |
+  // 24, 16 in six groups (a block of 40 rows), stacked without padding. Group 2 has nonzero coefficients but is listed
   // for no token: it must not reach y; inside a block only the listed tokens are computed.
   SCOPED_TRACE("T = " + std::to_string(T));
   std::mt19937_64 rng(test_seed() + 200 + salt);
   const int64_t din = 70;
   const std::vector<int64_t> douts{45, 70};
-  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}};
+  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}, {24, 16}};
   struct Ex {
     int64_t row0, r, group;
     std::vector<float> A, B;

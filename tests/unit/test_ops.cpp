@@ -200,8 +200,9 @@ TEST(CpuSpecAttention, PackedSequencesWithGqaMatchReference) {
 }
 
 static void check_lora_mix(int64_t T, uint64_t salt) {
-  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30
-  // in five groups, stacked without padding so 32-row panels straddle groups. Group 2 has
+  // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30 |
+  // 24, 16 in six groups, stacked without padding (the last block has 40 rows: two shrink
+  // items, the second at row 32 of its block). Group 2 has
   // nonzero coefficients but is not listed for any token: it must not reach y; inside a
   // block only the listed tokens are computed. u is poisoned: a row the expand reads but
   // the shrink did not write would turn y into NaN.
@@ -209,7 +210,7 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
   std::mt19937_64 rng(test_seed() + 8 + salt);
   const int64_t din = 70;
   const std::vector<int64_t> douts{45, 70};
-  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}};
+  const std::vector<std::vector<int64_t>> groups{{3, 8, 5}, {16}, {7}, {1}, {30}, {24, 16}};
   struct Ex {
     int64_t row0, r, group;
     std::vector<float> A, B;
@@ -333,6 +334,8 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
   p.u = u.data();
   auto run = [&](DType dt, std::vector<float> SiteData::*out, bool ref) {
     p.dtype = dt;
+    u = poisoned(u.size());  // nothing left by the previous run
+    p.u = u.data();
     for (size_t si = 0; si < sites.size(); ++si) {
       sd[si].*out = sd[si].y0;
       for (size_t g = 0; g < sd[si].blk.size(); ++g) {
@@ -368,10 +371,10 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
 
 TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
-  // into a panel, the GEMM kernel); 13: the parallel region with lora_dots (blocks of few
-  // tokens: pairs of tokens, then one); 6, 3 and 1: decode-sized calls (below
-  // kLoraDecodeMacs: prefetch, the two sites on the two threads). ctest also runs this on
-  // the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
+  // into a panel, the GEMM kernel); 13: the parallel region, most blocks packed, some with
+  // fewer than kLoraPackMinTokens tokens (lora_dots); 6, 3 and 1: decode-sized calls (below
+  // kLoraDecodeMacs: prefetch, the two sites on the two threads; lora_dots in pairs of
+  // tokens, then one). ctest also runs this on the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
   check_lora_mix(200, 3);
   check_lora_mix(13, 0);
   check_lora_mix(6, 4);
