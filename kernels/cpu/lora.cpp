@@ -55,7 +55,7 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
         }
       }
       if (!merged) {
-        LoraPlan::Expand e{si, int64_t(pl.ranges.size()), int64_t(pl.ranges.size()) + 2, int64_t(pl.toks.size()), 0};
+        LoraPlan::Expand e{si, int64_t(pl.ranges.size()), int64_t(pl.ranges.size()) + 2, int64_t(pl.toks.size()), 0, b};
         pl.ranges.push_back(blk.r0);
         pl.ranges.push_back(blk.r1);
         pl.toks.insert(pl.toks.end(), blk.toks, blk.toks + blk.n_toks);
@@ -109,27 +109,105 @@ static void pack_panel(const W* A, int64_t r0, int64_t n, int64_t K, W* out) {
   }
 }
 
-// Software prefetch of the weights sites [s0, s1) read: each block with tokens, A_b then B_b
-// (an expert shard's arena order, ops.h). A decode call's rank rows come from DRAM (the base
+// Software prefetch of a site's blocks' weights (blocks[0..n) of site si), A_b then B_b (an
+// expert shard's arena order, ops.h). A decode call's rank rows come from DRAM (the base
 // weights streamed through every cache since the last step): the prefetches put the whole
-// call's lines in flight at once instead of a few rows' at a time.
-static void prefetch_sites(const LoraMixParams& p, int s0, int s1) {
+// unit's lines in flight at once instead of a few rows' at a time.
+static void prefetch_blocks(const LoraMixParams& p, int si, const int64_t* blocks, int64_t n) {
   const size_t es = dtype_size(p.dtype);
-  const auto fetch = [](const void* at, size_t n) {
+  const LoraSite& s = p.sites[si];
+  const auto fetch = [](const void* at, size_t bytes) {
     const char* c = static_cast<const char*>(at);
-    for (size_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
   };
-  for (int pass = 0; pass < 2; ++pass)
-    for (int si = s0; si < s1; ++si) {
-      const LoraSite& s = p.sites[si];
-      for (int64_t b = 0; b < s.n_blocks; ++b) {
-        const LoraBlock& blk = s.blocks[b];
-        if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
-        const int64_t rows = blk.r1 - blk.r0;
-        if (pass == 0) fetch(blk.A, size_t(rows * p.d_in) * es);
-        else fetch(blk.B, size_t(packed_rows(s.d_out) * rows) * es);
+  for (int64_t i = 0; i < n; ++i) {
+    const LoraBlock& blk = s.blocks[blocks[i]];
+    fetch(blk.A, size_t((blk.r1 - blk.r0) * p.d_in) * es);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const LoraBlock& blk = s.blocks[blocks[i]];
+    fetch(blk.B, size_t(packed_rows(s.d_out) * (blk.r1 - blk.r0)) * es);
+  }
+}
+
+// The units of a few-token call (LoraPlan): per site, union-find over its blocks with tokens
+// (two blocks that share a token are one unit: the token's expand sums both into one y row),
+// then each unit's blocks, shrink items and expand calls.
+static int32_t find(std::vector<int32_t>& parent, int32_t b) {
+  while (parent[size_t(b)] != b) b = parent[size_t(b)] = parent[size_t(parent[size_t(b)])];
+  return b;
+}
+
+static void build_units(const LoraMixParams& p, LoraPlan& pl) {
+  pl.unit_site.clear();
+  pl.site_block0.assign(size_t(p.n_sites) + 1, 0);
+  for (int si = 0; si < p.n_sites; ++si)
+    pl.site_block0[size_t(si) + 1] = pl.site_block0[size_t(si)] + p.sites[si].n_blocks;
+  pl.block_unit.assign(size_t(pl.site_block0.back()), -1);
+  for (int si = 0; si < p.n_sites; ++si) {
+    const LoraSite& s = p.sites[si];
+    pl.parent.resize(size_t(s.n_blocks));
+    for (int64_t b = 0; b < s.n_blocks; ++b) pl.parent[size_t(b)] = int32_t(b);
+    pl.tok_owner.assign(size_t(p.T), -1);
+    for (int64_t b = 0; b < s.n_blocks; ++b) {
+      const LoraBlock& blk = s.blocks[b];
+      if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
+      for (int64_t j = 0; j < blk.n_toks; ++j) {
+        int32_t& o = pl.tok_owner[size_t(blk.toks[j])];
+        if (o < 0) {
+          o = int32_t(b);
+        } else {
+          const int32_t ra = find(pl.parent, o), rb = find(pl.parent, int32_t(b));
+          if (ra != rb) pl.parent[size_t(std::max(ra, rb))] = std::min(ra, rb);
+        }
       }
     }
+    int64_t* bu = pl.block_unit.data() + pl.site_block0[size_t(si)];
+    for (int64_t b = 0; b < s.n_blocks; ++b) {
+      const LoraBlock& blk = s.blocks[b];
+      if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
+      const int32_t r = find(pl.parent, int32_t(b));
+      if (bu[r] < 0) {
+        bu[r] = int64_t(pl.unit_site.size());
+        pl.unit_site.push_back(int32_t(si));
+      }
+      bu[b] = bu[r];
+    }
+  }
+  const size_t nu = pl.unit_site.size();
+  const auto csr = [&](std::vector<int64_t>& off, std::vector<int64_t>& items, int64_t n, auto unit_of) {
+    off.assign(nu + 1, 0);
+    for (int64_t i = 0; i < n; ++i) ++off[size_t(unit_of(i)) + 1];
+    for (size_t u = 0; u < nu; ++u) off[u + 1] += off[u];
+    items.resize(size_t(n));
+    pl.cursor.assign(nu, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const size_t u = size_t(unit_of(i));
+      items[size_t(off[u] + pl.cursor[u]++)] = i;
+    }
+  };
+  const int64_t n_blocks = pl.site_block0.back();
+  std::vector<int64_t>& bs = pl.unit_blocks;  // a unit's blocks as site block indices
+  pl.unit_blocks_off.assign(nu + 1, 0);
+  int64_t nb = 0;
+  for (int64_t g = 0; g < n_blocks; ++g)
+    if (pl.block_unit[size_t(g)] >= 0) ++pl.unit_blocks_off[size_t(pl.block_unit[size_t(g)]) + 1], ++nb;
+  for (size_t u = 0; u < nu; ++u) pl.unit_blocks_off[u + 1] += pl.unit_blocks_off[u];
+  bs.resize(size_t(nb));
+  pl.cursor.assign(nu, 0);
+  for (int si = 0; si < p.n_sites; ++si)
+    for (int64_t b = 0; b < p.sites[si].n_blocks; ++b) {
+      const int64_t u = pl.block_unit[size_t(pl.site_block0[size_t(si)] + b)];
+      if (u >= 0) bs[size_t(pl.unit_blocks_off[size_t(u)] + pl.cursor[size_t(u)]++)] = b;
+    }
+  csr(pl.unit_shrink_off, pl.unit_shrink, int64_t(pl.shrink.size()), [&](int64_t i) {
+    const LoraPlan::Shrink& it = pl.shrink[size_t(i)];
+    return pl.block_unit[size_t(pl.site_block0[size_t(it.site)] + it.block)];
+  });
+  csr(pl.unit_expand_off, pl.unit_expand, int64_t(pl.expand.size()), [&](int64_t i) {
+    const LoraPlan::Expand& e = pl.expand[size_t(i)];
+    return pl.block_unit[size_t(pl.site_block0[size_t(e.site)] + e.block0)];
+  });
 }
 
 namespace {
@@ -191,14 +269,14 @@ void shrink_item(const Call& c, const LoraPlan::Shrink& it, int tid) {
   }
 }
 
-// Expand: y_s[t] += B_s[:, ranges] · u[t, ranges] over output panels [p0, p1), for the
-// site's expand calls [call0, call1).
-void expand_panels(const Call& c, int site, int64_t p0, int64_t p1, int64_t call0, int64_t call1) {
+// Expand call ci: y_s[t] += B_s[:, ranges] · u[t, ranges] over output panels [p0, p1).
+void expand_call(const Call& c, int64_t ci, int64_t p0, int64_t p1) {
   const LoraMixParams& p = c.p;
   const LoraPlan& pl = c.pl;
+  const LoraPlan::Expand& e = pl.expand[size_t(ci)];
+  const int site = e.site;
   const LoraSite& s = p.sites[site];
-  for (int64_t ci = call0; ci < call1; ++ci) {
-    const LoraPlan::Expand& e = pl.expand[size_t(ci)];
+  {
     MatmulParams m;
     m.x = p.u + pl.u_off[size_t(site)];
     m.ldx = c.ldu;
@@ -219,14 +297,18 @@ void expand_panels(const Call& c, int site, int64_t p0, int64_t p1, int64_t call
   }
 }
 
-// A whole site: its shrink items, then its expand over all its output panels.
-void site_work(const Call& c, int si, int tid) {
+// A whole unit: its blocks' weights prefetched, its shrink items, then its expand calls over
+// all the site's output panels.
+void unit_work(const Call& c, int64_t u, int tid) {
   const LoraPlan& pl = c.pl;
-  for (int64_t i = pl.site_shrink[size_t(si)]; i < pl.site_shrink[size_t(si) + 1]; ++i)
-    shrink_item(c, pl.shrink[size_t(i)], tid);
-  if (pl.site_expand[size_t(si)] < pl.site_expand[size_t(si) + 1])
-    expand_panels(c, si, 0, (c.p.sites[si].d_out + kPanel - 1) / kPanel, pl.site_expand[size_t(si)],
-                  pl.site_expand[size_t(si) + 1]);
+  const int si = pl.unit_site[size_t(u)];
+  prefetch_blocks(c.p, si, pl.unit_blocks.data() + pl.unit_blocks_off[size_t(u)],
+                  pl.unit_blocks_off[size_t(u) + 1] - pl.unit_blocks_off[size_t(u)]);
+  for (int64_t i = pl.unit_shrink_off[size_t(u)]; i < pl.unit_shrink_off[size_t(u) + 1]; ++i)
+    shrink_item(c, pl.shrink[size_t(pl.unit_shrink[size_t(i)])], tid);
+  const int64_t np = (c.p.sites[si].d_out + kPanel - 1) / kPanel;
+  for (int64_t i = pl.unit_expand_off[size_t(u)]; i < pl.unit_expand_off[size_t(u) + 1]; ++i)
+    expand_call(c, pl.unit_expand[size_t(i)], 0, np);
 }
 
 }  // namespace
@@ -254,8 +336,12 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     pl.site_shrink[size_t(i) + 1] += pl.site_shrink[size_t(i)];
     pl.site_expand[size_t(i) + 1] += pl.site_expand[size_t(i)];
   }
-  int64_t work = 0;  // multiply-adds
-  for (const auto& it : pl.shrink) work += (it.r1 - it.r0) * p.sites[it.site].blocks[it.block].n_toks * p.d_in;
+  int64_t work = 0, max_toks = 0;  // multiply-adds; the most tokens of a block
+  for (const auto& it : pl.shrink) {
+    const int64_t nt = p.sites[it.site].blocks[it.block].n_toks;
+    work += (it.r1 - it.r0) * nt * p.d_in;
+    max_toks = std::max(max_toks, nt);
+  }
   for (const auto& e : pl.expand) {
     int64_t k = 0;
     for (int64_t r = e.range0; r < e.range1; r += 2) k += pl.ranges[size_t(r + 1)] - pl.ranges[size_t(r)];
@@ -266,25 +352,24 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
   // it fits std::function's inline storage (no allocation per call).
   struct Region {
     const Call* c;
-    std::atomic<int> next_site{0}, arrived{0};
-    std::atomic<int64_t> next_shrink{0}, next_chunk{0};
+    std::atomic<int64_t> next_unit{0}, next_shrink{0}, next_chunk{0};
+    std::atomic<int> arrived{0};
   } rg;
   rg.c = &c;
-  if (work < kLoraDecodeMacs) {
-    // Decode-sized: the time is the rank rows' DRAM latency, not arithmetic. Sites are
-    // independent (their u and y columns are apart): with several sites and threads, each
-    // thread takes whole sites and prefetches its own weights (two cores keep twice the
-    // misses in flight), with no barrier; a thread that joins late takes less.
-    if (n_sites > 1 && pool.size() > 1) {
+  if (work < kLoraDecodeMacs || max_toks < kLoraPackMinTokens) {
+    // Decode-sized, or a decode batch: the time is the rank rows' DRAM latency, not
+    // arithmetic. Units are independent (their u and y entries are apart): each thread takes
+    // whole units and prefetches their weights (two cores keep twice the misses in flight),
+    // with no barrier; a thread that joins late takes less.
+    build_units(p, pl);
+    const int64_t n_units = int64_t(pl.unit_site.size());
+    if (n_units > 1 && pool.size() > 1) {
       pool.run_dynamic([r = &rg](int tid, int) {
-        for (int si; (si = r->next_site.fetch_add(1, std::memory_order_relaxed)) < r->c->p.n_sites;) {
-          prefetch_sites(r->c->p, si, si + 1);
-          site_work(*r->c, si, tid);
-        }
+        const int64_t n = int64_t(r->c->pl.unit_site.size());
+        for (int64_t u; (u = r->next_unit.fetch_add(1, std::memory_order_relaxed)) < n;) unit_work(*r->c, u, tid);
       });
     } else {
-      prefetch_sites(p, 0, n_sites);
-      for (int si = 0; si < n_sites; ++si) site_work(c, si, 0);
+      for (int64_t u = 0; u < n_units; ++u) unit_work(c, u, 0);
     }
     return;
   }
@@ -312,7 +397,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     ThreadPool::barrier(r->arrived, nt);
     for (int64_t i; (i = r->next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
       const LoraPlan::Chunk& ch = pl.chunks[size_t(i)];
-      expand_panels(*r->c, ch.site, ch.p0, ch.p1, ch.call0, ch.call1);
+      for (int64_t ci = ch.call0; ci < ch.call1; ++ci) expand_call(*r->c, ci, ch.p0, ch.p1);
     }
   });
 }

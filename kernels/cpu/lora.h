@@ -12,16 +12,20 @@
 //       B_b [d_out_s, r1 - r0]: its lora_B, same dtype, a packed-panel matrix (matmul.h)
 //     y_s: [T, d_out_s] (stride ldy_s), y_s += Δ_s
 //   u (workspace): [T, Σ_s R_s], site s at column offset Σ_{s' < s} R_s'
-// Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_b[:, r − r0] · coef[t, col(r)] · scale(r) · (A_b[r − r0, :] · x[t])
+// Δ_s[t] = Σ_{blocks b ∋ t} Σ_{r in b} B_b[:, r − r0] · coef[t, col(r)] · scale(r)
+//          · (A_b[r − r0, :] · x[t])
 // Blocks are not padded, so a step reads exactly the rank rows of the blocks its tokens use
 // (memory and bytes read follow the adapters' bytes). The shrink of a block with few tokens
 // (decode) is lora_dots (one kernel per ISA: several rows and tokens a tile); with
 // kLoraPackMinTokens or more, its rows are first packed into a 32-row panel in the thread's
 // workspace and run through the GEMM panel kernel. The expand of a token reads only the
 // rank columns of its blocks (the GEMM panel kernel with one k range per block).
-// Decode-sized calls (below kLoraDecodeMacs) prefetch their weights and run site by site.
-// Larger ones: one parallel region, shrink+mix over (site, block, 32 rows) items, a barrier,
-// expand over (site, output-panel chunk) items; items are claimed from shared counters.
+// Calls whose blocks all have few tokens (decode batches), or below kLoraDecodeMacs, run in
+// units: a site and the blocks that share its tokens (the groups a batch's tokens use); a
+// thread takes whole units, prefetches their weights (one run per block in an expert
+// shard's arena) and computes shrink and expand with no barrier. Larger ones: one parallel
+// region, shrink+mix over (site, block, 32 rows) items, a barrier, expand over (site,
+// output-panel chunk) items; items are claimed from shared counters.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -44,9 +48,9 @@ using LoraSite = ops::LoraSite;
 constexpr int64_t kLoraPackMinTokens = 8;
 // Below this many multiply-adds a call is decode-sized (one token through one rank-8 expert
 // on q, k, v: ~2e4 MACs, ~40 kB): its time is the rank rows' DRAM latency, not arithmetic.
-// It prefetches its weights at once and runs site by site, each site on one thread (with
-// several sites and threads, the threads take whole sites: no barrier, and each core's own
-// misses in flight); measured per SmolLM2 decode step in docs/performance.md.
+// Such calls, and calls whose blocks all have fewer than kLoraPackMinTokens tokens, run in
+// units (below): each unit's weights prefetched at once, units on threads with no barrier;
+// measured per SmolLM2 decode step in docs/performance.md.
 constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 
 struct LoraPlan {
@@ -57,6 +61,7 @@ struct LoraPlan {
   struct Expand {
     int32_t site;
     int64_t range0, range1, tok0, tok1;  // k ranges [range0, range1) of `ranges`, tokens of `toks`
+    int64_t block0;                      // the site's block of the first range
   };
   std::vector<Shrink> shrink;
   std::vector<Expand> expand;
@@ -70,6 +75,12 @@ struct LoraPlan {
   std::vector<Chunk> chunks;
   std::vector<int64_t> u_off;       // u column offset of each site
   std::vector<int64_t> site_shrink, site_expand;  // [n_sites + 1]: each site's items in shrink / expand
+  // Units of a few-token call: (site, set of blocks that share tokens). Units write disjoint
+  // u and y entries, so threads take whole units with no barrier. CSR lists per unit of its
+  // blocks (site block index), shrink items and expand calls.
+  std::vector<int32_t> unit_site, parent, tok_owner;
+  std::vector<int64_t> site_block0, block_unit, cursor;
+  std::vector<int64_t> unit_blocks_off, unit_blocks, unit_shrink_off, unit_shrink, unit_expand_off, unit_expand;
   std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
 

@@ -199,7 +199,7 @@ TEST(CpuSpecAttention, PackedSequencesWithGqaMatchReference) {
   EXPECT_TRUE(all_close(got.data(), ref.data(), got.size(), kF32));
 }
 
-static void check_lora_mix(int64_t T, uint64_t salt) {
+static void check_lora_mix(int64_t T, uint64_t salt, bool spread = false) {
   // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30 |
   // 24, 16 in six groups, stacked without padding (the last block has 40 rows: two shrink
   // items, the second at row 32 of its block). Group 2 has
@@ -232,6 +232,15 @@ static void check_lora_mix(int64_t T, uint64_t salt) {
   std::vector<float> coef(static_cast<size_t>(T * n_ex)), scale(static_cast<size_t>(n_ex));
   for (auto& v : scale) v = std::uniform_real_distribution<float>(0.5f, 2.f)(rng);
   for (auto& v : coef) v = rng() % 4 == 0 ? 0.f : std::uniform_real_distribution<float>(-1, 1)(rng);
+  if (spread) {  // token t uses group t mod G only (a decode batch spread over the groups)
+    int64_t c0 = 0;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = c0; c < c0 + int64_t(groups[g].size()); ++c)
+          if (t % int64_t(groups.size()) != int64_t(g)) coef[size_t(t * n_ex + c)] = 0.f;
+      c0 += int64_t(groups[g].size());
+    }
+  }
   auto x = randn(size_t(T * din), rng);
   std::vector<SiteData> sd(douts.size());
   std::vector<cpu::LoraSite> sites(douts.size());
@@ -373,13 +382,16 @@ TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
   // into a panel, the GEMM kernel); 13: the parallel region, most blocks packed, some with
   // fewer than kLoraPackMinTokens tokens (lora_dots); 6, 3 and 1: decode-sized calls (below
-  // kLoraDecodeMacs: prefetch, the two sites on the two threads; lora_dots in pairs of
-  // tokens, then one). ctest also runs this on the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
+  // kLoraDecodeMacs: units, here one per site as the tokens share groups; lora_dots in pairs
+  // of tokens, then one). ctest also runs this on the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
   check_lora_mix(200, 3);
   check_lora_mix(13, 0);
   check_lora_mix(6, 4);
   check_lora_mix(3, 1);
   check_lora_mix(1, 2);
+  // A decode batch whose tokens each use one group: one unit per (site, group), taken by
+  // both threads with no barrier (lora.h); 18 tokens: three per group.
+  check_lora_mix(18, 5, /*spread=*/true);
 }
 
 TEST(CpuSpecTrex, RankOneExpertsMatchFloat64Transcription) {
