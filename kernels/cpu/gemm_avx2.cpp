@@ -12,19 +12,12 @@
 #include <vector>
 
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/simd_avx2.h"
 
 namespace atmoe::cpu {
 namespace {
 
-template <bool BF16>
-inline __m256 load8(const void* w, size_t off) {
-  if constexpr (BF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + off));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm256_loadu_ps(static_cast<const float*>(w) + off);
-  }
-}
+using avx2::load8;
 
 // Token row t's outputs n0 .. n0 + 8·NQ − 1 from NQ accumulators, bias and the prior y added
 // as asked; a panel's last rows (fewer than 8·NQ) one by one.

@@ -327,15 +327,6 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     pl.u_off[size_t(i)] = c.ldu;
     c.ldu += p.sites[i].R;
   }
-  // Each site's shrink items and expand calls (the plan lists them site by site).
-  pl.site_shrink.assign(size_t(n_sites) + 1, 0);
-  pl.site_expand.assign(size_t(n_sites) + 1, 0);
-  for (const auto& it : pl.shrink) ++pl.site_shrink[size_t(it.site) + 1];
-  for (const auto& e : pl.expand) ++pl.site_expand[size_t(e.site) + 1];
-  for (int i = 0; i < n_sites; ++i) {
-    pl.site_shrink[size_t(i) + 1] += pl.site_shrink[size_t(i)];
-    pl.site_expand[size_t(i) + 1] += pl.site_expand[size_t(i)];
-  }
   int64_t work = 0, max_toks = 0;  // multiply-adds; the most tokens of a block
   for (const auto& it : pl.shrink) {
     const int64_t nt = p.sites[it.site].blocks[it.block].n_toks;
@@ -376,6 +367,10 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
 
   // Larger calls: one parallel region, shrink items from a shared counter, a barrier, then
   // expand work in chunks of output panels (a few per thread).
+  // Each site's expand calls (the plan lists them site by site).
+  pl.site_expand.assign(size_t(n_sites) + 1, 0);
+  for (const auto& e : pl.expand) ++pl.site_expand[size_t(e.site) + 1];
+  for (int i = 0; i < n_sites; ++i) pl.site_expand[size_t(i) + 1] += pl.site_expand[size_t(i)];
   auto& chunks = pl.chunks;
   chunks.clear();
   {

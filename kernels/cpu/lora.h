@@ -74,7 +74,7 @@ struct LoraPlan {
   };
   std::vector<Chunk> chunks;
   std::vector<int64_t> u_off;       // u column offset of each site
-  std::vector<int64_t> site_shrink, site_expand;  // [n_sites + 1]: each site's items in shrink / expand
+  std::vector<int64_t> site_expand;  // [n_sites + 1]: each site's calls in expand
   // Units of a few-token call: (site, set of blocks that share tokens). Units write disjoint
   // u and y entries, so threads take whole units with no barrier. CSR lists per unit of its
   // blocks (site block index), shrink items and expand calls.

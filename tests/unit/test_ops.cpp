@@ -360,6 +360,29 @@ static void check_lora_mix(int64_t T, uint64_t salt, bool spread = false) {
     else cpu::lora_mix_apply(p, pool2());
   };
   run(DType::F32, &SiteData::got, false);
+  // The path taken and its units (lora.h): decode batches (every block under
+  // kLoraPackMinTokens tokens, or little work) run in units; two blocks of a site that share
+  // a token must be one unit (their expand sums into the same y row on one thread), and a
+  // spread batch gets one unit per (site, listed group).
+  const bool units = T < 13 || spread;
+  ASSERT_EQ(!plan.unit_site.empty(), units);
+  if (units) {
+    for (size_t si = 0; si < sites.size(); ++si)
+      for (size_t a = 0; a < sd[si].blk.size(); ++a)
+        for (size_t b = a + 1; b < sd[si].blk.size(); ++b) {
+          const auto& ta = sd[si].toks[a];
+          const auto& tb = sd[si].toks[b];
+          const bool share = std::any_of(ta.begin(), ta.end(),
+                                         [&](int32_t t) { return std::find(tb.begin(), tb.end(), t) != tb.end(); });
+          if (share) {
+            EXPECT_EQ(plan.block_unit[size_t(plan.site_block0[si]) + a], plan.block_unit[size_t(plan.site_block0[si]) + b])
+                << "site " << si << " blocks " << a << ", " << b;
+          }
+        }
+    if (spread) {
+      EXPECT_EQ(plan.unit_site.size(), sites.size() * (groups.size() - 1));  // group 2 is listed for no token
+    }
+  }
   run(DType::F32, &SiteData::viaref, true);
   run(DType::BF16, &SiteData::gb, false);
   run(DType::BF16, &SiteData::rb, true);
