@@ -76,19 +76,22 @@ void ref_route(const Bundle& b, const std::vector<double>& gl, const std::vector
   std::vector<double> pe(E, 0.0);  // pinned experts' weights
   std::vector<bool> fixed(G, false);
   if (!c.pin.empty()) {
+    // A group's pin is the sum of its pins, then normalised: groups pinned to equal totals
+    // (3 by name; 2 + 1 through experts) tie exactly, and top-k keeps the lower index.
     double s = 0;
     for (auto& [n, v] : c.pin) s += v;
     for (auto& [n, v] : c.pin) {
       const int g = b.group_index(n);
       if (g >= 0) {
-        a[size_t(g)] += v / s;
+        a[size_t(g)] += v;
       } else {
         const int e = b.expert_index(n), ge = b.experts[size_t(e)].group;
-        a[size_t(ge)] += v / s;
+        a[size_t(ge)] += v;
         pe[size_t(e)] = v;
         fixed[size_t(ge)] = fixed[size_t(ge)] || v > 0;
       }
     }
+    for (auto& v : a) v /= s;
   } else {
     std::vector<double> z(G);
     std::vector<bool> keep(G);
