@@ -26,12 +26,12 @@ int64_t lora_workspace_floats(const LoraMixParams& p) {
 // Shrink items: every block with tokens, in pieces of at most 32 rows. Expand calls: per
 // site, runs of consecutive blocks with the same token list merged into one call over
 // several k ranges.
-static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
+static void build_plan(const LoraMixParams& p, LoraWork& pl) {
   pl.shrink.clear();
   pl.expand.clear();
   pl.toks.clear();
   pl.ranges.clear();
-  pl.range_w.clear();
+  pl.range_block.clear();
   for (int si = 0; si < p.n_sites; ++si) {
     const LoraSite& s = p.sites[si];
     int64_t prev_end = 0;
@@ -41,11 +41,10 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
       prev_end = blk.r1;
       if (blk.n_toks == 0 || blk.r0 == blk.r1) continue;
       for (int64_t r = blk.r0; r < blk.r1; r += kPanel) pl.shrink.push_back({si, b, r, std::min(blk.r1, r + kPanel)});
-      ATMOE_ASSERT(blk.A != nullptr && blk.B != nullptr);
-      pl.range_w.push_back(blk.B);
+      pl.range_block.push_back({si, b});
       bool merged = false;
       if (!pl.expand.empty() && pl.expand.back().site == si) {
-        LoraPlan::Expand& e = pl.expand.back();
+        LoraWork::Expand& e = pl.expand.back();
         const int64_t n = e.tok1 - e.tok0;
         if (n == blk.n_toks && std::equal(blk.toks, blk.toks + blk.n_toks, pl.toks.begin() + e.tok0)) {
           pl.ranges.push_back(blk.r0);
@@ -55,7 +54,7 @@ static void build_plan(const LoraMixParams& p, LoraPlan& pl) {
         }
       }
       if (!merged) {
-        LoraPlan::Expand e{si, int64_t(pl.ranges.size()), int64_t(pl.ranges.size()) + 2, int64_t(pl.toks.size()), 0, b};
+        LoraWork::Expand e{si, int64_t(pl.ranges.size()), int64_t(pl.ranges.size()) + 2, int64_t(pl.toks.size()), 0, b};
         pl.ranges.push_back(blk.r0);
         pl.ranges.push_back(blk.r1);
         pl.toks.insert(pl.toks.end(), blk.toks, blk.toks + blk.n_toks);
@@ -130,7 +129,7 @@ static void prefetch_blocks(const LoraMixParams& p, int si, const int64_t* block
   }
 }
 
-// The units of a few-token call (LoraPlan): per site, union-find over its blocks with tokens
+// The units of a few-token call (LoraWork): per site, union-find over its blocks with tokens
 // (two blocks that share a token are one unit: the token's expand sums both into one y row),
 // then each unit's blocks, shrink items and expand calls.
 static int32_t find(std::vector<int32_t>& parent, int32_t b) {
@@ -138,7 +137,7 @@ static int32_t find(std::vector<int32_t>& parent, int32_t b) {
   return b;
 }
 
-static void build_units(const LoraMixParams& p, LoraPlan& pl) {
+static void build_units(const LoraMixParams& p, LoraWork& pl) {
   pl.unit_site.clear();
   pl.site_block0.assign(size_t(p.n_sites) + 1, 0);
   for (int si = 0; si < p.n_sites; ++si)
@@ -201,11 +200,11 @@ static void build_units(const LoraMixParams& p, LoraPlan& pl) {
       if (u >= 0) bs[size_t(pl.unit_blocks_off[size_t(u)] + pl.cursor[size_t(u)]++)] = b;
     }
   csr(pl.unit_shrink_off, pl.unit_shrink, int64_t(pl.shrink.size()), [&](int64_t i) {
-    const LoraPlan::Shrink& it = pl.shrink[size_t(i)];
+    const LoraWork::Shrink& it = pl.shrink[size_t(i)];
     return pl.block_unit[size_t(pl.site_block0[size_t(it.site)] + it.block)];
   });
   csr(pl.unit_expand_off, pl.unit_expand, int64_t(pl.expand.size()), [&](int64_t i) {
-    const LoraPlan::Expand& e = pl.expand[size_t(i)];
+    const LoraWork::Expand& e = pl.expand[size_t(i)];
     return pl.block_unit[size_t(pl.site_block0[size_t(e.site)] + e.block0)];
   });
 }
@@ -215,15 +214,16 @@ namespace {
 // One call's state shared by the work items.
 struct Call {
   const LoraMixParams& p;
-  LoraPlan& pl;
+  const LoraWork& pl;
   PanelKernel kern;
   LoraDotsKernel dots;
   int64_t ldu;
   size_t esize, ws_per;
+  uint8_t* panel_ws;  // ws_per bytes per thread
 };
 
 // Shrink + mix of one item: u[t, r] = (A[r, :] · x[t]) · coef(t, r) for its rows and tokens.
-void shrink_item(const Call& c, const LoraPlan::Shrink& it, int tid) {
+void shrink_item(const Call& c, const LoraWork::Shrink& it, int tid) {
   const LoraMixParams& p = c.p;
   const LoraSite& s = p.sites[it.site];
   const LoraBlock& blk = s.blocks[it.block];
@@ -243,7 +243,7 @@ void shrink_item(const Call& c, const LoraPlan::Shrink& it, int tid) {
     d.ldu = c.ldu;
     c.dots(d);
   } else {
-    uint8_t* ws = c.pl.panel_ws.data() + c.ws_per * size_t(tid);
+    uint8_t* ws = c.panel_ws + c.ws_per * size_t(tid);
     if (p.dtype == DType::BF16)
       pack_panel(static_cast<const uint16_t*>(blk.A), it.r0 - blk.r0, nrows, p.d_in, reinterpret_cast<uint16_t*>(ws));
     else
@@ -272,8 +272,8 @@ void shrink_item(const Call& c, const LoraPlan::Shrink& it, int tid) {
 // Expand call ci: y_s[t] += B_s[:, ranges] · u[t, ranges] over output panels [p0, p1).
 void expand_call(const Call& c, int64_t ci, int64_t p0, int64_t p1) {
   const LoraMixParams& p = c.p;
-  const LoraPlan& pl = c.pl;
-  const LoraPlan::Expand& e = pl.expand[size_t(ci)];
+  const LoraWork& pl = c.pl;
+  const LoraWork::Expand& e = pl.expand[size_t(ci)];
   const int site = e.site;
   const LoraSite& s = p.sites[site];
   {
@@ -300,7 +300,7 @@ void expand_call(const Call& c, int64_t ci, int64_t p0, int64_t p1) {
 // A whole unit: its blocks' weights prefetched, its shrink items, then its expand calls over
 // all the site's output panels.
 void unit_work(const Call& c, int64_t u, int tid) {
-  const LoraPlan& pl = c.pl;
+  const LoraWork& pl = c.pl;
   const int si = pl.unit_site[size_t(u)];
   prefetch_blocks(c.p, si, pl.unit_blocks.data() + pl.unit_blocks_off[size_t(u)],
                   pl.unit_blocks_off[size_t(u) + 1] - pl.unit_blocks_off[size_t(u)]);
@@ -313,19 +313,31 @@ void unit_work(const Call& c, int64_t u, int tid) {
 
 }  // namespace
 
-void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
-  ATMOE_ASSERT(p.plan != nullptr && p.n_sites >= 0);
-  LoraPlan& pl = *p.plan;
+// This call's structure: everything the work lists depend on (not the weights, x, coef, y).
+static void structure_key(const LoraMixParams& p, int n_threads, std::vector<int64_t>& k) {
+  k.clear();
+  k.insert(k.end(), {int64_t(p.n_sites), p.T, p.d_in, int64_t(n_threads)});
+  for (int si = 0; si < p.n_sites; ++si) {
+    const LoraSite& s = p.sites[si];
+    k.insert(k.end(), {s.R, s.d_out, s.n_blocks});
+    for (int64_t b = 0; b < s.n_blocks; ++b) {
+      const LoraBlock& blk = s.blocks[b];
+      k.insert(k.end(), {blk.r0, blk.r1, blk.n_toks});
+      k.insert(k.end(), blk.toks, blk.toks + blk.n_toks);
+    }
+  }
+}
+
+// The work lists of a structure seen for the first time: shrink items and expand calls,
+// u's layout, and the units (decode-sized) or the expand chunks (larger calls).
+static void build_work(const LoraMixParams& p, int n_threads, LoraWork& pl) {
   build_plan(p, pl);
-  if (pl.shrink.empty()) return;
-  Call c{p, pl, panel_kernel(), lora_dots_kernel(), 0, dtype_size(p.dtype), 0};
-  c.ws_per = size_t(kPanel * p.d_in) * c.esize;
-  if (pl.panel_ws.size() < c.ws_per * size_t(pool.size())) pl.panel_ws.assign(c.ws_per * size_t(pool.size()), 0);
   const int n_sites = p.n_sites;
   pl.u_off.resize(size_t(n_sites));
+  pl.ldu = 0;
   for (int i = 0; i < n_sites; ++i) {
-    pl.u_off[size_t(i)] = c.ldu;
-    c.ldu += p.sites[i].R;
+    pl.u_off[size_t(i)] = pl.ldu;
+    pl.ldu += p.sites[i].R;
   }
   int64_t work = 0, max_toks = 0;  // multiply-adds; the most tokens of a block
   for (const auto& it : pl.shrink) {
@@ -338,6 +350,66 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     for (int64_t r = e.range0; r < e.range1; r += 2) k += pl.ranges[size_t(r + 1)] - pl.ranges[size_t(r)];
     work += k * (e.tok1 - e.tok0) * p.sites[e.site].d_out;
   }
+  // Decode-sized, or a decode batch: the time is the rank rows' DRAM latency, not
+  // arithmetic. Units are independent (their u and y entries are apart): each thread takes
+  // whole units and prefetches their weights (two cores keep twice the misses in flight),
+  // with no barrier; a thread that joins late takes less.
+  pl.units = work < kLoraDecodeMacs || max_toks < kLoraPackMinTokens;
+  pl.unit_site.clear();
+  if (pl.units) {
+    build_units(p, pl);
+    return;
+  }
+  // Larger calls: each site's expand calls (the plan lists them site by site), in chunks of
+  // output panels (a few per thread).
+  pl.site_expand.assign(size_t(n_sites) + 1, 0);
+  for (const auto& e : pl.expand) ++pl.site_expand[size_t(e.site) + 1];
+  for (int i = 0; i < n_sites; ++i) pl.site_expand[size_t(i) + 1] += pl.site_expand[size_t(i)];
+  pl.chunks.clear();
+  int64_t total = 0;
+  for (int i = 0; i < n_sites; ++i) total += (p.sites[i].d_out + kPanel - 1) / kPanel;
+  const int64_t per = std::max<int64_t>(1, total / (4 * int64_t(n_threads)));
+  for (int i = 0; i < n_sites; ++i) {
+    const int64_t c0 = pl.site_expand[size_t(i)], c1 = pl.site_expand[size_t(i) + 1];
+    if (c0 == c1) continue;
+    const int64_t np = (p.sites[i].d_out + kPanel - 1) / kPanel;
+    for (int64_t a = 0; a < np; a += per) pl.chunks.push_back({i, a, std::min(np, a + per), c0, c1});
+  }
+}
+
+// The work lists of this call: a slot built for the same structure, or the next slot built
+// now. Either way the blocks' B pointers are read from p (they differ between layers).
+static const LoraWork& find_work(const LoraMixParams& p, int n_threads, LoraPlan& plan) {
+  structure_key(p, n_threads, plan.key);
+  LoraWork* w = nullptr;
+  for (auto& sl : plan.slot)
+    if (sl.key == plan.key) w = &sl;
+  if (!w) {
+    w = &plan.slot[plan.next];
+    plan.next = (plan.next + 1) % LoraPlan::kSlots;
+    w->key.clear();  // not valid until built (build_plan asserts on bad input)
+    build_work(p, n_threads, *w);
+    w->key.swap(plan.key);
+  }
+  w->range_w.resize(w->range_block.size());
+  for (size_t i = 0; i < w->range_block.size(); ++i) {
+    const LoraBlock& blk = p.sites[w->range_block[i].first].blocks[w->range_block[i].second];
+    ATMOE_ASSERT(blk.A != nullptr && blk.B != nullptr);
+    w->range_w[i] = blk.B;
+  }
+  plan.last = w;
+  return *w;
+}
+
+void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
+  ATMOE_ASSERT(p.plan != nullptr && p.n_sites >= 0);
+  const LoraWork& pl = find_work(p, pool.size(), *p.plan);
+  if (pl.shrink.empty()) return;
+  Call c{p, pl, panel_kernel(), lora_dots_kernel(), pl.ldu, dtype_size(p.dtype), 0, nullptr};
+  c.ws_per = size_t(kPanel * p.d_in) * c.esize;
+  std::vector<uint8_t>& ws = p.plan->panel_ws;
+  if (ws.size() < c.ws_per * size_t(pool.size())) ws.assign(c.ws_per * size_t(pool.size()), 0);
+  c.panel_ws = ws.data();
 
   // The parallel regions' state, reached through one pointer: a lambda that captures only
   // it fits std::function's inline storage (no allocation per call).
@@ -347,12 +419,7 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
     std::atomic<int> arrived{0};
   } rg;
   rg.c = &c;
-  if (work < kLoraDecodeMacs || max_toks < kLoraPackMinTokens) {
-    // Decode-sized, or a decode batch: the time is the rank rows' DRAM latency, not
-    // arithmetic. Units are independent (their u and y entries are apart): each thread takes
-    // whole units and prefetches their weights (two cores keep twice the misses in flight),
-    // with no barrier; a thread that joins late takes less.
-    build_units(p, pl);
+  if (pl.units) {
     const int64_t n_units = int64_t(pl.unit_site.size());
     if (n_units > 1 && pool.size() > 1) {
       pool.run_dynamic([r = &rg](int tid, int) {
@@ -366,32 +433,15 @@ void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
   }
 
   // Larger calls: one parallel region, shrink items from a shared counter, a barrier, then
-  // expand work in chunks of output panels (a few per thread).
-  // Each site's expand calls (the plan lists them site by site).
-  pl.site_expand.assign(size_t(n_sites) + 1, 0);
-  for (const auto& e : pl.expand) ++pl.site_expand[size_t(e.site) + 1];
-  for (int i = 0; i < n_sites; ++i) pl.site_expand[size_t(i) + 1] += pl.site_expand[size_t(i)];
-  auto& chunks = pl.chunks;
-  chunks.clear();
-  {
-    int64_t total = 0;
-    for (int i = 0; i < n_sites; ++i) total += (p.sites[i].d_out + kPanel - 1) / kPanel;
-    const int64_t per = std::max<int64_t>(1, total / (4 * int64_t(pool.size())));
-    for (int i = 0; i < n_sites; ++i) {
-      const int64_t c0 = pl.site_expand[size_t(i)], c1 = pl.site_expand[size_t(i) + 1];
-      if (c0 == c1) continue;
-      const int64_t np = (p.sites[i].d_out + kPanel - 1) / kPanel;
-      for (int64_t a = 0; a < np; a += per) chunks.push_back({i, a, std::min(np, a + per), c0, c1});
-    }
-  }
+  // expand work in chunks of output panels.
   pool.run([r = &rg](int tid, int nt) {
-    const LoraPlan& pl = r->c->pl;
+    const LoraWork& pl = r->c->pl;
     const int64_t n_shrink = int64_t(pl.shrink.size()), n_chunks = int64_t(pl.chunks.size());
     for (int64_t i; (i = r->next_shrink.fetch_add(1, std::memory_order_relaxed)) < n_shrink;)
       shrink_item(*r->c, pl.shrink[size_t(i)], tid);
     ThreadPool::barrier(r->arrived, nt);
     for (int64_t i; (i = r->next_chunk.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
-      const LoraPlan::Chunk& ch = pl.chunks[size_t(i)];
+      const LoraWork::Chunk& ch = pl.chunks[size_t(i)];
       for (int64_t ci = ch.call0; ci < ch.call1; ++ci) expand_call(*r->c, ci, ch.p0, ch.p1);
     }
   });

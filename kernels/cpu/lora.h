@@ -53,7 +53,10 @@ constexpr int64_t kLoraPackMinTokens = 8;
 // measured per SmolLM2 decode step in docs/performance.md.
 constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 
-struct LoraPlan {
+// The work lists of one call structure (the sites' ranks, widths and blocks, the tokens of
+// each block), built once and reused while the structure repeats (lora_mix_apply).
+struct LoraWork {
+  std::vector<int64_t> key;  // the structure these lists were built for (empty: none)
   struct Shrink {
     int32_t site;
     int64_t block, r0, r1;  // rows [r0, r1) of the block (at most 32)
@@ -66,14 +69,17 @@ struct LoraPlan {
   std::vector<Shrink> shrink;
   std::vector<Expand> expand;
   std::vector<int32_t> toks;
-  std::vector<int64_t> ranges;    // [begin, end) pairs (one per block: their B matrices are apart)
-  std::vector<const void*> range_w;  // the packed B of each range's block
-  struct Chunk {                    // expand work: a site's output panels [p0, p1), its calls
+  std::vector<int64_t> ranges;       // [begin, end) pairs (one per block: their B matrices are apart)
+  std::vector<std::pair<int32_t, int64_t>> range_block;  // (site, block) of each range
+  std::vector<const void*> range_w;  // the packed B of each range's block (read again every call)
+  struct Chunk {                     // expand work: a site's output panels [p0, p1), its calls
     int32_t site;
     int64_t p0, p1, call0, call1;
   };
   std::vector<Chunk> chunks;
-  std::vector<int64_t> u_off;       // u column offset of each site
+  std::vector<int64_t> u_off;        // u column offset of each site
+  int64_t ldu = 0;                   // Σ R_s
+  bool units = false;                // decode-sized: runs in units
   std::vector<int64_t> site_expand;  // [n_sites + 1]: each site's calls in expand
   // Units of a few-token call: (site, set of blocks that share tokens). Units write disjoint
   // u and y entries, so threads take whole units with no barrier. CSR lists per unit of its
@@ -81,6 +87,18 @@ struct LoraPlan {
   std::vector<int32_t> unit_site, parent, tok_owner;
   std::vector<int64_t> site_block0, block_unit, cursor;
   std::vector<int64_t> unit_blocks_off, unit_blocks, unit_shrink_off, unit_shrink, unit_expand_off, unit_expand;
+};
+
+// The work lists of the last kSlots call structures, and the per-thread workspace. A decode
+// step calls the same few structures in every layer (one per site input, while the routing
+// keeps each token's groups): after the first layer a call compares its structure with the
+// slots' and reads only its blocks' weight pointers again.
+struct LoraPlan {
+  static constexpr int kSlots = 4;
+  LoraWork slot[kSlots];
+  int next = 0;                   // the slot a new structure takes (round robin)
+  const LoraWork* last = nullptr;  // the last call's lists (tests)
+  std::vector<int64_t> key;       // this call's structure
   std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
 };
 
