@@ -85,7 +85,7 @@ void pack_block(Backend& be, const Stage<W>& sg, int64_t r0, int64_t r1, int64_t
 
 template <class W>
 void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const std::vector<std::vector<int>>& blocks,
-                 std::vector<ShardStack>& stacks, Buffer& arena) {
+                 std::vector<ShardStack>& stacks, Buffer& arena, std::vector<StackBlock>& table, Buffer& rows) {
   const int L = spec.shapes.n_layers;
   const int E = int(bundle.experts.size());
   std::vector<Stage<W>> stage(size_t(L) * kNumSites);
@@ -141,6 +141,16 @@ void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const
           }
   if (total > 0) arena = Buffer(be, total);
   uint8_t* base = static_cast<uint8_t*>(arena.get());
+  // The row tables: per stack row_col then row_scale, each run 64-byte aligned.
+  std::vector<size_t> rows_off(stage.size());
+  size_t rows_total = 0;
+  for (size_t i = 0; i < stage.size(); ++i) {
+    rows_off[i] = rows_total;
+    rows_total += 2 * piece(stage[i].row_col.size() * 4);
+  }
+  if (rows_total > 0) rows = Buffer(be, rows_total);
+  uint8_t* rbase = static_cast<uint8_t*>(rows.get());
+  table.assign(stage.size() * nb, StackBlock());
   std::vector<float> tmp;
   for (int l = 0; l < L; ++l)
     for (int si = 0; si < kNumSites; ++si) {
@@ -150,22 +160,25 @@ void load_stacks(Backend& be, const Bundle& bundle, const ShardSpec& spec, const
       st.d_in = spec.shapes.d_in[size_t(si)];
       st.d_out = spec.shapes.d_out[size_t(si)];
       st.R = sg.rows();
-      st.block = std::move(sg.block);
-      st.A.assign(nb, nullptr);
-      st.B.assign(nb, nullptr);
+      StackBlock* tb = table.data() + i * nb;
+      st.block = tb;
       for (size_t b = 0; b < nb; ++b) {
-        const auto [r0, r1] = st.block[b];
+        const auto [r0, r1] = sg.block[b];
+        tb[b].r0 = r0;
+        tb[b].r1 = r1;
         if (r0 == r1) continue;
-        st.A[b] = base + a_off[i * nb + b];
-        st.B[b] = base + b_off[i * nb + b];
+        tb[b].A = base + a_off[i * nb + b];
+        tb[b].B = base + b_off[i * nb + b];
         pack_block(be, sg, r0, r1, st.d_in, st.d_out, spec.dtype, base + a_off[i * nb + b], base + b_off[i * nb + b],
                    tmp);
       }
       if (st.R > 0) {
-        st.row_col = Buffer(be, sg.row_col.size() * 4);
-        be.upload(st.row_col.get(), sg.row_col.data(), sg.row_col.size() * 4);
-        st.row_scale = Buffer(be, sg.row_scale.size() * 4);
-        be.upload(st.row_scale.get(), sg.row_scale.data(), sg.row_scale.size() * 4);
+        const size_t n = sg.row_col.size() * 4;
+        uint8_t* rc = rbase + rows_off[i];
+        be.upload(rc, sg.row_col.data(), n);
+        be.upload(rc + piece(n), sg.row_scale.data(), n);
+        st.row_col = reinterpret_cast<const int32_t*>(rc);
+        st.row_scale = reinterpret_cast<const float*>(rc + piece(n));
       }
       sg = Stage<W>();  // the staged copy goes as soon as it is packed
     }
@@ -195,11 +208,10 @@ ExpertShard::ExpertShard(const Bundle& b, const ShardSpec& spec)
   }
   stacks_.resize(size_t(spec.shapes.n_layers) * kNumSites);
   if (spec.dtype == DType::F32)
-    load_stacks<float>(*be_, b, spec, blocks, stacks_, arena_);
+    load_stacks<float>(*be_, b, spec, blocks, stacks_, arena_, blocks_, rows_);
   else
-    load_stacks<uint16_t>(*be_, b, spec, blocks, stacks_, arena_);
-  bytes_ = int64_t(arena_.bytes());
-  for (const auto& st : stacks_) bytes_ += int64_t(st.row_col.bytes() + st.row_scale.bytes());
+    load_stacks<uint16_t>(*be_, b, spec, blocks, stacks_, arena_, blocks_, rows_);
+  bytes_ = int64_t(arena_.bytes() + rows_.bytes());
   ATMOE_LOG("worker")->info("expert shard: {} groups{}, {} experts, {:.1f} MiB", spec.groups.size(),
                             spec.general ? " + general" : "", column_expert_.size(), double(bytes_) / (1 << 20));
 }
@@ -239,10 +251,29 @@ int64_t ExpertShard::mark_uses(const float* coef, int64_t ldc, int64_t T) const 
   return used_rows;
 }
 
+void ExpertShard::prefetch_input(int layer, SiteInput in) const {
+  const auto fetch = [](const void* at, size_t bytes) {
+    const char* c = static_cast<const char*>(at);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  };
+  const size_t i0 = size_t(layer) * kNumSites + size_t(input_first_site(in)), n = size_t(input_site_count(in));
+  const size_t nb = block_cols_.size();
+  fetch(&stacks_[i0], n * sizeof(ShardStack));
+  fetch(blocks_.data() + i0 * nb, std::min<size_t>(n * nb * sizeof(StackBlock), 4096));  // the rest streams
+  if (!be_->host_memory()) return;
+  for (size_t i = i0; i < i0 + n; ++i) {
+    const ShardStack& st = stacks_[i];
+    fetch(st.row_col, std::min<size_t>(size_t(st.R) * 4, 2048));
+    fetch(st.row_scale, std::min<size_t>(size_t(st.R) * 4, 2048));
+  }
+}
+
 int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc,
                            float* y, int64_t ldy, int64_t T, ops::LoraMixParams& p) const {
   const size_t nb = block_cols_.size();
-  if (T <= 0 || nb == 0 || !has_input(layer, in)) return 0;
+  if (T <= 0 || nb == 0) return 0;
+  prefetch_input(layer, in);
+  if (!has_input(layer, in)) return 0;
   const int64_t used_rows = mark_uses(coef, ldc, T);
   if (used_rows == 0) return 0;
   // The tokens that use each block (the same for every site of the input).
@@ -260,10 +291,10 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
       auto& blks = s_.blocks[i];
       blks.resize(nb);
       for (size_t b = 0; b < nb; ++b) {
-        blks[b].r0 = st.block[b].first;
-        blks[b].r1 = st.block[b].second;
-        blks[b].A = st.A[b];
-        blks[b].B = st.B[b];
+        blks[b].r0 = st.block[b].r0;
+        blks[b].r1 = st.block[b].r1;
+        blks[b].A = st.block[b].A;
+        blks[b].B = st.block[b].B;
         const bool rows = blks[b].r0 < blks[b].r1;
         blks[b].toks = rows ? s_.toks[b].data() : nullptr;
         blks[b].n_toks = rows ? int64_t(s_.toks[b].size()) : 0;
@@ -271,8 +302,8 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
       ops::LoraSite& s = s_.sites[n++];
       s.R = st.R;
       s.d_out = st.d_out;
-      s.row_col = st.row_col.as<int32_t>();
-      s.row_scale = st.row_scale.as<float>();
+      s.row_col = st.row_col;
+      s.row_scale = st.row_scale;
       s.blocks = blks.data();
       s.n_blocks = int64_t(nb);
       s.y = y + col;

@@ -16,6 +16,10 @@
 //   that backend's memory: group by group, layer by layer, per site input the A_b of its
 //   sites then their B_b, the order a decode step reads them);
 //   row_col [R]: the column (expert) of each row; row_scale [R]: its LoRA scale.
+// The stacks' descriptors are compact, in (layer, site) order, so that a site input's lie
+// together: the block table (host) and the row tables (one backend buffer). A decode step
+// finds them cold (the base weights streamed by since the last step): apply() prefetches
+// the input's few lines at once instead of chasing one allocation per stack.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -43,11 +47,16 @@ struct ShardSpec {
 // The rank rows of one (layer, site): R rows in blocks (one per expert group held, in
 // order; empty where the group has no adapter on this module). Each block's A_b and B_b
 // (ops.h) lie in the shard's arena.
+struct StackBlock {
+  int64_t r0 = 0, r1 = 0;  // the block's rows [r0, r1)
+  const void* A = nullptr;  // A_b, B_b (null when empty)
+  const void* B = nullptr;
+};
 struct ShardStack {
   int64_t R = 0, d_in = 0, d_out = 0;
-  Buffer row_col, row_scale;
-  std::vector<std::pair<int64_t, int64_t>> block;  // [r0, r1) of each block
-  std::vector<const void*> A, B;                    // [n_blocks]: A_b, B_b (null when empty)
+  const StackBlock* block = nullptr;  // [n_blocks], in the shard's block table
+  const int32_t* row_col = nullptr;   // [R], backend memory (the shard's row tables)
+  const float* row_scale = nullptr;   // [R]
 };
 
 class ExpertShard {
@@ -92,6 +101,8 @@ class ExpertShard {
   std::vector<std::pair<int, int>> block_cols_;
   std::vector<ShardStack> stacks_;  // [L * kNumSites]
   Buffer arena_;                    // every block's weights (the layout above)
+  std::vector<StackBlock> blocks_;  // [L * kNumSites * n_blocks]: every stack's block table
+  Buffer rows_;                     // every stack's row_col then row_scale, 64-byte aligned
   int64_t bytes_ = 0;
   struct Scratch {
     std::vector<ops::LoraBlock> blocks[3];
@@ -105,6 +116,9 @@ class ExpertShard {
   // s_.uses[t * n_blocks + b] = token t gives block b a nonzero coefficient; returns the
   // number of tokens that use any block.
   int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
+  // Prefetches the descriptors of (layer, in)'s stacks: their block tables and (host
+  // memory) row tables.
+  void prefetch_input(int layer, SiteInput in) const;
   // The op's params p for (layer, in) and these rows (its site and block descriptors in s_);
   // returns the tokens that use a block here, 0 when there is nothing to compute.
   int64_t build(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
