@@ -12,6 +12,11 @@
 //   threads, a slice before each call (untimed): the rank rows come from DRAM, while the
 //   code and the per-call state stay in the caches (the base model's weights: 256).
 //   Prints µs per step (median, min), per call, and GB/s of the rank rows read.
+//   --base: instead, a decode step's base GEMMs too (random bf16 weights of the model's
+//   q|k|v, o, gate|up and down for every layer, on the CPU backend), timed two ways,
+//   interleaved step by step: the GEMMs alone; each GEMM then ExpertShard::apply, as the
+//   model's in-process experts run. Prints the median step of each, the extra time over the
+//   GEMMs, and where the mean step's time went.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,6 +29,7 @@
 #include "common/clock.h"
 #include "common/gguf.h"
 #include "common/model_config.h"
+#include "kernels/backend.h"
 #include "kernels/thread_pool.h"
 #include "worker/expert_shard.h"
 
@@ -36,7 +42,14 @@ int main(int argc, char** argv) {
   }
   int64_t T = 1;
   int K = 1, S = 200, evict_kb = 0, stream_mb = 0;
+  bool base = false;
+  for (int i = 2; i < argc; ++i)
+    if (!std::strcmp(argv[i], "--base")) base = true;
   for (int i = 2; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--base")) {  // a flag: no value
+      --i;
+      continue;
+    }
     if (!std::strcmp(argv[i], "--tokens")) T = std::atoll(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--active")) K = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--steps")) S = std::atoi(argv[i + 1]);
@@ -84,6 +97,74 @@ int main(int argc, char** argv) {
       at += slice;
       sink = sink + partial[0];
     };
+    if (base) {
+      // The base GEMMs of one decode step: [N, K] per site input, fused as the model has them.
+      Backend& be = cpu_backend();
+      const int64_t d = c.hidden, F = c.ffn, qkvd = int64_t(c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+      const int64_t shapes[4][2] = {{qkvd, d}, {d, int64_t(c.n_heads) * c.head_dim}, {2 * F, d}, {d, F}};
+      std::vector<PreparedWeight> w;
+      uint64_t st = 88172645463325252ull;
+      for (int l = 0; l < c.n_layers; ++l)
+        for (auto& sh : shapes) {
+          std::vector<float> m(size_t(sh[0] * sh[1]));
+          for (auto& v : m) {
+            st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+            v = float(int64_t(st >> 40) - (1 << 23)) / float(1 << 23) * 0.05f;
+          }
+          w.push_back(prepare_weight(be, m.data(), sh[0], sh[1], DType::BF16));
+        }
+      std::vector<float> gy(size_t(T * 2 * F));
+      Buffer ws;
+      const auto gemm = [&](int l, int i) {
+        const PreparedWeight& pw = w[size_t(l * 4 + i)];
+        ops::MatmulParams p;
+        p.x = x.data();
+        p.ldx = din_max;
+        p.w = pw.get();
+        p.w_dtype = pw.dtype;
+        p.y = gy.data();
+        p.ldy = pw.N;
+        p.T = T;
+        p.N = pw.N;
+        p.K = pw.K;
+        ws.reserve(be, be.workspace_bytes(p));
+        be.matmul(p, ws.get());
+      };
+      // split[mode]: seconds in and after the GEMMs, summed over the timed steps.
+      double split[2][2] = {};
+      const auto run = [&](int mode, bool timed) {  // 0: GEMMs; 1: each GEMM then apply
+        const double t0 = now_s();
+        for (int l = 0; l < c.n_layers; ++l)
+          for (int i = 0; i < 4; ++i) {
+            const double q0 = now_s();
+            gemm(l, i);
+            const double q1 = now_s();
+            if (mode == 1) shard.apply(l, ins[i], x.data(), din_max, coef.data(), nc, y.data(), 4 * din_max, T);
+            if (timed) {
+              split[mode][0] += q1 - q0;
+              split[mode][1] += now_s() - q1;
+            }
+          }
+        return now_s() - t0;
+      };
+      for (int i = 0; i < 5; ++i)
+        for (int m = 0; m < 2; ++m) run(m, false);
+      std::vector<double> ts[2];
+      for (int i = 0; i < S; ++i)
+        for (int m = 0; m < 2; ++m) ts[m].push_back(run(m, true));
+      double med[2];
+      for (int m = 0; m < 2; ++m) {
+        std::sort(ts[m].begin(), ts[m].end());
+        med[m] = ts[m][ts[m].size() / 2];
+      }
+      std::printf("experts %lld  tokens %lld  active %d  threads %d  isa %s\n", (long long)nc, (long long)T, K,
+                  pool.size(), be.description().c_str());
+      std::printf("step: base GEMMs %.1f us, with the experts %.1f us (+%.1f%%; medians of %d)\n", med[0] * 1e6,
+                  med[1] * 1e6, 100 * (med[1] / med[0] - 1), S);
+      std::printf("mean step with the experts: GEMMs %.1f us (alone %.1f), experts %.1f us\n", split[1][0] / S * 1e6,
+                  split[0][0] / S * 1e6, split[1][1] / S * 1e6);
+      return 0;
+    }
     auto step = [&] {
       double t = 0;
       for (int l = 0; l < c.n_layers; ++l)
