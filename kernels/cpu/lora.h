@@ -44,7 +44,7 @@ namespace atmoe::cpu {
 using LoraBlock = ops::LoraBlock;
 using LoraSite = ops::LoraSite;
 
-// Work lists of one call, rebuilt each time; kept by the caller so calls do not allocate.
+// A block with this many tokens or more packs its rows into a panel for the shrink (above).
 constexpr int64_t kLoraPackMinTokens = 8;
 // Below this many multiply-adds a call is decode-sized (one token through one rank-8 expert
 // on q, k, v: ~2e4 MACs, ~40 kB): its time is the rank rows' DRAM latency, not arithmetic.
