@@ -37,7 +37,9 @@ using namespace atmoe;
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s BUNDLE_DIR [--tokens T] [--active K] [--steps S]\n", argv[0]);
+    std::fprintf(stderr,
+                 "usage: %s BUNDLE_DIR [--tokens T] [--active K] [--steps S] [--evict KB] [--stream MB] [--base]\n",
+                 argv[0]);
     return 2;
   }
   int64_t T = 1;
@@ -113,7 +115,9 @@ int main(int argc, char** argv) {
           }
           w.push_back(prepare_weight(be, m.data(), sh[0], sh[1], DType::BF16));
         }
-      std::vector<float> gy(size_t(T * 2 * F));
+      int64_t n_max = 0;
+      for (auto& sh : shapes) n_max = std::max(n_max, sh[0]);
+      std::vector<float> gy(size_t(T * n_max));
       Buffer ws;
       const auto gemm = [&](int l, int i) {
         const PreparedWeight& pw = w[size_t(l * 4 + i)];

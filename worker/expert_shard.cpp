@@ -259,7 +259,8 @@ void ExpertShard::prefetch_input(int layer, SiteInput in) const {
   const size_t i0 = size_t(layer) * kNumSites + size_t(input_first_site(in)), n = size_t(input_site_count(in));
   const size_t nb = block_cols_.size();
   fetch(&stacks_[i0], n * sizeof(ShardStack));
-  fetch(blocks_.data() + i0 * nb, std::min<size_t>(n * nb * sizeof(StackBlock), 4096));  // the rest streams
+  // Many groups: the first 4 kB (the hardware prefetcher follows the rest as build() reads it).
+  fetch(blocks_.data() + i0 * nb, std::min<size_t>(n * nb * sizeof(StackBlock), 4096));
   if (!be_->host_memory()) return;
   for (size_t i = i0; i < i0 + n; ++i) {
     const ShardStack& st = stacks_[i];

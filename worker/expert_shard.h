@@ -18,8 +18,9 @@
 //   row_col [R]: the column (expert) of each row; row_scale [R]: its LoRA scale.
 // The stacks' descriptors are compact, in (layer, site) order, so that a site input's lie
 // together: the block table (host) and the row tables (one backend buffer). A decode step
-// finds them cold (the base weights streamed by since the last step): apply() prefetches
-// the input's few lines at once instead of chasing one allocation per stack.
+// finds them cold (the base weights streamed by since the last step): build() (from
+// apply()) prefetches the input's few lines at once instead of chasing one allocation per
+// stack.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -48,7 +49,7 @@ struct ShardSpec {
 // order; empty where the group has no adapter on this module). Each block's A_b and B_b
 // (ops.h) lie in the shard's arena.
 struct StackBlock {
-  int64_t r0 = 0, r1 = 0;  // the block's rows [r0, r1)
+  int64_t r0 = 0, r1 = 0;   // the block's rows [r0, r1)
   const void* A = nullptr;  // A_b, B_b (null when empty)
   const void* B = nullptr;
 };

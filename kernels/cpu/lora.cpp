@@ -313,7 +313,11 @@ void unit_work(const Call& c, int64_t u, int tid) {
 
 }  // namespace
 
-// This call's structure: everything the work lists depend on (not the weights, x, coef, y).
+// This call's structure: everything the work lists depend on (not the weights, x, coef, y,
+// strides or dtype, read from p on every call). Layout: n_sites, T, d_in, n_threads; per
+// site R, d_out, n_blocks; per block r0, r1, n (n = n_toks, 0 for a block without rows),
+// then its n tokens. Every variable-length run follows its count, so the flat key decodes
+// one way: two structures with equal keys are the same.
 static void structure_key(const LoraMixParams& p, int n_threads, std::vector<int64_t>& k) {
   k.clear();
   k.insert(k.end(), {int64_t(p.n_sites), p.T, p.d_in, int64_t(n_threads)});
@@ -322,10 +326,17 @@ static void structure_key(const LoraMixParams& p, int n_threads, std::vector<int
     k.insert(k.end(), {s.R, s.d_out, s.n_blocks});
     for (int64_t b = 0; b < s.n_blocks; ++b) {
       const LoraBlock& blk = s.blocks[b];
-      k.insert(k.end(), {blk.r0, blk.r1, blk.n_toks});
-      k.insert(k.end(), blk.toks, blk.toks + blk.n_toks);
+      const int64_t n = blk.r0 < blk.r1 ? blk.n_toks : 0;  // an empty block's list is not read
+      k.insert(k.end(), {blk.r0, blk.r1, n});
+      k.insert(k.end(), blk.toks, blk.toks + n);
     }
   }
+}
+
+static uint64_t key_hash(const std::vector<int64_t>& k) {
+  uint64_t h = 0x9e3779b97f4a7c15ull ^ k.size();
+  for (int64_t v : k) h = (h ^ uint64_t(v)) * 0x100000001b3ull;
+  return h;
 }
 
 // The work lists of a structure seen for the first time: shrink items and expand calls,
@@ -381,15 +392,23 @@ static void build_work(const LoraMixParams& p, int n_threads, LoraWork& pl) {
 // now. Either way the blocks' B pointers are read from p (they differ between layers).
 static const LoraWork& find_work(const LoraMixParams& p, int n_threads, LoraPlan& plan) {
   structure_key(p, n_threads, plan.key);
+  const uint64_t h = key_hash(plan.key);
   LoraWork* w = nullptr;
   for (auto& sl : plan.slot)
-    if (sl.key == plan.key) w = &sl;
-  if (!w) {
+    if (sl.hash == h && sl.key == plan.key) {
+      w = &sl;
+      break;
+    }
+  if (w) {
+    ++plan.hits;
+  } else {
+    ++plan.misses;
     w = &plan.slot[plan.next];
     plan.next = (plan.next + 1) % LoraPlan::kSlots;
     w->key.clear();  // not valid until built (build_plan asserts on bad input)
     build_work(p, n_threads, *w);
     w->key.swap(plan.key);
+    w->hash = h;
   }
   w->range_w.resize(w->range_block.size());
   for (size_t i = 0; i < w->range_block.size(); ++i) {

@@ -57,6 +57,7 @@ constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 // each block), built once and reused while the structure repeats (lora_mix_apply).
 struct LoraWork {
   std::vector<int64_t> key;  // the structure these lists were built for (empty: none)
+  uint64_t hash = 0;         // of key
   struct Shrink {
     int32_t site;
     int64_t block, r0, r1;  // rows [r0, r1) of the block (at most 32)
@@ -69,10 +70,12 @@ struct LoraWork {
   std::vector<Shrink> shrink;
   std::vector<Expand> expand;
   std::vector<int32_t> toks;
-  std::vector<int64_t> ranges;       // [begin, end) pairs (one per block: their B matrices are apart)
-  std::vector<std::pair<int32_t, int64_t>> range_block;  // (site, block) of each range
-  std::vector<const void*> range_w;  // the packed B of each range's block (read again every call)
-  struct Chunk {                     // expand work: a site's output panels [p0, p1), its calls
+  // Expand k ranges: [begin, end) pairs, one per block (their B matrices are apart); the
+  // (site, block) of each; its packed B (read again every call).
+  std::vector<int64_t> ranges;
+  std::vector<std::pair<int32_t, int64_t>> range_block;
+  std::vector<const void*> range_w;
+  struct Chunk {  // expand work: a site's output panels [p0, p1), its calls
     int32_t site;
     int64_t p0, p1, call0, call1;
   };
@@ -92,14 +95,17 @@ struct LoraWork {
 // The work lists of the last kSlots call structures, and the per-thread workspace. A decode
 // step calls the same few structures in every layer (one per site input, while the routing
 // keeps each token's groups): after the first layer a call compares its structure with the
-// slots' and reads only its blocks' weight pointers again.
+// slots' and reads only its blocks' weight pointers again. kSlots covers a layer's calls
+// through one backend several times over (4 site inputs; a run-time adapter in the same
+// process adds its own 4), so a step's cycle of structures stays cached.
 struct LoraPlan {
-  static constexpr int kSlots = 4;
+  static constexpr int kSlots = 16;
   LoraWork slot[kSlots];
-  int next = 0;                   // the slot a new structure takes (round robin)
+  int next = 0;                    // the slot a new structure takes (round robin)
   const LoraWork* last = nullptr;  // the last call's lists (tests)
-  std::vector<int64_t> key;       // this call's structure
-  std::vector<uint8_t> panel_ws;  // per thread: one packed 32-row panel of A [d_in][32]
+  int64_t hits = 0, misses = 0;    // calls that found their structure, calls that built it
+  std::vector<int64_t> key;        // this call's structure
+  std::vector<uint8_t> panel_ws;   // per thread: one packed 32-row panel of A [d_in][32]
 };
 
 // The shrink of a block with few tokens (fewer than kLoraPackMinTokens; decode):

@@ -200,7 +200,9 @@ TEST(CpuSpecAttention, PackedSequencesWithGqaMatchReference) {
 }
 
 // plan: the work-list cache to use (default: a fresh one).
-static void check_lora_mix(int64_t T, uint64_t salt, bool spread = false, cpu::LoraPlan* plan = nullptr) {
+// rot: with spread, token t uses group (t + rot) mod G.
+static void check_lora_mix(int64_t T, uint64_t salt, bool spread = false, cpu::LoraPlan* plan = nullptr,
+                           int64_t rot = 0) {
   // Two sites fed by one input (as q and k are), experts of ranks 3, 8, 5 | 16 | 7 | 1 | 30 |
   // 24, 16 in six groups, stacked without padding (the last block has 40 rows: two shrink
   // items, the second at row 32 of its block). Group 2 has
@@ -238,7 +240,9 @@ static void check_lora_mix(int64_t T, uint64_t salt, bool spread = false, cpu::L
     for (size_t g = 0; g < groups.size(); ++g) {
       for (int64_t t = 0; t < T; ++t)
         for (int64_t c = c0; c < c0 + int64_t(groups[g].size()); ++c)
-          if (t % int64_t(groups.size()) != int64_t(g)) coef[size_t(t * n_ex + c)] = 0.f;
+          if ((t + rot) % int64_t(groups.size()) != int64_t(g)) coef[size_t(t * n_ex + c)] = 0.f;
+      for (int64_t t = 0; t < T; ++t)  // and uses it: a block lists exactly its group's tokens
+        if ((t + rot) % int64_t(groups.size()) == int64_t(g)) coef[size_t(t * n_ex + c0)] = 0.75f;
       c0 += int64_t(groups[g].size());
     }
   }
@@ -379,15 +383,18 @@ static void check_lora_mix(int64_t T, uint64_t salt, bool spread = false, cpu::L
           const bool share = std::any_of(ta.begin(), ta.end(),
                                          [&](int32_t t) { return std::find(tb.begin(), tb.end(), t) != tb.end(); });
           if (share) {
-            EXPECT_EQ(work.block_unit[size_t(work.site_block0[si]) + a], work.block_unit[size_t(work.site_block0[si]) + b])
+            EXPECT_EQ(work.block_unit[size_t(work.site_block0[si]) + a],
+                      work.block_unit[size_t(work.site_block0[si]) + b])
                 << "site " << si << " blocks " << a << ", " << b;
           }
         }
-    if (spread) {  // no two blocks share a token: one unit per block listed for a token
-      size_t listed = 0;  // not every (site, group): group 2 is listed for no token, and a
-      for (const auto& d : sd)  // group's few tokens may all have zero coefficients
+    if (spread) {
+      // No two blocks share a token: one unit per block listed for a token (not every
+      // (site, group): group 2 is listed for no token).
+      size_t listed = 0;
+      for (const auto& d : sd)
         for (const auto& b : d.blk) listed += b.n_toks > 0;
-      EXPECT_GE(listed, sites.size() * 2);  // groups 0 and 5 have several experts each
+      EXPECT_EQ(listed, sites.size() * std::min<size_t>(groups.size() - 1, size_t(T)));
       EXPECT_EQ(work.unit_site.size(), listed);
     }
   }
@@ -426,19 +433,32 @@ TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
 }
 
 TEST(CpuSpecLoraMix, WorkListsReusedOnlyForTheSameStructure) {
-  // One work-list cache (LoraPlan) across calls, as a backend keeps it: six structures
-  // through four slots (a slot rebuilt when its structure is gone), each call with weights
-  // of its own. Inside each check the f32 and bf16 runs share the structure, not the
-  // weights: the reused lists must read every block's weight pointers again.
+  // One work-list cache (LoraPlan) across calls, as a backend keeps it. Each check runs the
+  // kernel twice on one structure, f32 then bf16 weights elsewhere: the second finds the
+  // lists and must read every block's weight pointers again. The two spread calls differ
+  // only in which tokens each block lists (rot): reusing one's lists for the other computes
+  // the wrong tokens.
   cpu::LoraPlan plan;
-  for (int pass = 0; pass < 2; ++pass) {
+  const auto pass = [&] {
     check_lora_mix(1, 2, false, &plan);
     check_lora_mix(3, 1, false, &plan);
     check_lora_mix(18, 5, true, &plan);
+    check_lora_mix(18, 5, true, &plan, /*rot=*/1);
     check_lora_mix(6, 4, false, &plan);
     check_lora_mix(13, 0, false, &plan);
-    check_lora_mix(1, 7, false, &plan);
-  }
+  };
+  pass();
+  ASSERT_LE(plan.misses, 6);
+  EXPECT_GE(plan.hits, 6);
+  const int64_t misses = plan.misses, hits = plan.hits;
+  pass();  // every structure is still cached
+  EXPECT_EQ(plan.misses, misses);
+  EXPECT_EQ(plan.hits, hits + 12);
+  // kSlots new structures (no other call has these T) push the oldest out: it is built again.
+  for (int64_t T = 20; T < 20 + cpu::LoraPlan::kSlots; ++T) check_lora_mix(T, 9, false, &plan);
+  EXPECT_EQ(plan.misses, misses + cpu::LoraPlan::kSlots);
+  check_lora_mix(1, 2, false, &plan);
+  EXPECT_EQ(plan.misses, misses + cpu::LoraPlan::kSlots + 1);
 }
 
 TEST(CpuSpecTrex, RankOneExpertsMatchFloat64Transcription) {
