@@ -1,13 +1,13 @@
 #include "worker/expert_shard.h"
 
-#include <memory>
-
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "common/error.h"
 #include "common/log.h"
 #include "common/model_config.h"
+#include "common/prefetch.h"
 
 namespace atmoe {
 
@@ -252,20 +252,16 @@ int64_t ExpertShard::mark_uses(const float* coef, int64_t ldc, int64_t T) const 
 }
 
 void ExpertShard::prefetch_input(int layer, SiteInput in) const {
-  const auto fetch = [](const void* at, size_t bytes) {
-    const char* c = static_cast<const char*>(at);
-    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-  };
   const size_t i0 = size_t(layer) * kNumSites + size_t(input_first_site(in)), n = size_t(input_site_count(in));
   const size_t nb = block_cols_.size();
-  fetch(&stacks_[i0], n * sizeof(ShardStack));
+  prefetch_lines(&stacks_[i0], n * sizeof(ShardStack));
   // Many groups: the first 4 kB (the hardware prefetcher follows the rest as build() reads it).
-  fetch(blocks_.data() + i0 * nb, std::min<size_t>(n * nb * sizeof(StackBlock), 4096));
+  prefetch_lines(blocks_.data() + i0 * nb, std::min<size_t>(n * nb * sizeof(StackBlock), 4096));
   if (!be_->host_memory()) return;
   for (size_t i = i0; i < i0 + n; ++i) {
     const ShardStack& st = stacks_[i];
-    fetch(st.row_col, std::min<size_t>(size_t(st.R) * 4, 2048));
-    fetch(st.row_scale, std::min<size_t>(size_t(st.R) * 4, 2048));
+    prefetch_lines(st.row_col, std::min<size_t>(size_t(st.R) * 4, 2048));
+    prefetch_lines(st.row_scale, std::min<size_t>(size_t(st.R) * 4, 2048));
   }
 }
 
@@ -273,7 +269,7 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
                            float* y, int64_t ldy, int64_t T, ops::LoraMixParams& p) const {
   const size_t nb = block_cols_.size();
   if (T <= 0 || nb == 0) return 0;
-  prefetch_input(layer, in);
+  prefetch_input(layer, in);  // first: has_input() reads the stacks, cold
   if (!has_input(layer, in)) return 0;
   const int64_t used_rows = mark_uses(coef, ldc, T);
   if (used_rows == 0) return 0;

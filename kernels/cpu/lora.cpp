@@ -1,11 +1,12 @@
 #include "kernels/cpu/lora.h"
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "common/error.h"
+#include "common/prefetch.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/thread_pool.h"
@@ -115,17 +116,13 @@ static void pack_panel(const W* A, int64_t r0, int64_t n, int64_t K, W* out) {
 static void prefetch_blocks(const LoraMixParams& p, int si, const int64_t* blocks, int64_t n) {
   const size_t es = dtype_size(p.dtype);
   const LoraSite& s = p.sites[si];
-  const auto fetch = [](const void* at, size_t bytes) {
-    const char* c = static_cast<const char*>(at);
-    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-  };
   for (int64_t i = 0; i < n; ++i) {
     const LoraBlock& blk = s.blocks[blocks[i]];
-    fetch(blk.A, size_t((blk.r1 - blk.r0) * p.d_in) * es);
+    prefetch_lines(blk.A, size_t((blk.r1 - blk.r0) * p.d_in) * es);
   }
   for (int64_t i = 0; i < n; ++i) {
     const LoraBlock& blk = s.blocks[blocks[i]];
-    fetch(blk.B, size_t(packed_rows(s.d_out) * (blk.r1 - blk.r0)) * es);
+    prefetch_lines(blk.B, size_t(packed_rows(s.d_out) * (blk.r1 - blk.r0)) * es);
   }
 }
 
@@ -394,21 +391,25 @@ static const LoraWork& find_work(const LoraMixParams& p, int n_threads, LoraPlan
   structure_key(p, n_threads, plan.key);
   const uint64_t h = key_hash(plan.key);
   LoraWork* w = nullptr;
-  for (auto& sl : plan.slot)
-    if (sl.hash == h && sl.key == plan.key) {
-      w = &sl;
+  for (int i = 1; i <= LoraPlan::kSlots; ++i) {
+    const int j = (plan.at + i) % LoraPlan::kSlots;
+    if (plan.hash[j] == h && plan.slot[j].key == plan.key) {
+      w = &plan.slot[j];
+      plan.at = j;
       break;
     }
+  }
   if (w) {
     ++plan.hits;
   } else {
     ++plan.misses;
+    plan.at = plan.next;
     w = &plan.slot[plan.next];
     plan.next = (plan.next + 1) % LoraPlan::kSlots;
     w->key.clear();  // not valid until built (build_plan asserts on bad input)
     build_work(p, n_threads, *w);
     w->key.swap(plan.key);
-    w->hash = h;
+    plan.hash[plan.at] = h;
   }
   w->range_w.resize(w->range_block.size());
   for (size_t i = 0; i < w->range_block.size(); ++i) {

@@ -57,7 +57,6 @@ constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 // each block), built once and reused while the structure repeats (lora_mix_apply).
 struct LoraWork {
   std::vector<int64_t> key;  // the structure these lists were built for (empty: none)
-  uint64_t hash = 0;         // of key
   struct Shrink {
     int32_t site;
     int64_t block, r0, r1;  // rows [r0, r1) of the block (at most 32)
@@ -101,7 +100,10 @@ struct LoraWork {
 struct LoraPlan {
   static constexpr int kSlots = 16;
   LoraWork slot[kSlots];
+  uint64_t hash[kSlots] = {};      // of each slot's key, together: a miss reads one line
   int next = 0;                    // the slot a new structure takes (round robin)
+  int at = 0;                      // the last call's slot: a step's cycle of structures
+                                   // fills the slots in order, so the search starts after it
   const LoraWork* last = nullptr;  // the last call's lists (tests)
   int64_t hits = 0, misses = 0;    // calls that found their structure, calls that built it
   std::vector<int64_t> key;        // this call's structure
