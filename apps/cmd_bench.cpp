@@ -132,7 +132,6 @@ Runner add_bench(CLI::App& app) {
       c.group_bias[bundle->groups[size_t(b) % bundle->groups.size()].name] += 30.0;
       return experts->new_routing(c);
     };
-    bool with_experts = false;  // decode_rate routes through the experts when set
     const int64_t V = m->config().vocab;
     ThreadPool& pool = ThreadPool::global();
     std::mt19937 rng(1234);
@@ -175,59 +174,102 @@ Runner add_bench(CLI::App& app) {
       }
       return n;
     };
-    auto decode_rate = [&](int B, Split* sp) {
-      std::vector<std::unique_ptr<KvCache>> caches;
-      std::vector<std::vector<int32_t>> prompts;
-      std::vector<std::unique_ptr<SeqRouting>> routes;
-      std::vector<ForwardItem> items;
-      for (int b = 0; b < B; ++b) {
-        caches.push_back(m->new_cache());
-        prompts.push_back(rand_tokens(32));
-        // Each sequence its own routing state: random prompts give each a different mixture.
-        routes.push_back(with_experts ? new_routing(b) : nullptr);
+    // One timed run at batch B: base sequences and, with a bundle, experts sequences (their own
+    // caches and routing) stepped alternately, base first on even steps and experts first on odd
+    // ones, each step timed alone. Drift on this shared machine moves both alike at the scale of
+    // one step, so the experts' cost over the base is the ratio of the paired sums, not of two
+    // separate runs.
+    struct Pair {
+      double base_tok_s = 0, experts_tok_s = 0;
+      std::vector<double> ratios;  // per step: experts step time / base step time
+    };
+    auto decode_pair = [&](int B, Split* sp) {
+      const bool paired = experts || trex;
+      struct Seqs {
+        std::vector<std::unique_ptr<KvCache>> caches;
+        std::vector<std::unique_ptr<SeqRouting>> routes;
+        std::vector<int32_t> next;
+        std::vector<ForwardItem> items;
+        void step() {
+          items.clear();
+          for (size_t b = 0; b < caches.size(); ++b)
+            items.push_back({caches[b].get(), &next[b], 1, LogitsMode::Last, routes[b].get()});
+        }
+      };
+      std::vector<Seqs> seqs(paired ? 2 : 1);  // [0] base, [1] experts
+      for (size_t k = 0; k < seqs.size(); ++k) {
+        Seqs& q = seqs[k];
+        std::vector<std::vector<int32_t>> prompts;
+        for (int b = 0; b < B; ++b) {
+          q.caches.push_back(m->new_cache());
+          prompts.push_back(rand_tokens(32));
+          // Each sequence its own routing state: random prompts give each a different mixture.
+          q.routes.push_back(k == 1 ? new_routing(b) : nullptr);
+        }
+        q.items.clear();
+        for (int b = 0; b < B; ++b)
+          q.items.push_back({q.caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last,
+                             q.routes[size_t(b)].get()});
+        m->forward(q.items, logits);
+        q.next.resize(size_t(B));
+        for (int b = 0; b < B; ++b) q.next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
       }
-      for (int b = 0; b < B; ++b)
-        items.push_back(
-            {caches[size_t(b)].get(), prompts[size_t(b)].data(), 32, LogitsMode::Last, routes[size_t(b)].get()});
-      m->forward(items, logits);
-      std::vector<int32_t> next(static_cast<size_t>(B));
-      for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
       ExpertDispatch* ex = m->experts();
       const double w0 = sp ? worker_apply_s() : 0;
       const int64_t b0 = plane_bytes();
+      Pair r;
+      double tb = 0, te = 0;
+      auto timed_step = [&](Seqs& q) {
+        q.step();
+        const double t0 = now_s();
+        m->forward(q.items, logits);
+        for (int b = 0; b < B; ++b) q.next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
+        return now_s() - t0;
+      };
       if (sp && ex) ex->times() = {};
-      double t0 = now_s();
       for (int s = 0; s < o->decode; ++s) {
-        items.clear();
-        for (int b = 0; b < B; ++b)
-          items.push_back({caches[size_t(b)].get(), &next[size_t(b)], 1, LogitsMode::Last, routes[size_t(b)].get()});
-        m->forward(items, logits);
-        for (int b = 0; b < B; ++b) next[size_t(b)] = cpu::argmax(logits.data() + size_t(b) * size_t(V), V);
+        if (!paired) {
+          tb += timed_step(seqs[0]);
+          continue;
+        }
+        double b, e;
+        if (s % 2 == 0) {
+          b = timed_step(seqs[0]);
+          e = timed_step(seqs[1]);
+        } else {
+          e = timed_step(seqs[1]);
+          b = timed_step(seqs[0]);
+        }
+        tb += b;
+        te += e;
+        r.ratios.push_back(e / b);
       }
-      const double dt = now_s() - t0;
-      if (sp && ex) {
+      if (sp && ex) {  // the base steps route nothing: the dispatch's timers are the experts steps'
         sp->route += ex->times().route_s;
         sp->post += ex->times().post_s;
         sp->wait += ex->times().wait_s;
-        sp->total += dt;
+        sp->total += te;
         sp->steps += o->decode;
         sp->worker_apply += worker_apply_s() - w0;
         sp->bytes += plane_bytes() - b0;
       }
-      return double(B) * o->decode / dt;
+      r.base_tok_s = double(B) * o->decode / tb;
+      if (paired) r.experts_tok_s = double(B) * o->decode / te;
+      return r;
     };
-    // Base and experts interleaved rep by rep, so the shared machine's drift hits both;
-    // medians with their range.
-    std::vector<double> d1s, dBs, e1s, eBs;
+    // Medians over reps with their range; the experts' extra time from the paired steps.
+    std::vector<double> d1s, dBs, e1s, eBs, x1s, xBs, q1, qB;  // x: paired extra time %, q: per-step ratios
     Split sp1, spB;
     for (int r = 0; r < o->reps; ++r) {
-      with_experts = false;
-      d1s.push_back(decode_rate(1, nullptr));
-      dBs.push_back(decode_rate(o->batch, nullptr));
-      if (experts || trex) {
-        with_experts = true;
-        e1s.push_back(decode_rate(1, &sp1));
-        eBs.push_back(decode_rate(o->batch, &spB));
+      for (int B : {1, o->batch}) {
+        Pair p = decode_pair(B, B == 1 ? &sp1 : &spB);
+        (B == 1 ? d1s : dBs).push_back(p.base_tok_s);
+        if (experts || trex) {
+          (B == 1 ? e1s : eBs).push_back(p.experts_tok_s);
+          (B == 1 ? x1s : xBs).push_back(100.0 * (p.base_tok_s / p.experts_tok_s - 1));
+          auto& q = B == 1 ? q1 : qB;
+          q.insert(q.end(), p.ratios.begin(), p.ratios.end());
+        }
       }
     }
     auto median = [](std::vector<double> v) {
@@ -266,11 +308,16 @@ Runner add_bench(CLI::App& app) {
                            sp.route * ms, sp.post * ms, sp.wait * ms,
                            remote ? fmt::format(" (workers computed {:.2f} ms)", sp.worker_apply * ms) : std::string());
       };
-      std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({:+.1f}% time vs base; range {})\n", e1,
-                               100.0 * (d1 / e1 - 1), range(e1s));
+      // The extra time is the median over reps of the paired steps' ratio (range over reps); the
+      // median step's ratio beside it discounts the odd step a neighbour's burst slowed.
+      auto extra = [&](const std::vector<double>& x, const std::vector<double>& q) {
+        return fmt::format("{:+.1f}% time vs base, paired steps; range {:+.1f} to {:+.1f}, median step {:+.1f}%",
+                           median(x), *std::min_element(x.begin(), x.end()), *std::max_element(x.begin(), x.end()),
+                           100.0 * (median(q) - 1));
+      };
+      std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({})\n", e1, extra(x1s, q1));
       std::cout << fmt::format("               {}\n", split(sp1));
-      std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({:+.1f}% time vs base; range {})\n", o->batch, eB,
-                               100.0 * (dB / eB - 1), range(eBs));
+      std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({})\n", o->batch, eB, extra(xBs, qB));
       std::cout << fmt::format("               {}\n", split(spB));
       if (MpiSession* s = MpiSession::get(); s && s->size() > 1)
         std::cout << fmt::format("ranks        {} (rank 0 + {} expert workers)\n", s->size(), s->size() - 1);
@@ -299,7 +346,12 @@ Runner add_bench(CLI::App& app) {
         j["n_experts"] = experts ? experts->n_experts() : trex->adapter().E;
         j["experts_decode_b1_tok_s"] = e1;
         j["experts_decode_batch_tok_s"] = eB;
-        j["samples"] = {{"decode_b1", d1s}, {"decode_batch", dBs}, {"experts_b1", e1s}, {"experts_batch", eBs}};
+        j["samples"] = {{"decode_b1", d1s},   {"decode_batch", dBs},      {"experts_b1", e1s},
+                        {"experts_batch", eBs}, {"extra_time_pct_b1", x1s}, {"extra_time_pct_batch", xBs}};
+        j["experts_b1_extra_time_pct"] = median(x1s);
+        j["experts_batch_extra_time_pct"] = median(xBs);
+        j["experts_b1_step_ratio_median"] = median(q1);
+        j["experts_batch_step_ratio_median"] = median(qB);
         auto sj = [](const Split& sp) {
           const double n = double(std::max<int64_t>(1, sp.steps));
           return nlohmann::json{{"step_ms", sp.total * 1e3 / n},

@@ -30,11 +30,11 @@ KEYS = ["prefill_tok_s", "decode_b1_tok_s", "decode_batch_tok_s", "experts_decod
 
 def derive(j):
     """The bundle runs' cost over the base in the same run: extra time per token (base and
-    experts interleaved rep by rep inside `atmoe bench`), and the expert wait as a share of
+    experts steps paired inside `atmoe bench`; older builds interleaved them rep by rep), and the expert wait as a share of
     the base step (the wait is measured directly, so it moves less with the machine's drift)."""
     for b in ("b1", "batch"):
         base, ex, split = j.get(f"decode_{b}_tok_s"), j.get(f"experts_decode_{b}_tok_s"), j.get(f"split_{b}")
-        if base and ex:
+        if base and ex and f"experts_{b}_extra_time_pct" not in j:  # builds before the paired steps
             j[f"experts_{b}_extra_time_pct"] = 100.0 * (base / ex - 1.0)
         if split and split.get("step_ms"):
             j[f"experts_{b}_wait_pct"] = 100.0 * split["wait_ms"] / (split["step_ms"] - split["wait_ms"])
