@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "common/error.h"
-#include "common/prefetch.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/thread_pool.h"
@@ -109,26 +108,9 @@ static void pack_panel(const W* A, int64_t r0, int64_t n, int64_t K, W* out) {
   }
 }
 
-// Software prefetch of a site's blocks' weights (blocks[0..n) of site si), A_b then B_b (an
-// expert shard's arena order, ops.h). A decode call's rank rows come from DRAM (the base
-// weights streamed through every cache since the last step): the prefetches put the whole
-// unit's lines in flight at once instead of a few rows' at a time.
-static void prefetch_blocks(const LoraMixParams& p, int si, const int64_t* blocks, int64_t n) {
-  const size_t es = dtype_size(p.dtype);
-  const LoraSite& s = p.sites[si];
-  for (int64_t i = 0; i < n; ++i) {
-    const LoraBlock& blk = s.blocks[blocks[i]];
-    prefetch_lines(blk.A, size_t((blk.r1 - blk.r0) * p.d_in) * es);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const LoraBlock& blk = s.blocks[blocks[i]];
-    prefetch_lines(blk.B, size_t(packed_rows(s.d_out) * (blk.r1 - blk.r0)) * es);
-  }
-}
-
 // The units of a few-token call (LoraWork): per site, union-find over its blocks with tokens
 // (two blocks that share a token are one unit: the token's expand sums both into one y row),
-// then each unit's blocks, shrink items and expand calls.
+// then each unit's shrink items and expand calls.
 static int32_t find(std::vector<int32_t>& parent, int32_t b) {
   while (parent[size_t(b)] != b) b = parent[size_t(b)] = parent[size_t(parent[size_t(b)])];
   return b;
@@ -182,20 +164,6 @@ static void build_units(const LoraMixParams& p, LoraWork& pl) {
       items[size_t(off[u] + pl.cursor[u]++)] = i;
     }
   };
-  const int64_t n_blocks = pl.site_block0.back();
-  std::vector<int64_t>& bs = pl.unit_blocks;  // a unit's blocks as site block indices
-  pl.unit_blocks_off.assign(nu + 1, 0);
-  int64_t nb = 0;
-  for (int64_t g = 0; g < n_blocks; ++g)
-    if (pl.block_unit[size_t(g)] >= 0) ++pl.unit_blocks_off[size_t(pl.block_unit[size_t(g)]) + 1], ++nb;
-  for (size_t u = 0; u < nu; ++u) pl.unit_blocks_off[u + 1] += pl.unit_blocks_off[u];
-  bs.resize(size_t(nb));
-  pl.cursor.assign(nu, 0);
-  for (int si = 0; si < p.n_sites; ++si)
-    for (int64_t b = 0; b < p.sites[si].n_blocks; ++b) {
-      const int64_t u = pl.block_unit[size_t(pl.site_block0[size_t(si)] + b)];
-      if (u >= 0) bs[size_t(pl.unit_blocks_off[size_t(u)] + pl.cursor[size_t(u)]++)] = b;
-    }
   csr(pl.unit_shrink_off, pl.unit_shrink, int64_t(pl.shrink.size()), [&](int64_t i) {
     const LoraWork::Shrink& it = pl.shrink[size_t(i)];
     return pl.block_unit[size_t(pl.site_block0[size_t(it.site)] + it.block)];
@@ -294,13 +262,12 @@ void expand_call(const Call& c, int64_t ci, int64_t p0, int64_t p1) {
   }
 }
 
-// A whole unit: its blocks' weights prefetched, its shrink items, then its expand calls over
-// all the site's output panels.
+// A whole unit: its shrink items, then its expand calls over all the site's output panels.
+// The kernels prefetch the rank rows ahead of their loads (a prefetch of the whole unit up
+// front measured no better than none: docs/performance.md).
 void unit_work(const Call& c, int64_t u, int tid) {
   const LoraWork& pl = c.pl;
   const int si = pl.unit_site[size_t(u)];
-  prefetch_blocks(c.p, si, pl.unit_blocks.data() + pl.unit_blocks_off[size_t(u)],
-                  pl.unit_blocks_off[size_t(u) + 1] - pl.unit_blocks_off[size_t(u)]);
   for (int64_t i = pl.unit_shrink_off[size_t(u)]; i < pl.unit_shrink_off[size_t(u) + 1]; ++i)
     shrink_item(c, pl.shrink[size_t(pl.unit_shrink[size_t(i)])], tid);
   const int64_t np = (c.p.sites[si].d_out + kPanel - 1) / kPanel;
@@ -360,8 +327,8 @@ static void build_work(const LoraMixParams& p, int n_threads, LoraWork& pl) {
   }
   // Decode-sized, or a decode batch: the time is the rank rows' DRAM latency, not
   // arithmetic. Units are independent (their u and y entries are apart): each thread takes
-  // whole units and prefetches their weights (two cores keep twice the misses in flight),
-  // with no barrier; a thread that joins late takes less.
+  // whole units (two cores keep twice the misses in flight; the kernels prefetch ahead
+  // within each unit), with no barrier; a thread that joins late takes less.
   pl.units = work < kLoraDecodeMacs || max_toks < kLoraPackMinTokens;
   pl.unit_site.clear();
   if (pl.units) {

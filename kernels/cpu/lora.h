@@ -22,8 +22,8 @@
 // rank columns of its blocks (the GEMM panel kernel with one k range per block).
 // Calls whose blocks all have few tokens (decode batches), or below kLoraDecodeMacs, run in
 // units: a site and the blocks that share its tokens (the groups a batch's tokens use); a
-// thread takes whole units, prefetches their weights (one run per block in an expert
-// shard's arena) and computes shrink and expand with no barrier. Larger ones: one parallel
+// thread takes whole units and computes shrink and expand with no barrier (the kernels
+// prefetch the rank rows a few lines ahead of their loads). Larger ones: one parallel
 // region, shrink+mix over (site, block, 32 rows) items, a barrier, expand over (site,
 // output-panel chunk) items; items are claimed from shared counters.
 #pragma once
@@ -49,7 +49,7 @@ constexpr int64_t kLoraPackMinTokens = 8;
 // Below this many multiply-adds a call is decode-sized (one token through one rank-8 expert
 // on q, k, v: ~2e4 MACs, ~40 kB): its time is the rank rows' DRAM latency, not arithmetic.
 // Such calls, and calls whose blocks all have fewer than kLoraPackMinTokens tokens, run in
-// units (below): each unit's weights prefetched at once, units on threads with no barrier;
+// units (below): units on threads with no barrier, the kernels prefetching ahead;
 // measured per SmolLM2 decode step in docs/performance.md.
 constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 
@@ -85,10 +85,10 @@ struct LoraWork {
   std::vector<int64_t> site_expand;  // [n_sites + 1]: each site's calls in expand
   // Units of a few-token call: (site, set of blocks that share tokens). Units write disjoint
   // u and y entries, so threads take whole units with no barrier. CSR lists per unit of its
-  // blocks (site block index), shrink items and expand calls.
+  // shrink items and expand calls.
   std::vector<int32_t> unit_site, parent, tok_owner;
   std::vector<int64_t> site_block0, block_unit, cursor;
-  std::vector<int64_t> unit_blocks_off, unit_blocks, unit_shrink_off, unit_shrink, unit_expand_off, unit_expand;
+  std::vector<int64_t> unit_shrink_off, unit_shrink, unit_expand_off, unit_expand;
 };
 
 // The work lists of the last kSlots call structures, and the per-thread workspace. A decode

@@ -38,7 +38,14 @@ void dots_tile(const LoraDotsParams& p, int64_t i0, int64_t j0) {
   for (int i = 0; i < RB; ++i)
     for (int j = 0; j < TB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
+  // The rows' lines 8 ahead of the loads (a decode call finds them in DRAM: RB short
+  // streams that the hardware prefetcher picks up late), once per line.
+  constexpr int64_t kLine = BF16 ? 32 : 16, kAhead = 8 * kLine;
   for (; k + 16 <= p.K; k += 16) {
+    if ((k & (kLine - 1)) == 0)
+      for (int i = 0; i < RB; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(a + size_t(i) * row_bytes + size_t(k + kAhead) * (BF16 ? 2 : 4)),
+                     _MM_HINT_T0);
     __m512 xv[TB];
     for (int j = 0; j < TB; ++j) xv[j] = _mm512_loadu_ps(xr[j] + k);
     for (int i = 0; i < RB; ++i) {
