@@ -15,8 +15,9 @@
 //   --base: instead, a decode step's base GEMMs too (random bf16 weights of the model's
 //   q|k|v, o, gate|up and down for every layer, on the CPU backend), timed two ways,
 //   interleaved step by step: the GEMMs alone; each GEMM then ExpertShard::apply, as the
-//   model's in-process experts run. Prints the median step of each, the extra time over the
-//   GEMMs, and where the mean step's time went.
+//   model's in-process experts run; each GEMM then a plain read of the lines apply reads
+//   (the bytes' floor: no arithmetic), on the pool's threads and on one. Prints the median
+//   step of each, the extra times over the GEMMs, and where the mean step's time went.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -134,9 +135,47 @@ int main(int argc, char** argv) {
         ws.reserve(be, be.workspace_bytes(p));
         be.matmul(p, ws.get());
       };
+      // The floor of the bytes: the lines apply() reads (A_b and B_b of the blocks these
+      // tokens use), per (layer, site input).
+      std::vector<std::vector<std::pair<const char*, size_t>>> lines(size_t(c.n_layers) * 4);
+      for (int l = 0; l < c.n_layers; ++l)
+        for (int i = 0; i < 4; ++i)
+          for (int k = 0; k < input_site_count(ins[i]); ++k) {
+            const ShardStack& st = shard.stack(l, Site(int(input_first_site(ins[i])) + k));
+            for (size_t bi = 0; bi < shard.block_columns().size(); ++bi) {
+              const auto [c0, c1] = shard.block_columns()[bi];
+              bool used = false;
+              for (int64_t t = 0; t < T; ++t)
+                for (int q = 0; q < K; ++q) used |= int((t + q) % nc) >= c0 && int((t + q) % nc) < c1;
+              const StackBlock& blk = st.block[bi];
+              if (!used || blk.r1 == blk.r0) continue;
+              const size_t rows = size_t(blk.r1 - blk.r0);
+              lines[size_t(l * 4 + i)].push_back({static_cast<const char*>(blk.A), rows * size_t(st.d_in) * 2});
+              lines[size_t(l * 4 + i)].push_back(
+                  {static_cast<const char*>(blk.B), rows * size_t((st.d_out + 31) / 32 * 32) * 2});
+            }
+          }
+      struct Touch {
+        const std::vector<std::pair<const char*, size_t>>* r;
+        float sum[64];
+      } touch_state{};
+      // Each line once, 8 lines ahead prefetched; thread tid of nt reads its share of each run.
+      const auto touch = [](Touch* ts, int tid, int nt) {
+        float acc = 0.f;
+        for (const auto& [ptr, n] : *ts->r) {
+          const size_t lo = n * size_t(tid) / size_t(nt) / 64 * 64, hi = n * size_t(tid + 1) / size_t(nt) / 64 * 64;
+          for (size_t o = lo; o < hi; o += 64) {
+            __builtin_prefetch(ptr + o + 512);
+            acc += *reinterpret_cast<const float*>(ptr + o);
+          }
+        }
+        ts->sum[tid % 64] += acc;
+      };
       // split[mode]: seconds in and after the GEMMs, summed over the timed steps.
-      double split[2][2] = {};
-      const auto run = [&](int mode, bool timed) {  // 0: GEMMs; 1: each GEMM then apply
+      double split[4][2] = {};
+      // 0: GEMMs; 1: each GEMM then apply; 2, 3: each GEMM then a read of apply's lines on
+      // the pool's threads, on one thread.
+      const auto run = [&](int mode, bool timed) {
         const double t0 = now_s();
         for (int l = 0; l < c.n_layers; ++l)
           for (int i = 0; i < 4; ++i) {
@@ -144,6 +183,11 @@ int main(int argc, char** argv) {
             gemm(l, i);
             const double q1 = now_s();
             if (mode == 1) shard.apply(l, ins[i], x.data(), din_max, coef.data(), nc, y.data(), 4 * din_max, T);
+            if (mode >= 2) {
+              touch_state.r = &lines[size_t(l * 4 + i)];
+              if (mode == 2) pool.run([&touch, ts = &touch_state](int tid, int nt) { touch(ts, tid, nt); });
+              else touch(&touch_state, 0, 1);
+            }
             if (timed) {
               split[mode][0] += q1 - q0;
               split[mode][1] += now_s() - q1;
@@ -152,12 +196,12 @@ int main(int argc, char** argv) {
         return now_s() - t0;
       };
       for (int i = 0; i < 5; ++i)
-        for (int m = 0; m < 2; ++m) run(m, false);
-      std::vector<double> ts[2];
+        for (int m = 0; m < 4; ++m) run(m, false);
+      std::vector<double> ts[4];
       for (int i = 0; i < S; ++i)
-        for (int m = 0; m < 2; ++m) ts[m].push_back(run(m, true));
-      double med[2];
-      for (int m = 0; m < 2; ++m) {
+        for (int m = 0; m < 4; ++m) ts[m].push_back(run(m, true));
+      double med[4];
+      for (int m = 0; m < 4; ++m) {
         std::sort(ts[m].begin(), ts[m].end());
         med[m] = ts[m][ts[m].size() / 2];
       }
@@ -165,6 +209,8 @@ int main(int argc, char** argv) {
                   pool.size(), be.description().c_str());
       std::printf("step: base GEMMs %.1f us, with the experts %.1f us (+%.1f%%; medians of %d)\n", med[0] * 1e6,
                   med[1] * 1e6, 100 * (med[1] / med[0] - 1), S);
+      std::printf("the bytes alone (a read of apply's lines after each GEMM): +%.1f%% on %d threads, +%.1f%% on one\n",
+                  100 * (med[2] / med[0] - 1), pool.size(), 100 * (med[3] / med[0] - 1));
       std::printf("mean step with the experts: GEMMs %.1f us (alone %.1f), experts %.1f us\n", split[1][0] / S * 1e6,
                   split[0][0] / S * 1e6, split[1][1] / S * 1e6);
       return 0;

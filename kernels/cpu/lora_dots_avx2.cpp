@@ -76,6 +76,7 @@ void dots_rows(const LoraDotsParams& p, int64_t i, int64_t j0) {
 template <bool BF16>
 void dots(const LoraDotsParams& p) {
   int64_t j = 0;
+  for (; j + 4 <= p.n_toks; j += 4) dots_rows<BF16, 2, 4>(p, 0, j);
   for (; j + 2 <= p.n_toks; j += 2) dots_rows<BF16, 4, 2>(p, 0, j);
   if (j < p.n_toks) dots_rows<BF16, 8, 1>(p, 0, j);
 }
