@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
 KEYS = ["prefill_tok_s", "decode_b1_tok_s", "decode_batch_tok_s", "experts_decode_b1_tok_s", "experts_decode_batch_tok_s",
-        "experts_b1_extra_time_pct", "experts_batch_extra_time_pct", "experts_b1_wait_pct", "experts_batch_wait_pct"]
+        "experts_b1_extra_time_pct", "experts_batch_extra_time_pct", "experts_b1_step_pct", "experts_batch_step_pct",
+        "experts_b1_wait_pct", "experts_batch_wait_pct"]
 
 
 def derive(j):
@@ -36,6 +37,8 @@ def derive(j):
         base, ex, split = j.get(f"decode_{b}_tok_s"), j.get(f"experts_decode_{b}_tok_s"), j.get(f"split_{b}")
         if base and ex and f"experts_{b}_extra_time_pct" not in j:  # builds before the paired steps
             j[f"experts_{b}_extra_time_pct"] = 100.0 * (base / ex - 1.0)
+        if f"experts_{b}_step_ratio_median" in j:  # the median paired step's extra time
+            j[f"experts_{b}_step_pct"] = 100.0 * (j[f"experts_{b}_step_ratio_median"] - 1.0)
         if split and split.get("step_ms"):
             j[f"experts_{b}_wait_pct"] = 100.0 * split["wait_ms"] / (split["step_ms"] - split["wait_ms"])
     return j
@@ -60,11 +63,13 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--bundle", default="", help="also bench with this bundle (--bundle, routing flags below)")
     ap.add_argument("--bundle-args", default="", help="extra flags for the bundle runs, e.g. '--top-k-groups 1'")
+    ap.add_argument("--bundle-only", action="store_true",
+                    help="skip the runs without a bundle (the bundle runs measure the base too, paired)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=3, help="atmoe bench --reps per run")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    configs = [("base", ["--model", a.model])]
+    configs = [] if a.bundle_only else [("base", ["--model", a.model])]
     if a.bundle:
         configs.append(("bundle", ["--model", a.model, "--bundle", a.bundle, *a.bundle_args.split()]))
     samples = {c: {"A": [], "B": []} for c, _ in configs}
