@@ -90,7 +90,8 @@ Runner add_bench(CLI::App& app) {
   app.add_option("--decode-tokens", o->decode, "Decode steps timed");
   app.add_option("--batch", o->batch, "Sequences for the batched decode measurement");
   app.add_option("--reps", o->reps,
-                 "Repetitions, base and experts interleaved (the median is reported, with the range)");
+                 "Repetitions; in each, base and experts decode steps alternate, each timed (the median is reported, "
+                 "with the range)");
   app.add_option("--json", o->json, "Also write the results as JSON to this file");
   app.add_flag("--check-tensors", o->check_tensors, "Check every base-model weight for NaN/Inf at load");
   app.add_flag("--spread-groups", o->spread,
@@ -150,9 +151,8 @@ Runner add_bench(CLI::App& app) {
       m->forward({{cache.get(), prompt.data(), int64_t(prompt.size()), LogitsMode::Last}}, logits);
       prefill_best = std::max(prefill_best, double(prompt.size()) / (now_s() - t0));
     }
-    // Decode at batch B: prefill a 32-token prompt per sequence, then time greedy steps.
-    // One timed run of B sequences; the callers interleave configurations rep by rep so the
-    // shared machine's drift hits base and experts alike.
+    // Decode at batch B: prefill a 32-token prompt per sequence, then time greedy steps
+    // (decode_pair below: base and experts steps alternate).
     // Where an experts step's time goes (the timed decode loops only): the dispatch's own
     // timers on rank 0 and, with worker ranks, their compute.
     struct Split {
@@ -244,7 +244,7 @@ Runner add_bench(CLI::App& app) {
         te += e;
         r.ratios.push_back(e / b);
       }
-      if (sp && ex) {  // the base steps route nothing: the dispatch's timers are the experts steps'
+      if (sp && ex) {  // the base steps post and wait nothing (their route() finds no routed row)
         sp->route += ex->times().route_s;
         sp->post += ex->times().post_s;
         sp->wait += ex->times().wait_s;
@@ -283,7 +283,9 @@ Runner add_bench(CLI::App& app) {
                                      *std::max_element(v.begin(), v.end()));
     };
     const double d1 = median(d1s), dB = median(dBs), e1 = median(e1s), eB = median(eBs);
-    double rss = double(peak_rss_kib()) / 1024.0;  // before the bandwidth probe's own 256 MiB buffer
+    // Before the bandwidth probe's own 256 MiB buffer; with a bundle it includes both sets of
+    // KV caches (base and experts sequences are live at once).
+    double rss = double(peak_rss_kib()) / 1024.0;
     // The floor's bandwidth where the weights live: host reads, or the device's own copy
     // (read + write bytes).
     double bw = device ? measure_device_bandwidth(*device) : measure_bandwidth(pool);
@@ -325,7 +327,8 @@ Runner add_bench(CLI::App& app) {
     std::cout << fmt::format("bandwidth    {:>9.2f} GB/s (measured read)\n", bw);
     std::cout << fmt::format("weights/step {:>9.1f} MiB -> floor {:.1f} tok/s at batch 1; b=1 reaches {:.0f}% of it\n",
                              wbytes / (1 << 20), floor_tps, 100.0 * d1 / floor_tps);
-    std::cout << fmt::format("peak RSS     {:>9.1f} MiB\n", rss);
+    std::cout << fmt::format("peak RSS     {:>9.1f} MiB{}\n", rss,
+                             experts || trex ? " (with the paired runs' two sets of KV caches)" : "");
     if (!o->json.empty()) {
       nlohmann::json j = {{"model", o->model},
                           {"dtype", dtype_name(m->dtype())},

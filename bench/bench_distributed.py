@@ -8,8 +8,9 @@ active whatever E is. "wide": 4 groups of E / 4 experts, so the active set grows
 With top-1 routing, atmoe bench --spread-groups biases sequence b to group b mod G: a
 batch of 16 spreads uniformly over the groups. Each configuration is one
 `mpirun -n N atmoe bench --bundle ...` (N = 1: the plain process): inside it, base-only
-and experts decode interleave rep by rep and the medians are kept with their range (atmoe
-bench). Bytes moved per token (data plane, both ways) and each rank's peak RSS come from
+and experts decode steps are paired (alternating, each timed; runs before 2026-12-07
+interleaved them rep by rep) and the medians are kept with their range (atmoe bench). Since
+the pairing, rank 0's peak RSS includes both sets of KV caches. Bytes moved per token (data plane, both ways) and each rank's peak RSS come from
 the same run. "bytes floor": the base's measured step plus the active experts' bf16 bytes
 at the bandwidth measured in the same run; the ratio says how close the experts come to
 costing only their bytes. A benchmark, not a test: numbers depend on the machine

@@ -24,20 +24,23 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
-KEYS = ["prefill_tok_s", "decode_b1_tok_s", "decode_batch_tok_s", "experts_decode_b1_tok_s", "experts_decode_batch_tok_s",
+KEYS = ["prefill_tok_s", "decode_b1_tok_s", "decode_batch_tok_s", "experts_decode_b1_tok_s",
+        "experts_decode_batch_tok_s",
         "experts_b1_extra_time_pct", "experts_batch_extra_time_pct", "experts_b1_step_pct", "experts_batch_step_pct",
         "experts_b1_wait_pct", "experts_batch_wait_pct"]
 
 
 def derive(j):
     """The bundle runs' cost over the base in the same run: extra time per token (base and
-    experts steps paired inside `atmoe bench`; older builds interleaved them rep by rep), and the expert wait as a share of
-    the base step (the wait is measured directly, so it moves less with the machine's drift)."""
+    experts steps paired inside `atmoe bench`; older builds interleaved them rep by rep), the
+    median paired step's, and the expert wait as a share of the base step (the wait is
+    measured directly, so it moves less with the machine's drift)."""
     for b in ("b1", "batch"):
         base, ex, split = j.get(f"decode_{b}_tok_s"), j.get(f"experts_decode_{b}_tok_s"), j.get(f"split_{b}")
         if base and ex and f"experts_{b}_extra_time_pct" not in j:  # builds before the paired steps
             j[f"experts_{b}_extra_time_pct"] = 100.0 * (base / ex - 1.0)
         if f"experts_{b}_step_ratio_median" in j:  # the median paired step's extra time
+            j["paired"] = True
             j[f"experts_{b}_step_pct"] = 100.0 * (j[f"experts_{b}_step_ratio_median"] - 1.0)
         if split and split.get("step_ms"):
             j[f"experts_{b}_wait_pct"] = 100.0 * split["wait_ms"] / (split["step_ms"] - split["wait_ms"])
@@ -69,6 +72,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="atmoe bench --reps per run")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.bundle_only and not a.bundle:
+        ap.error("--bundle-only needs --bundle")
     configs = [] if a.bundle_only else [("base", ["--model", a.model])]
     if a.bundle:
         configs.append(("bundle", ["--model", a.model, "--bundle", a.bundle, *a.bundle_args.split()]))
@@ -77,9 +82,13 @@ def main():
         for c, args in configs:
             for side, binary in (("A", a.a), ("B", a.b)):
                 j = run(binary, [*args, "--reps", str(a.reps)])
-                samples[c][side].append({k: j[k] for k in KEYS if k in j})
-                print(f"round {r + 1} {c} {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in samples[c][side][-1].items()),
-                      flush=True)
+                samples[c][side].append({k: j[k] for k in KEYS + ["paired"] if k in j})
+                vals = ", ".join(f"{k} {v:.1f}" for k, v in samples[c][side][-1].items() if k in KEYS)
+                print(f"round {r + 1} {c} {side}: {vals}", flush=True)
+    if a.bundle and any(s.get("paired", False) for s in samples["bundle"]["A"]) != any(
+            s.get("paired", False) for s in samples["bundle"]["B"]):
+        print("warning: one build pairs its steps and the other does not: the extra times are measured two ways",
+              file=sys.stderr)
     summary = {}
     print(f"\n{'config':<8} {'metric':<28} {'A (median, range)':>26} {'B (median, range)':>26} {'B/A, B-A':>8}")
     for c, _ in configs:

@@ -69,10 +69,12 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
     const size_t stride = size_t(p.k_range_w ? k1 - k0 : p.K) * kPanel;  // one panel's elements
     const size_t base = size_t(panel) * stride;
     // A LoRA expand's B_b (a few rank rows a panel, found cold in a decode step): the next
-    // tile's lines in flight while this one computes.
-    if (p.k_range_w) {
+    // tile's lines in flight while this one computes (once per panel, by its first tokens;
+    // only panels that exist).
+    if (p.k_range_w && t0 == 0) {
       constexpr size_t es = BF16 ? 2 : 4;
-      prefetch_lines(static_cast<const char*>(wr) + (base + NP * stride) * es, NP * stride * es);
+      const int64_t next = std::min<int64_t>(NP, (p.N + kPanel - 1) / kPanel - panel - NP);
+      if (next > 0) prefetch_lines(static_cast<const char*>(wr) + (base + NP * stride) * es, size_t(next) * stride * es);
     }
     for (int64_t k = k0; k < k1; ++k) {
 #pragma GCC unroll 2

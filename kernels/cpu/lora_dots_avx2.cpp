@@ -35,10 +35,10 @@ void dots_tile(const LoraDotsParams& p, int64_t i0, int64_t j0) {
     for (int j = 0; j < TB; ++j) acc[i][j] = _mm256_setzero_ps();
   const int64_t K8 = p.K / 8 * 8;
   // The rows' lines 8 ahead of the loads (a decode call finds them in DRAM: RB short
-  // streams that the hardware prefetcher picks up late), once per line.
+  // streams that the hardware prefetcher picks up late), once per line, within each row.
   constexpr int64_t kLine = 64 / int64_t(sizeof(W)), kAhead = 8 * kLine;
   for (int64_t k = 0; k < K8; k += 8) {
-    if ((k & (kLine - 1)) == 0)
+    if ((k & (kLine - 1)) == 0 && k + kAhead < p.K)
 #pragma GCC unroll 8
       for (int i = 0; i < RB; ++i) _mm_prefetch(reinterpret_cast<const char*>(a + i * p.K + k + kAhead), _MM_HINT_T0);
     __m256 xv[TB];

@@ -39,10 +39,10 @@ void dots_tile(const LoraDotsParams& p, int64_t i0, int64_t j0) {
     for (int j = 0; j < TB; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   // The rows' lines 8 ahead of the loads (a decode call finds them in DRAM: RB short
-  // streams that the hardware prefetcher picks up late), once per line.
+  // streams that the hardware prefetcher picks up late), once per line, within each row.
   constexpr int64_t kLine = BF16 ? 32 : 16, kAhead = 8 * kLine;
   for (; k + 16 <= p.K; k += 16) {
-    if ((k & (kLine - 1)) == 0)
+    if ((k & (kLine - 1)) == 0 && k + kAhead < p.K)
       for (int i = 0; i < RB; ++i)
         _mm_prefetch(reinterpret_cast<const char*>(a + size_t(i) * row_bytes + size_t(k + kAhead) * (BF16 ? 2 : 4)),
                      _MM_HINT_T0);

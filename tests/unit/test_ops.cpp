@@ -420,8 +420,8 @@ TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // 200 tokens: one parallel region over both threads, blocks with many tokens (rows packed
   // into a panel, the GEMM kernel); 13: the parallel region, most blocks packed, some with
   // fewer than kLoraPackMinTokens tokens (lora_dots); 6, 3 and 1: decode-sized calls (below
-  // kLoraDecodeMacs: units, here one per site as the tokens share groups; lora_dots in pairs
-  // of tokens, then one). ctest also runs this on the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
+  // kLoraDecodeMacs: units, here one per site as the tokens share groups; lora_dots in tiles
+  // of 4 or 2 tokens, then one). ctest also runs this on the AVX2 and scalar kernels (ATMOE_FORCE_ISA).
   check_lora_mix(200, 3);
   check_lora_mix(13, 0);
   check_lora_mix(6, 4);
@@ -430,6 +430,52 @@ TEST(CpuSpecLoraMix, ShrinkMixExpandMatchesPerExpertFloat64) {
   // A decode batch whose tokens each use one group: one unit per (site, group), taken by
   // both threads with no barrier (lora.h); 18 tokens: three per group.
   check_lora_mix(18, 5, /*spread=*/true);
+}
+
+TEST(CpuSpecLoraDots, ATokensSumsDoNotDependOnItsBatch) {
+  // lora.h: every (row, token) sum is formed in the same order whatever the other rows and
+  // tokens of the call are. A token alone, and the same token inside calls of 2 to 7 tokens
+  // (tiles of 4, 2 and 1 tokens, of 8, 4, 2 and 1 rows), give the same bits; rows 1 to 11,
+  // K with and without a tail past the vectors, f32 and bf16, every ISA ctest forces.
+  std::mt19937_64 rng(test_seed() + 12);
+  const auto dots = cpu::lora_dots_kernel();
+  for (DType dt : {DType::F32, DType::BF16})
+    for (int64_t K : {64, 77, 300})
+      for (int64_t rows : {1, 3, 8, 11}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " K " + std::to_string(K) + " rows " + std::to_string(rows));
+        const auto Af = randn(size_t(rows * K), rng, 0.3f);
+        std::vector<uint16_t> Ab(Af.size());
+        for (size_t i = 0; i < Af.size(); ++i) Ab[i] = f32_to_bf16(Af[i]);
+        const int64_t n_rows_x = 9;
+        const auto x = randn(size_t(n_rows_x * K), rng);
+        cpu::LoraDotsParams p;
+        p.A = dt == DType::F32 ? static_cast<const void*>(Af.data()) : Ab.data();
+        p.dtype = dt;
+        p.K = K;
+        p.rows = rows;
+        p.x = x.data();
+        p.ldx = K;
+        p.ldu = rows;
+        std::vector<int32_t> toks{4};
+        std::vector<float> alone = poisoned(size_t(n_rows_x * rows));
+        p.toks = toks.data();
+        p.n_toks = 1;
+        p.u = alone.data();
+        dots(p);
+        for (int n = 2; n <= 7; ++n)
+          for (int at = 0; at < n; ++at) {  // token 4 at every place of the call
+            toks.clear();
+            for (int j = 1; j < n; ++j) toks.push_back(int32_t((4 + 2 * j) % n_rows_x));
+            toks.insert(toks.begin() + at, 4);
+            std::vector<float> u = poisoned(size_t(n_rows_x * rows));
+            p.toks = toks.data();
+            p.n_toks = n;
+            p.u = u.data();
+            dots(p);
+            EXPECT_EQ(std::memcmp(u.data() + 4 * rows, alone.data() + 4 * rows, size_t(rows) * sizeof(float)), 0)
+                << n << " tokens, token 4 at " << at;
+          }
+      }
 }
 
 TEST(CpuSpecLoraMix, WorkListsReusedOnlyForTheSameStructure) {
