@@ -150,10 +150,12 @@ int main(int argc, char** argv) {
                 for (int q = 0; q < K; ++q) used |= int((t + q) % nc) >= c0 && int((t + q) % nc) < c1;
               const StackBlock& blk = st.block[bi];
               if (!used || blk.r1 == blk.r0) continue;
-              const size_t rows = size_t(blk.r1 - blk.r0);
-              lines[size_t(l * 4 + i)].push_back({static_cast<const char*>(blk.A), rows * size_t(st.d_in) * 2});
+              const int64_t rows = blk.r1 - blk.r0;
+              const DType dt = shard.spec().dtype;
               lines[size_t(l * 4 + i)].push_back(
-                  {static_cast<const char*>(blk.B), rows * size_t((st.d_out + 31) / 32 * 32) * 2});
+                  {static_cast<const char*>(blk.A), size_t(rows * st.d_in) * dtype_size(dt)});
+              lines[size_t(l * 4 + i)].push_back(
+                  {static_cast<const char*>(blk.B), be.lora_b_bytes(st.d_out, rows, dt)});
             }
           }
       struct Touch {
