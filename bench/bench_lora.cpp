@@ -16,7 +16,8 @@
 //   q|k|v, o, gate|up and down for every layer, on the CPU backend), timed two ways,
 //   interleaved step by step: the GEMMs alone; each GEMM then ExpertShard::apply, as the
 //   model's in-process experts run; each GEMM then a plain read of the lines apply reads
-//   (the bytes' floor: no arithmetic), on the pool's threads and on one. Prints the median
+//   (the bytes' floor: no arithmetic), on the pool's threads and on one; the experts beside
+//   each GEMM (ExpertShard::post before it, finish after, as the model runs them). Prints the median
 //   step of each, the extra times over the GEMMs, and where the mean step's time went.
 #include <algorithm>
 #include <atomic>
@@ -178,18 +179,21 @@ int main(int argc, char** argv) {
         ts->sum.fetch_add(acc, std::memory_order_relaxed);
       };
       // split[mode]: seconds in and after the GEMMs, summed over the timed steps.
-      double split[4][2] = {};
+      double split[5][2] = {};
       // 0: GEMMs; 1: each GEMM then apply; 2, 3: each GEMM then a read of apply's lines on
-      // the pool's threads, on one thread.
+      // the pool's threads, on one thread; 4: the experts beside each GEMM (ExpertShard::
+      // post, the GEMM, finish: as the model runs them).
       const auto run = [&](int mode, bool timed) {
         const double t0 = now_s();
         for (int l = 0; l < c.n_layers; ++l)
           for (int i = 0; i < 4; ++i) {
             const double q0 = now_s();
+            if (mode == 4) shard.post(l, ins[i], x.data(), din_max, coef.data(), nc, T);
             gemm(l, i);
             const double q1 = now_s();
             if (mode == 1) shard.apply(l, ins[i], x.data(), din_max, coef.data(), nc, y.data(), 4 * din_max, T);
-            if (mode >= 2) {
+            if (mode == 4) shard.finish(y.data(), 4 * din_max);
+            if (mode == 2 || mode == 3) {
               touch_state.r = &lines[size_t(l * 4 + i)];
               if (mode == 2) pool.run([&touch, ts = &touch_state](int tid, int nt) { touch(ts, tid, nt); });
               else touch(&touch_state, 0, 1);
@@ -202,13 +206,13 @@ int main(int argc, char** argv) {
         return now_s() - t0;
       };
       for (int i = 0; i < 5; ++i)
-        for (int m = 0; m < 4; ++m) run(m, false);
-      std::vector<double> ts[4];
+        for (int m = 0; m < 5; ++m) run(m, false);
+      std::vector<double> ts[5];
       for (int i = 0; i < S; ++i)
-        for (int m = 0; m < 4; ++m) ts[m].push_back(run(m, true));
+        for (int m = 0; m < 5; ++m) ts[m].push_back(run(m, true));
       sink = sink + float(touch_state.sum.load());
-      double med[4];
-      for (int m = 0; m < 4; ++m) {
+      double med[5];
+      for (int m = 0; m < 5; ++m) {
         std::sort(ts[m].begin(), ts[m].end());
         med[m] = ts[m][ts[m].size() / 2];
       }
@@ -218,6 +222,7 @@ int main(int argc, char** argv) {
                   med[1] * 1e6, 100 * (med[1] / med[0] - 1), S);
       std::printf("the bytes alone (a read of apply's lines after each GEMM): +%.1f%% on %d threads, +%.1f%% on one\n",
                   100 * (med[2] / med[0] - 1), pool.size(), 100 * (med[3] / med[0] - 1));
+      std::printf("the experts beside each GEMM (post, GEMM, finish): +%.1f%%\n", 100 * (med[4] / med[0] - 1));
       std::printf("mean step with the experts: GEMMs %.1f us (alone %.1f), experts %.1f us\n", split[1][0] / S * 1e6,
                   split[0][0] / S * 1e6, split[1][1] / S * 1e6);
       return 0;

@@ -57,16 +57,21 @@ void LocalExperts::unload_adapter(int col) {
 }
 
 void LocalExperts::post(int layer, SiteInput in, const float* x, int64_t ldx, const StepRouting& r) {
-  (void)layer;
-  (void)in;
-  (void)r;
   x_ = x;
   ldx_ = ldx;
+  // The shard's experts beside the base GEMM that follows (ExpertShard::post); the
+  // run-time adapters' in wait().
+  const int64_t ld = int64_t(shard_.column_expert().size() + adapters_.size());
+  posted_ = shard_.post(layer, in, x, ldx, coef_.data(), ld, r.T);
 }
 
 void LocalExperts::wait(int layer, SiteInput in, float* y, int64_t ldy, const StepRouting& r) {
   const int64_t nc = int64_t(shard_.column_expert().size()), ld = nc + int64_t(adapters_.size());
-  shard_.apply(layer, in, x_, ldx_, coef_.data(), ld, y, ldy, r.T);
+  if (posted_)
+    shard_.finish(y, ldy);
+  else
+    shard_.apply(layer, in, x_, ldx_, coef_.data(), ld, y, ldy, r.T);
+  posted_ = false;
   for (size_t k = 0; k < adapters_.size(); ++k)
     adapters_[k].second->apply(layer, in, x_, ldx_, coef_.data() + nc + int64_t(k), ld, y, ldy, r.T);
 }

@@ -85,6 +85,7 @@ class LocalExperts : public ExpertBackend {
   std::vector<float> coef_;  // [T, shard columns + adapters]
   const float* x_ = nullptr;
   int64_t ldx_ = 0;
+  bool posted_ = false;  // post() left the shard's experts pending (finish them in wait())
 };
 
 class ExpertPool : public ExpertDispatch {

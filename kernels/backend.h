@@ -69,6 +69,18 @@ class Backend {
   virtual void attention(const ops::AttentionParams& p, void* ws) = 0;
   virtual size_t workspace_bytes(const ops::LoraMixParams& p) const = 0;
   virtual void lora_mix(const ops::LoraMixParams& p, void* ws) = 0;
+  // lora_mix(p) beside this backend's next parallel op instead of now (the CPU: on one
+  // pool thread while the others run the base GEMM that follows; ThreadPool::set_side_job).
+  // p, ws and everything p points to must stay as they are until lora_mix_join(). False when
+  // the backend does not (then nothing is pending: call lora_mix).
+  virtual bool lora_mix_beside(const ops::LoraMixParams& p, void* ws) {
+    (void)p;
+    (void)ws;
+    return false;
+  }
+  // After the op that followed lora_mix_beside: the pending lora_mix has finished when this
+  // returns (run here when no op took it).
+  virtual void lora_mix_join() {}
   virtual size_t workspace_bytes(const ops::TrexParams& p) const = 0;
   virtual void trex(const ops::TrexParams& p, void* ws) = 0;
   virtual void softmax_rows(const ops::SoftmaxParams& p) = 0;

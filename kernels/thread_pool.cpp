@@ -276,6 +276,13 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   const int64_t chunks = (n + chunk - 1) / chunk;
   alignas(64) std::atomic<int64_t> next{0};
   run_dynamic([&](int tid, int) {
+    // A worker takes the side job, if one is set, before its chunks (the caller never
+    // does: when no worker joins, take_side_job() hands it back to its owner).
+    if (tid != 0 && side_.load(std::memory_order_relaxed))
+      if (const auto* job = side_.exchange(nullptr, std::memory_order_acquire)) {
+        side_taken_.fetch_add(1, std::memory_order_relaxed);
+        (*job)(tid);
+      }
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       fn(c * chunk, std::min(n, (c + 1) * chunk));
       if (tid == 0 && progress_) progress_();  // the caller: the thread that owns MPI

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <utility>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -335,6 +336,70 @@ void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, co
   be_->lora_mix(p, s_.ws.get());
   counters_.applies += 1;
   counters_.token_rows += used_rows;
+}
+
+bool ExpertShard::post(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc,
+                       int64_t T) const {
+  abandon();                              // a post() whose finish() never came (an exception in between)
+  if (!be_->host_memory()) return false;  // coef is uploaded in apply(); the deltas are host rows
+  const int64_t W = out_cols(in);
+  if (s_.delta.size() < size_t(T * W)) s_.delta.assign(size_t(T * W), 0.f);  // else zero already
+  const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, s_.delta.data(), W, T, s_.post);
+  if (used_rows == 0) return true;  // nothing to add
+  s_.ws.reserve(*be_, be_->workspace_bytes(s_.post));
+  counters_.applies += 1;
+  counters_.token_rows += used_rows;
+  if (!be_->lora_mix_beside(s_.post, s_.ws.get())) {
+    s_.pending = Scratch::Pending::After;  // finish() runs it into y
+    return true;
+  }
+  s_.pending = Scratch::Pending::Beside;
+  s_.delta_ld = W;
+  s_.delta_rows.clear();
+  const size_t nb = block_cols_.size();
+  for (int64_t t = 0; t < T; ++t)
+    if (std::any_of(s_.uses.begin() + int64_t(size_t(t) * nb), s_.uses.begin() + int64_t(size_t(t + 1) * nb),
+                    [](uint8_t u) { return u != 0; }))
+      s_.delta_rows.push_back(int32_t(t));
+  return true;
+}
+
+void ExpertShard::abandon() const {
+  const Scratch::Pending pending = std::exchange(s_.pending, Scratch::Pending::None);
+  if (pending != Scratch::Pending::Beside) return;
+  be_->lora_mix_join();
+  for (int32_t t : s_.delta_rows) std::fill_n(s_.delta.begin() + int64_t(t) * s_.delta_ld, s_.delta_ld, 0.f);
+}
+
+ExpertShard::~ExpertShard() {
+  abandon();
+}
+
+void ExpertShard::finish(float* y, int64_t ldy) const {
+  const Scratch::Pending pending = std::exchange(s_.pending, Scratch::Pending::None);
+  if (pending == Scratch::Pending::None) return;
+  const int n_sites = int(s_.post.n_sites);
+  if (pending == Scratch::Pending::After) {  // the backend declined: now, into y
+    for (int i = 0; i < n_sites; ++i) {
+      s_.sites[i].y = y + (s_.sites[i].y - s_.delta.data());
+      s_.sites[i].ldy = ldy;
+    }
+    be_->lora_mix(s_.post, s_.ws.get());
+    return;
+  }
+  be_->lora_mix_join();
+  // The posted sites' columns of each row that used a block: y += Δ, and Δ = 0 again.
+  for (int32_t t : s_.delta_rows)
+    for (int i = 0; i < n_sites; ++i) {
+      const ops::LoraSite& ls = s_.sites[i];
+      const int64_t col = ls.y - s_.delta.data();
+      float* d = s_.delta.data() + int64_t(t) * s_.delta_ld + col;
+      float* yr = y + int64_t(t) * ldy + col;
+      for (int64_t j = 0; j < ls.d_out; ++j) {
+        yr[j] += d[j];
+        d[j] = 0.f;
+      }
+    }
 }
 
 std::unique_ptr<ExpertShard> adapter_shard(const ShardSpec& base, const std::string& name, const std::string& dir) {

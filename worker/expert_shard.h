@@ -65,6 +65,9 @@ class ExpertShard {
   // Loads the experts of spec.groups (and the general expert): each adapter is read,
   // checked, copied into the stacks and dropped before the next one is read.
   ExpertShard(const Bundle& b, const ShardSpec& spec);
+  ~ExpertShard();
+  ExpertShard(const ExpertShard&) = delete;
+  ExpertShard& operator=(const ExpertShard&) = delete;
 
   const ShardSpec& spec() const { return spec_; }
   int n_columns() const { return int(column_expert_.size()); }
@@ -86,6 +89,15 @@ class ExpertShard {
   // Not thread-safe (one scratch per shard).
   void apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
              int64_t ldy, int64_t T) const;
+  // apply() in two halves around the base GEMM of `in`, the experts computed beside it
+  // (Backend::lora_mix_beside: on the CPU, one pool thread computes them while the others
+  // stream the GEMM's weights): post() before the GEMM, finish(y) after it adds the deltas
+  // into y. Same arguments as apply(); x and coef must stay as they are until finish().
+  // post() returns false when the backend cannot (nothing is pending: call apply()).
+  // A post() without its finish() (an exception in between) is joined and dropped by the
+  // next post() or by the destructor.
+  bool post(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, int64_t T) const;
+  void finish(float* y, int64_t ldy) const;
 
   // Work done since construction (tests and benchmarks).
   struct Counters {
@@ -112,11 +124,22 @@ class ExpertShard {
     Buffer coef;  // device backends: coef in backend memory
     std::vector<uint8_t> uses;
     ops::LoraSite sites[3];
+    // post(): its op (sites[]: the deltas [T, out_cols], which are zero outside a posted
+    // call: finish() adds and clears the rows it wrote), their row stride, the tokens that
+    // use a block, and what finish() has to do: join the backend's computation beside the
+    // GEMM and add the deltas, or (the backend declined) run the op into y.
+    ops::LoraMixParams post;
+    std::vector<float> delta;
+    int64_t delta_ld = 0;
+    std::vector<int32_t> delta_rows;
+    enum class Pending { None, Beside, After } pending = Pending::None;
   };
   mutable Scratch s_;
   // s_.uses[t * n_blocks + b] = token t gives block b a nonzero coefficient; returns the
   // number of tokens that use any block.
   int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
+  // Joins a pending post() and clears its deltas without adding them anywhere.
+  void abandon() const;
   // Prefetches the descriptors of (layer, in)'s stacks: their block tables and (host
   // memory) row tables.
   void prefetch_input(int layer, SiteInput in) const;

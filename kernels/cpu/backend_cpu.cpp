@@ -33,6 +33,7 @@ constexpr size_t kHuge = size_t(2) << 20, kHugeMin = size_t(4) << 20;
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(ThreadPool& pool) : pool_(pool) {}
+  ~CpuBackend() override { pool_.take_side_job(&beside_job_); }  // never leave the pool a dangling job
 
   const char* name() const override { return "cpu"; }
   std::string description() const override {
@@ -105,6 +106,17 @@ class CpuBackend final : public Backend {
     c.plan = &plan_;
     cpu::lora_mix_apply(c, pool_);
   }
+  bool lora_mix_beside(const ops::LoraMixParams& p, void* ws) override {
+    if (pool_.size() < 2 || cpu::lora_mix_macs(p) > cpu::kLoraBesideMacs) return false;
+    beside_ = cpu::LoraMixParams(p);
+    beside_.u = static_cast<float*>(ws);
+    beside_.plan = &plan_;
+    pool_.set_side_job(&beside_job_);
+    return true;
+  }
+  void lora_mix_join() override {
+    if (pool_.take_side_job(&beside_job_)) cpu::lora_mix_apply(beside_, pool_);  // no region took it
+  }
   size_t workspace_bytes(const ops::TrexParams& p) const override {
     return size_t(cpu::trex_workspace_floats(cpu::TrexParams(p))) * 4;
   }
@@ -135,6 +147,11 @@ class CpuBackend final : public Backend {
  private:
   ThreadPool& pool_;
   cpu::LoraPlan plan_;
+  // lora_mix_beside: its params, and the side job that runs them on the thread that takes it.
+  cpu::LoraMixParams beside_;
+  const std::function<void(int)> beside_job_ = [this](int tid) {
+    cpu::lora_mix_apply_alone(beside_, pool_.size(), tid);
+  };
   std::vector<std::pair<float, int32_t>> scratch_;
 };
 

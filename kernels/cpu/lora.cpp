@@ -23,6 +23,16 @@ int64_t lora_workspace_floats(const LoraMixParams& p) {
   return p.T * R;
 }
 
+int64_t lora_mix_macs(const ops::LoraMixParams& p) {
+  int64_t macs = 0;
+  for (int si = 0; si < p.n_sites; ++si) {
+    const LoraSite& s = p.sites[si];
+    for (int64_t b = 0; b < s.n_blocks; ++b)
+      macs += (s.blocks[b].r1 - s.blocks[b].r0) * s.blocks[b].n_toks * (p.d_in + s.d_out);
+  }
+  return macs;
+}
+
 // Shrink items: every block with tokens, in pieces of at most 32 rows. Expand calls: per
 // site, runs of consecutive blocks with the same token list merged into one call over
 // several k ranges.
@@ -388,15 +398,35 @@ static const LoraWork& find_work(const LoraMixParams& p, int n_threads, LoraPlan
   return *w;
 }
 
+// The call's shared state (c.panel_ws: n_threads slices of the plan's workspace).
+static Call make_call(const LoraMixParams& p, const LoraWork& pl, int n_threads) {
+  Call c{p, pl, panel_kernel(), lora_dots_kernel(), pl.ldu, dtype_size(p.dtype), 0, nullptr};
+  c.ws_per = size_t(kPanel * p.d_in) * c.esize;
+  std::vector<uint8_t>& ws = p.plan->panel_ws;
+  if (ws.size() < c.ws_per * size_t(n_threads)) ws.assign(c.ws_per * size_t(n_threads), 0);
+  c.panel_ws = ws.data();
+  return c;
+}
+
+void lora_mix_apply_alone(const LoraMixParams& p, int n_threads, int tid) {
+  ATMOE_ASSERT(p.plan != nullptr && p.n_sites >= 0 && tid >= 0 && tid < n_threads);
+  const LoraWork& pl = find_work(p, n_threads, *p.plan);
+  if (pl.shrink.empty()) return;
+  const Call c = make_call(p, pl, n_threads);
+  if (pl.units) {
+    for (int64_t u = 0; u < int64_t(pl.unit_site.size()); ++u) unit_work(c, u, tid);
+    return;
+  }
+  for (const auto& it : pl.shrink) shrink_item(c, it, tid);  // then the expand: no barrier alone
+  for (const auto& ch : pl.chunks)
+    for (int64_t ci = ch.call0; ci < ch.call1; ++ci) expand_call(c, ci, ch.p0, ch.p1);
+}
+
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool) {
   ATMOE_ASSERT(p.plan != nullptr && p.n_sites >= 0);
   const LoraWork& pl = find_work(p, pool.size(), *p.plan);
   if (pl.shrink.empty()) return;
-  Call c{p, pl, panel_kernel(), lora_dots_kernel(), pl.ldu, dtype_size(p.dtype), 0, nullptr};
-  c.ws_per = size_t(kPanel * p.d_in) * c.esize;
-  std::vector<uint8_t>& ws = p.plan->panel_ws;
-  if (ws.size() < c.ws_per * size_t(pool.size())) ws.assign(c.ws_per * size_t(pool.size()), 0);
-  c.panel_ws = ws.data();
+  const Call c = make_call(p, pl, pool.size());
 
   // The parallel regions' state, reached through one pointer: a lambda that captures only
   // it fits std::function's inline storage (no allocation per call).

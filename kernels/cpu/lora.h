@@ -53,6 +53,16 @@ constexpr int64_t kLoraPackMinTokens = 8;
 // measured per SmolLM2 decode step in docs/performance.md.
 constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 
+// Calls of at most this many multiply-adds (one token through one rank-8 expert group on a
+// site input: 1e4-3.4e4 for SmolLM2) run beside the base GEMM when the caller asks
+// (Backend::lora_mix_beside): one thread reads their rank rows while the others stream the
+// GEMM's weights. Measured per decode step (docs/performance.md): one token, a gain; two
+// tokens in two groups, even; four in four groups and batch 16, a loss (one thread then
+// computes more than it saves).
+constexpr int64_t kLoraBesideMacs = int64_t(1) << 16;
+// The multiply-adds of a call: Σ over blocks of rows × tokens × (d_in + d_out).
+int64_t lora_mix_macs(const ops::LoraMixParams& p);
+
 // The work lists of one call structure (the sites' ranks, widths and blocks, the tokens of
 // each block), built once and reused while the structure repeats (lora_mix_apply).
 struct LoraWork {
@@ -145,6 +155,10 @@ struct LoraMixParams : ops::LoraMixParams {
 // Floats of u for these sites and T tokens (the plan holds the rest of the workspace).
 int64_t lora_workspace_floats(const LoraMixParams& p);
 void lora_mix_apply(const LoraMixParams& p, ThreadPool& pool);
+// The same on the calling thread alone, as thread `tid` of a pool of n_threads (its slice
+// of the per-thread workspace; the work lists of the pool's calls): a side job beside the
+// base GEMM (ThreadPool::set_side_job). Same results as lora_mix_apply.
+void lora_mix_apply_alone(const LoraMixParams& p, int n_threads, int tid);
 void lora_mix_apply_ref(const LoraMixParams& p);  // float64, single-threaded, no workspace
 
 }  // namespace atmoe::cpu

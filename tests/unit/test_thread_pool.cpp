@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -308,6 +309,79 @@ TEST(ThreadPool, BarrierSeparatesPhases) {
       ASSERT_EQ(stale.load(), 0) << "threads " << nt << " rep " << rep;
     }
   }
+}
+
+TEST(ThreadPool, SideJobRunsOnceOnAWorkerBesideTheChunksOrComesBack) {
+  // The in-process experts beside the base GEMM: a side job set before a parallel_for is run
+  // once, by a worker (never the caller), before that worker's chunks, while the chunks are
+  // still all done exactly once; take_side_job() then says it ran. A one-thread pool, a
+  // range of one chunk and no region at all hand it back untaken. Each chunk spins until the
+  // job is taken (bounded), so a worker that exists takes it on a busy machine too.
+  Watchdog wd(std::chrono::seconds(300));
+  for (int nt : pool_sizes()) {
+    ThreadPool pool(nt);
+    const std::thread::id caller = std::this_thread::get_id();
+    for (int rep = 0; rep < 50; ++rep) {
+      std::atomic<int> runs{0};
+      std::atomic<bool> on_caller{false}, bad_tid{false}, after_a_chunk{false};
+      std::atomic<int64_t> chunks_done{0};
+      const std::function<void(int)> job = [&](int tid) {
+        on_caller = on_caller || std::this_thread::get_id() == caller;
+        bad_tid = bad_tid || tid <= 0 || tid >= nt;
+        runs.fetch_add(1);
+      };
+      const int64_t taken0 = pool.side_jobs_taken();
+      pool.set_side_job(&job);
+      const int64_t n = 64;
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+      pool.parallel_for(n, [&](int64_t b, int64_t e) {
+        const auto t0 = std::chrono::steady_clock::now();
+        while (nt > 1 && runs.load() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+          std::this_thread::yield();
+        if (std::this_thread::get_id() != caller && runs.load() == 0) after_a_chunk = true;
+        for (int64_t i = b; i < e; ++i) hits[size_t(i)].fetch_add(1);
+        chunks_done.fetch_add(1);
+      });
+      int64_t wrong = 0;
+      for (auto& h : hits) wrong += h.load() != 1;
+      ASSERT_EQ(wrong, 0) << "threads " << nt;
+      const bool returned = pool.take_side_job(&job);
+      ASSERT_FALSE(on_caller.load()) << "threads " << nt;
+      ASSERT_FALSE(bad_tid.load()) << "threads " << nt;
+      if (nt == 1) {
+        ASSERT_TRUE(returned);  // one thread: no worker to run it beside the chunks
+        ASSERT_EQ(runs.load(), 0);
+      } else {
+        ASSERT_FALSE(returned) << "threads " << nt << " rep " << rep;  // the chunks waited for a worker to take it
+        ASSERT_EQ(runs.load(), 1) << "threads " << nt;
+        ASSERT_EQ(pool.side_jobs_taken(), taken0 + 1);
+      }
+      ASSERT_FALSE(after_a_chunk.load()) << "a worker ran a chunk before the side job it took";
+      ASSERT_FALSE(pool.take_side_job(&job));  // nothing pending any more
+    }
+    // One chunk (run inline) and no region at all: the job stays pending and comes back.
+    std::atomic<int> runs{0};
+    const std::function<void(int)> job = [&](int) { runs.fetch_add(1); };
+    pool.set_side_job(&job);
+    pool.parallel_for(1, [](int64_t, int64_t) {});
+    EXPECT_TRUE(pool.take_side_job(&job)) << "threads " << nt;
+    pool.set_side_job(&job);
+    EXPECT_TRUE(pool.take_side_job(&job)) << "threads " << nt;
+    EXPECT_EQ(runs.load(), 0);
+  }
+  // A side job that throws: the exception reaches the caller of the region that ran it.
+  ThreadPool pool(2);
+  const std::function<void(int)> boom = [](int) { throw std::runtime_error("side job"); };
+  pool.set_side_job(&boom);
+  EXPECT_THROW(pool.parallel_for(64,
+                                 [&](int64_t, int64_t) {
+                                   const auto t0 = std::chrono::steady_clock::now();
+                                   while (pool.side_jobs_taken() == 0 &&
+                                          std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+                                     std::this_thread::yield();
+                                 }),
+               std::runtime_error);
+  EXPECT_FALSE(pool.take_side_job(&boom));
 }
 
 TEST(ThreadPool, ExceptionsReachTheCaller) {
