@@ -27,8 +27,10 @@ struct SeqRouting;
 // Time the model spent in the dispatch since the last reset (benchmarks: the per-step split).
 struct DispatchTimes {
   double route_s = 0;  // routing (router GEMVs, coefficients)
-  double post_s = 0;   // handing over activations (in-process: nothing; remote: pack + send)
-  double wait_s = 0;   // after the base GEMM: in-process, the experts' compute; remote, the
+  double post_s = 0;   // handing over activations (in-process: building the call, handed to
+                       // a thread beside the base GEMM when decode-sized; remote: pack + send)
+  double wait_s = 0;   // after the base GEMM: in-process, the experts' compute, or joining the
+                       // computation beside the GEMM and adding its deltas; remote, the
                        // exposed wait for the workers' partial sums and adding them
   int64_t steps = 0;   // forwards
 };

@@ -69,18 +69,25 @@ class Backend {
   virtual void attention(const ops::AttentionParams& p, void* ws) = 0;
   virtual size_t workspace_bytes(const ops::LoraMixParams& p) const = 0;
   virtual void lora_mix(const ops::LoraMixParams& p, void* ws) = 0;
-  // lora_mix(p) beside this backend's next parallel op instead of now (the CPU: on one
-  // pool thread while the others run the base GEMM that follows; ThreadPool::set_side_job).
-  // p, ws and everything p points to must stay as they are until lora_mix_join(). False when
-  // the backend does not (then nothing is pending: call lora_mix).
+  // lora_mix(p) beside the next parallel op instead of now (the CPU: a side job of this
+  // backend's pool, run by one of its threads while the others run the next parallel_for on
+  // that pool, the model's base GEMM; ThreadPool::set_side_job). lora_mix_beside_ok(p):
+  // whether it would (callers point p at rows of their own first). p, ws and everything p
+  // points to must stay as they are until lora_mix_join() or lora_mix_cancel().
+  virtual bool lora_mix_beside_ok(const ops::LoraMixParams& p) const {
+    (void)p;
+    return false;
+  }
   virtual bool lora_mix_beside(const ops::LoraMixParams& p, void* ws) {
     (void)p;
     (void)ws;
     return false;
   }
   // After the op that followed lora_mix_beside: the pending lora_mix has finished when this
-  // returns (run here when no op took it).
+  // returns (run here when no thread took it).
   virtual void lora_mix_join() {}
+  // Drops a pending lora_mix_beside: not run if no thread took it yet, finished if one did.
+  virtual void lora_mix_cancel() {}
   virtual size_t workspace_bytes(const ops::TrexParams& p) const = 0;
   virtual void trex(const ops::TrexParams& p, void* ws) = 0;
   virtual void softmax_rows(const ops::SoftmaxParams& p) = 0;

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "common/env.h"
+#include "common/error.h"
 #include "common/log.h"
 
 namespace atmoe {
@@ -256,7 +257,28 @@ void ThreadPool::run_dynamic(const std::function<void(int, int)>& fn) {
   finish(own);
 }
 
+void ThreadPool::set_side_job(const std::function<void(int)>* job) {
+  ATMOE_ASSERT(job != nullptr && !side_job_pending());
+  side_ = job;
+}
+
+bool ThreadPool::take_side_job(const std::function<void(int)>* job) {
+  for (const std::function<void(int)>** slot : {&side_, &side_back_})
+    if (*slot == job) {
+      *slot = nullptr;
+      return true;
+    }
+  return false;
+}
+
+bool ThreadPool::side_job_pending() const {
+  return side_ != nullptr || side_back_ != nullptr;
+}
+
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain) {
+  // The side job is offered to this region only (thread_pool.h); untaken, it goes back.
+  const std::function<void(int)>* side = std::exchange(side_, nullptr);
+  if (side) side_back_ = side;
   if (n <= 0) return;
   if (grain < 1) grain = 1;
   const int64_t units = (n + grain - 1) / grain;
@@ -275,19 +297,33 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
   const int64_t chunk = std::max<int64_t>(1, units / (int64_t(n_) * kChunksPerThread)) * grain;
   const int64_t chunks = (n + chunk - 1) / chunk;
   alignas(64) std::atomic<int64_t> next{0};
-  run_dynamic([&](int tid, int) {
-    // A worker takes the side job, if one is set, before its chunks (the caller never
-    // does: when no worker joins, take_side_job() hands it back to its owner).
-    if (tid != 0 && side_.load(std::memory_order_relaxed))
-      if (const auto* job = side_.exchange(nullptr, std::memory_order_acquire)) {
-        side_taken_.fetch_add(1, std::memory_order_relaxed);
-        (*job)(tid);
-      }
+  const auto claim = [&](int tid) {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       fn(c * chunk, std::min(n, (c + 1) * chunk));
       if (tid == 0 && progress_) progress_();  // the caller: the thread that owns MPI
     }
-  });
+  };
+  if (!side) {
+    run_dynamic([&](int tid, int) { claim(tid); });
+  } else {
+    // A worker takes the side job before its chunks; the caller never does.
+    std::atomic<const std::function<void(int)>*> offer{side};
+    struct Back {  // taken (and so finished, also when something threw): nothing goes back
+      ThreadPool* pool;
+      std::atomic<const std::function<void(int)>*>& offer;
+      ~Back() {
+        if (!offer.load(std::memory_order_relaxed)) pool->side_back_ = nullptr;
+      }
+    } back{this, offer};
+    run_dynamic([&](int tid, int) {
+      if (tid != 0)
+        if (const auto* job = offer.exchange(nullptr, std::memory_order_acq_rel)) {
+          side_taken_.fetch_add(1, std::memory_order_relaxed);
+          (*job)(tid);
+        }
+      claim(tid);
+    });
+  }
   if (progress_) progress_();  // also when the workers took every chunk
 }
 

@@ -59,21 +59,20 @@ class ThreadPool {
   // pool's owner between parallel regions; empty: no hook.
   void set_progress_hook(std::function<void()> hook) { progress_ = std::move(hook); }
 
-  // A side job: one call of job(thread_index), run by a worker beside the next
-  // parallel_for's chunks (the first worker to join takes it before any chunk; the others,
-  // and the caller, share the chunks). The in-process experts of a site input run beside
-  // the base GEMM of that input this way: one core reads their rank rows while the other
-  // streams the GEMM's weights, instead of both cores reading them after it
-  // (docs/performance.md). job must stay valid until take_side_job(job). Not for a thread
-  // other than the pool's owner.
-  void set_side_job(const std::function<void(int)>* job) { side_.store(job, std::memory_order_relaxed); }
-  // Withdraws job if no region has taken it (true: the caller must run it itself); false
-  // when a worker took it, in which case it has finished (the region it ran in has returned).
-  bool take_side_job(const std::function<void(int)>* job) {
-    const std::function<void(int)>* j = job;
-    return side_.compare_exchange_strong(j, nullptr, std::memory_order_relaxed);
-  }
-  bool side_job_pending() const { return side_.load(std::memory_order_relaxed) != nullptr; }
+  // A side job: one call of job(thread_index), run by a worker beside the chunks of the
+  // next parallel_for (the first worker to join takes it before its own chunks; the caller
+  // never does). The in-process experts of a site input run beside the base GEMM of that
+  // input this way: one core reads their rank rows while the others stream the GEMM's
+  // weights, instead of all reading them after it (docs/performance.md). Only the next
+  // parallel_for offers it: untaken there (no worker joined, a one-thread pool, a range of
+  // one chunk), it waits for take_side_job() and no later region runs it. One job at a time
+  // (side_job_pending() says whether the slot is taken); job must stay valid until
+  // take_side_job(job). For the pool's owner thread only.
+  void set_side_job(const std::function<void(int)>* job);
+  // Withdraws job if no worker took it (true: the caller must run or drop it); false when a
+  // worker took it, which has then finished (the region it ran in has returned).
+  bool take_side_job(const std::function<void(int)>* job);
+  bool side_job_pending() const;
   // Side jobs taken by a worker so far (tests).
   int64_t side_jobs_taken() const { return side_taken_.load(std::memory_order_relaxed); }
 
@@ -97,7 +96,10 @@ class ThreadPool {
  private:
   void worker(int idx);
   std::function<void()> progress_;
-  std::atomic<const std::function<void(int)>*> side_{nullptr};
+  // side_: a side job not yet offered; side_back_: offered by a parallel_for and not taken.
+  // Both written by the owner only (a worker takes from the region's own slot).
+  const std::function<void(int)>* side_ = nullptr;
+  const std::function<void(int)>* side_back_ = nullptr;
   std::atomic<int64_t> side_taken_{0};
   void start(const std::function<void(int, int)>& fn);  // publish a job
   bool try_join(uint32_t gen);

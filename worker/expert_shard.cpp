@@ -297,6 +297,7 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
         blks[b].toks = rows ? s_.toks[b].data() : nullptr;
         blks[b].n_toks = rows ? int64_t(s_.toks[b].size()) : 0;
       }
+      s_.site_col[n] = col;
       ops::LoraSite& s = s_.sites[n++];
       s.R = st.R;
       s.d_out = st.d_out;
@@ -304,7 +305,7 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
       s.row_scale = st.row_scale;
       s.blocks = blks.data();
       s.n_blocks = int64_t(nb);
-      s.y = y + col;
+      s.y = y ? y + col : nullptr;  // post(): pointed at y or the deltas once it knows which
       s.ldy = ldy;
     }
     col += st.d_out;
@@ -324,6 +325,7 @@ int64_t ExpertShard::build(int layer, SiteInput in, const float* x, int64_t ldx,
 
 void ExpertShard::apply(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, float* y,
                         int64_t ldy, int64_t T) const {
+  abandon();  // the scratch below is the pending post()'s
   ops::LoraMixParams p;
   const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, y, ldy, T, p);
   if (used_rows == 0) return;
@@ -342,32 +344,39 @@ bool ExpertShard::post(int layer, SiteInput in, const float* x, int64_t ldx, con
                        int64_t T) const {
   abandon();                              // a post() whose finish() never came (an exception in between)
   if (!be_->host_memory()) return false;  // coef is uploaded in apply(); the deltas are host rows
-  const int64_t W = out_cols(in);
-  if (s_.delta.size() < size_t(T * W)) s_.delta.assign(size_t(T * W), 0.f);  // else zero already
-  const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, s_.delta.data(), W, T, s_.post);
+  const int64_t used_rows = build(layer, in, x, ldx, coef, ldc, nullptr, 0, T, s_.post);
   if (used_rows == 0) return true;  // nothing to add
   s_.ws.reserve(*be_, be_->workspace_bytes(s_.post));
   counters_.applies += 1;
   counters_.token_rows += used_rows;
-  if (!be_->lora_mix_beside(s_.post, s_.ws.get())) {
-    s_.pending = Scratch::Pending::After;  // finish() runs it into y
-    return true;
+  const int n_sites = int(s_.post.n_sites);
+  if (be_->lora_mix_beside_ok(s_.post)) {  // into the deltas, beside the GEMM
+    const int64_t W = out_cols(in);
+    if (s_.delta.size() < size_t(T * W)) s_.delta.assign(size_t(T * W), 0.f);  // else zero already
+    for (int i = 0; i < n_sites; ++i) {
+      s_.sites[i].y = s_.delta.data() + s_.site_col[i];
+      s_.sites[i].ldy = W;
+    }
+    if (be_->lora_mix_beside(s_.post, s_.ws.get())) {
+      s_.pending = Scratch::Pending::Beside;
+      s_.delta_ld = W;
+      s_.delta_rows.clear();
+      const size_t nb = block_cols_.size();
+      for (int64_t t = 0; t < T; ++t)
+        if (std::any_of(s_.uses.begin() + int64_t(size_t(t) * nb), s_.uses.begin() + int64_t(size_t(t + 1) * nb),
+                        [](uint8_t u) { return u != 0; }))
+          s_.delta_rows.push_back(int32_t(t));
+      return true;
+    }
   }
-  s_.pending = Scratch::Pending::Beside;
-  s_.delta_ld = W;
-  s_.delta_rows.clear();
-  const size_t nb = block_cols_.size();
-  for (int64_t t = 0; t < T; ++t)
-    if (std::any_of(s_.uses.begin() + int64_t(size_t(t) * nb), s_.uses.begin() + int64_t(size_t(t + 1) * nb),
-                    [](uint8_t u) { return u != 0; }))
-      s_.delta_rows.push_back(int32_t(t));
+  s_.pending = Scratch::Pending::After;  // finish() runs it into y
   return true;
 }
 
 void ExpertShard::abandon() const {
   const Scratch::Pending pending = std::exchange(s_.pending, Scratch::Pending::None);
   if (pending != Scratch::Pending::Beside) return;
-  be_->lora_mix_join();
+  be_->lora_mix_cancel();  // not run if no thread took it; finished if one did
   for (int32_t t : s_.delta_rows) std::fill_n(s_.delta.begin() + int64_t(t) * s_.delta_ld, s_.delta_ld, 0.f);
 }
 
@@ -379,9 +388,9 @@ void ExpertShard::finish(float* y, int64_t ldy) const {
   const Scratch::Pending pending = std::exchange(s_.pending, Scratch::Pending::None);
   if (pending == Scratch::Pending::None) return;
   const int n_sites = int(s_.post.n_sites);
-  if (pending == Scratch::Pending::After) {  // the backend declined: now, into y
+  if (pending == Scratch::Pending::After) {  // not beside the GEMM: now, into y
     for (int i = 0; i < n_sites; ++i) {
-      s_.sites[i].y = y + (s_.sites[i].y - s_.delta.data());
+      s_.sites[i].y = y + s_.site_col[i];
       s_.sites[i].ldy = ldy;
     }
     be_->lora_mix(s_.post, s_.ws.get());
@@ -391,11 +400,10 @@ void ExpertShard::finish(float* y, int64_t ldy) const {
   // The posted sites' columns of each row that used a block: y += Δ, and Δ = 0 again.
   for (int32_t t : s_.delta_rows)
     for (int i = 0; i < n_sites; ++i) {
-      const ops::LoraSite& ls = s_.sites[i];
-      const int64_t col = ls.y - s_.delta.data();
+      const int64_t col = s_.site_col[i];
       float* d = s_.delta.data() + int64_t(t) * s_.delta_ld + col;
       float* yr = y + int64_t(t) * ldy + col;
-      for (int64_t j = 0; j < ls.d_out; ++j) {
+      for (int64_t j = 0; j < s_.sites[i].d_out; ++j) {
         yr[j] += d[j];
         d[j] = 0.f;
       }

@@ -94,8 +94,9 @@ class ExpertShard {
   // stream the GEMM's weights): post() before the GEMM, finish(y) after it adds the deltas
   // into y. Same arguments as apply(); x and coef must stay as they are until finish().
   // post() returns false when the backend cannot (nothing is pending: call apply()).
-  // A post() without its finish() (an exception in between) is joined and dropped by the
-  // next post() or by the destructor.
+  // A post() without its finish() (an exception in between) is dropped, not run, by the
+  // next post() or apply() and by the destructor; the pool offers it to the next parallel
+  // region only (ThreadPool::set_side_job).
   bool post(int layer, SiteInput in, const float* x, int64_t ldx, const float* coef, int64_t ldc, int64_t T) const;
   void finish(float* y, int64_t ldy) const;
 
@@ -124,10 +125,11 @@ class ExpertShard {
     Buffer coef;  // device backends: coef in backend memory
     std::vector<uint8_t> uses;
     ops::LoraSite sites[3];
-    // post(): its op (sites[]: the deltas [T, out_cols], which are zero outside a posted
-    // call: finish() adds and clears the rows it wrote), their row stride, the tokens that
-    // use a block, and what finish() has to do: join the backend's computation beside the
-    // GEMM and add the deltas, or (the backend declined) run the op into y.
+    int64_t site_col[3] = {};  // each built site's first column in the input's output
+    // post(): its op; the deltas [T, out_cols] (zero outside a call posted beside the GEMM:
+    // finish() adds and clears the rows it wrote), their row stride and the tokens that use
+    // a block; and what finish() has to do: join the computation beside the GEMM and add the
+    // deltas, or (the backend declined) run the op into y.
     ops::LoraMixParams post;
     std::vector<float> delta;
     int64_t delta_ld = 0;
@@ -138,7 +140,7 @@ class ExpertShard {
   // s_.uses[t * n_blocks + b] = token t gives block b a nonzero coefficient; returns the
   // number of tokens that use any block.
   int64_t mark_uses(const float* coef, int64_t ldc, int64_t T) const;
-  // Joins a pending post() and clears its deltas without adding them anywhere.
+  // Drops a pending post() (Backend::lora_mix_cancel) and clears its deltas.
   void abandon() const;
   // Prefetches the descriptors of (layer, in)'s stacks: their block tables and (host
   // memory) row tables.

@@ -106,8 +106,12 @@ class CpuBackend final : public Backend {
     c.plan = &plan_;
     cpu::lora_mix_apply(c, pool_);
   }
+  // Decode-sized calls only (kLoraBesideMacs), one at a time, and only with a thread to spare.
+  bool lora_mix_beside_ok(const ops::LoraMixParams& p) const override {
+    return pool_.size() >= 2 && !pool_.side_job_pending() && cpu::lora_mix_macs(p) <= cpu::kLoraBesideMacs;
+  }
   bool lora_mix_beside(const ops::LoraMixParams& p, void* ws) override {
-    if (pool_.size() < 2 || cpu::lora_mix_macs(p) > cpu::kLoraBesideMacs) return false;
+    if (!lora_mix_beside_ok(p)) return false;
     beside_ = cpu::LoraMixParams(p);
     beside_.u = static_cast<float*>(ws);
     beside_.plan = &plan_;
@@ -115,8 +119,9 @@ class CpuBackend final : public Backend {
     return true;
   }
   void lora_mix_join() override {
-    if (pool_.take_side_job(&beside_job_)) cpu::lora_mix_apply(beside_, pool_);  // no region took it
+    if (pool_.take_side_job(&beside_job_)) cpu::lora_mix_apply(beside_, pool_);  // no thread took it
   }
+  void lora_mix_cancel() override { pool_.take_side_job(&beside_job_); }
   size_t workspace_bytes(const ops::TrexParams& p) const override {
     return size_t(cpu::trex_workspace_floats(cpu::TrexParams(p))) * 4;
   }

@@ -53,8 +53,8 @@ constexpr int64_t kLoraPackMinTokens = 8;
 // measured per SmolLM2 decode step in docs/performance.md.
 constexpr int64_t kLoraDecodeMacs = int64_t(1) << 17;
 
-// Calls of at most this many multiply-adds (one token through one rank-8 expert group on a
-// site input: 1e4-3.4e4 for SmolLM2) run beside the base GEMM when the caller asks
+// Calls of at most this many multiply-adds (one token through a group of one rank-8 expert
+// on a site input: 1e4-3.4e4 for SmolLM2) run beside the base GEMM when the caller asks
 // (Backend::lora_mix_beside): one thread reads their rank rows while the others stream the
 // GEMM's weights. Measured per decode step (docs/performance.md): one token, a gain; two
 // tokens in two groups, even; four in four groups and batch 16, a loss (one thread then

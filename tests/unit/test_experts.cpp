@@ -247,89 +247,100 @@ TEST(Experts, ShardBesideTheGemmEqualsApply) {
   auto m = Model::load(base_dir(), DType::F32);
   ThreadPool pool(2);
   auto be = make_cpu_backend(&pool);
-  ShardSpec sp = shard_spec(m->config(), DType::F32, {0, 1, 2}, true);
-  sp.backend = be.get();
-  ExpertShard shard(b, sp);
-  const int64_t C = shard.n_columns(), nb = int64_t(shard.block_columns().size());
-  std::mt19937_64 rng(77);
-  std::uniform_real_distribution<float> U(-1.f, 1.f);
-  const SiteInput ins[] = {SiteInput::AttnIn, SiteInput::AttnOut, SiteInput::MlpIn, SiteInput::MlpAct};
-  int64_t beside_calls = 0;
-  for (int64_t T : {1, 3, 200})
-    for (bool overlap : {false, true})
-      for (bool region : {true, false}) {
-        // Token t uses block t % nb (overlap: also every block after it).
-        std::vector<float> coef(size_t(T * C), 0.f);
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t bi = t % nb; bi < (overlap ? nb : t % nb + 1); ++bi)
-            for (int c = shard.block_columns()[size_t(bi)].first; c < shard.block_columns()[size_t(bi)].second; ++c)
-              coef[size_t(t * C + c)] = 0.25f + 0.5f * std::abs(U(rng));
-        for (int l = 0; l < m->config().n_layers; ++l)
-          for (SiteInput in : ins) {
-            const int64_t K = shard.d_in(in), W = shard.out_cols(in);
-            std::vector<float> x(size_t(T * K)), y0(size_t(T * W));
-            for (auto& v : x) v = U(rng);
-            for (auto& v : y0) v = U(rng);
-            std::vector<float> y1 = y0, y2 = y0;
-            shard.apply(l, in, x.data(), K, coef.data(), C, y1.data(), W, T);
-            const int64_t taken0 = pool.side_jobs_taken();
-            ASSERT_TRUE(shard.post(l, in, x.data(), K, coef.data(), C, T));
-            const bool pending = pool.side_job_pending();
-            if (region)  // the base GEMM: its chunks wait (bounded) for a worker to take the call
-              pool.parallel_for(64, [&](int64_t, int64_t) {
-                const auto t0 = std::chrono::steady_clock::now();
-                while (pool.side_job_pending() && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
-                  std::this_thread::yield();
-              });
-            shard.finish(y2.data(), W);
-            const bool went_beside = pool.side_jobs_taken() > taken0;
-            EXPECT_EQ(went_beside, pending && region) << "T " << T << " layer " << l;
-            EXPECT_FALSE(pool.side_job_pending());
-            if (T == 1) {
-              EXPECT_TRUE(pending) << "layer " << l << ": a one-token call was not posted beside";
+  for (DType dt : {DType::F32, DType::BF16}) {
+    ShardSpec sp = shard_spec(m->config(), dt, {0, 1, 2}, true);
+    sp.backend = be.get();
+    ExpertShard shard(b, sp);
+    const int64_t C = shard.n_columns(), nb = int64_t(shard.block_columns().size());
+    std::mt19937_64 rng(77);
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    const SiteInput ins[] = {SiteInput::AttnIn, SiteInput::AttnOut, SiteInput::MlpIn, SiteInput::MlpAct};
+    int64_t beside_calls = 0;
+    for (int64_t T : {1, 3, 200})
+      for (bool overlap : {false, true})
+        for (bool region : {true, false}) {
+          // Token t uses block t % nb (overlap: also every block after it).
+          std::vector<float> coef(size_t(T * C), 0.f);
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t bi = t % nb; bi < (overlap ? nb : t % nb + 1); ++bi)
+              for (int c = shard.block_columns()[size_t(bi)].first; c < shard.block_columns()[size_t(bi)].second; ++c)
+                coef[size_t(t * C + c)] = 0.25f + 0.5f * std::abs(U(rng));
+          for (int l = 0; l < m->config().n_layers; ++l)
+            for (SiteInput in : ins) {
+              const int64_t K = shard.d_in(in), W = shard.out_cols(in);
+              std::vector<float> x(size_t(T * K)), y0(size_t(T * W));
+              for (auto& v : x) v = U(rng);
+              for (auto& v : y0) v = U(rng);
+              std::vector<float> y1 = y0, y2 = y0;
+              shard.apply(l, in, x.data(), K, coef.data(), C, y1.data(), W, T);
+              const int64_t taken0 = pool.side_jobs_taken();
+              ASSERT_TRUE(shard.post(l, in, x.data(), K, coef.data(), C, T));
+              const bool pending = pool.side_job_pending();
+              if (region)  // the base GEMM: its chunks wait (bounded) for a worker to take the call
+                pool.parallel_for(64, [&](int64_t, int64_t) {
+                  const auto t0 = std::chrono::steady_clock::now();
+                  while (pending && pool.side_jobs_taken() == taken0 &&
+                         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+                    std::this_thread::yield();
+                });
+              shard.finish(y2.data(), W);
+              const bool went_beside = pool.side_jobs_taken() > taken0;
+              EXPECT_EQ(went_beside, pending && region) << "T " << T << " layer " << l;
+              EXPECT_FALSE(pool.side_job_pending());
+              if (T == 1) {
+                EXPECT_TRUE(pending) << "layer " << l << ": a one-token call was not posted beside";
+              }
+              if (T == 200) {
+                EXPECT_FALSE(pending) << "layer " << l << ": a prefill-sized call was posted beside";
+              }
+              beside_calls += went_beside;
+              if (!overlap) {
+                EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * 4), 0)
+                    << "T " << T << " layer " << l << " input " << int(in) << " region " << region;
+              } else {
+                EXPECT_TRUE(all_close(y2.data(), y1.data(), y1.size(), kF32))
+                    << "T " << T << " layer " << l << " input " << int(in);
+              }
+              EXPECT_FALSE(std::equal(y0.begin(), y0.end(), y2.begin())) << "the experts added nothing";
             }
-            if (T == 200) {
-              EXPECT_FALSE(pending) << "layer " << l << ": a prefill-sized call was posted beside";
-            }
-            beside_calls += went_beside;
-            if (!overlap) {
-              EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * 4), 0)
-                  << "T " << T << " layer " << l << " input " << int(in) << " region " << region;
-            } else {
-              EXPECT_TRUE(all_close(y2.data(), y1.data(), y1.size(), {1e-6, 1e-6}))
-                  << "T " << T << " layer " << l << " input " << int(in);
-            }
-            EXPECT_FALSE(std::equal(y0.begin(), y0.end(), y2.begin())) << "the experts added nothing";
-          }
-      }
-  EXPECT_GT(beside_calls, 0);
-  // A post() whose finish() never came (an exception between them) is dropped by the next
-  // post(), whose result is still apply()'s; a shard destroyed with a post() pending leaves
-  // the pool no job.
-  {
-    const int64_t K = shard.d_in(SiteInput::MlpIn), W = shard.out_cols(SiteInput::MlpIn);
-    std::vector<float> coef(size_t(C), 0.f), x(static_cast<size_t>(K)), y1(size_t(W), 0.5f), y2 = y1;
-    for (int c = 0; c < shard.block_columns()[1].second; ++c) coef[size_t(c)] = 0.5f;
-    for (auto& v : x) v = U(rng);
-    shard.apply(1, SiteInput::MlpIn, x.data(), K, coef.data(), C, y1.data(), W, 1);
-    const auto gemm = [&] {  // its chunks wait (bounded) for a worker to take the experts
-      pool.parallel_for(64, [&](int64_t, int64_t) {
-        const auto t0 = std::chrono::steady_clock::now();
-        while (pool.side_job_pending() && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
-          std::this_thread::yield();
-      });
-    };
-    ASSERT_TRUE(shard.post(0, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
-    gemm();  // computed into the deltas, never finished
-    ASSERT_TRUE(shard.post(1, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
-    gemm();
-    shard.finish(y2.data(), W);
-    EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * 4), 0);
-    auto gone = std::make_unique<ExpertShard>(b, sp);
-    ASSERT_TRUE(gone->post(0, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
-    EXPECT_TRUE(pool.side_job_pending());
-    gone.reset();
-    EXPECT_FALSE(pool.side_job_pending());
+        }
+    EXPECT_GT(beside_calls, 0);
+    // A post() whose finish() never came (an exception between them) is dropped by the next
+    // post(), whose result is still apply()'s; a shard destroyed with a post() pending leaves
+    // the pool no job.
+    {
+      const int64_t K = shard.d_in(SiteInput::MlpIn), W = shard.out_cols(SiteInput::MlpIn);
+      std::vector<float> coef(size_t(C), 0.f), x(static_cast<size_t>(K)), y1(size_t(W), 0.5f), y2 = y1;
+      for (int c = 0; c < shard.block_columns()[1].second; ++c) coef[size_t(c)] = 0.5f;
+      for (auto& v : x) v = U(rng);
+      shard.apply(1, SiteInput::MlpIn, x.data(), K, coef.data(), C, y1.data(), W, 1);
+      const auto gemm = [&] {  // its chunks wait (bounded) for a worker to take the experts
+        const int64_t taken0 = pool.side_jobs_taken();
+        pool.parallel_for(64, [&](int64_t, int64_t) {
+          const auto t0 = std::chrono::steady_clock::now();
+          while (pool.side_jobs_taken() == taken0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5))
+            std::this_thread::yield();
+        });
+        EXPECT_EQ(pool.side_jobs_taken(), taken0 + 1);
+      };
+      ASSERT_TRUE(shard.post(0, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
+      gemm();  // computed into the deltas, never finished
+      ASSERT_TRUE(shard.post(1, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
+      gemm();
+      shard.finish(y2.data(), W);
+      EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * 4), 0);
+      auto gone = std::make_unique<ExpertShard>(b, sp);
+      ASSERT_TRUE(gone->post(0, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
+      EXPECT_TRUE(pool.side_job_pending());
+      gone.reset();
+      EXPECT_FALSE(pool.side_job_pending());
+      // Posted, never offered, then apply(): the post is dropped, apply()'s result stands.
+      std::vector<float> y3(size_t(W), 0.5f);
+      ASSERT_TRUE(shard.post(0, SiteInput::MlpIn, x.data(), K, coef.data(), C, 1));
+      shard.apply(1, SiteInput::MlpIn, x.data(), K, coef.data(), C, y3.data(), W, 1);
+      EXPECT_FALSE(pool.side_job_pending());
+      EXPECT_EQ(std::memcmp(y1.data(), y3.data(), y1.size() * 4), 0);
+    }
   }
 }
 

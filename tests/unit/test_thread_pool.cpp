@@ -359,12 +359,20 @@ TEST(ThreadPool, SideJobRunsOnceOnAWorkerBesideTheChunksOrComesBack) {
       ASSERT_FALSE(after_a_chunk.load()) << "a worker ran a chunk before the side job it took";
       ASSERT_FALSE(pool.take_side_job(&job));  // nothing pending any more
     }
-    // One chunk (run inline) and no region at all: the job stays pending and comes back.
+    // One chunk (run inline) and no region at all: the job comes back untaken; offered once
+    // and not taken, no later region runs it (its inputs may be gone by then).
     std::atomic<int> runs{0};
     const std::function<void(int)> job = [&](int) { runs.fetch_add(1); };
     pool.set_side_job(&job);
     pool.parallel_for(1, [](int64_t, int64_t) {});
+    EXPECT_TRUE(pool.side_job_pending());
+    pool.parallel_for(64, [&](int64_t, int64_t) {
+      const auto t0 = std::chrono::steady_clock::now();
+      while (runs.load() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(20))
+        std::this_thread::yield();
+    });
     EXPECT_TRUE(pool.take_side_job(&job)) << "threads " << nt;
+    EXPECT_FALSE(pool.side_job_pending());
     pool.set_side_job(&job);
     EXPECT_TRUE(pool.take_side_job(&job)) << "threads " << nt;
     EXPECT_EQ(runs.load(), 0);
