@@ -18,9 +18,6 @@
 namespace atmoe::cpu {
 namespace {
 
-// k-steps ahead that a decode GEMV prefetches its panels (docs/performance.md).
-constexpr int64_t kGemvAhead = 16;
-
 using avx2::load8;
 
 // Token row t's outputs n0 .. n0 + 8·NQ − 1 from NQ accumulators, bias and the prior y added
@@ -80,16 +77,8 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
       if (next > 0) prefetch_lines(static_cast<const char*>(wr) + (base + NP * stride) * es, size_t(next) * stride * es);
     }
     for (int64_t k = k0; k < k1; ++k) {
-      // Decode (up to 3 tokens): a base GEMV is bound by the misses in flight; its panels'
-      // rows kGemvAhead k-steps ahead (a line a row for bf16), so that the streams run at
-      // full speed from their start and after whatever read came between two GEMMs.
-      if constexpr (TB <= 3)
-        if (!p.k_range_w && k + kGemvAhead < k1)
-          for (int q = 0; q < NP; ++q) {
-            const char* a = static_cast<const char*>(wr) + (base + size_t(q) * stride + size_t(k - kb + kGemvAhead) * kPanel) * (BF16 ? 2 : 4);
-            _mm_prefetch(a, _MM_HINT_T0);
-            if constexpr (!BF16) _mm_prefetch(a + 64, _MM_HINT_T0);
-          }
+      if constexpr (TB <= 3)  // decode: a base GEMV (matmul.h)
+        if (!p.k_range_w && k + kGemvAhead < k1) prefetch_gemv_rows<BF16>(wr, base, stride, k - kb, NP);
 #pragma GCC unroll 2
       for (int q = 0; q < NP; ++q) {
         __m256 w[4];
