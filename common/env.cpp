@@ -15,7 +15,8 @@ const std::vector<EnvKnob>& env_knobs() {
        "with a warning. 0 = usable cores / MPI ranks on this node (OMPI_COMM_WORLD_LOCAL_SIZE, else "
        "MPI_LOCALNRANKS, else PMI_LOCAL_SIZE; at least 1)",
        nullptr, true, 0, 1024},
-      {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|critical|off", "trace|debug|info|warn|error|critical|off"},
+      {"ATMOE_LOG_LEVEL", "warn", "trace|debug|info|warn|error|critical|off",
+       "trace|debug|info|warn|error|critical|off"},
       {"ATMOE_CACHE", "", "cache directory for models fetched by deploy scripts (default <repo>/.cache)"},
       {"ATMOE_MPI_PROGRESS", "poll",
        "coordinator under mpirun: poll = advance the in-flight expert messages between chunks of the base GEMM "
@@ -31,11 +32,16 @@ const std::vector<EnvKnob>& env_knobs() {
        "seconds the coordinator waits for a worker rank's answer once loading is done; then it reports the rank and "
        "host and ends the job (1..86400)",
        nullptr, true, 1, 86400},
-      {"ATMOE_LOAD_TIMEOUT", "600", "seconds the coordinator waits for every worker rank to load its experts (1..86400)",
-       nullptr, true, 1, 86400},
-      {"ATMOE_API_KEY", "", "atmoe serve: the API key when --api-key is not given (every endpoint but /health needs it)",
-       nullptr},
-      {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (unset: the best the CPU has)", "scalar|avx2|avx512"},
+      {"ATMOE_LOAD_TIMEOUT", "600",
+       "seconds the coordinator waits for every worker rank to load its experts (1..86400)", nullptr, true, 1, 86400},
+      {"ATMOE_API_KEY", "",
+       "atmoe serve: the API key when --api-key is not given (every endpoint but /health needs it)", nullptr},
+      {"ATMOE_FORCE_ISA", "", "restrict CPU kernels: scalar|avx2|avx512 (unset: the best the CPU has)",
+       "scalar|avx2|avx512"},
+      {"ATMOE_GEMV_PREFETCH", "auto",
+       "decode GEMV prefetches the weight rows ahead of its loads: on, off, or auto (on for Intel CPUs, off otherwise: "
+       "what measured faster on each)",
+       "auto|on|off"},
   };
   return k;
 }

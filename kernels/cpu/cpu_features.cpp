@@ -23,6 +23,15 @@ Isa best_isa() {
   return isa;
 }
 
+bool gemv_prefetch() {
+  static const bool on = [] {
+    const std::string v = env_str("ATMOE_GEMV_PREFETCH");
+    __builtin_cpu_init();
+    return v == "auto" ? bool(__builtin_cpu_is("intel")) : v == "on";
+  }();
+  return on;
+}
+
 const char* isa_name(Isa i) {
   switch (i) {
     case Isa::Scalar: return "scalar";

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/prefetch.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/simd_avx2.h"
 
@@ -76,9 +77,11 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
       const int64_t next = std::min<int64_t>(NP, (p.N + kPanel - 1) / kPanel - panel - NP);
       if (next > 0) prefetch_lines(static_cast<const char*>(wr) + (base + NP * stride) * es, size_t(next) * stride * es);
     }
+    bool gemv_ahead = false;  // a base GEMV on a CPU where prefetching its rows ahead pays
+    if constexpr (TB <= 3) gemv_ahead = !p.k_range_w && gemv_prefetch();
     for (int64_t k = k0; k < k1; ++k) {
       if constexpr (TB <= 3)  // decode: a base GEMV (matmul.h)
-        if (!p.k_range_w && k + kGemvAhead < k1) prefetch_gemv_rows<BF16>(wr, base, stride, k - kb, NP);
+        if (gemv_ahead && k + kGemvAhead < k1) prefetch_gemv_rows<BF16>(wr, base, stride, k - kb, NP);
 #pragma GCC unroll 2
       for (int q = 0; q < NP; ++q) {
         __m256 w[4];

@@ -59,11 +59,12 @@ inline int64_t x_row(const MatmulParams& p, int64_t t) { return p.x_rows ? p.x_r
 float range_w_at(const MatmulParams& p, int64_t ri, int64_t k0, int64_t k1, int64_t n, int64_t k);
 inline int64_t y_row(const MatmulParams& p, int64_t t) { return p.y_rows ? p.y_rows[t] : t; }
 
-// Decode (up to 3 tokens): a base GEMV is bound by the misses it keeps in flight. The panel
-// kernels prefetch the k-row kGemvAhead steps after k_rel of panels [0, np) from `base`
-// (each panel `stride` elements; a line a row for bf16, two for f32), so that the streams run
-// at full speed from their start and after whatever read came between two GEMMs
-// (docs/performance.md). The caller keeps k_rel + kGemvAhead inside the panel.
+// Decode (up to 3 tokens): a base GEMV is bound by the misses it keeps in flight. Where
+// gemv_prefetch() (cpu_features.h) says so, the panel kernels prefetch the k-row kGemvAhead
+// steps after k_rel of panels [0, np) from `base` (each panel `stride` elements; a line a row
+// for bf16, two for f32), so that the streams run at full speed from their start and after
+// whatever read came between two GEMMs (docs/performance.md). The caller keeps k_rel +
+// kGemvAhead inside the panel.
 constexpr int64_t kGemvAhead = 16;
 template <bool BF16>
 inline void prefetch_gemv_rows(const void* w, size_t base, size_t stride, int64_t k_rel, int np) {

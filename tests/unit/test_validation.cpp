@@ -144,6 +144,7 @@ TEST(Validation, EnvironmentKnobsAreCheckedAgainstTheirDeclaration) {
                {"ATMOE_THREADS", "", "expected an integer"},
                {"ATMOE_SPIN_US", "-3", "ATMOE_SPIN_US"},
                {"ATMOE_FORCE_ISA", "sse9", "expected one of scalar|avx2|avx512"},
+               {"ATMOE_GEMV_PREFETCH", "1", "ATMOE_GEMV_PREFETCH='1': expected one of auto|on|off"},
                {"ATMOE_LOG_LEVEL", "bogus", "ATMOE_LOG_LEVEL='bogus'"},
                {"ATMOE_PREFILL_GEMM", "gpu", "expected one of simd|blas"}};
   for (const auto& c : cases) {
