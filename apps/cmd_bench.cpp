@@ -260,8 +260,9 @@ Runner add_bench(CLI::App& app) {
     // Medians over reps with their range; the experts' extra time from the paired steps.
     std::vector<double> d1s, dBs, e1s, eBs, x1s, xBs, q1, qB;  // x: paired extra time %, q: per-step ratios
     Split sp1, spB;
+    const std::vector<int> sizes = o->batch > 1 ? std::vector<int>{1, o->batch} : std::vector<int>{1};
     for (int r = 0; r < o->reps; ++r) {
-      for (int B : {1, o->batch}) {
+      for (int B : sizes) {
         Pair p = decode_pair(B, B == 1 ? &sp1 : &spB);
         (B == 1 ? d1s : dBs).push_back(p.base_tok_s);
         if (experts || trex) {
@@ -282,6 +283,10 @@ Runner add_bench(CLI::App& app) {
                        : fmt::format("{:.1f}-{:.1f}", *std::min_element(v.begin(), v.end()),
                                      *std::max_element(v.begin(), v.end()));
     };
+    if (o->batch == 1) {  // --batch 1: the batched measurement is the batch-1 one
+      dBs = d1s, eBs = e1s, xBs = x1s, qB = q1;
+      spB = sp1;
+    }
     const double d1 = median(d1s), dB = median(dBs), e1 = median(e1s), eB = median(eBs);
     // Before the bandwidth probe's own 256 MiB buffer; with a bundle it includes both sets of
     // KV caches (base and experts sequences are live at once).
@@ -297,8 +302,9 @@ Runner add_bench(CLI::App& app) {
               << "device       " << m->backend().description() << "\n";
     std::cout << fmt::format("prefill      {:>9.1f} tok/s  ({}-token prompt)\n", prefill_best, o->prompt);
     std::cout << fmt::format("decode b=1   {:>9.1f} tok/s  (median of {}, range {})\n", d1, d1s.size(), range(d1s));
-    std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1; range {})\n", o->batch, dB, dB / d1,
-                             range(dBs));
+    if (o->batch > 1)
+      std::cout << fmt::format("decode b={:<3} {:>9.1f} tok/s  ({:.2f}x batch 1; range {})\n", o->batch, dB, dB / d1,
+                               range(dBs));
     if (experts || trex) {
       std::cout << fmt::format(
           "experts      {} ({})\n", o->bundle,
@@ -319,8 +325,10 @@ Runner add_bench(CLI::App& app) {
       };
       std::cout << fmt::format("  decode b=1   {:>9.1f} tok/s  ({})\n", e1, extra(x1s, q1));
       std::cout << fmt::format("               {}\n", split(sp1));
-      std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({})\n", o->batch, eB, extra(xBs, qB));
-      std::cout << fmt::format("               {}\n", split(spB));
+      if (o->batch > 1) {
+        std::cout << fmt::format("  decode b={:<3} {:>9.1f} tok/s  ({})\n", o->batch, eB, extra(xBs, qB));
+        std::cout << fmt::format("               {}\n", split(spB));
+      }
       if (MpiSession* s = MpiSession::get(); s && s->size() > 1)
         std::cout << fmt::format("ranks        {} (rank 0 + {} expert workers)\n", s->size(), s->size() - 1);
     }

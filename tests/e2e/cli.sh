@@ -102,6 +102,17 @@ assert "medicine-0" in text and "law" in text
 rects = [e for e in root.iter() if e.tag.endswith("rect")]
 assert len(rects) > 2 * (6 + 3)   # layers x (experts + groups) cells
 PY
+# bench with a bundle, batch 1 only (it used to crash there) and the usual pair; --json holds the numbers.
+for nb in 1 2; do
+  "$BIN" bench --model "$WORK/m" --bundle "$WORK/bun" --batch $nb --reps 1 --prompt-tokens 8 --decode-tokens 2 \
+    --json "$WORK/bench$nb.json" >"$WORK/out" 2>"$WORK/err" \
+    && python3 -c "
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j['batch'] == int(sys.argv[2]) and j['decode_b1_tok_s'] > 0 and j['experts_decode_batch_tok_s'] > 0, j" \
+      "$WORK/bench$nb.json" $nb && grep -q "experts_decode\|decode b=1" "$WORK/out" \
+    && ok "bench --bundle --batch $nb" || bad "bench --bundle --batch $nb (rc=$?, $(head -c 300 "$WORK/err"))"
+done
 expect_input_error "unknown expert in --mask" "mask 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --mask nope
 expect_input_error "pins that sum to zero" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine=0
 expect_input_error "malformed --pin" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine
