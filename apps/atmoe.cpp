@@ -106,6 +106,7 @@ static int run_command(int argc, char** argv) {
   try {
     env_check_all();
     (void)cpu::best_isa();
+    (void)cpu::gemv_prefetch();
     if (help_env) {
       for (const auto& k : env_knobs()) std::printf("%-18s default '%s'\n    %s\n", k.name, k.default_value, k.doc);
       return check_stdout(0);

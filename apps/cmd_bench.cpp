@@ -298,7 +298,7 @@ Runner add_bench(CLI::App& app) {
     double floor_tps = bw * 1e9 / wbytes;
     std::cout << "model        " << o->model << "\n"
               << "dtype        " << dtype_name(m->dtype()) << "   threads " << pool.size() << "   isa "
-              << cpu::isa_name(cpu::best_isa()) << "\n"
+              << cpu::isa_name(cpu::best_isa()) << "   gemv prefetch " << (cpu::gemv_prefetch() ? "on" : "off") << "\n"
               << "device       " << m->backend().description() << "\n";
     std::cout << fmt::format("prefill      {:>9.1f} tok/s  ({}-token prompt)\n", prefill_best, o->prompt);
     std::cout << fmt::format("decode b=1   {:>9.1f} tok/s  (median of {}, range {})\n", d1, d1s.size(), range(d1s));
@@ -319,6 +319,7 @@ Runner add_bench(CLI::App& app) {
       // The extra time is the median over reps of the paired steps' ratio (range over reps); the
       // median step's ratio beside it discounts the odd step a neighbour's burst slowed.
       auto extra = [&](const std::vector<double>& x, const std::vector<double>& q) {
+        if (x.empty() || q.empty()) return std::string("no paired steps");
         return fmt::format("{:+.1f}% time vs base, paired steps; range {:+.1f} to {:+.1f}, median step {:+.1f}%",
                            median(x), *std::min_element(x.begin(), x.end()), *std::max_element(x.begin(), x.end()),
                            100.0 * (median(q) - 1));
@@ -342,6 +343,7 @@ Runner add_bench(CLI::App& app) {
                           {"dtype", dtype_name(m->dtype())},
                           {"threads", pool.size()},
                           {"isa", cpu::isa_name(cpu::best_isa())},
+                          {"gemv_prefetch", cpu::gemv_prefetch()},
                           {"device", m->backend().description()},
                           {"prefill_tok_s", prefill_best},
                           {"prompt_tokens", o->prompt},

@@ -51,6 +51,8 @@ __attribute__((always_inline)) inline void store_outputs(const MatmulParams& p, 
 // sum is formed in the same order whatever TB and NP are.
 template <bool BF16, int TB, int NP>
 void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
+  bool gemv_ahead = false;  // a base GEMV on a CPU where prefetching its rows ahead pays (matmul.h)
+  if constexpr (TB <= 3) gemv_ahead = !p.k_range_w && gemv_prefetch();
   __m256 acc[TB][NP][4];
 #pragma GCC unroll 8
   for (int j = 0; j < TB; ++j)
@@ -77,8 +79,6 @@ void tile(const MatmulParams& p, int64_t panel, int64_t t0) {
       const int64_t next = std::min<int64_t>(NP, (p.N + kPanel - 1) / kPanel - panel - NP);
       if (next > 0) prefetch_lines(static_cast<const char*>(wr) + (base + NP * stride) * es, size_t(next) * stride * es);
     }
-    bool gemv_ahead = false;  // a base GEMV on a CPU where prefetching its rows ahead pays
-    if constexpr (TB <= 3) gemv_ahead = !p.k_range_w && gemv_prefetch();
     for (int64_t k = k0; k < k1; ++k) {
       if constexpr (TB <= 3)  // decode: a base GEMV (matmul.h)
         if (gemv_ahead && k + kGemvAhead < k1) prefetch_gemv_rows<BF16>(wr, base, stride, k - kb, NP);

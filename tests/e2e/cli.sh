@@ -102,16 +102,26 @@ assert "medicine-0" in text and "law" in text
 rects = [e for e in root.iter() if e.tag.endswith("rect")]
 assert len(rects) > 2 * (6 + 3)   # layers x (experts + groups) cells
 PY
-# bench with a bundle, batch 1 only (it used to crash there) and the usual pair; --json holds the numbers.
+# bench with a bundle, batch 1 only (it used to crash there) and the usual pair: at --batch 1
+# the batch-1 lines only (base and experts, measured once a rep) and the batched JSON keys
+# equal to the batch-1 ones; at --batch 2 the batched lines too.
 for nb in 1 2; do
   "$BIN" bench --model "$WORK/m" --bundle "$WORK/bun" --batch $nb --reps 1 --prompt-tokens 8 --decode-tokens 2 \
-    --json "$WORK/bench$nb.json" >"$WORK/out" 2>"$WORK/err" \
-    && python3 -c "
-import json, sys
-j = json.load(open(sys.argv[1]))
-assert j['batch'] == int(sys.argv[2]) and j['decode_b1_tok_s'] > 0 and j['experts_decode_batch_tok_s'] > 0, j" \
-      "$WORK/bench$nb.json" $nb && grep -q "experts_decode\|decode b=1" "$WORK/out" \
-    && ok "bench --bundle --batch $nb" || bad "bench --bundle --batch $nb (rc=$?, $(head -c 300 "$WORK/err"))"
+    --json "$WORK/bench$nb.json" >"$WORK/out" 2>"$WORK/err"
+  rc=$?
+  if [ $rc -eq 0 ] && python3 - "$WORK/bench$nb.json" "$WORK/out" $nb <<'PY'; then ok "bench --bundle --batch $nb"
+import json, re, sys
+j, out, nb = json.load(open(sys.argv[1])), open(sys.argv[2]).read(), int(sys.argv[3])
+assert j["batch"] == nb and j["decode_b1_tok_s"] > 0 and j["experts_decode_b1_tok_s"] > 0, j
+assert len(j["samples"]["decode_b1"]) == 1 and len(j["samples"]["experts_b1"]) == 1, j["samples"]
+lines = re.findall(r"^ *decode b=(\d+) ", out, re.M)
+assert lines == (["1", "1"] if nb == 1 else ["1", "2", "1", "2"]), lines
+if nb == 1:
+    assert j["decode_batch_tok_s"] == j["decode_b1_tok_s"] and j["split_batch"] == j["split_b1"], j
+else:
+    assert len(j["samples"]["decode_batch"]) == 1 and j["decode_batch_tok_s"] > 0, j
+PY
+  else bad "bench --bundle --batch $nb (bench rc=$rc, $(head -c 300 "$WORK/err"))"; fi
 done
 expect_input_error "unknown expert in --mask" "mask 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --mask nope
 expect_input_error "pins that sum to zero" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine=0

@@ -5,7 +5,9 @@
 // Every op behind the Backend interface, on every backend, is in test_backend_ops.cpp.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
+#include <string>
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cpu_features.h"
@@ -106,6 +108,16 @@ TEST(Matmul, EveryIsaKernelMatchesReference) {
       for (DType dt : {DType::F32, DType::BF16})
         for (bool acc : {false, true}) run_matmul_case(c, dt, true, acc, k, rng);
   }
+}
+
+// The knob ctest sets for Matmul.GemvPrefetch_{on,off} (tests/CMakeLists.txt) reaches the
+// kernels' switch; unset, it follows the CPU's vendor.
+TEST(Matmul, GemvPrefetchFollowsItsKnob) {
+  const char* v = std::getenv("ATMOE_GEMV_PREFETCH");
+  const std::string knob = v ? v : "auto";
+  __builtin_cpu_init();
+  const bool want = knob == "auto" ? bool(__builtin_cpu_is("intel")) : knob == "on";
+  EXPECT_EQ(cpu::gemv_prefetch(), want) << "ATMOE_GEMV_PREFETCH=" << knob;
 }
 
 // The CPU's fast paths against its own specification (the `_ref` functions: plain loops,
