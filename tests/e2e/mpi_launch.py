@@ -24,7 +24,11 @@ import threading
 import time
 
 ATMOE, WORK = os.path.abspath(sys.argv[1]), sys.argv[2]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", ATMOE_THREADS="1")
+# E2E_MPI_LAUNCH_RUN tags this run's processes (mpirun passes it to every rank), so that the
+# leftover and rank checks see only them, not an atmoe someone else runs on the machine.
+RUN_TAG = f"mpi_launch-{os.getpid()}-{time.time_ns()}"
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", ATMOE_THREADS="1",
+           E2E_MPI_LAUNCH_RUN=RUN_TAG)
 MPIRUN = ["mpirun", "--oversubscribe", "--bind-to", "none"]
 failures = []
 
@@ -39,9 +43,17 @@ def run(args, env=None, timeout=120, cwd=None):
     return subprocess.run(args, capture_output=True, text=True, env=env or ENV, timeout=timeout, cwd=cwd)
 
 
+def ours(pid):
+    """True when the process was started by this run (its environment holds RUN_TAG)."""
+    try:
+        return f"E2E_MPI_LAUNCH_RUN={RUN_TAG}".encode() in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return False
+
+
 def leftovers():
     out = subprocess.run(["pgrep", "-f", "^" + re.escape(ATMOE) + " "], capture_output=True, text=True).stdout.split()
-    return [p for p in out if p.strip()]
+    return [p for p in out if p.strip() and ours(p)]
 
 
 def rank_of(pid):
