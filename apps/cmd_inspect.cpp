@@ -21,13 +21,14 @@ Runner add_inspect(CLI::App& app) {
   app.add_flag("--check-tensors", *check, "Check every weight for NaN/Inf (base model and experts)");
   auto ranks = std::make_shared<int>(0);
   auto map = std::make_shared<std::string>();
-  app.add_option("--placement", *ranks,
-                 "Bundles: print the placement of the expert groups over N MPI ranks (N >= 2) and exit");
+  CLI::Option* placement = app.add_option(
+      "--placement", *ranks, "Bundles: print the placement of the expert groups over N MPI ranks (N >= 2) and exit");
   app.add_option("--placement-map", *map,
                  "With --placement N: check and print this placement file instead of the automatic plan");
-  return [path, dtype, check, ranks, map]() -> int {
-    ATMOE_CHECK_INPUT(map->empty() || *ranks, "--placement-map needs --placement N (the job's rank count)");
-    if (*ranks) {
+  return [path, dtype, check, ranks, map, placement]() -> int {
+    const bool plan = placement->count() > 0;  // also --placement 0: refused below, not ignored
+    ATMOE_CHECK_INPUT(map->empty() || plan, "--placement-map needs --placement N (the job's rank count)");
+    if (plan) {
       ATMOE_CHECK_INPUT(*ranks >= 2 && *ranks <= 65536,
                         "--placement {}: a job of 2..65536 ranks (rank 0 coordinates, the rest hold experts)", *ranks);
       ATMOE_CHECK_INPUT(path_kind(*path, "inspect") == PathKind::Directory &&
@@ -36,7 +37,8 @@ Runner add_inspect(CLI::App& app) {
       const Bundle b = load_bundle_manifest(*path);
       ATMOE_CHECK_INPUT(b.method == "at-moe",
                         "--placement: {} is a {} bundle; its experts run on rank 0 (docs/deploy.md)", *path, b.method);
-      const Placement p = map->empty() ? plan_placement(b, *ranks - 1) : read_placement(*map, b, *ranks - 1);
+      const Placement p =
+          map->empty() ? plan_placement(b, *ranks - 1) : read_placement(*map, b, *ranks - 1, "--placement-map");
       std::cout << describe_placement(b, p);
       return 0;
     }

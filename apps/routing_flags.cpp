@@ -1,6 +1,7 @@
 #include "apps/routing_flags.h"
 
 #include <cmath>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "apps/commands.h"
@@ -74,16 +75,28 @@ RoutingControls to_controls(const RoutingFlags& f) {
   }
   c.omega = f.omega;
   if (!f.intuition_embedding.empty()) {
-    std::string text = read_file(f.intuition_embedding, "--intuition-embedding", size_t(64) << 20);
-    for (char& ch : text)
-      if (ch == '[' || ch == ']' || ch == ',') ch = ' ';
-    std::stringstream ns(text);
-    std::string tok;
-    while (ns >> tok) {
-      char* end = nullptr;
-      double v = std::strtod(tok.c_str(), &end);
-      ATMOE_CHECK_INPUT(end && *end == '\0' && std::isfinite(v), "{}: '{}' is not a number", f.intuition_embedding, tok);
-      c.intuition_embedding.push_back(float(v));
+    const std::string text = read_file(f.intuition_embedding, "--intuition-embedding", size_t(64) << 20);
+    const std::string& file = f.intuition_embedding;
+    const size_t first = text.find_first_not_of(" \t\r\n");
+    if (first != std::string::npos && text[first] == '[') {  // a JSON array of numbers
+      const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+      ATMOE_CHECK_INPUT(!j.is_discarded() && j.is_array(), "{}: not a JSON array of numbers", file);
+      for (size_t i = 0; i < j.size(); ++i) {
+        ATMOE_CHECK_INPUT(j[i].is_number() && std::isfinite(float(j[i].get<double>())),
+                          "{}: element {} is not a finite float32 number", file, i);
+        c.intuition_embedding.push_back(float(j[i].get<double>()));
+      }
+    } else {  // whitespace-separated numbers
+      std::stringstream ns(text);
+      std::string tok;
+      while (ns >> tok) {
+        char* end = nullptr;
+        double v = std::strtod(tok.c_str(), &end);
+        ATMOE_CHECK_INPUT(end && *end == '\0' && std::isfinite(float(v)),
+                          "{}: '{}' is not a number (expected a JSON array or whitespace-separated numbers)", file,
+                          tok.substr(0, 40));
+        c.intuition_embedding.push_back(float(v));
+      }
     }
     ATMOE_CHECK_INPUT(!c.intuition_embedding.empty(), "{}: no numbers", f.intuition_embedding);
   }

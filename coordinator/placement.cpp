@@ -76,8 +76,8 @@ Placement plan_placement(const Bundle& b, int n_workers) {
   return p;
 }
 
-Placement read_placement(const std::string& path, const Bundle& b, int n_workers) {
-  const auto j = read_json_file(path, "--placement", size_t(64) << 20);
+Placement read_placement(const std::string& path, const Bundle& b, int n_workers, const char* flag) {
+  const auto j = read_json_file(path, flag, size_t(64) << 20);
   JsonAt root(j, path);
   (void)root.object();
   const int units = int(b.groups.size()) + (b.general ? 1 : 0);

@@ -28,8 +28,9 @@ struct Placement {
 int64_t expert_file_bytes(const BundleExpert& e);
 // InputError when there are more workers than units (naming the largest rank count).
 Placement plan_placement(const Bundle& b, int n_workers);
-// InputError naming the file and key for anything but a complete, valid map.
-Placement read_placement(const std::string& path, const Bundle& b, int n_workers);
+// InputError naming the file and key for anything but a complete, valid map; `flag` names the
+// option that gave the file (a missing or unreadable file).
+Placement read_placement(const std::string& path, const Bundle& b, int n_workers, const char* flag = "--placement");
 // A table: rank, groups, experts, MiB.
 std::string describe_placement(const Bundle& b, const Placement& p);
 

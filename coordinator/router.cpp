@@ -86,13 +86,19 @@ ResolvedRouting resolve_routing(const Bundle& b, const RoutingControls& c) {
     r.pin.assign(size_t(G), 0.0);
     std::vector<double> pe(size_t(E), 0.0);
     std::vector<int> how(size_t(G), 0);  // 1: by name, 2: through its experts
+    // Weights are scaled by the largest first: their sum stays finite whatever they are
+    // (1e308 twice would overflow and leave NaN weights), and only their ratios matter.
+    double vmax = 0;
+    for (const auto& [n, v] : c.pin)
+      if (std::isfinite(v)) vmax = std::max(vmax, v);
     double sum = 0;
-    for (const auto& [n, v] : c.pin) {
+    for (const auto& [n, v0] : c.pin) {
+      const double v = vmax > 0 && std::isfinite(v0) && v0 >= 0 ? v0 / vmax : v0;
       const int g = b.group_index(n);
       int e = b.expert_index(n);
       ATMOE_CHECK_INPUT(g >= 0 || e >= 0, "routing: pin '{}' is neither a group nor an expert of this bundle", n);
       if (g >= 0) e = -1;  // a name that is both (a one-expert group named as its expert) pins the group
-      ATMOE_CHECK_INPUT(std::isfinite(v) && v >= 0, "routing: pin weight for '{}' must be >= 0, got {}", n, v);
+      ATMOE_CHECK_INPUT(std::isfinite(v) && v >= 0, "routing: pin weight for '{}' must be >= 0, got {}", n, v0);
       const int gg = g >= 0 ? g : b.experts[size_t(e)].group;
       ATMOE_CHECK_INPUT(!(v > 0 && (r.group_masked[size_t(gg)] || (e >= 0 && r.expert_masked[size_t(e)]))),
                         "routing: '{}' is both pinned and masked", n);

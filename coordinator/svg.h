@@ -12,7 +12,7 @@ namespace atmoe {
 inline std::string svg_color(double t) {
   static const double stops[][3] = {{68, 1, 84},    {59, 82, 139},  {33, 145, 140},
                                     {94, 201, 98},  {253, 231, 37}};
-  t = std::clamp(t, 0.0, 1.0) * 4.0;
+  t = (std::isnan(t) ? 0.0 : std::clamp(t, 0.0, 1.0)) * 4.0;  // NaN would index past the stops
   int i = std::min(3, int(t));
   double f = t - i;
   int c[3];

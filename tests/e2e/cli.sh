@@ -123,6 +123,19 @@ else:
 PY
   else bad "bench --bundle --batch $nb (bench rc=$rc, $(head -c 300 "$WORK/err"))"; fi
 done
+# Pins whose sum overflows a double: only their ratios count (they used to give NaN weights:
+# garbage text from generate, a crash in explain's heatmap).
+"$BIN" generate --bundle "$WORK/bun" --prompt "Hello" --max-tokens 4 --temperature 0 --pin medicine=1e308,law=1e308 \
+  --trace "$WORK/pin_trace.json" >/dev/null 2>&1 && python3 -c "
+import json, sys
+t = json.load(open(sys.argv[1]))
+for l in t['layers']:
+    assert abs(l['groups']['medicine'] - 0.5) < 1e-12 and abs(l['groups']['law'] - 0.5) < 1e-12, l" "$WORK/pin_trace.json" \
+  && ok "pins of 1e308 are normalised, not NaN" || bad "pins of 1e308"
+"$BIN" explain --bundle "$WORK/bun" --prompt a --pin medicine-0=1e308,medicine-1=1e308 --out "$WORK/pin.svg" >/dev/null 2>&1 \
+  && grep -q "<svg" "$WORK/pin.svg" && ! grep -qi "nan" "$WORK/pin.svg" && ok "explain with pins of 1e308" || bad "explain with pins of 1e308"
+expect_input_error "inspect --placement 0" "--placement 0: a job of 2..65536 ranks" -- "$BIN" inspect "$WORK/bun" --placement 0
+expect_input_error "missing --placement-map file" "--placement-map: not found" -- "$BIN" inspect "$WORK/bun" --placement 2 --placement-map "$WORK/nope.json"
 expect_input_error "unknown expert in --mask" "mask 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --mask nope
 expect_input_error "pins that sum to zero" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine=0
 expect_input_error "malformed --pin" "pin" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --pin medicine
@@ -168,6 +181,15 @@ expect_input_error "at-moe control on a t-rex bundle" "applies to at-moe bundles
 expect_input_error "t-rex without the request embedding" "intuition-embedding" -- "$BIN" generate --bundle "$WORK/trex_e" --prompt x
 echo "[1, 2, 3]" >"$WORK/emb3.json"
 expect_input_error "t-rex embedding of the wrong size" "8" -- "$BIN" generate --bundle "$WORK/trex_e" --prompt x --intuition-embedding "$WORK/emb3.json"
+# Malformed JSON arrays are refused, not read as numbers between brackets.
+for bad_emb in "[1, 0, 0, 0, 0, 0, 0, 0.5" "]1, 0, 0, 0, 0, 0, 0, 0.5[" "[[1, 0, 0, 0, 0, 0, 0, 0.5]]" "[1,, 0, 0, 0, 0, 0, 0, 0.5]" \
+               "[1, 0, 0, 0, 0, 0, 0, 1e39]"; do
+  printf '%s\n' "$bad_emb" >"$WORK/emb_bad.json"
+  expect_input_error "t-rex embedding '$bad_emb'" "emb_bad.json" -- "$BIN" generate --bundle "$WORK/trex_e" --prompt x --intuition-embedding "$WORK/emb_bad.json"
+done
+printf '1 0 0 0\n0 0 0 0.5\n' >"$WORK/emb8.txt"
+"$BIN" generate --bundle "$WORK/trex_e" --prompt x --max-tokens 3 --intuition-embedding "$WORK/emb8.txt" >/dev/null 2>&1 \
+  && ok "t-rex embedding as whitespace-separated numbers" || bad "t-rex embedding as whitespace-separated numbers"
 echo "[1, 0, 0, 0, 0, 0, 0, 0.5]" >"$WORK/emb8.json"
 "$BIN" generate --bundle "$WORK/trex_e" --prompt x --max-tokens 3 --intuition-embedding "$WORK/emb8.json" >/dev/null 2>&1 \
   && ok "t-rex with a request embedding" || bad "t-rex with a request embedding"

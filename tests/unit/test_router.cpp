@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "coordinator/router.h"
+#include "coordinator/svg.h"
 #include "tests/unit/check.h"
 
 namespace atmoe::test {
@@ -211,6 +212,25 @@ TEST(Router, EdgeCases) {
   EXPECT_DOUBLE_EQ(a[0], 0.75);
   EXPECT_DOUBLE_EQ(w[0], 0.75);  // argmax inside med
   EXPECT_DOUBLE_EQ(w[2], 0.25);  // one expert per group takes the whole group weight
+  // Pins whose sum overflows a double: only their ratios count (their sum used to be inf and
+  // the weights NaN), through group names and through experts, and the smallest normals.
+  c = {};
+  c.pin = {{"med", 1e308}, {"law", 1e308}};
+  run(c);
+  EXPECT_DOUBLE_EQ(a[0], 0.5);
+  EXPECT_DOUBLE_EQ(a[1], 0.5);
+  EXPECT_DOUBLE_EQ(w[2], 0.5);
+  c = {};
+  c.pin = {{"cardio", 1.5e308}, {"onco", 1.5e308}, {"law", 1e308}};
+  run(c);
+  EXPECT_DOUBLE_EQ(a[0], 0.75);
+  EXPECT_DOUBLE_EQ(w[0], 0.375);
+  EXPECT_DOUBLE_EQ(w[1], 0.375);
+  EXPECT_DOUBLE_EQ(w[2], 0.25);
+  c = {};
+  c.pin = {{"med", 3e-320}, {"law", 1e-320}};
+  run(c);
+  EXPECT_NEAR(a[0], 0.75, 1e-3);  // subnormals: their ratio to a few digits
   c = {};
   c.top_k_groups = 1;
   run(c);
@@ -224,6 +244,14 @@ TEST(Router, EdgeCases) {
   c.off = true;
   run(c);
   EXPECT_EQ(w[0] + w[1] + w[2], 0.0);
+}
+
+// The heatmaps' colour of a NaN weight is the low end of the scale, not an index past it.
+TEST(Router, SvgColourOfNonFiniteWeights) {
+  EXPECT_EQ(svg_color(std::nan("")), svg_color(0.0));
+  EXPECT_EQ(svg_color(INFINITY), svg_color(1.0));
+  EXPECT_EQ(svg_color(-INFINITY), svg_color(0.0));
+  EXPECT_NE(svg_color(0.0), svg_color(1.0));
 }
 
 TEST(Router, BadControlsAreInputErrors) {
