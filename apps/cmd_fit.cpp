@@ -106,8 +106,11 @@ std::vector<double> line_target(const json& v, const std::string& field, size_t 
     if (!it.value().is_number() || !std::isfinite(it.value().get<double>()) || it.value().get<double>() < 0)
       line_error(path, ln, fmt::format("{}.{}: expected a finite weight >= 0", field, it.key()));
     t[size_t(k)] = it.value().get<double>();
-    s += t[size_t(k)];
   }
+  // Scaled by the largest first, so that the sum stays finite (1e308 twice would overflow).
+  const double tmax = *std::max_element(t.begin(), t.end());
+  if (tmax > 0)
+    for (auto& x : t) s += (x /= tmax);
   if (!(s > 0)) line_error(path, ln, fmt::format("{}: the weights must sum to a positive value", field));
   for (auto& x : t) x /= s;
   return t;

@@ -134,6 +134,15 @@ for l in t['layers']:
   && ok "pins of 1e308 are normalised, not NaN" || bad "pins of 1e308"
 "$BIN" explain --bundle "$WORK/bun" --prompt a --pin medicine-0=1e308,medicine-1=1e308 --out "$WORK/pin.svg" >/dev/null 2>&1 \
   && grep -q "<svg" "$WORK/pin.svg" && ! grep -qi "nan" "$WORK/pin.svg" && ok "explain with pins of 1e308" || bad "explain with pins of 1e308"
+# fit-router targets whose sum overflows a double (every group still has examples).
+python3 -c "
+import json, sys
+gs = ['medicine', 'law', 'code']
+with open(sys.argv[1], 'w') as f:
+    for i in range(12):
+        f.write(json.dumps({'prompt': f't {i}', 'groups': {gs[i % 3]: 1e308, gs[(i + 1) % 3]: 1e308}}) + '\\n')" "$WORK/fit_big.jsonl"
+"$BIN" fit-router --bundle "$WORK/bun" --data "$WORK/fit_big.jsonl" --out "$WORK/fit_big.safetensors" >/dev/null 2>"$WORK/err" \
+  && [ -s "$WORK/fit_big.safetensors" ] && ok "fit-router with targets of 1e308" || bad "fit-router with targets of 1e308 ($(head -c 200 "$WORK/err"))"
 expect_input_error "inspect --placement 0" "--placement 0: a job of 2..65536 ranks" -- "$BIN" inspect "$WORK/bun" --placement 0
 expect_input_error "missing --placement-map file" "--placement-map: not found" -- "$BIN" inspect "$WORK/bun" --placement 2 --placement-map "$WORK/nope.json"
 expect_input_error "unknown expert in --mask" "mask 'nope'" -- "$BIN" generate --bundle "$WORK/bun" --prompt x --mask nope
