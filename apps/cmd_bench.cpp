@@ -109,10 +109,13 @@ Runner add_bench(CLI::App& app) {
     if (!o->json.empty()) require_writable_file(o->json, "--json");
     std::unique_ptr<Bundle> bundle;
     if (!o->bundle.empty()) bundle = std::make_unique<Bundle>(load_bundle_manifest(o->bundle));
+    ATMOE_CHECK_INPUT(!bundle || !controls.off,
+                      "bench --routing off: the experts' runs would be the base model's; bench without --bundle "
+                      "measures the base model (--model, or the bundle's base_model)");
     if (bundle && bundle->method == "at-moe") (void)resolve_routing(*bundle, controls);  // before any weights load
     std::unique_ptr<Backend> device = device_backend(o->device);
-    auto m = Model::load(o->model.empty() ? bundle->base_model : o->model, parse_dtype_flag(o->dtype),
-                         o->check_tensors, device.get());
+    const std::string model_path = o->model.empty() ? bundle->base_model : o->model;
+    auto m = Model::load(model_path, parse_dtype_flag(o->dtype), o->check_tensors, device.get());
     const int ctx = m->config().max_position;
     ATMOE_CHECK_INPUT(o->prompt <= ctx, "--prompt-tokens {}: more than the model's context length {}", o->prompt, ctx);
     ATMOE_CHECK_INPUT(32 + int64_t(o->decode) <= ctx,
@@ -296,7 +299,7 @@ Runner add_bench(CLI::App& app) {
     double bw = device ? measure_device_bandwidth(*device) : measure_bandwidth(pool);
     double wbytes = double(m->weight_bytes());
     double floor_tps = bw * 1e9 / wbytes;
-    std::cout << "model        " << o->model << "\n"
+    std::cout << "model        " << model_path << "\n"
               << "dtype        " << dtype_name(m->dtype()) << "   threads " << pool.size() << "   isa "
               << cpu::isa_name(cpu::best_isa()) << "   gemv prefetch " << (cpu::gemv_prefetch() ? "on" : "off") << "\n"
               << "device       " << m->backend().description() << "\n";
@@ -339,7 +342,7 @@ Runner add_bench(CLI::App& app) {
     std::cout << fmt::format("peak RSS     {:>9.1f} MiB{}\n", rss,
                              experts || trex ? " (with the paired runs' two sets of KV caches)" : "");
     if (!o->json.empty()) {
-      nlohmann::json j = {{"model", o->model},
+      nlohmann::json j = {{"model", model_path},
                           {"dtype", dtype_name(m->dtype())},
                           {"threads", pool.size()},
                           {"isa", cpu::isa_name(cpu::best_isa())},

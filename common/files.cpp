@@ -145,7 +145,7 @@ void write_file(const std::string& path, const std::string& data, const std::str
   require_writable_file(path, what);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  ATMOE_CHECK_INPUT(f, "{}: {}: cannot create: {}", tmp, what, std::strerror(errno));
+  ATMOE_CHECK_INPUT(f, "{}: {}: cannot create a file beside it ({}): {}", path, what, tmp, std::strerror(errno));
   const bool ok = std::fwrite(data.data(), 1, data.size(), f) == data.size() && std::fflush(f) == 0;
   const int err = errno;
   if (std::fclose(f) != 0 || !ok) {

@@ -123,6 +123,9 @@ else:
 PY
   else bad "bench --bundle --batch $nb (bench rc=$rc, $(head -c 300 "$WORK/err"))"; fi
 done
+"$BIN" bench --bundle "$WORK/bun" --batch 2 --reps 1 --prompt-tokens 8 --decode-tokens 2 2>/dev/null | grep -q "^model  *[^ ]" \
+  && ok "bench --bundle alone names the bundle's base model" || bad "bench --bundle alone names the bundle's base model"
+expect_input_error "bench --bundle --routing off" "bench --routing off" -- "$BIN" bench --bundle "$WORK/bun" --routing off
 # Pins whose sum overflows a double: only their ratios count (they used to give NaN weights:
 # garbage text from generate, a crash in explain's heatmap).
 "$BIN" generate --bundle "$WORK/bun" --prompt "Hello" --max-tokens 4 --temperature 0 --pin medicine=1e308,law=1e308 \
