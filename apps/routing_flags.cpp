@@ -1,5 +1,6 @@
 #include "apps/routing_flags.h"
 
+#include <cctype>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -39,7 +40,8 @@ std::map<std::string, double> parse_weight_list(const std::string& flag, const s
     std::string name = item.substr(0, eq), num = item.substr(eq + 1);
     char* end = nullptr;
     double v = std::strtod(num.c_str(), &end);
-    ATMOE_CHECK_INPUT(end && *end == '\0' && std::isfinite(v), "{} '{}': '{}' is not a number", flag, text, num);
+    ATMOE_CHECK_INPUT(end && *end == '\0' && std::isfinite(v) && !std::isspace(static_cast<unsigned char>(num[0])),
+                      "{} '{}': '{}' is not a number", flag, text, num);
     ATMOE_CHECK_INPUT(!out.count(name), "{} '{}': '{}' given twice", flag, text, name);
     out[name] = v;
   }

@@ -88,16 +88,28 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
   }
   std::string out(size_t(st.st_size), '\0');
   size_t got = 0;
+  const auto fail = [&](ssize_t n, int err) {
+    ::close(fd);
+    ATMOE_INPUT_ERROR("{}: {}: read failed after {} of {} bytes{}{}", path, what, got, size_t(st.st_size),
+                      n < 0 ? ": " : "", n < 0 ? std::strerror(err) : "");
+  };
   while (got < out.size()) {
     const ssize_t n = ::read(fd, out.data() + got, out.size() - got);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      ATMOE_INPUT_ERROR("{}: {}: read failed after {} of {} bytes{}{}", path, what, got, out.size(), n < 0 ? ": " : "",
-                        n < 0 ? std::strerror(err) : "");
-    }
+    if (n <= 0) fail(n, errno);
     got += size_t(n);
+  }
+  // Past the size stat gave, until end of file: procfs and sysfs files report 0 bytes.
+  for (char buf[4096];;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail(n, errno);
+    if (n == 0) break;
+    if (out.size() + size_t(n) > max_bytes) {
+      ::close(fd);
+      ATMOE_INPUT_ERROR("{}: {}: more than the {} bytes allowed", path, what, max_bytes);
+    }
+    out.append(buf, size_t(n));
   }
   ::close(fd);
   return out;

@@ -172,9 +172,12 @@ std::unique_ptr<SeqRouting> TrexPool::new_routing(const RoutingControls& c) cons
     r->trex_ce = cluster_scores_pinned(c.pin_cluster);
     r->trex_ready = true;
   } else if (!b_.trex->intuition_from_hidden) {
-    ATMOE_CHECK_INPUT(!c.intuition_embedding.empty(),
-                      "routing: this bundle's intuition comes from a request embedding of {} values: give one "
-                      "(--intuition-embedding FILE), or switch the intuition off", d_e());
+    ATMOE_CHECK_INPUT(
+        !c.intuition_embedding.empty(),
+        "routing: this bundle's intuition comes from a request embedding of {} values: give one "
+        "(--intuition-embedding FILE; over HTTP the request's \"intuition_embedding\" array), or switch the "
+        "intuition off",
+        d_e());
     r->trex_ce = cluster_scores(c.intuition_embedding.data(), int64_t(c.intuition_embedding.size()));
     r->trex_ready = true;
   }

@@ -88,6 +88,10 @@ TEST(Validation, FilesThatAreNotRegularAreRefusedBeforeOpening) {
   EXPECT_ERROR_HAS(read_file(d + "/nope", "prompt"), "not found");
   EXPECT_ERROR_HAS(read_file(file + "/x", "prompt"), "not a directory");
   EXPECT_ERROR_HAS(read_file(file, "prompt", 3), "more than the 3 bytes allowed");
+  // procfs reports a size of 0: the text is read to its end, and bounded there too.
+  const std::string status = read_file("/proc/self/status", "prompt");
+  EXPECT_NE(status.find("Name:"), std::string::npos) << status.size() << " bytes";
+  EXPECT_ERROR_HAS(read_file("/proc/self/status", "prompt", 16), "more than the 16 bytes allowed");
   EXPECT_EQ(read_json_file(file, "config")["a"], 1);
   std::ofstream(d + "/dup.json") << R"({"a": {"lambda": 0.2, "x": {"lambda": 1}, "lambda": 0.9}})";
   EXPECT_ERROR_HAS(read_json_file(d + "/dup.json", "config"), "dup.json: key \"lambda\" appears twice in one object");
