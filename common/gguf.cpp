@@ -1,5 +1,6 @@
 #include "common/gguf.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -208,6 +209,16 @@ void GgufFile::parse() {
                       "{}: tensor '{}': data [{}, +{}) lies outside the file (data section holds {} bytes)", path_,
                       t.name, t.offset, t.nbytes, avail);
   }
+  // Tensors must not overlap (a changed type or offset would otherwise read another tensor's
+  // bytes as its own).
+  std::vector<const GgufTensorInfo*> sorted;
+  for (const auto& t : tensors_) sorted.push_back(&t);
+  std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
+  for (size_t i = 1; i < sorted.size(); ++i)
+    ATMOE_CHECK_INPUT(sorted[i]->offset >= sorted[i - 1]->offset + sorted[i - 1]->nbytes,
+                      "{}: tensors '{}' [{}, +{}) and '{}' [{}, +{}) overlap", path_, sorted[i - 1]->name,
+                      sorted[i - 1]->offset, sorted[i - 1]->nbytes, sorted[i]->name, sorted[i]->offset,
+                      sorted[i]->nbytes);
 }
 
 const GgufValue* GgufFile::find(const std::string& key) const {

@@ -310,6 +310,30 @@ TEST(Gguf, MisalignedTensorOffsetIsRefused) {
   EXPECT_REFUSED(GgufFile(img.data(), img.size(), "mis.gguf"), "mis.gguf", "'b'", "general.alignment");
 }
 
+// Two tensors' byte ranges must not overlap: an offset pointed into another tensor, or a type
+// whose rows are longer than the data laid out for it, would read other weights as its own.
+TEST(Gguf, OverlappingTensorsAreRefused) {
+  GgufBuilder g;
+  g.tensor("a", {8}, 0, std::vector<uint8_t>(32, 0));  // F32: 32 bytes at 0
+  g.tensor("b", {8}, 0, std::vector<uint8_t>(32, 0));  // at 32
+  auto img = g.build();
+  const uint8_t name_b[] = {1, 0, 0, 0, 0, 0, 0, 0, 'b'}, name_a[] = {1, 0, 0, 0, 0, 0, 0, 0, 'a'};
+  auto ib = std::search(img.begin(), img.end(), std::begin(name_b), std::end(name_b));
+  auto ia = std::search(img.begin(), img.end(), std::begin(name_a), std::end(name_a));
+  ASSERT_NE(ib, img.end());
+  ASSERT_NE(ia, img.end());
+  // b's offset onto a's bytes.
+  auto alias = img;
+  const uint64_t zero = 0;
+  std::memcpy(&alias[size_t(ib - img.begin()) + 9 + 4 + 8 + 4], &zero, 8);
+  EXPECT_REFUSED(GgufFile(alias.data(), alias.size(), "alias.gguf"), "alias.gguf", "'a'", "'b'", "overlap");
+  // a widened to 16 elements (64 bytes): its range runs into b's.
+  auto wide = img;
+  const uint64_t ne16 = 16;
+  std::memcpy(&wide[size_t(ia - img.begin()) + 9 + 4], &ne16, 8);
+  EXPECT_REFUSED(GgufFile(wide.data(), wide.size(), "wide.gguf"), "wide.gguf", "overlap");
+}
+
 // GPT-2 byte-to-unicode alphabet: the 256 single-byte tokens of a byte-level vocabulary.
 std::vector<std::string> byte_tokens() {
   std::vector<std::string> t(256);
