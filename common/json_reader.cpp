@@ -10,24 +10,28 @@
 namespace atmoe {
 using json = nlohmann::json;
 
-json read_json_file(const std::string& path, const std::string& what, size_t max_bytes) {
-  const std::string text = read_file(path, what, max_bytes);
-  // A key given twice in one object is refused (nlohmann would keep the last silently):
-  // the keys of each open object are tracked on a stack while parsing.
+json parse_json_unique_keys(const char* begin, const char* end, std::string* dup) {
+  // The keys of each open object are tracked on a stack while parsing.
   std::vector<std::set<std::string>> open;
-  std::string dup;
+  dup->clear();
   const json::parser_callback_t track = [&](int, json::parse_event_t ev, json& parsed) {
     if (ev == json::parse_event_t::object_start)
       open.emplace_back();
     else if (ev == json::parse_event_t::object_end && !open.empty())
       open.pop_back();
     else if (ev == json::parse_event_t::key && !open.empty() && !open.back().insert(parsed.get<std::string>()).second &&
-             dup.empty())
-      dup = parsed.get<std::string>();
+             dup->empty())
+      *dup = parsed.get<std::string>();
     return true;
   };
+  return json::parse(begin, end, track);
+}
+
+json read_json_file(const std::string& path, const std::string& what, size_t max_bytes) {
+  const std::string text = read_file(path, what, max_bytes);
+  std::string dup;
   try {
-    json j = json::parse(text, track);
+    json j = parse_json_unique_keys(text.data(), text.data() + text.size(), &dup);
     ATMOE_CHECK_INPUT(dup.empty(), "{}: key \"{}\" appears twice in one object", path, dup.substr(0, 80));
     return j;
   } catch (const json::exception& e) {

@@ -16,6 +16,10 @@ namespace atmoe {
 
 // Parses a regular file of at most max_bytes; InputError naming the file otherwise.
 nlohmann::json read_json_file(const std::string& path, const std::string& what, size_t max_bytes = size_t(256) << 20);
+// Parses [begin, end) as JSON; a key given twice in one object (nlohmann would keep the last
+// silently) is returned in *dup (the first such key; empty when none). Throws
+// nlohmann::json::exception on a syntax error.
+nlohmann::json parse_json_unique_keys(const char* begin, const char* end, std::string* dup);
 
 class JsonAt {
  public:

@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_reader.h"
 
 namespace atmoe {
 using json = nlohmann::json;
@@ -55,11 +55,14 @@ void SafetensorsFile::parse(const uint8_t* data, size_t size) {
   ATMOE_CHECK_INPUT(n <= size - 8, "{}: safetensors header length {} exceeds the file size {}", path_, n, size);
   const char* hb = reinterpret_cast<const char*>(data + 8);
   json h;
+  std::string dup;
   try {
-    h = json::parse(hb, hb + n);
+    h = parse_json_unique_keys(hb, hb + n, &dup);
   } catch (const json::exception& e) {
     ATMOE_INPUT_ERROR("{}: safetensors header is not valid JSON ({})", path_, e.what());
   }
+  ATMOE_CHECK_INPUT(dup.empty(), "{}: safetensors header: key \"{}\" appears twice in one object", path_,
+                    dup.substr(0, 80));
   ATMOE_CHECK_INPUT(h.is_object(), "{}: safetensors header must be a JSON object", path_);
   const size_t data_start = 8 + size_t(n);
   const size_t data_len = size - data_start;

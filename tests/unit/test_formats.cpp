@@ -82,15 +82,20 @@ std::vector<uint8_t> st_with_header(const std::string& h, size_t data_bytes) {
 
 TEST(Safetensors, LyingHeadersAreInputErrors) {
   const char* bad[] = {
-      R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}})",           // span != shape
-      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,800]}})",         // past the end
-      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})",           // begin > end
-      R"({"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}})",            // unknown dtype
-      R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})",          // negative dim
+      R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}})",                      // span != shape
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,800]}})",                    // past the end
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})",                      // begin > end
+      R"({"a":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}})",                       // unknown dtype
+      R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})",                     // negative dim
       R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",  // overflow
-      R"({"a":{"dtype":"F32","shape":[2]}})",                                // missing offsets
+      R"({"a":{"dtype":"F32","shape":[2]}})",                                           // missing offsets
       R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-      R"([1,2,3])", R"({"a":)", R"({"__metadata__":{"k":1}})",
+      R"([1,2,3])",
+      R"({"a":)",
+      R"({"__metadata__":{"k":1}})",
+      // a tensor given twice: the last would win silently, whatever the first said
+      R"({"a":{"dtype":"F33","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+      R"({"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
   };
   for (const char* h : bad) EXPECT_THROW(SafetensorsFile(st_with_header(h, 16).data(), st_with_header(h, 16).size(), "bad"), InputError) << h;
   // Header length larger than the file.
