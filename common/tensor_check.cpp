@@ -78,11 +78,17 @@ void check_lora_bound(double scale, const Tensor& A, const Tensor& B, const std:
                       const std::string& module) {
   ATMOE_CHECK_INPUT(std::isfinite(scale) && std::fabs(scale) <= FLT_MAX,
                     "{}: {}: LoRA scale {} (lora_alpha / r) is not finite in f32", file, module, scale);
+  // The largest delta an input of magnitude 1 can receive. Past sqrt(FLT_MAX) (1.8e19) the
+  // residual stream's squares overflow f32 in the next RMSNorm, and every later value is NaN:
+  // such an adapter is refused here rather than generating garbage (lora_alpha 1e29 on
+  // ordinary weights was not caught by a bound of FLT_MAX). Real adapters stay below ~1e4.
   const double bound =
       std::fabs(scale) * double(A.dim(0)) * double(max_abs_f32(B)) * double(max_abs_f32(A)) * double(A.dim(1));
-  ATMOE_CHECK_INPUT(std::isfinite(bound) && bound <= FLT_MAX,
-                    "{}: {}: scale {:g} x rank {} x max|lora_B| {:g} x max|lora_A| {:g} x d_in {} = {:g} overflows f32",
-                    file, module, scale, A.dim(0), max_abs_f32(B), max_abs_f32(A), A.dim(1), bound);
+  const double limit = std::sqrt(double(FLT_MAX));
+  ATMOE_CHECK_INPUT(std::isfinite(bound) && bound <= limit,
+                    "{}: {}: scale {:g} x rank {} x max|lora_B| {:g} x max|lora_A| {:g} x d_in {} = {:g}, more than "
+                    "{:.2g} (its square overflows f32 in the next RMSNorm)",
+                    file, module, scale, A.dim(0), max_abs_f32(B), max_abs_f32(A), A.dim(1), bound, limit);
 }
 
 }  // namespace atmoe

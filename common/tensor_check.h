@@ -16,7 +16,8 @@ float max_abs_f32(const Tensor& t);
 
 // A LoRA module's delta y = s · B (A x) stays finite in f32 for inputs of magnitude ~1:
 // refuses (InputError naming the file and module) a scale that is not finite in f32 (it may
-// be negative), or |s| · r · max|B| · max|A| · d_in that is not finite in f32. A [r, d_in], B [d_out, r], f32.
+// be negative), or |s| · r · max|B| · max|A| · d_in above sqrt(FLT_MAX) (a delta whose square
+// overflows f32 in the next RMSNorm). A [r, d_in], B [d_out, r], f32.
 void check_lora_bound(double scale, const Tensor& A, const Tensor& B, const std::string& file,
                       const std::string& module);
 

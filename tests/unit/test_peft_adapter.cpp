@@ -197,6 +197,9 @@ TEST(PeftAdapter, NonFiniteWeightsAreRefusedNamingFileAndTensor) {
   c = cfg;
   c["lora_alpha"] = 1e29;  // inside the field's range, but s · r · max|B| · max|A| · d_in overflows
   EXPECT_NE(load_error(write_poisoned("alpha2", DType::F32, 'B', 1e10f, 0, c)).find("overflows f32"), std::string::npos);
+  // lora_alpha 1e29 on ordinary weights: the product is finite in f32, its square is not (the
+  // residual stream went NaN a layer later and generate printed garbage with exit 0).
+  EXPECT_NE(load_error(write_poisoned("alpha3", DType::F32, 'B', 0.5f, 0, c)).find("overflows f32"), std::string::npos);
   // The same files with ordinary values load.
   EXPECT_EQ(load_peft_adapter(write_poisoned("ok", DType::BF16, 'B', 0.75f, 3, cfg), "ok", shapes()).modules.size(), 2u);
 }

@@ -133,9 +133,9 @@ TEST(Validation, NonFiniteTensorsNameTheTensorAndIndex) {
   EXPECT_ERROR_HAS(check_finite(Tensor::view(DType::BF16, {18}, raw.data() + 1, nullptr), "u", "t"), "+Inf at index 15");
   Tensor A = Tensor::empty(DType::F32, {2, 8}), B = Tensor::empty(DType::F32, {4, 2});
   for (int i = 0; i < 16; ++i) A.data<float>()[i] = 1.f;
-  for (int i = 0; i < 8; ++i) B.data<float>()[i] = 1e36f;
-  check_lora_bound(1.0, A, B, "a", "m");  // 1 · 2 · 1e36 · 1 · 8 fits in f32
-  EXPECT_ERROR_HAS(check_lora_bound(100.0, A, B, "a", "m"), "a: m: scale 100 x rank 2");
+  for (int i = 0; i < 8; ++i) B.data<float>()[i] = 1e17f;
+  check_lora_bound(1.0, A, B, "a", "m");  // 1 · 2 · 1e17 · 1 · 8 = 1.6e18: its square fits in f32
+  EXPECT_ERROR_HAS(check_lora_bound(100.0, A, B, "a", "m"), "a: m: scale 100 x rank 2");  // 1.6e20: does not
   EXPECT_ERROR_HAS(check_lora_bound(NAN, A, B, "a", "m"), "not finite");
 }
 
