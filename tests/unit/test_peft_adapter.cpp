@@ -115,6 +115,25 @@ TEST(PeftAdapter, RefusalsNameTheProblem) {
   c = base;
   c["modules_to_save"] = {"lm_head"};
   expect_error(write_adapter("mts", c, q0), "modules_to_save");
+  // PEFT features atmoe does not implement are refused when set, not ignored (exclude_modules
+  // ["q_proj"] used to be accepted and q_proj adapted anyway); their defaults load.
+  for (const auto& [key, val] : std::vector<std::pair<std::string, json>>{{"exclude_modules", {"q_proj"}},
+                                                                          {"exclude_modules", "q_.*"},
+                                                                          {"layer_replication", {{0, 2}}},
+                                                                          {"target_parameters", {"mlp.experts"}},
+                                                                          {"trainable_token_indices", {1, 2}},
+                                                                          {"use_qalora", true},
+                                                                          {"lora_bias", true}}) {
+    c = base;
+    c[key] = val;
+    expect_error(write_adapter("unsup_" + key, c, q0), key);
+  }
+  c = base;
+  for (const char* k : {"exclude_modules", "layer_replication", "target_parameters", "trainable_token_indices"})
+    c[k] = nullptr;
+  c["use_qalora"] = false;
+  c["lora_bias"] = false;
+  EXPECT_EQ(load_peft_adapter(write_adapter("defaults", c, q0), "ok", shapes()).modules.size(), 2u);
   c = base;
   c["target_modules"] = {"embed_tokens"};
   expect_error(write_adapter("emb", c, q0), "embeddings");
