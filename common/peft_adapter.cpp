@@ -86,10 +86,10 @@ PeftAdapter load_peft_adapter(const std::string& dir, const std::string& name, c
   // PEFT features that change what the adapter computes and that atmoe does not implement:
   // refused when set (PEFT writes them null, false or empty by default), never ignored.
   for (const char* k : {"exclude_modules", "layer_replication", "target_parameters", "trainable_token_indices"})
-    if (cfg.has(k) && !c[k].is_null() && !((c[k].is_array() || c[k].is_object() || c[k].is_string()) && c[k].empty()))
+    if (cfg.has(k) && !((c[k].is_array() || c[k].is_object()) && c[k].empty()))
       cfg[k].fail("is not supported (atmoe adapts the modules target_modules names, as they are)");
   for (const char* k : {"use_qalora", "lora_bias"})
-    if (cfg.has(k) && !c[k].is_null() && cfg[k].boolean()) cfg[k].fail("is not supported");
+    if (cfg.bool_or(k, false)) cfg[k].fail("is not supported");
   a.default_rank = int(cfg["r"].integer(1, kMaxLoraRank));
   a.default_alpha = cfg["lora_alpha"].number(-1e30, 1e30);
   a.rslora = cfg.bool_or("use_rslora", false);
